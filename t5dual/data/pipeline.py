@@ -1,0 +1,134 @@
+"""Deterministic, resumable batches of tokenized training pairs (NumPy + SentencePiece).
+
+The batch of step s is a pure function of (seed, s): example positions
+s*B .. s*B+B-1 of an endless stream in which epoch e visits the examples in
+the order `permutation(seed, e)`. A run resumed at step s therefore sees
+exactly the batches the uninterrupted run would have seen, without any
+iterator state in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from t5dual.data import sources
+from t5dual.vocab import Tokenizer
+
+DEFAULT_FEATURE_LENGTHS = {'inputs': 64, 'targets': 256}
+
+
+class UnknownSourceError(LookupError):
+  """The source spec names neither a local path nor a known format."""
+
+
+def load_examples(source: str) -> sources.PairExamples:
+  """Reads training pairs from a source spec.
+
+  'beir:<folder>[:<split>]'  positive pairs of a BEIR split (default train)
+  'jsonl:<path>'             {"query", "positive", "negatives"?} lines
+  A bare path is a BEIR folder if it is a directory, else a JSONL file.
+  """
+  kind, _, rest = source.partition(':')
+  if kind == 'beir':
+    folder, _, split = rest.partition(':')
+    return sources.beir_pairs(folder, split or 'train')
+  if kind == 'jsonl':
+    return sources.jsonl_pairs(rest)
+  import os
+  if os.path.isdir(source):
+    return sources.beir_pairs(source, 'train')
+  if os.path.isfile(source):
+    return sources.jsonl_pairs(source)
+  raise UnknownSourceError(f'unknown data source {source!r}: use beir:<folder>[:<split>], '
+                   'jsonl:<path>, or a seqio task name with the seqio extra installed')
+
+
+@dataclasses.dataclass
+class PairBatcher:
+  """Tokenizes pairs into fixed-shape batches.
+
+  Batch keys: 'inputs' [B, Lq] int32, 'targets' [B, Ld] int32, 'query_ids' [B],
+  'doc_ids' [B] int32, and with num_negatives > 0 'negative_targets'
+  [B, N, Ld] and 'negative_ids' [B, N].
+  """
+
+  examples: sources.PairExamples
+  tokenizer: Tokenizer
+  batch_size: int
+  feature_lengths: dict = dataclasses.field(
+      default_factory=lambda: dict(DEFAULT_FEATURE_LENGTHS))
+  num_negatives: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    n = len(self.examples)
+    if n < 2:
+      raise ValueError('need at least 2 training pairs for in-batch negatives')
+    if self.num_negatives:
+      missing = [i for i, negs in enumerate(self.examples.negatives) if not negs]
+      if missing:
+        raise ValueError(f'num_negatives={self.num_negatives} but {len(missing)} examples '
+                         f'have no negatives (first: example {missing[0]})')
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) > 4:
+        self._perms.clear()
+      rng = np.random.default_rng([self.seed, epoch])
+      self._perms[epoch] = rng.permutation(len(self.examples))
+    return self._perms[epoch]
+
+  def example_indices(self, step: int, process_index: int = 0,
+                      process_count: int = 1) -> np.ndarray:
+    """Indices of the examples of global batch `step`, this process's slice."""
+    if self.batch_size % process_count:
+      raise ValueError(f'batch size {self.batch_size} not divisible by {process_count} hosts')
+    per_host = self.batch_size // process_count
+    n = len(self.examples)
+    start = step * self.batch_size + process_index * per_host
+    positions = np.arange(start, start + per_host)
+    return np.array([self._permutation(p // n)[p % n] for p in positions])
+
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+    idx = self.example_indices(step, process_index, process_count)
+    ex = self.examples
+    lq, ld = self.feature_lengths['inputs'], self.feature_lengths['targets']
+    out = {
+        'inputs': self.tokenizer.encode([ex.queries[i] for i in idx], lq),
+        'targets': self.tokenizer.encode([ex.positives[i] for i in idx], ld),
+        'query_ids': np.asarray([ex.query_ids[i] for i in idx], np.int32),
+        'doc_ids': np.asarray([ex.doc_ids[i] for i in idx], np.int32),
+    }
+    if self.num_negatives:
+      rng = np.random.default_rng([self.seed, step, process_index, 1])
+      picks = [rng.choice(len(ex.negatives[i]), self.num_negatives,
+                          replace=len(ex.negatives[i]) < self.num_negatives) for i in idx]
+      texts = [ex.negatives[i][k] for i, ks in zip(idx, picks) for k in ks]
+      out['negative_targets'] = self.tokenizer.encode(texts, ld).reshape(
+          len(idx), self.num_negatives, ld)
+      out['negative_ids'] = np.asarray(
+          [[ex.negative_ids[i][k] for k in ks] for i, ks in zip(idx, picks)], np.int32)
+    return out
+
+  def steps_per_epoch(self) -> int:
+    return max(1, len(self.examples) // self.batch_size)
+
+
+def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
+                 feature_lengths: Optional[dict] = None, num_negatives: int = 0,
+                 seed: int = 0):
+  """Batcher for a local source, or a seqio task when `source` names one."""
+  lengths = dict(feature_lengths or DEFAULT_FEATURE_LENGTHS)
+  try:
+    examples = load_examples(source)
+  except UnknownSourceError as local_error:
+    try:
+      from t5dual.data import seqio_tasks
+    except ImportError:
+      raise local_error from None
+    return seqio_tasks.SeqioBatcher(source, batch_size, lengths, seed=seed)
+  return PairBatcher(examples, tokenizer, batch_size, lengths, num_negatives, seed)

@@ -1,0 +1,1 @@
+"""Checkpoint interop: Hugging Face / sentence-transformers and T5X formats."""

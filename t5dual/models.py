@@ -1,0 +1,206 @@
+"""Dual encoders built from T5 encoders, and the model object the trainer drives.
+
+Architectures (Dong et al. 2022, "Exploring Dual Encoder Architectures"):
+
+  sde      one tower shared by queries and documents. Parameter tree as in
+           t5x_retrieval: token_embedder/, encoder/, projection_layer/.
+  ade      two towers, nothing shared: left_tower/{token_embedder,encoder,
+           projection_layer}/ and right_tower/{...}/.
+  ade_spl  two towers sharing one projection: left_tower/{token_embedder,encoder}/,
+           right_tower/{...}/, projection_layer/.
+
+"left" encodes queries (feature `inputs`), "right" documents (`targets`).
+A tower: embed -> T5 encoder -> mean over non-padding tokens -> projection
+(no bias) -> L2 normalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5dual import losses as losses_lib
+from t5dual import t5
+
+Array = jax.Array
+ARCHITECTURES = ('sde', 'ade', 'ade_spl')
+LOSSES = ('softmax', 'samtone', 'pair')
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoderConfig:
+  t5: t5.T5Config = t5.T5Config()
+  architecture: str = 'sde'
+  projection_dim: int = 768
+  # Pooled output dtype; the projection and the norm run in float32.
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f'architecture must be one of {ARCHITECTURES}, '
+                       f'got {self.architecture!r}')
+
+
+def mean_pool(hidden: Array, mask: Array) -> Array:
+  """Mean of `hidden` [B, L, D] over positions where `mask` [B, L] is True (float32)."""
+  mask = mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+  return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class Projection(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
+            ('embed', 'projection')), (x.shape[-1], self.features), jnp.float32)
+    return x.astype(jnp.float32) @ kernel
+
+
+class Tower(nn.Module):
+  """token_embedder + encoder (+ projection_layer unless it is shared)."""
+
+  config: t5.T5Config
+  projection_dim: Optional[int]
+
+  def setup(self):
+    self.token_embedder = t5.Embed(self.config.vocab_size, self.config.emb_dim,
+                                   self.config.dtype)
+    self.encoder = t5.Encoder(self.config)
+    if self.projection_dim is not None:
+      self.projection_layer = Projection(self.projection_dim)
+
+  def pooled(self, ids: Array, deterministic: bool) -> Array:
+    mask = ids != t5.PAD_ID
+    return mean_pool(self.encoder(self.token_embedder(ids), mask, deterministic), mask)
+
+
+class DualEncoder(nn.Module):
+  """Maps token ids [B, L] to L2-normalised embeddings [B, projection_dim]."""
+
+  config: DualEncoderConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.architecture == 'sde':
+      self.token_embedder = t5.Embed(cfg.t5.vocab_size, cfg.t5.emb_dim, cfg.t5.dtype)
+      self.encoder = t5.Encoder(cfg.t5)
+    else:
+      own_projection = cfg.projection_dim if cfg.architecture == 'ade' else None
+      self.left_tower = Tower(cfg.t5, own_projection)
+      self.right_tower = Tower(cfg.t5, own_projection)
+    if cfg.architecture in ('sde', 'ade_spl'):
+      self.projection_layer = Projection(cfg.projection_dim)
+
+  def _encode(self, ids: Array, side: str, deterministic: bool) -> Array:
+    cfg = self.config
+    if cfg.architecture == 'sde':
+      mask = ids != t5.PAD_ID
+      pooled = mean_pool(self.encoder(self.token_embedder(ids), mask, deterministic), mask)
+      return l2_normalize(self.projection_layer(pooled))
+    tower = self.left_tower if side == 'left' else self.right_tower
+    pooled = tower.pooled(ids, deterministic)
+    projection = tower.projection_layer if cfg.architecture == 'ade' else self.projection_layer
+    return l2_normalize(projection(pooled))
+
+  def encode_left(self, ids: Array, deterministic: bool = True) -> Array:
+    """Query tower."""
+    return self._encode(ids, 'left', deterministic)
+
+  def encode_right(self, ids: Array, deterministic: bool = True) -> Array:
+    """Document tower."""
+    return self._encode(ids, 'right', deterministic)
+
+  def __call__(self, left_ids: Array, right_ids: Array, deterministic: bool = True):
+    return self.encode_left(left_ids, deterministic), self.encode_right(right_ids, deterministic)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Which contrastive loss to train with (see losses.py)."""
+
+  name: str = 'samtone'             # 'softmax' | 'samtone' | 'pair'
+  temperature: float = 0.01
+  bidirectional: bool = True
+  same_tower_negatives: str = 'query'  # for 'samtone': 'query' | 'doc' | 'both'
+  pair_alpha: float = 0.1
+  mask_duplicates: bool = True
+
+  def __post_init__(self):
+    if self.name not in LOSSES:
+      raise ValueError(f'loss name must be one of {LOSSES}, got {self.name!r}')
+
+
+class DualEncoderModel:
+  """Glue between the Flax module, the loss and the trainer.
+
+  The trainer only needs `init_params`, `loss_fn` and `logical_axes`; rerankers
+  implement the same three, so one trainer serves both.
+  Batches are dicts of numpy arrays: 'inputs' [B, Lq], 'targets' [B, Ld], and
+  optionally 'negative_targets' [B, N, Ld], 'query_ids' [B], 'doc_ids' [B],
+  'negative_ids' [B, N].
+  """
+
+  def __init__(self, config: DualEncoderConfig, loss: LossConfig = LossConfig()):
+    self.config = config
+    self.loss = loss
+    self.module = DualEncoder(config)
+
+  def _boxed_init(self, rng: Array, query_length: int, doc_length: int):
+    q = jnp.ones((1, query_length), jnp.int32)
+    d = jnp.ones((1, doc_length), jnp.int32)
+    return self.module.init(rng, q, d)['params']
+
+  def init_params(self, rng: Array, query_length: int = 8, doc_length: int = 8):
+    return nn.unbox(self._boxed_init(rng, query_length, doc_length))
+
+  def logical_axes(self) -> Any:
+    """Pytree of `PartitionSpec`s of logical axis names, matching `init_params`."""
+    boxed = jax.eval_shape(lambda rng: self._boxed_init(rng, 8, 8), jax.random.PRNGKey(0))
+    return nn.get_partition_spec(boxed)
+
+  def encode(self, params, ids: Array, side: str = 'left') -> Array:
+    method = DualEncoder.encode_left if side == 'left' else DualEncoder.encode_right
+    return self.module.apply({'params': params}, ids, method=method)
+
+  def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):
+    """Returns (loss, metrics) for one batch; dropout is on when dropout_rng is given."""
+    deterministic = dropout_rng is None
+    rngs = None if deterministic else {'dropout': dropout_rng}
+    apply = lambda method, ids: self.module.apply(
+        {'params': params}, ids, deterministic, method=method, rngs=rngs)
+    query = apply(DualEncoder.encode_left, batch['inputs'])
+    docs = batch['targets']
+    negatives = batch.get('negative_targets')
+    if negatives is not None:
+      b, n, length = negatives.shape
+      all_docs = apply(DualEncoder.encode_right,
+                       jnp.concatenate([docs, negatives.reshape(b * n, length)], axis=0))
+      doc, neg = all_docs[:b], all_docs[b:].reshape(b, n, -1)
+    else:
+      doc, neg = apply(DualEncoder.encode_right, docs), None
+    ids = {}
+    if self.loss.mask_duplicates:
+      ids = {k: batch[k] for k in ('query_ids', 'doc_ids', 'negative_ids') if k in batch}
+    cfg = self.loss
+    if cfg.name == 'pair':
+      loss, terms = losses_lib.pair_loss(query, doc, neg, alpha=cfg.pair_alpha,
+                                         temperature=cfg.temperature, **ids)
+    else:
+      loss, terms = losses_lib.in_batch_softmax_loss(
+          query, doc, neg, temperature=cfg.temperature, bidirectional=cfg.bidirectional,
+          same_tower_negatives=cfg.same_tower_negatives if cfg.name == 'samtone' else 'none',
+          **ids)
+    metrics = {'loss': loss, **{f'loss/{k}': v for k, v in terms.items()}}
+    metrics.update(losses_lib.in_batch_ranking_metrics(
+        query, doc, ids.get('query_ids'), ids.get('doc_ids')))
+    return loss, metrics

@@ -1,0 +1,297 @@
+"""T5 / T5.1.1 encoder in Flax, with T5X parameter names and logical axis names.
+
+The modules only describe the network. Every parameter is created through
+`nn.with_logical_partitioning`, so `partitioning.py` can shard any model built
+from them with T5X logical axis rules without touching this file.
+
+Parameter tree of an encoder (names identical to T5X / t5x_retrieval):
+
+  token_embedder/embedding                          [vocab, embed]
+  encoder/relpos_bias/rel_embedding                 [heads, relpos_buckets]
+  encoder/layers_{i}/pre_attention_layer_norm/scale [embed]
+  encoder/layers_{i}/attention/{query,key,value}/kernel [embed, joined_kv]
+  encoder/layers_{i}/attention/out/kernel           [joined_kv, embed]
+  encoder/layers_{i}/pre_mlp_layer_norm/scale       [embed]
+  encoder/layers_{i}/mlp/{wi_0,wi_1}/kernel         [embed, mlp]   (T5.1.1, gated GELU)
+  encoder/layers_{i}/mlp/wi/kernel                  [embed, mlp]   (T5 1.0, ReLU)
+  encoder/layers_{i}/mlp/wo/kernel                  [mlp, embed]
+  encoder/encoder_norm/scale                        [embed]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+PAD_ID = 0
+EOS_ID = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5 encoder (T5.1.1 defaults)."""
+
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  num_layers: int = 8
+  # ('gelu', 'linear') is T5.1.1's gated GELU; ('relu',) is T5 1.0.
+  mlp_activations: tuple[str, ...] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  # Activations and matmuls run in `dtype`; parameters are stored in float32.
+  dtype: str = 'bfloat16'
+  # Name of an entry of ATTENTION_FNS; lets faster kernels slot in later.
+  attention: str = 'xla'
+  # Rematerialise each layer in the backward pass ('none' or 'full').
+  remat: str = 'none'
+
+
+# T5.1.1 sizes (vocab 32,128). 'tiny' is for tests and the demo.
+SIZES = {
+    'tiny': dict(emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128, num_layers=2),
+    'small': dict(emb_dim=512, num_heads=6, head_dim=64, mlp_dim=1024, num_layers=8),
+    'base': dict(emb_dim=768, num_heads=12, head_dim=64, mlp_dim=2048, num_layers=12),
+    'large': dict(emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=2816, num_layers=24),
+    'xl': dict(emb_dim=2048, num_heads=32, head_dim=64, mlp_dim=5120, num_layers=24),
+    'xxl': dict(emb_dim=4096, num_heads=64, head_dim=64, mlp_dim=10240, num_layers=24),
+}
+
+
+def t5_config(size: str = 'base', **overrides) -> T5Config:
+  """Returns the T5.1.1 config of a named size, with `overrides` applied."""
+  if size not in SIZES:
+    raise ValueError(f'unknown T5 size {size!r}; choose one of {sorted(SIZES)}')
+  return T5Config(**{**SIZES[size], **overrides})
+
+
+def _act(name: str) -> Callable[[Array], Array]:
+  if name == 'gelu':
+    return lambda x: nn.gelu(x, approximate=True)  # T5.1.1's "gelu_new"
+  if name == 'relu':
+    return nn.relu
+  if name == 'linear':
+    return lambda x: x
+  raise ValueError(f'unknown activation {name!r}')
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+# --------------------------------------------------------------------------- attention kernels
+
+def xla_attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
+  """Unscaled dot-product attention, T5 style.
+
+  Args:
+    query, key, value: [batch, length, heads, head_dim].
+    bias: [batch or 1, heads, q_length, kv_length], added to the logits
+      (relative position bias plus -inf-like padding mask).
+  Returns:
+    [batch, q_length, heads, head_dim] in the dtype of `value`.
+  """
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(value.dtype), value)
+
+
+def jax_nn_attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
+  """`jax.nn.dot_product_attention` (picks cuDNN fused attention on GPUs when it can)."""
+  return jax.nn.dot_product_attention(
+      query, key, value, bias=bias.astype(query.dtype), scale=1.0)
+
+
+ATTENTION_FNS: dict[str, Callable[..., Array]] = {
+    'xla': xla_attention,
+    'jax_nn': jax_nn_attention,
+}
+
+
+# --------------------------------------------------------------------------- layers
+
+class Embed(nn.Module):
+  """Token embedding [vocab, embed], T5X's `token_embedder`."""
+
+  num_embeddings: int
+  features: int
+  dtype: str = 'float32'
+
+  def setup(self):
+    self.embedding = _param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+                            (self.num_embeddings, self.features), ('vocab', 'embed'))
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """T5 RMS norm: no mean subtraction, no bias, statistics in float32."""
+
+  epsilon: float = 1e-6
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (x * scale).astype(self.dtype)
+
+
+class DenseGeneral(nn.Module):
+  """Bias-free dense layer whose kernel carries logical axis names."""
+
+  features: int
+  kernel_axes: tuple[str, str]
+  kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                    self.kernel_axes)
+    return jnp.einsum('...d,df->...f', x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
+                             max_distance: int) -> np.ndarray:
+  """Bidirectional T5 bucketing of `memory_position - query_position`.
+
+  Half of the buckets hold positive offsets; within each half, small offsets get
+  their own bucket and larger ones share log-spaced buckets up to max_distance.
+  """
+  num_buckets //= 2
+  buckets = (relative_position > 0).astype(np.int32) * num_buckets
+  n = np.abs(relative_position)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  with np.errstate(divide='ignore'):
+    large = max_exact + (
+        np.log(n.astype(np.float32) / max_exact) / math.log(max_distance / max_exact) *
+        (num_buckets - max_exact))
+  large = np.minimum(np.where(is_small, 0, large).astype(np.int32), num_buckets - 1)
+  return buckets + np.where(is_small, n, large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Relative position bias shared by all layers: [1, heads, q_len, k_len]."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int) -> Array:
+    rel_embedding = _param(
+        self, 'rel_embedding', nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+        (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
+    relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    buckets = relative_position_bucket(relative, self.num_buckets, self.max_distance)
+    # One-hot contraction (as in T5X) keeps the gather off the TPU's slow path.
+    one_hot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)
+    values = jnp.einsum('hb,qkb->hqk', rel_embedding.astype(self.dtype), one_hot)
+    return values[None]
+
+
+class MultiHeadAttention(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    joined = cfg.num_heads * cfg.head_dim
+    # 1/sqrt(head_dim) is folded into the query initialisation, as in T5.
+    q_init = nn.initializers.variance_scaling(1.0 / math.sqrt(cfg.head_dim), 'fan_in', 'normal')
+    kv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    split = lambda y: y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+    q = split(DenseGeneral(joined, ('embed', 'joined_kv'), q_init, cfg.dtype, name='query')(x))
+    k = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='key')(x))
+    v = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='value')(x))
+    if not deterministic and cfg.dropout_rate > 0:
+      # Attention-probability dropout needs the explicit softmax.
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1)
+      weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=False)
+      out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+    else:
+      out = ATTENTION_FNS[cfg.attention](q, k, v, bias)
+    out = out.reshape(out.shape[:-2] + (joined,))
+    return DenseGeneral(x.shape[-1], ('joined_kv', 'embed'), kv_init, cfg.dtype, name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    acts = cfg.mlp_activations
+    hidden = None
+    for i, act in enumerate(acts):
+      name = 'wi' if len(acts) == 1 else f'wi_{i}'
+      h = _act(act)(DenseGeneral(cfg.mlp_dim, ('embed', 'mlp'), dtype=cfg.dtype, name=name)(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+    return DenseGeneral(x.shape[-1], ('mlp', 'embed'), dtype=cfg.dtype, name='wo')(hidden)
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        y, deterministic=deterministic)
+    h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_attention_layer_norm')(x)
+    x = x + drop(MultiHeadAttention(cfg, name='attention')(h, bias, deterministic))
+    h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
+    return x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
+
+
+class Encoder(nn.Module):
+  """The T5 encoder stack (T5X's `encoder` scope); embeddings come from outside."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, embedded: Array, mask: Array, deterministic: bool = True) -> Array:
+    """Encodes embedded tokens.
+
+    Args:
+      embedded: [batch, length, embed] token embeddings.
+      mask: [batch, length] bool, True for real tokens.
+      deterministic: disables dropout when True.
+    Returns:
+      [batch, length, embed] hidden states after the final norm.
+    """
+    cfg = self.config
+    length = embedded.shape[1]
+    bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                  cfg.relative_attention_max_distance, cfg.num_heads,
+                                  cfg.dtype, name='relpos_bias')(length, length)
+    big_neg = jnp.finfo(jnp.float32).min
+    bias = bias.astype(jnp.float32) + jnp.where(mask[:, None, None, :], 0.0, big_neg)
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        embedded.astype(cfg.dtype), deterministic=deterministic)
+    layer_cls = EncoderLayer
+    if cfg.remat == 'full':
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='encoder_norm')(x)
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)

@@ -49,7 +49,7 @@ def _train_step(model, optimizer, seed, params, opt_state, batch, step):
       params, batch, dropout_rng)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   return params, opt_state, metrics
 
 

@@ -1,0 +1,163 @@
+"""Dual-encoder architectures, pooling, logical axes, model sizes and the optimizer."""
+
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5dual import models, optim, t5
+
+
+def _model(arch, **loss):
+  cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=50, dtype='float32'),
+                                 architecture=arch, projection_dim=12)
+  return models.DualEncoderModel(cfg, models.LossConfig(**loss))
+
+
+def _flat(tree):
+  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _ids(seed=0, batch=4, length=9):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(2, 50, size=(batch, length)).astype(np.int32)
+  ids[1, 5:] = 0
+  return ids
+
+
+def test_parameter_names_are_t5x():
+  names = set(_flat(_model('sde').init_params(jax.random.PRNGKey(0))))
+  assert {'token_embedder/embedding', 'encoder/relpos_bias/rel_embedding',
+          'encoder/layers_0/attention/query/kernel', 'encoder/layers_1/mlp/wi_0/kernel',
+          'encoder/layers_1/mlp/wi_1/kernel', 'encoder/layers_1/mlp/wo/kernel',
+          'encoder/layers_0/pre_attention_layer_norm/scale',
+          'encoder/layers_0/pre_mlp_layer_norm/scale', 'encoder/encoder_norm/scale',
+          'projection_layer/kernel'} <= names
+
+
+@pytest.mark.parametrize('arch', models.ARCHITECTURES)
+def test_every_parameter_has_logical_axes(arch):
+  model = _model(arch)
+  params = _flat(model.init_params(jax.random.PRNGKey(0)))
+  axes = _flat(model.logical_axes())
+  assert set(axes) == set(params)
+  for name, spec in axes.items():
+    assert len(spec) == params[name].ndim, name
+    assert all(isinstance(a, str) for a in spec), name
+
+
+def test_sde_shares_everything():
+  model = _model('sde')
+  params = model.init_params(jax.random.PRNGKey(0))
+  ids = _ids()
+  np.testing.assert_array_equal(model.encode(params, ids, 'left'),
+                                model.encode(params, ids, 'right'))
+
+
+def test_ade_towers_are_independent():
+  model = _model('ade')
+  params = model.init_params(jax.random.PRNGKey(0))
+  flat = _flat(params)
+  assert not any(k.startswith('projection_layer') for k in flat)
+  assert {k.split('/')[0] for k in flat} == {'left_tower', 'right_tower'}
+  assert 'left_tower/projection_layer/kernel' in flat
+  ids = _ids()
+  assert not np.allclose(model.encode(params, ids, 'left'), model.encode(params, ids, 'right'))
+
+
+def test_ade_spl_shares_exactly_the_projection():
+  model = _model('ade_spl')
+  params = model.init_params(jax.random.PRNGKey(0))
+  flat = _flat(params)
+  shared = [k for k in flat if not k.startswith(('left_tower/', 'right_tower/'))]
+  assert shared == ['projection_layer/kernel']
+  assert not any('projection' in k for k in flat if k.startswith(('left_tower', 'right_tower')))
+  # The shared projection's gradient collects contributions of both towers.
+  ids = _ids()
+  def grad_of(side):
+    f = lambda p: jnp.sum(model.encode(p, ids, side)[:, 0])
+    return _flat(jax.grad(f)(params))
+  left, right = grad_of('left'), grad_of('right')
+  assert np.abs(left['projection_layer/kernel']).sum() > 0
+  assert np.abs(right['projection_layer/kernel']).sum() > 0
+  assert np.abs(left['right_tower/encoder/encoder_norm/scale']).sum() == 0
+  assert np.abs(right['left_tower/encoder/encoder_norm/scale']).sum() == 0
+
+
+def test_embeddings_are_normalised_and_ignore_padding():
+  model = _model('sde')
+  params = model.init_params(jax.random.PRNGKey(1))
+  ids = _ids(length=8)
+  ids[:, 6:] = 0
+  padded = np.concatenate([ids, np.zeros((4, 10), np.int32)], axis=1)
+  a, b = model.encode(params, ids), model.encode(params, padded)
+  np.testing.assert_allclose(np.linalg.norm(a, axis=-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_mean_pool_against_numpy():
+  rng = np.random.default_rng(0)
+  h = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+  want = np.stack([h[i][mask[i]].mean(0) for i in range(3)])
+  np.testing.assert_allclose(models.mean_pool(h, mask), want, rtol=1e-6)
+
+
+# T5.1.1 encoder parameter counts from the published dimensions, written out.
+def _expected_encoder_params(d, heads, kv, ff, layers, vocab=32128, buckets=32):
+  attn = 4 * d * heads * kv
+  mlp = 3 * d * ff
+  return vocab * d + heads * buckets + layers * (attn + mlp + 2 * d) + d
+
+
+@pytest.mark.parametrize('size', list(t5.SIZES))
+def test_sizes_build_with_eval_shape(size):
+  cfg = models.DualEncoderConfig(t5=t5.t5_config(size), projection_dim=768)
+  model = models.DualEncoderModel(cfg)
+  shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+  s = t5.SIZES[size]
+  want = _expected_encoder_params(s['emb_dim'], s['num_heads'], s['head_dim'], s['mlp_dim'],
+                                  s['num_layers']) + s['emb_dim'] * 768
+  assert total == want
+  if size == 'base':
+    assert 109e6 < total < 112e6  # T5.1.1-base encoder is ~110M with its embedding
+
+
+def test_adafactor_matches_reference_update():
+  """Two Adafactor steps on a factored [256, 128] kernel vs the paper's formulas (T5X settings)."""
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=(256, 128)).astype(np.float32) * 0.05
+  grads = [rng.normal(size=w0.shape).astype(np.float32) for _ in range(2)]
+  lr = 1e-3
+  tx = optim.adafactor(lr)
+  params, state = jnp.asarray(w0), tx.init(jnp.asarray(w0))
+  for g in grads:
+    upd, state = tx.update(jnp.asarray(g), state, params)
+    params = optax.apply_updates(params, upd)
+
+  w = w0.astype(np.float64)
+  vr = np.zeros(256)
+  vc = np.zeros(128)
+  for t, g in enumerate(grads, 1):
+    g = g.astype(np.float64)
+    beta2 = 1.0 - t ** -0.8
+    g2 = g * g + 1e-30
+    vr = beta2 * vr + (1 - beta2) * g2.mean(1)
+    vc = beta2 * vc + (1 - beta2) * g2.mean(0)
+    v = np.outer(vr / vr.mean(), vc)
+    u = g / np.sqrt(v)
+    u = u / max(1.0, np.sqrt(np.mean(u * u)))          # update clipping at RMS 1
+    scale = max(1e-3, np.sqrt(np.mean(w * w)))          # parameter scale, epsilon2 = 1e-3
+    w = w - lr * scale * u
+  np.testing.assert_allclose(np.asarray(params), w, rtol=1e-4, atol=1e-7)
+
+
+def test_schedule_warmup_then_linear_decay_to_zero():
+  s = optim.learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10)
+  np.testing.assert_allclose([float(s(0)), float(s(5)), float(s(10)), float(s(55)),
+                              float(s(100))], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)

@@ -1,0 +1,156 @@
+"""Training end to end on generated data: learning, resuming, failure modes, gin entry point."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from t5dual import checkpoints, models, optim, t5, trainer, vocab
+from t5dual.data import demo, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENGTHS = {'inputs': 12, 'targets': 16}
+
+
+@pytest.fixture(scope='module')
+def demo_data(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp('demo'))
+  demo.write_demo_beir(os.path.join(folder, 'data'), num_docs=400, num_concepts=60)
+  spm = vocab.train_sentencepiece(demo.demo_texts(os.path.join(folder, 'data')),
+                                  os.path.join(folder, 'spm'), vocab_size=512)
+  return os.path.join(folder, 'data'), spm
+
+
+def _setup(demo_data, arch='sde', loss='samtone', batch_size=32):
+  data, spm = demo_data
+  tok = vocab.Tokenizer(spm)
+  batcher = pipeline.PairBatcher(pipeline.load_examples(f'beir:{data}:train'), tok,
+                                 batch_size, LENGTHS)
+  cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'),
+                                 architecture=arch, projection_dim=32)
+  return models.DualEncoderModel(cfg, models.LossConfig(name=loss)), batcher
+
+
+def _metrics(model_dir):
+  """Last logged metrics per step (a resumed run re-logs the steps it redoes)."""
+  by_step = {}
+  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      by_step[rec['step']] = rec
+  return by_step
+
+
+def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
+  sched = optim.learning_rate_schedule(lr, steps)
+  config = trainer.TrainerConfig(total_steps=steps, progress_bar=False, tensorboard=False,
+                                 **cfg)
+  return trainer.train(model, batcher, optim.adafactor(sched), model_dir, config, sched,
+                       description)
+
+
+@pytest.mark.parametrize('arch,loss', [('sde', 'samtone'), ('ade_spl', 'pair')])
+def test_training_lowers_loss_and_raises_p_at_1(demo_data, tmp_path, arch, loss):
+  model, batcher = _setup(demo_data, arch, loss)
+  _train(model, batcher, str(tmp_path), 150, log_every=25, save_every=1000)
+  m = _metrics(str(tmp_path))
+  first, last = m[25], m[150]
+  assert last['loss'] < 0.5 * first['loss']
+  assert last['p_at_1'] > first['p_at_1'] + 0.3
+
+
+class _Interrupt(Exception):
+  pass
+
+
+class _InterruptingBatcher:
+  def __init__(self, batcher, at_step):
+    self.batcher, self.at_step = batcher, at_step
+
+  def batch(self, step, *args):
+    if step == self.at_step:
+      raise _Interrupt()
+    return self.batcher.batch(step, *args)
+
+
+def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
+  model, batcher = _setup(demo_data, batch_size=16)
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  _train(model, batcher, straight, 12, log_every=1, save_every=4)
+  with pytest.raises(_Interrupt):
+    _train(model, _InterruptingBatcher(batcher, 7), resumed, 12, log_every=1, save_every=4)
+  assert max(checkpoints.checkpoint_manager(resumed).all_steps()) == 4
+  _train(model, batcher, resumed, 12, log_every=1, save_every=4)
+  a, b = _metrics(straight), _metrics(resumed)
+  assert sorted(a) == sorted(b) == list(range(1, 13))
+  for step in a:
+    np.testing.assert_allclose(b[step]['loss'], a[step]['loss'], rtol=1e-6, err_msg=step)
+
+
+def test_non_finite_loss_stops_without_checkpoint(demo_data, tmp_path):
+  model, batcher = _setup(demo_data, batch_size=16)
+  desc = checkpoints.model_description(model, demo_data[1], LENGTHS)
+  _train(model, batcher, str(tmp_path), 2, description=desc, save_every=2)  # good, step 2
+  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint is step 2'):
+    _train(model, batcher, str(tmp_path), 6, lr=float('inf'), log_every=1, save_every=2)
+  assert sorted(checkpoints.checkpoint_manager(str(tmp_path)).all_steps()) == [1, 2]
+  _, params, step, _, _ = checkpoints.restore_for_inference(str(tmp_path))
+  assert step == 2
+  import jax
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_batches_are_a_pure_function_of_the_step(demo_data):
+  _, b1 = _setup(demo_data)
+  _, b2 = _setup(demo_data)
+  for step in (5, 0, 40):
+    x, y = b1.batch(step), b2.batch(step)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  # Two hosts' slices make up the global batch.
+  full = b1.batch(3)
+  halves = [b1.batch(3, i, 2) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h['inputs'] for h in halves]), full['inputs'])
+
+
+def _train_cmd(model_dir, data, spm, steps):
+  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
+          '--gin_file=gin/models/sde.gin', '--gin_file=gin/sizes/tiny.gin',
+          '--gin_file=configs/runs/finetune.gin', '--gin_file=configs/demo.gin',
+          f"--gin.MODEL_DIR='{model_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='beir:{data}:train'",
+          f"--gin.VOCABULARY_PATH='{spm}'", f'--gin.TRAIN_STEPS={steps}',
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 16}", '--gin.VOCAB_SIZE=512',
+          '--gin.BATCH_SIZE=16', '--gin.trainer.TrainerConfig.save_every=5',
+          '--gin.trainer.TrainerConfig.log_every=1']
+
+
+def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
+  data, spm = demo_data
+  model_dir = str(tmp_path / 'run')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(_train_cmd(model_dir, data, spm, 400), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(model_dir, 'checkpoints')
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if os.path.isdir(ckpt) else []
+    if max(steps, default=0) >= 10:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoints.checkpoint_manager(model_dir).latest_step()
+  assert killed_at is not None and killed_at >= 10
+  total = killed_at + 5
+  subprocess.run(_train_cmd(model_dir, data, spm, total), cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  assert checkpoints.checkpoint_manager(model_dir).latest_step() == total
+  assert sorted(_metrics(model_dir)) == list(range(1, total + 1))
+  with open(os.path.join(model_dir, 'config.gin')) as f:
+    operative = f.read()
+  assert "architecture = 'sde'" in operative and f'TRAIN_STEPS = {total}' in operative

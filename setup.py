@@ -49,6 +49,7 @@ setup(
         'seqio': SEQIO,
         'torch': TEST[1:],
         'test': TEST,
+        'demo': [],
         'all': SEQIO + TEST,
     },
 )

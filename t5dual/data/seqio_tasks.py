@@ -1,0 +1,116 @@
+"""seqio tasks for dual-encoder training (needs the `seqio` extra: TensorFlow, seqio, TFDS).
+
+A task yields features 'inputs' (query) and 'targets' (document) tokenized with a
+`SentencePieceVocabulary`, EOS appended after trimming to TASK_FEATURE_LENGTHS,
+no packing, plus 'query_ids' / 'doc_ids' (hashes of the texts) for duplicate
+masking. Register tasks from Python or gin, e.g.
+
+  register_pair_task('medquad_train', 'beir:/data/medquad:train', VOCAB)
+  register_pair_task('msmarco', 'tfds:beir/msmarco...', VOCAB, query_key=..., doc_key=...)
+
+and train with MIXTURE_OR_TASK_NAME = 'medquad_train'. Token ids equal the
+NumPy path's (`vocab.Tokenizer`) for the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from t5dual.data import pipeline
+
+
+def vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+  """The task vocabulary; T5's public model takes extra_ids=100."""
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+def _hash(text: tf.Tensor) -> tf.Tensor:
+  return tf.cast(tf.strings.to_hash_bucket_fast(text, 2**31 - 1), tf.int32)
+
+
+def _to_features(ex: dict, query_key: str, doc_key: str) -> dict:
+  return {'inputs': ex[query_key], 'targets': ex[doc_key],
+          'query_ids': _hash(ex[query_key]), 'doc_ids': _hash(ex[doc_key])}
+
+
+def _local_source(source: str) -> seqio.DataSource:
+  """A seqio source over a local BEIR folder / JSONL file (read once, in memory)."""
+  examples = pipeline.load_examples(source)
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del split, shuffle_files, seed
+    return tf.data.Dataset.from_tensor_slices(
+        {'query': examples.queries, 'positive': examples.positives})
+  return seqio.FunctionDataSource(dataset_fn, splits=['train'],
+                                  num_input_examples={'train': len(examples)})
+
+
+def register_pair_task(name: str, source: str, vocabulary_path: str,
+                       query_key: str = 'query', doc_key: str = 'positive',
+                       extra_ids: int = 0) -> seqio.Task:
+  """Registers (or replaces) a seqio Task of (query, positive document) pairs.
+
+  Args:
+    name: task name for MIXTURE_OR_TASK_NAME.
+    source: 'beir:<folder>[:split]', 'jsonl:<path>', or 'tfds:<name>' (e.g.
+      'tfds:beir/msmarco:1.0.0'; give query_key / doc_key of its features).
+    vocabulary_path: SentencePiece model.
+  """
+  if source.startswith('tfds:'):
+    data_source = seqio.TfdsDataSource(tfds_name=source[len('tfds:'):])
+  else:
+    data_source = _local_source(source)
+  vocab = vocabulary(vocabulary_path, extra_ids)
+  features = {k: seqio.Feature(vocab, add_eos=True, required=True)
+              for k in ('inputs', 'targets')}
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name, source=data_source, output_features=features,
+      preprocessors=[
+          functools.partial(_map, fn=functools.partial(
+              _to_features, query_key=query_key, doc_key=doc_key)),
+          seqio.preprocessors.tokenize,
+          seqio.preprocessors.append_eos_after_trim,
+      ])
+
+
+def _map(dataset, fn):
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class SeqioBatcher:
+  """`batch(step)` over a seqio task, with the PairBatcher's interface.
+
+  The order is fixed by the seed; a resumed run skips the batches already
+  seen, so it continues with the same data.
+  """
+
+  def __init__(self, task_name: str, batch_size: int, feature_lengths: dict,
+               seed: int = 0, shuffle: bool = True):
+    self.task = seqio.get_mixture_or_task(task_name)
+    self.batch_size, self.lengths = batch_size, dict(feature_lengths)
+    self.seed, self.shuffle = seed, shuffle
+    self._iter, self._next = None, None
+
+  def _dataset(self, start: int, process_index: int, process_count: int):
+    per_host = self.batch_size // process_count
+    ds = self.task.get_dataset(
+        self.lengths, split='train', shuffle=self.shuffle, seed=self.seed, num_epochs=None,
+        shard_info=seqio.ShardInfo(process_index, process_count), use_cached=False)
+    shapes = {'inputs': [self.lengths['inputs']], 'targets': [self.lengths['targets']],
+              'query_ids': [], 'doc_ids': []}
+    ds = ds.map(lambda ex: {k: ex[k] for k in shapes})
+    ds = ds.padded_batch(per_host, padded_shapes=shapes, drop_remainder=True)
+    return ds.skip(start).prefetch(2).as_numpy_iterator()
+
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+    if self._iter is None or step != self._next:
+      self._iter = self._dataset(step, process_index, process_count)
+    self._next = step + 1
+    return {k: np.asarray(v, np.int32) for k, v in next(self._iter).items()}

@@ -1,0 +1,128 @@
+"""Data readers, tokenization, batching and the seqio path."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from t5dual import vocab
+from t5dual.data import demo, pipeline, sources
+
+
+@pytest.fixture(scope='module')
+def spm(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('spm')
+  demo.write_demo_beir(str(folder / 'data'), num_docs=200, num_concepts=40)
+  return vocab.train_sentencepiece(demo.demo_texts(str(folder / 'data')),
+                                   str(folder / 'spm'), vocab_size=300)
+
+
+def _write(path, lines):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(''.join(l + '\n' for l in lines))
+  return str(path)
+
+
+def _beir(tmp_path, qrels_lines, corpus=None):
+  corpus = corpus or [json.dumps({'_id': 'd1', 'title': 'T', 'text': 'one'}),
+                      json.dumps({'_id': 'd2', 'text': 'two'})]
+  _write(tmp_path / 'corpus.jsonl', corpus)
+  _write(tmp_path / 'queries.jsonl', [json.dumps({'_id': 'q1', 'text': 'first'}),
+                                      json.dumps({'_id': 'q2', 'text': 'second'})])
+  _write(tmp_path / 'qrels' / 'train.tsv', ['query-id\tcorpus-id\tscore'] + qrels_lines)
+  return str(tmp_path)
+
+
+def test_beir_pairs_and_ids(tmp_path):
+  folder = _beir(tmp_path, ['q1\td1\t1', 'q2\td1\t1', 'q2\td2\t0'])
+  ex = sources.beir_pairs(folder)
+  assert ex.queries == ['first', 'second'] and ex.positives == ['T one', 'T one']
+  assert ex.doc_ids[0] == ex.doc_ids[1] and ex.query_ids[0] != ex.query_ids[1]
+
+
+@pytest.mark.parametrize('qrels,corpus,message', [
+    (['q1\td9\t1'], None, r'train.tsv:2: corpus id .d9. is not in corpus.jsonl'),
+    (['q7\td1\t1'], None, r'train.tsv:2: query id .q7. is not in queries.jsonl'),
+    (['q1\td1'], None, r'train.tsv:2: expected'),
+    (['q1\td1\t1'], ['{"_id": "d1", "text": "x"}', '{"_id": "d1", "text": "y"}'],
+     r'corpus.jsonl:2: duplicate _id .d1.'),
+    (['q1\td1\t1'], ['{"_id": "d1", "text": ""}'], r"corpus.jsonl:1: empty field 'text'"),
+    (['q1\td1\t1'], ['{"_id": "d1", "text": "x"', ], r'corpus.jsonl:1: not valid JSON'),
+])
+def test_beir_errors_name_file_and_line(tmp_path, qrels, corpus, message):
+  folder = _beir(tmp_path, qrels, corpus)
+  with pytest.raises(sources.DataError, match=message):
+    sources.beir_pairs(folder)
+
+
+def test_missing_qrels_split(tmp_path):
+  folder = _beir(tmp_path, ['q1\td1\t1'])
+  with pytest.raises(sources.DataError, match=r'qrels/test.tsv: qrels file not found'):
+    sources.beir_pairs(folder, 'test')
+
+
+def test_jsonl_pairs_and_errors(tmp_path):
+  path = _write(tmp_path / 'p.jsonl', [
+      json.dumps({'query': 'a', 'positive': 'x', 'negatives': ['y', 'z']}),
+      json.dumps({'query': 'a', 'positive': 'y', 'negatives': ['x']})])
+  ex = sources.jsonl_pairs(path)
+  assert ex.query_ids == [0, 0] and ex.doc_ids == [0, 1]
+  assert ex.negative_ids == [[1, 2], [0]]
+  bad = _write(tmp_path / 'bad.jsonl', [json.dumps({'query': 'a', 'positive': 'x'}),
+                                        json.dumps({'query': 'b'})])
+  with pytest.raises(sources.DataError, match=r"bad.jsonl:2: missing or non-string field "
+                                              r"'positive'"):
+    sources.jsonl_pairs(bad)
+  with pytest.raises(pipeline.UnknownSourceError, match='unknown data source'):
+    pipeline.load_examples('nowhere:at/all')
+
+
+def test_eos_appended_after_trim(spm):
+  tok = vocab.Tokenizer(spm)
+  raw = tok._sp.encode(['what lives here', 'a'])
+  ids = tok.encode(['what lives here', 'a'], 3)
+  assert list(ids[0]) == raw[0][:2] + [1]
+  assert list(ids[1]) == raw[1] + [1] + [0] * (2 - len(raw[1]))
+
+
+def test_hard_negatives_in_batches(tmp_path, spm):
+  lines = [json.dumps({'query': f'q{i}', 'positive': f'p{i}',
+                       'negatives': [f'n{i}a', f'n{i}b']}) for i in range(10)]
+  ex = sources.jsonl_pairs(_write(tmp_path / 'n.jsonl', lines))
+  b = pipeline.PairBatcher(ex, vocab.Tokenizer(spm), 4, {'inputs': 8, 'targets': 8},
+                           num_negatives=3)
+  batch = b.batch(2)
+  assert batch['negative_targets'].shape == (4, 3, 8)
+  assert batch['negative_ids'].shape == (4, 3)
+  for row, i in enumerate(b.example_indices(2)):
+    assert set(batch['negative_ids'][row]) <= set(ex.negative_ids[i])
+  no_negs = sources.jsonl_pairs(_write(tmp_path / 'm.jsonl', [
+      json.dumps({'query': 'a', 'positive': 'b'}), json.dumps({'query': 'c', 'positive': 'd'})]))
+  with pytest.raises(ValueError, match='have no negatives'):
+    pipeline.PairBatcher(no_negs, vocab.Tokenizer(spm), 2, num_negatives=1)
+
+
+def test_each_epoch_visits_every_example_once(spm, tmp_path):
+  lines = [json.dumps({'query': f'q {i}', 'positive': f'p {i}'}) for i in range(12)]
+  ex = sources.jsonl_pairs(_write(tmp_path / 'e.jsonl', lines))
+  b = pipeline.PairBatcher(ex, vocab.Tokenizer(spm), 4, seed=3)
+  epoch = np.concatenate([b.example_indices(s) for s in range(3)])
+  assert sorted(epoch) == list(range(12))
+  assert list(epoch) != list(np.concatenate([b.example_indices(s) for s in range(3, 6)]))
+
+
+def test_seqio_task_matches_numpy_path(tmp_path, spm):
+  seqio_tasks = pytest.importorskip('t5dual.data.seqio_tasks',
+                                    reason='seqio extra (TensorFlow, seqio) not installed')
+  lines = [json.dumps({'query': f'what is number {i} about', 'positive': f'it is {i} ' * (i + 1)})
+           for i in range(8)]
+  path = _write(tmp_path / 's.jsonl', lines)
+  seqio_tasks.register_pair_task('t5dual_test_pairs', f'jsonl:{path}', spm)
+  lengths = {'inputs': 6, 'targets': 10}
+  got = seqio_tasks.SeqioBatcher('t5dual_test_pairs', 8, lengths, shuffle=False).batch(0)
+  ex = sources.jsonl_pairs(path)
+  tok = vocab.Tokenizer(spm)
+  np.testing.assert_array_equal(got['inputs'], tok.encode(ex.queries, 6))
+  np.testing.assert_array_equal(got['targets'], tok.encode(ex.positives, 10))
+  assert len(set(got['doc_ids'].tolist())) == 8

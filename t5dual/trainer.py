@@ -136,7 +136,7 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
     if config.progress_bar and jax.process_index() == 0:
       from tqdm import tqdm
       bar = tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
-                 dynamic_ncols=True)
+                 dynamic_ncols=True, mininterval=1.0)
     pending, last, window_start, examples = [], {'step': start}, time.time(), 0
     try:
       for step in range(start, config.total_steps):

@@ -55,6 +55,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def onto_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Leaves already laid out on `mesh` stay; any other leaf (e.g. a step counter
+  XLA committed to one device) is replicated over the mesh."""
+  def put(x):
+    s = getattr(x, 'sharding', None)
+    if isinstance(s, NamedSharding) and s.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated(mesh))
+  return jax.tree.map(put, tree)
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Places this process's slice of a global batch onto the mesh.
 

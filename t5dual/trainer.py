@@ -118,7 +118,7 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
     else:
       params = jax.jit(model.init_params, out_shardings=param_sh)(
           jax.random.PRNGKey(config.seed))
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = partitioning.onto_mesh(jax.jit(optimizer.init)(params), mesh)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     if start:
       log.info('resuming from %s at step %d', model_dir, start)

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Evaluate checkpoints on BEIR, score runs, mine hard negatives, draw diagnostics.
+
+  # export corpus + queries -> exact top-k -> run.trec -> metrics table
+  python scripts/eval.py run --model_dir=/tmp/sde --beir=/data/scifact --split=test
+
+  # run file(s) + qrels -> table
+  python scripts/eval.py score --run=a.trec --run=b.trec --qrels=/data/scifact/qrels/test.tsv
+
+  # hard negatives from a run of the training split -> JSONL that training reads
+  python scripts/eval.py mine --run=train.trec --beir=/data/scifact --split=train \
+      --out=/data/scifact/hard_negatives.jsonl --min_rank=3 --max_rank=50 --margin=0.05
+
+  # t-SNE, top-1 cosine and query/document similarity-ratio pictures, side by side
+  python scripts/eval.py diagnose --model_dir=/tmp/softmax --model_dir=/tmp/samtone \
+      --beir=/data/scifact --split=test --out_dir=/tmp/diagnostics
+
+`run` keeps its exports under --out_dir (default MODEL_DIR/eval/<folder>-<split>-<step>),
+so running it again resumes an interrupted export and reuses finished ones.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from t5dual import evaluation, export, hard_negatives, retrieval  # noqa: E402
+
+log = logging.getLogger('eval')
+
+
+def _measures(text: str) -> list[str]:
+  names = [m.strip() for m in text.split(',') if m.strip()]
+  evaluation.parse_measures(names)  # fail early on a typo
+  return names
+
+
+def _beir_queries(folder: str, qrels: dict) -> tuple[list[str], list[str]]:
+  """The queries that have qrels, in queries.jsonl order."""
+  from t5dual.data import sources
+  queries = sources.read_beir_queries(folder)
+  missing = [q for q in qrels if q not in queries]
+  if missing:
+    raise SystemExit(f'{len(missing)} qrels queries are not in {folder}/queries.jsonl, '
+                     f'first: {missing[0]!r}')
+  qids = [q for q in queries if q in qrels]
+  return qids, [queries[q] for q in qids]
+
+
+def _search_kwargs(args) -> dict:
+  if args.backend == 'faiss':
+    return dict(index=args.faiss_index, nprobe=args.nprobe)
+  return dict(chunk_size=args.chunk_size, query_block=args.query_block)
+
+
+def cmd_run(args) -> dict:
+  from t5dual import checkpoints
+  from t5dual.data import sources
+  measures = _measures(args.measures)
+  qrels = evaluation.load_qrels(args.beir, args.split)
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
+      args.model_dir, args.step)
+  name = os.path.basename(os.path.normpath(args.beir))
+  out = args.out_dir or os.path.join(args.model_dir, 'eval', f'{name}-{args.split}-{step}')
+  info = checkpoints.read_model_json(args.model_dir)
+  parts = {'corpus': ('right', *sources.read_beir_corpus(args.beir), lengths['targets']),
+           'queries': ('left', *_beir_queries(args.beir, qrels), lengths['inputs'])}
+  embeddings = {}
+  for part, (tower, ids, texts, length) in parts.items():
+    options = export.ExportOptions(
+        max_length=length, tower=tower, batch_size=args.batch_size,
+        shard_size=args.shard_size, dtype=args.dtype, allow_empty=args.allow_empty_text,
+        progress=not args.no_progress)
+    export.export_embeddings(export.make_encode_fn(model, params, tower), tokenizer, ids,
+                             texts, os.path.join(out, part), options, info, step)
+    embeddings[part] = export.open_embeddings(os.path.join(out, part))
+  k = args.k or evaluation.search_depth(measures)
+  run = retrieval.retrieve(embeddings['queries'], embeddings['corpus'], k, args.backend,
+                           args.exclude_identical_ids, **_search_kwargs(args))
+  run_path = os.path.join(out, 'run.trec')
+  retrieval.write_trec_run(run_path, run, args.tag)
+  metrics = evaluation.evaluate(run, qrels, measures)
+  summary = {'model_dir': args.model_dir, 'step': step, 'beir': args.beir,
+             'split': args.split, 'k': k, 'backend': args.backend, 'run': run_path,
+             'metrics': metrics}
+  with open(os.path.join(out, 'metrics.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  print(evaluation.format_table({f'{name}/{args.split} step {step}': metrics}))
+  print(f'run: {run_path}')
+  return summary
+
+
+def cmd_score(args) -> dict:
+  if bool(args.qrels) == bool(args.beir):
+    raise SystemExit('give --qrels FILE or --beir FOLDER (with --split)')
+  qrels = (evaluation.load_qrels(args.qrels) if args.qrels
+           else evaluation.load_qrels(args.beir, args.split))
+  measures = _measures(args.measures)
+  table = {path: evaluation.evaluate(retrieval.read_trec_run(path), qrels, measures)
+           for path in args.run}
+  print(evaluation.format_table(table))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(table, f, indent=2)
+  return table
+
+
+def cmd_mine(args) -> dict:
+  from t5dual.data import sources
+  run = retrieval.read_trec_run(args.run)
+  qrels = evaluation.load_qrels(args.beir, args.split)
+  config = hard_negatives.MiningConfig(
+      num_negatives=args.num_negatives, min_rank=args.min_rank, max_rank=args.max_rank,
+      margin=args.margin, relative_margin=args.relative_margin,
+      min_relevance=args.min_relevance, min_negatives=args.min_negatives,
+      sample=args.sample, seed=args.seed)
+  positive_scores = None
+  if args.embeddings:
+    positive_scores = hard_negatives.positive_scores_from_embeddings(
+        export.open_embeddings(os.path.join(args.embeddings, 'queries')),
+        export.open_embeddings(os.path.join(args.embeddings, 'corpus')), qrels,
+        args.min_relevance)
+  records, stats = hard_negatives.mine_hard_negatives(run, qrels, config, positive_scores)
+  doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
+  count = hard_negatives.write_triples(args.out, records, sources.read_beir_queries(args.beir),
+                                       dict(zip(doc_ids, doc_texts)))
+  print(json.dumps(stats))
+  print(f'{count} examples with hard negatives: {args.out}')
+  return stats
+
+
+def _diagnose_inputs(model_dir: str, args) -> tuple:
+  """(query vectors, positive vectors, corpus vectors) of one checkpoint, in memory."""
+  import numpy as np
+  from t5dual import checkpoints, diagnostics
+  from t5dual.data import sources
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir,
+                                                                              args.step)
+  qrels = evaluation.load_qrels(args.beir, args.split)
+  doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
+  qids, qtexts = _beir_queries(args.beir, qrels)
+  q_rows, d_rows = diagnostics.query_positive_pairs(qids, doc_ids, qrels)
+  encode = lambda texts, tower, length: export.encode_texts(
+      export.make_encode_fn(model, params, tower), tokenizer, texts, length, args.batch_size)
+  docs = encode(doc_texts, 'right', lengths['targets'])
+  queries = encode([qtexts[i] for i in q_rows], 'left', lengths['inputs'])
+  return queries, docs[np.asarray(d_rows)], docs, step
+
+
+def cmd_diagnose(args) -> dict:
+  from t5dual import diagnostics
+  labels = args.label or []
+  if labels and len(labels) != len(args.model_dir):
+    raise SystemExit(f'{len(labels)} --label for {len(args.model_dir)} --model_dir')
+  diags = []
+  for i, model_dir in enumerate(args.model_dir):
+    queries, positives, docs, step = _diagnose_inputs(model_dir, args)
+    label = labels[i] if labels else f'{os.path.basename(os.path.normpath(model_dir))} @{step}'
+    diags.append(diagnostics.compute(label, queries, positives, docs, sample=args.sample,
+                                     seed=args.seed))
+  paths = diagnostics.save_all(diags, args.out_dir)
+  for d in diags:
+    print(d.label, json.dumps(d.stats))
+  print('\n'.join(paths.values()))
+  return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  sub = parser.add_subparsers(dest='command', required=True)
+  measures = dict(default=','.join(evaluation.DEFAULT_MEASURES),
+                  help='comma-separated, e.g. nDCG@10,RR@10,R@100,P@5,AP')
+
+  run = sub.add_parser('run', help='export -> retrieve -> evaluate a checkpoint on BEIR')
+  run.add_argument('--model_dir', required=True)
+  run.add_argument('--step', type=int, default=None)
+  run.add_argument('--beir', required=True)
+  run.add_argument('--split', default='test')
+  run.add_argument('--out_dir', default=None)
+  run.add_argument('--measures', **measures)
+  run.add_argument('--k', type=int, default=None, help='default: what the measures need')
+  run.add_argument('--backend', choices=('exact', 'faiss'), default='exact')
+  run.add_argument('--faiss_index', default='flat', help='flat | ivf<nlist> | hnsw<M> | '
+                   'FAISS factory string')
+  run.add_argument('--nprobe', type=int, default=32)
+  run.add_argument('--chunk_size', type=int, default=32768)
+  run.add_argument('--query_block', type=int, default=4096)
+  run.add_argument('--exclude_identical_ids', action='store_true',
+                   help='drop a document whose id equals the query id (BEIR ArguAna, Quora)')
+  run.add_argument('--dtype', choices=export.DTYPES, default='float16')
+  run.add_argument('--batch_size', type=int, default=128)
+  run.add_argument('--shard_size', type=int, default=50_000)
+  run.add_argument('--allow_empty_text', action='store_true')
+  run.add_argument('--tag', default='t5dual')
+  run.add_argument('--no_progress', action='store_true')
+  run.set_defaults(fn=cmd_run)
+
+  score = sub.add_parser('score', help='run file(s) + qrels -> table')
+  score.add_argument('--run', action='append', required=True)
+  score.add_argument('--qrels', help='qrels file (BEIR tsv or TREC)')
+  score.add_argument('--beir', help='BEIR folder (qrels/<split>.tsv)')
+  score.add_argument('--split', default='test')
+  score.add_argument('--measures', **measures)
+  score.add_argument('--json', help='also write the table as JSON here')
+  score.set_defaults(fn=cmd_score)
+
+  mine = sub.add_parser('mine', help='hard negatives from a run -> training JSONL')
+  mine.add_argument('--run', required=True)
+  mine.add_argument('--beir', required=True)
+  mine.add_argument('--split', default='train')
+  mine.add_argument('--out', required=True)
+  mine.add_argument('--embeddings', help='out_dir of `run` (corpus/ and queries/ exports), '
+                    'to score positives the run did not retrieve')
+  defaults = hard_negatives.MiningConfig()
+  for flag in ('num_negatives', 'min_rank', 'max_rank', 'min_relevance', 'min_negatives',
+               'seed'):
+    mine.add_argument(f'--{flag}', type=int, default=getattr(defaults, flag))
+  mine.add_argument('--margin', type=float, default=None)
+  mine.add_argument('--relative_margin', action='store_true',
+                    help='margin is a fraction of the positive score, not an absolute gap')
+  mine.add_argument('--sample', action='store_true', help='sample within the window')
+  mine.set_defaults(fn=cmd_mine)
+
+  diag = sub.add_parser('diagnose', help='SamToNe diagnostics pictures')
+  diag.add_argument('--model_dir', action='append', required=True,
+                    help='repeat to draw checkpoints side by side')
+  diag.add_argument('--label', action='append', help='one per --model_dir')
+  diag.add_argument('--step', type=int, default=None)
+  diag.add_argument('--beir', required=True)
+  diag.add_argument('--split', default='test')
+  diag.add_argument('--out_dir', required=True)
+  diag.add_argument('--sample', type=int, default=1000, help='points per tower in t-SNE')
+  diag.add_argument('--batch_size', type=int, default=128)
+  diag.add_argument('--seed', type=int, default=0)
+  diag.set_defaults(fn=cmd_diagnose)
+  return parser
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  try:
+    return args.fn(args)
+  except (FileNotFoundError, ValueError) as e:  # bad input: the message names file and line
+    raise SystemExit(f'error: {e}') from e
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,136 @@
+"""Retrieval metrics through ir_measures (pytrec_eval underneath), and tables of them.
+
+Measures are named as in ir_measures ('nDCG@10', 'RR@10', 'R@100', 'P@5',
+'AP', 'MRR@10' = 'RR@10', 'Recall@100' = 'R@100') or as in trec_eval
+('ndcg_cut_10', 'recip_rank', 'recall_100'); results are keyed by the
+ir_measures name. Relevance is graded as in the qrels (trec_eval's linear
+gain, as BEIR). A query in the qrels that the run lacks scores 0, and a query
+of the run without qrels is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Optional, Sequence
+
+from t5dual.data import sources
+
+DEFAULT_MEASURES = ('nDCG@10', 'RR@10', 'R@100')
+Qrels = dict[str, dict[str, int]]
+Run = dict[str, dict[str, float]]
+
+
+def parse_measures(names: Iterable[str]) -> list:
+  """ir_measures measure objects for names in ir_measures or trec_eval syntax."""
+  import ir_measures
+  parsed = []
+  for name in names:
+    try:
+      parsed.append(ir_measures.parse_measure(name))
+      continue
+    except (NameError, ValueError, SyntaxError, TypeError):
+      pass
+    try:
+      parsed += ir_measures.parse_trec_measure(name)
+    except (NameError, ValueError, SyntaxError, TypeError):
+      raise ValueError(f'unknown measure {name!r}; use ir_measures names such as nDCG@10, '
+                       'RR@10, R@100, P@5, AP, or trec_eval names such as ndcg_cut_10') from None
+  if not parsed:
+    raise ValueError('no measures given')
+  return list(dict.fromkeys(parsed))
+
+
+def search_depth(measures: Iterable[str], default: int = 1000) -> int:
+  """How many results per query the measures need: their largest cutoff, or `default`
+  when a measure has none (AP, nDCG without @k)."""
+  cutoffs = [m.params.get('cutoff') for m in parse_measures(measures)]
+  return default if any(c is None for c in cutoffs) else max(cutoffs)
+
+
+def load_qrels(path: str, split: Optional[str] = None) -> Qrels:
+  """Qrels of a file (BEIR tsv or TREC), or of <BEIR folder>/qrels/<split>.tsv."""
+  if split is not None:
+    file = sources.qrels_path(path, split)
+    if not os.path.exists(file):
+      folder = os.path.join(path, 'qrels')
+      have = sorted(f[:-4] for f in os.listdir(folder) if f.endswith('.tsv')) \
+          if os.path.isdir(folder) else []
+      raise FileNotFoundError(f'{file}: qrels file not found (splits in {folder}: '
+                              f'{", ".join(have) or "none"})')
+  elif not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: qrels file not found')
+  qrels = sources.read_qrels(path, split)
+  if not qrels:
+    raise ValueError(f'{file if split is not None else path}: no judgements')
+  return qrels
+
+
+def _check(run: Mapping, qrels: Mapping) -> None:
+  if not qrels:
+    raise ValueError('the qrels are empty')
+  if not run:
+    raise ValueError('the run is empty')
+  if not set(run) & set(qrels):
+    raise ValueError(f'none of the {len(run)} queries of the run has qrels (run ids such as '
+                     f'{next(iter(run))!r}, qrels ids such as {next(iter(qrels))!r})')
+
+
+def evaluate(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES
+             ) -> dict[str, float]:
+  """{measure name: mean over the qrels' queries}."""
+  import ir_measures
+  parsed = parse_measures(measures)
+  _check(run, qrels)
+  results = ir_measures.calc_aggregate(parsed, qrels, run)
+  return {str(m): float(results[m]) for m in parsed}
+
+
+def evaluate_per_query(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES
+                       ) -> dict[str, dict[str, float]]:
+  """{measure name: {query id: value}} for the queries ir_measures scores."""
+  import ir_measures
+  parsed = parse_measures(measures)
+  _check(run, qrels)
+  out: dict[str, dict[str, float]] = {str(m): {} for m in parsed}
+  for metric in ir_measures.iter_calc(parsed, qrels, run):
+    out[str(metric.measure)][metric.query_id] = float(metric.value)
+  return out
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
+  """A plain-text table: one row per run (name), one column per measure."""
+  measures = list(dict.fromkeys(m for row in rows.values() for m in row))
+  header = ['run'] + measures
+  body = [[name] + [f'{row[m]:.{digits}f}' if m in row else '-' for m in measures]
+          for name, row in rows.items()]
+  widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+  line = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths)))
+  return '\n'.join([line(header), line(['-' * w for w in widths])] + [line(r) for r in body])
+
+
+def evaluate_beir(model, params, tokenizer, corpus_ids: Sequence[str],
+                  corpus_texts: Sequence[str], queries: Mapping[str, str], qrels: Qrels,
+                  query_length: int, doc_length: int,
+                  measures: Sequence[str] = DEFAULT_MEASURES, batch_size: int = 64,
+                  exclude_identical_ids: bool = False) -> dict[str, float]:
+  """Encodes corpus and queries in memory, retrieves exactly, and evaluates.
+
+  Only the queries that have qrels are encoded (as BEIR does); each must be in
+  `queries`. Documents go through the right tower, queries the left.
+  """
+  from t5dual import export, retrieval
+  missing = [q for q in qrels if q not in queries]
+  if missing:
+    raise ValueError(f'{len(missing)} qrels queries have no text, first: {missing[0]!r}')
+  qids = [q for q in queries if q in qrels]
+  export.validate_corpus(list(corpus_ids), list(corpus_texts), 'corpus')
+  export.validate_corpus(qids, [queries[q] for q in qids], 'queries')
+  docs = export.encode_texts(export.make_encode_fn(model, params, 'right'), tokenizer,
+                             corpus_texts, doc_length, batch_size)
+  query_vecs = export.encode_texts(export.make_encode_fn(model, params, 'left'), tokenizer,
+                                   [queries[q] for q in qids], query_length, batch_size)
+  k = search_depth(measures)
+  scores, index = retrieval.exact_search(query_vecs, docs, k + int(exclude_identical_ids))
+  run = retrieval.to_run(qids, list(corpus_ids), scores, index, k, exclude_identical_ids)
+  return evaluate(run, qrels, measures)

@@ -1,0 +1,587 @@
+"""Sharded, resumable export of embeddings for a whole corpus.
+
+The corpus (ids + texts, in input order) is cut into shards of `shard_size`
+consecutive rows; shard n holds rows n*shard_size .. and is written by
+process n % process_count, so each host of a multi-host run writes its own
+shards. Inside a shard the texts are sorted by token length and batched, each
+batch padded only to the smallest bucket length that fits it, and the vectors
+are put back into input order before the shard is written.
+
+Layout of an export directory (shard n of N):
+
+  plan.json                           what is exported; checked when resuming
+  embeddings-0000n-of-0000N.npy       [rows, dim] float16 / float32, memory-mappable
+  ids-0000n-of-0000N.txt              the ids of those rows, one per line
+  embeddings-0000n-of-0000N.parquet   (optional) columns id, vector
+  shard-0000n-of-0000N.json           written last: the shard is complete
+  manifest.json                       plan + every shard's count and sha256
+
+Each file is written under a temporary name and renamed, and the shard's json
+is written after its data files, so an export killed at any moment resumes
+from the last complete shard and ends with exactly one vector per id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+
+from t5dual.t5 import EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+FORMAT = 't5dual.embeddings/1'
+PLAN = 'plan.json'
+MANIFEST = 'manifest.json'
+DTYPES = ('float16', 'float32')
+TOWERS = ('left', 'right')
+
+EncodeFn = Callable[[np.ndarray], np.ndarray]
+
+
+class ExportError(ValueError):
+  """Bad input to an export, or an export directory that is incomplete or corrupt."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+def validate_corpus(ids: Sequence[str], texts: Sequence[str], what: str = 'corpus',
+                    allow_empty: bool = False) -> None:
+  """Raises ExportError on duplicate or malformed ids and (unless allowed) empty texts."""
+  if len(ids) != len(texts):
+    raise ExportError(f'{what}: {len(ids)} ids but {len(texts)} texts')
+  if not ids:
+    raise ExportError(f'{what}: nothing to encode (0 ids)')
+  seen: dict[str, int] = {}
+  for pos, doc_id in enumerate(ids):
+    if not isinstance(doc_id, str) or not doc_id or any(c.isspace() for c in doc_id):
+      raise ExportError(f'{what}: id {doc_id!r} at position {pos} must be a non-empty string '
+                        'without whitespace (TREC run files are whitespace-separated)')
+    if doc_id in seen:
+      raise ExportError(f'{what}: duplicate id {doc_id!r} at positions {seen[doc_id]} and {pos}')
+    seen[doc_id] = pos
+  for pos, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ExportError(f'{what}: text of id {ids[pos]!r} (position {pos}) is '
+                        f'{type(text).__name__}, not str')
+  if not allow_empty:
+    empty = [pos for pos, text in enumerate(texts) if not text.strip()]
+    if empty:
+      shown = ', '.join(f'{ids[p]!r} (position {p})' for p in empty[:5])
+      raise ExportError(f'{what}: {len(empty)} empty text(s), first: {shown}; drop them or '
+                        'pass allow_empty=True to encode them as an empty sequence')
+
+
+def _join_fields(record: dict, text_fields: Sequence[str], where: str) -> str:
+  parts = []
+  for field in text_fields:
+    value = record.get(field)
+    if isinstance(value, bytes):
+      value = value.decode('utf-8')
+    if value is None:
+      continue
+    if not isinstance(value, str):
+      raise ExportError(f'{where}: field {field!r} is {type(value).__name__}, not text')
+    if value.strip():
+      parts.append(value.strip())
+  if not any(f in record for f in text_fields):
+    raise ExportError(f'{where}: none of the text fields {list(text_fields)} is present')
+  return ' '.join(parts)
+
+
+def _id_of(record: dict, id_field: Optional[str], default: str, where: str) -> str:
+  if not id_field:
+    return default
+  value = record.get(id_field)
+  if isinstance(value, bytes):
+    value = value.decode('utf-8')
+  if isinstance(value, (int, np.integer)):
+    value = str(value)
+  if not isinstance(value, str):
+    raise ExportError(f'{where}: missing or non-string id field {id_field!r}')
+  return value
+
+
+def read_jsonl_corpus(path: str, id_field: str = '_id',
+                      text_fields: Sequence[str] = ('title', 'text')
+                      ) -> tuple[list[str], list[str]]:
+  """(ids, texts) of a JSONL file; texts join the non-empty `text_fields` with a space.
+
+  Duplicate ids are reported with both line numbers; empty texts are left to
+  `validate_corpus`.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: file not found')
+  ids, texts, seen = [], [], {}
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f'{path}:{lineno}'
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ExportError(f'{where}: not valid JSON ({e.msg})') from None
+      if not isinstance(record, dict):
+        raise ExportError(f'{where}: expected a JSON object')
+      doc_id = _id_of(record, id_field, str(len(ids)), where)
+      if doc_id in seen:
+        raise ExportError(f'{where}: duplicate id {doc_id!r} (first on line {seen[doc_id]})')
+      seen[doc_id] = lineno
+      ids.append(doc_id)
+      texts.append(_join_fields(record, text_fields, where))
+  return ids, texts
+
+
+def read_tf_dataset(dataset, id_field: Optional[str], text_fields: Sequence[str],
+                    name: str) -> tuple[list[str], list[str]]:
+  """(ids, texts) of a tf.data dataset of dicts (TFDS split, seqio task source).
+
+  Without `id_field` (or when the examples lack it) the ids are row numbers.
+  """
+  ids, texts, seen = [], [], {}
+  for row, example in enumerate(dataset.as_numpy_iterator()):
+    where = f'{name} example {row}'
+    field = id_field if id_field and id_field in example else None
+    doc_id = _id_of(example, field, str(row), where)
+    if doc_id in seen:
+      raise ExportError(f'{where}: duplicate id {doc_id!r} (first in example {seen[doc_id]})')
+    seen[doc_id] = row
+    ids.append(doc_id)
+    texts.append(_join_fields(example, text_fields, where))
+  return ids, texts
+
+
+def _sha256_strings(strings: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for s in strings:
+    b = s.encode('utf-8')
+    h.update(len(b).to_bytes(8, 'little'))
+    h.update(b)
+  return h.hexdigest()
+
+
+def _sha256_file(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+# --------------------------------------------------------------------------- encoding
+
+def make_encode_fn(model, params, side: str, devices: Optional[Sequence[jax.Device]] = None
+                   ) -> EncodeFn:
+  """numpy ids [B, L] -> numpy float32 [B, D] with `model.encode`, data-parallel over devices.
+
+  The batch is split over `devices` (default: this process's local devices);
+  `encode.batch_multiple` tells callers what the batch size must divide by.
+  """
+  if side not in TOWERS:
+    raise ValueError(f'side must be one of {TOWERS}, got {side!r}')
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = list(devices or jax.local_devices())
+  mesh = Mesh(np.asarray(devices), ('batch',))
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('batch'))
+  params = jax.device_put(params, replicated)
+  fn = _jitted_encode(model, side, split)
+
+  def encode(ids: np.ndarray) -> np.ndarray:
+    return np.asarray(fn(params, jax.device_put(np.asarray(ids, np.int32), split)),
+                      np.float32)
+
+  encode.batch_multiple = len(devices)
+  return encode
+
+
+_ENCODERS: dict = {}
+
+
+def _jitted_encode(model, side: str, out_sharding):
+  """One jitted encoder per (model class and config, tower, sharding), so that every
+  `make_encode_fn` call reuses its compilations (e.g. evaluating before and after
+  training, or several restores of one model)."""
+  key = (type(model), model.config, side, out_sharding)
+  if key not in _ENCODERS:
+    _ENCODERS[key] = jax.jit(functools.partial(model.encode, side=side),
+                             out_shardings=out_sharding)
+  return _ENCODERS[key]
+
+
+def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+  """Powers of two from `smallest` below `max_length`, then `max_length`."""
+  buckets, b = [], smallest
+  while b < max_length:
+    buckets.append(b)
+    b *= 2
+  return tuple(buckets) + (max_length,)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def encode_texts(encode_fn: EncodeFn, tokenizer, texts: Sequence[str], max_length: int,
+                 batch_size: int = 64, buckets: Optional[Sequence[int]] = None,
+                 on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
+  """float32 [len(texts), D] in input order, encoded in length-sorted, bucketed batches.
+
+  Every batch has exactly `batch_size` rows (spare rows hold a lone EOS) and a
+  length from `buckets`, so `encode_fn` compiles once per bucket.
+  """
+  buckets = sorted(set(buckets or default_buckets(max_length)) | {max_length})
+  buckets = [b for b in buckets if b <= max_length]
+  batch_size = _round_up(batch_size, getattr(encode_fn, 'batch_multiple', 1))
+  tokens = tokenizer.encode(list(texts), max_length)
+  lengths = (tokens != PAD_ID).sum(axis=1)
+  order = np.argsort(lengths, kind='stable')
+  out: Optional[np.ndarray] = None
+  for start in range(0, len(order), batch_size):
+    rows = order[start:start + batch_size]
+    width = next(b for b in buckets if b >= lengths[rows].max())
+    batch = np.zeros((batch_size, width), np.int32)
+    batch[:, 0] = EOS_ID
+    batch[:len(rows)] = tokens[rows, :width]
+    vectors = np.asarray(encode_fn(batch))[:len(rows)]
+    if out is None:
+      out = np.empty((len(texts), vectors.shape[1]), np.float32)
+    out[rows] = vectors
+    if on_batch is not None:
+      on_batch(len(rows))
+  assert out is not None
+  return out
+
+
+# --------------------------------------------------------------------------- files
+
+def shard_names(index: int, num_shards: int) -> dict[str, str]:
+  tag = f'{index:05d}-of-{num_shards:05d}'
+  return {'embeddings': f'embeddings-{tag}.npy', 'ids': f'ids-{tag}.txt',
+          'parquet': f'embeddings-{tag}.parquet', 'done': f'shard-{tag}.json'}
+
+
+def _write_atomic(path: str, write: Callable, tmp_suffix: str = '.tmp') -> None:
+  """`write(tmp_path)` then fsync and rename, so `path` is either absent or complete."""
+  tmp = path + tmp_suffix
+  write(tmp)
+  with open(tmp, 'rb') as f:
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: dict, tmp_suffix: str = '.tmp') -> None:
+  def write(tmp):
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+      f.write('\n')
+  _write_atomic(path, write, tmp_suffix)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ExportError(f'{path}: not valid JSON ({e.msg})') from None
+
+
+def _write_parquet(path: str, ids: Sequence[str], vectors: np.ndarray) -> None:
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ImportError('parquet output needs pyarrow: pip install pyarrow') from None
+  values = pa.array(vectors.reshape(-1))
+  table = pa.table({'id': pa.array(list(ids), pa.string()),
+                    'vector': pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
+  _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _shard_complete(out_dir: str, record_path: str, verify: bool) -> Optional[dict]:
+  """The shard's record if it and its files are intact, else None."""
+  if not os.path.exists(record_path):
+    return None
+  record = _read_json(record_path)
+  for key in ('embeddings', 'ids', 'parquet'):
+    if key not in record:
+      continue
+    path = os.path.join(out_dir, record[key])
+    if not os.path.exists(path):
+      log.warning('%s: %s is missing; re-encoding the shard', record_path, record[key])
+      return None
+    if verify and _sha256_file(path) != record[key + '_sha256']:
+      log.warning('%s: checksum of %s differs; re-encoding the shard', record_path, record[key])
+      return None
+  return record
+
+
+# --------------------------------------------------------------------------- export
+
+@dataclasses.dataclass
+class ExportOptions:
+  max_length: int
+  tower: str
+  batch_size: int = 64
+  shard_size: int = 50_000
+  dtype: str = 'float16'
+  buckets: Optional[Sequence[int]] = None
+  parquet: bool = False
+  allow_empty: bool = False
+  progress: bool = True
+
+
+def make_plan(ids: Sequence[str], texts: Sequence[str], options: ExportOptions,
+              model_info: Optional[dict] = None, step: Optional[int] = None) -> dict:
+  """What an export directory holds; two runs may only share a directory with equal plans."""
+  if options.dtype not in DTYPES:
+    raise ExportError(f'dtype must be one of {DTYPES}, got {options.dtype!r}')
+  if options.tower not in TOWERS:
+    raise ExportError(f'tower must be one of {TOWERS} (left = queries, right = documents), '
+                      f'got {options.tower!r}')
+  if options.shard_size < 1:
+    raise ExportError(f'shard_size must be positive, got {options.shard_size}')
+  return {
+      'format': FORMAT,
+      'model': model_info or {},
+      'step': step,
+      'tower': options.tower,
+      'dtype': options.dtype,
+      'max_length': options.max_length,
+      'count': len(ids),
+      'shard_size': options.shard_size,
+      'num_shards': _round_up(len(ids), options.shard_size) // options.shard_size,
+      'ids_sha256': _sha256_strings(ids),
+      'texts_sha256': _sha256_strings(texts),
+      'parquet': options.parquet,
+  }
+
+
+def _check_plan(out_dir: str, plan: dict, process_index: int) -> None:
+  """Writes plan.json, or checks that the one there is the same (processes may race)."""
+  path = os.path.join(out_dir, PLAN)
+  if os.path.exists(path):
+    old = _read_json(path)
+    if old != json.loads(json.dumps(plan)):
+      diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+      raise ExportError(f'{out_dir} holds a different export (differs in: {", ".join(diff)}); '
+                        'use a new directory or delete it')
+  else:
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(path, plan, tmp_suffix=f'.tmp{process_index}')
+
+
+def export_embeddings(encode_fn: EncodeFn, tokenizer, ids: Sequence[str],
+                      texts: Sequence[str], out_dir: str, options: ExportOptions,
+                      model_info: Optional[dict] = None, step: Optional[int] = None,
+                      process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> Optional[dict]:
+  """Encodes this process's shards that are not complete yet; returns the manifest.
+
+  `process_index` / `process_count` default to JAX's. The manifest is written
+  (and returned) once every shard of every process is complete; on a real
+  multi-host run the processes wait for each other and process 0 writes it.
+  Otherwise None is returned (other simulated processes still have work).
+  """
+  validate_corpus(ids, texts, 'export input', options.allow_empty)
+  multihost = process_index is None and jax.process_count() > 1
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ExportError(f'process_index {process_index} not in [0, {process_count})')
+  plan = make_plan(ids, texts, options, model_info, step)
+  _check_plan(out_dir, plan, process_index)
+  num_shards, size = plan['num_shards'], options.shard_size
+  mine = range(process_index, num_shards, process_count)
+
+  todo = []
+  for n in mine:
+    names = shard_names(n, num_shards)
+    if _shard_complete(out_dir, os.path.join(out_dir, names['done']), verify=True) is None:
+      todo.append(n)
+  total = sum(min(size, len(ids) - n * size) for n in mine)
+  remaining = sum(min(size, len(ids) - n * size) for n in todo)
+  bar = _progress(total, total - remaining, options, process_index)
+  try:
+    for n in todo:
+      start, stop = n * size, min((n + 1) * size, len(ids))
+      vectors = encode_texts(encode_fn, tokenizer, texts[start:stop], options.max_length,
+                             options.batch_size, options.buckets, on_batch=bar.update)
+      _write_shard(out_dir, n, num_shards, start, list(ids[start:stop]),
+                   vectors.astype(options.dtype), options.parquet, process_index)
+  finally:
+    bar.close()
+
+  if multihost:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('t5dual.export: shards written')
+    if process_index == 0:
+      finalize(out_dir)
+    multihost_utils.sync_global_devices('t5dual.export: manifest written')
+    return load_manifest(out_dir)
+  if all(os.path.exists(os.path.join(out_dir, shard_names(n, num_shards)['done']))
+         for n in range(num_shards)):
+    return finalize(out_dir)
+  return None
+
+
+def _progress(total: int, initial: int, options: ExportOptions, process_index: int):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, unit='doc', unit_scale=total >= 100_000,
+              smoothing=0.1, desc=f'export {options.tower} tower (process {process_index})',
+              disable=not options.progress)
+
+
+def _write_shard(out_dir: str, index: int, num_shards: int, start: int, ids: list[str],
+                 vectors: np.ndarray, parquet: bool, process_index: int) -> dict:
+  names = shard_names(index, num_shards)
+  paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
+
+  def write_ids(tmp):
+    with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
+      f.writelines(i + '\n' for i in ids)
+
+  def write_npy(tmp):
+    with open(tmp, 'wb') as f:
+      np.save(f, np.ascontiguousarray(vectors))
+
+  _write_atomic(paths['ids'], write_ids)
+  _write_atomic(paths['embeddings'], write_npy)
+  record = {'index': index, 'start': start, 'count': len(ids), 'dim': int(vectors.shape[1]),
+            'process_index': process_index,
+            'embeddings': names['embeddings'],
+            'embeddings_sha256': _sha256_file(paths['embeddings']),
+            'ids': names['ids'], 'ids_sha256': _sha256_file(paths['ids'])}
+  if parquet:
+    _write_parquet(paths['parquet'], ids, vectors)
+    record.update(parquet=names['parquet'], parquet_sha256=_sha256_file(paths['parquet']))
+  _write_json(paths['done'], record)
+  return record
+
+
+def finalize(out_dir: str) -> dict:
+  """Checks that every shard is complete and the ids add up, then writes manifest.json."""
+  plan = _read_json(os.path.join(out_dir, PLAN))
+  shards, ids = [], []
+  for n in range(plan['num_shards']):
+    names = shard_names(n, plan['num_shards'])
+    record = _shard_complete(out_dir, os.path.join(out_dir, names['done']), verify=False)
+    if record is None:
+      raise ExportError(f'{out_dir}: shard {n} of {plan["num_shards"]} is not complete; '
+                        'run the export again to finish it')
+    shards.append(record)
+    ids += _read_ids(os.path.join(out_dir, record['ids']))
+  dims = {s['dim'] for s in shards}
+  if len(dims) != 1:
+    raise ExportError(f'{out_dir}: shards disagree on the dimension: {sorted(dims)}')
+  if len(ids) != plan['count'] or _sha256_strings(ids) != plan['ids_sha256']:
+    raise ExportError(f'{out_dir}: the shards hold {len(ids)} ids that do not match the '
+                      f'{plan["count"]} ids of the plan')
+  manifest = dict(plan, dimension=dims.pop(), shards=shards)
+  _write_json(os.path.join(out_dir, MANIFEST), manifest)
+  return manifest
+
+
+# --------------------------------------------------------------------------- reading
+
+def _read_ids(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as f:
+    return f.read().splitlines()
+
+
+def load_manifest(out_dir: str) -> dict:
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.exists(path):
+    detail = ('the export is incomplete; run it again to finish'
+              if os.path.exists(os.path.join(out_dir, PLAN)) else 'not an embeddings export')
+    raise ExportError(f'{path} not found: {detail}')
+  manifest = _read_json(path)
+  if manifest.get('format') != FORMAT:
+    raise ExportError(f'{path}: unknown format {manifest.get("format")!r}, expected {FORMAT!r}')
+  return manifest
+
+
+@dataclasses.dataclass
+class Embeddings:
+  """An export opened for reading: ids and memory-mapped shards, in input order."""
+
+  path: str
+  manifest: dict
+  ids: list[str]
+  shards: list[np.ndarray]
+
+  @classmethod
+  def from_arrays(cls, arrays) -> 'Embeddings':
+    """In-memory vectors (one array or a list of [rows, dim] arrays), without ids."""
+    arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+    return cls('<memory>', {'dimension': arrays[0].shape[1]}, [], arrays)
+
+  @property
+  def count(self) -> int:
+    return sum(len(s) for s in self.shards)
+
+  @property
+  def dim(self) -> int:
+    return self.manifest['dimension']
+
+  def to_numpy(self, dtype=np.float32) -> np.ndarray:
+    return np.concatenate([np.asarray(s, dtype) for s in self.shards], axis=0)
+
+  def take(self, rows: Sequence[int], dtype=np.float32) -> np.ndarray:
+    """The vectors of the given rows (any order), reading only those from the shards."""
+    rows = np.asarray(rows, np.int64)
+    out = np.empty((len(rows), self.dim), dtype)
+    start = 0
+    for shard in self.shards:
+      sel = np.flatnonzero((rows >= start) & (rows < start + len(shard)))
+      out[sel] = shard[rows[sel] - start]
+      start += len(shard)
+    return out
+
+  def chunks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, [<= size, dim] array) pieces covering all rows; pieces span shards."""
+    offset, parts, have = 0, [], 0
+    for shard in self.shards:
+      pos = 0
+      while pos < len(shard):
+        take = min(size - have, len(shard) - pos)
+        parts.append(shard[pos:pos + take])
+        have, pos = have + take, pos + take
+        if have == size:
+          yield offset, np.concatenate(parts, axis=0)
+          offset, parts, have = offset + size, [], 0
+    if parts:
+      yield offset, np.concatenate(parts, axis=0)
+
+
+def open_embeddings(out_dir: str, verify_checksums: bool = False) -> Embeddings:
+  """Opens a complete export; checks shapes, dtype, counts and (optionally) sha256s."""
+  manifest = load_manifest(out_dir)
+  ids, shards = [], []
+  for record in manifest['shards']:
+    path = os.path.join(out_dir, record['embeddings'])
+    for key in ('embeddings', 'ids'):
+      file = os.path.join(out_dir, record[key])
+      if not os.path.exists(file):
+        raise ExportError(f'{file} is listed in the manifest but missing')
+      if verify_checksums and _sha256_file(file) != record[key + '_sha256']:
+        raise ExportError(f'{file}: sha256 differs from the manifest (file corrupt or replaced)')
+    array = np.load(path, mmap_mode='r')
+    expected = (record['count'], manifest['dimension'])
+    if array.shape != expected or array.dtype != np.dtype(manifest['dtype']):
+      raise ExportError(f'{path}: {array.dtype}{list(array.shape)}, manifest says '
+                        f'{manifest["dtype"]}{list(expected)}')
+    shard_ids = _read_ids(os.path.join(out_dir, record['ids']))
+    if len(shard_ids) != record['count']:
+      raise ExportError(f'{record["ids"]}: {len(shard_ids)} ids for {record["count"]} vectors')
+    ids += shard_ids
+    shards.append(array)
+  if len(ids) != manifest['count'] or len(set(ids)) != len(ids):
+    raise ExportError(f'{out_dir}: {len(ids)} ids ({len(set(ids))} distinct), manifest says '
+                      f'{manifest["count"]}')
+  return Embeddings(out_dir, manifest, ids, shards)

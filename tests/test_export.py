@@ -1,0 +1,285 @@
+"""Sharded, bucketed, resumable embedding export (t5dual/export.py)."""
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+
+from t5dual import export, models, t5, vocab
+from t5dual.data import demo, sources
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OPTIONS = dict(max_length=32, tower='right', batch_size=8, shard_size=40, buckets=(8, 16, 32),
+               progress=False)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  """A generated BEIR folder (120 docs), its vocabulary and a tiny random SDE model."""
+  root = tmp_path_factory.mktemp('export')
+  folder = str(root / 'beir')
+  demo.write_demo_beir(folder, num_docs=120, num_concepts=40)
+  tok = vocab.Tokenizer(vocab.train_sentencepiece(demo.demo_texts(folder), str(root / 'spm'),
+                                                  300))
+  ids, texts = sources.read_beir_corpus(folder)
+  # Short, medium and long documents, so that the length buckets 8, 16, 32 are all used.
+  texts = [' '.join(t.split()[:2]) if i % 3 == 0 else t if i % 3 == 1 else f'{t} {t} {t}'
+           for i, t in enumerate(texts)]
+  model = models.DualEncoderModel(models.DualEncoderConfig(
+      t5=t5.t5_config('tiny', dtype='float32', vocab_size=tok.vocab_size), projection_dim=16))
+  params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
+  encode = export.make_encode_fn(model, params, 'right')
+  return dict(root=root, tok=tok, ids=ids, texts=texts, model=model, params=params,
+              encode=encode)
+
+
+class CountingEncoder:
+  """Wraps an encode function; records batch shapes and can fail on the n-th call."""
+
+  def __init__(self, encode, fail_at=None):
+    self.encode, self.fail_at, self.shapes = encode, fail_at, []
+
+  def __call__(self, ids):
+    if self.fail_at is not None and len(self.shapes) == self.fail_at:
+      raise KeyboardInterrupt('injected interruption')
+    self.shapes.append(ids.shape)
+    return self.encode(ids)
+
+
+def numpy_encoder(vocab_size, dim=8):
+  """A deterministic NumPy 'model': mean of fixed random token vectors, normalised."""
+  table = np.random.default_rng(0).normal(size=(vocab_size, dim)).astype(np.float32)
+
+  def encode(ids):
+    mask = (ids != 0)[..., None]
+    pooled = (table[ids] * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+  return encode
+
+
+def files(folder):
+  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
+
+
+def test_export_matches_direct_encoding_in_input_order(setup, tmp_path):
+  encoder = CountingEncoder(setup['encode'])
+  opts = export.ExportOptions(dtype='float32', **OPTIONS)
+  manifest = export.export_embeddings(encoder, setup['tok'], setup['ids'], setup['texts'],
+                                      str(tmp_path), opts, model_info={'name': 'tiny'}, step=7)
+  emb = export.open_embeddings(str(tmp_path), verify_checksums=True)
+  assert emb.ids == setup['ids']
+  tokens = setup['tok'].encode(setup['texts'], 32)
+  direct = np.asarray(jax.jit(setup['model'].encode, static_argnames='side')(
+      setup['params'], tokens, side='right'))
+  np.testing.assert_allclose(emb.to_numpy(), direct, atol=2e-6)
+
+  # Bucketing: each shard's texts are sorted by token length and every batch of 8
+  # is padded to the smallest bucket that holds its longest text.
+  lengths = (tokens != 0).sum(1)
+  expected = []
+  for start in range(0, 120, 40):
+    ordered = np.sort(lengths[start:start + 40])
+    expected += [(8, min(b for b in (8, 16, 32) if b >= ordered[i:i + 8].max()))
+                 for i in range(0, 40, 8)]
+  assert encoder.shapes == expected
+  assert {w for _, w in expected} == {8, 16, 32}
+
+  # Manifest: model, step, tower, dimension, dtype, count and checksum per shard.
+  assert manifest == json.loads((tmp_path / 'manifest.json').read_text())
+  assert (manifest['model'], manifest['step'], manifest['tower']) == ({'name': 'tiny'}, 7, 'right')
+  assert (manifest['dimension'], manifest['dtype'], manifest['count']) == (16, 'float32', 120)
+  assert [s['count'] for s in manifest['shards']] == [40, 40, 40]
+  for shard in manifest['shards']:
+    for key in ('embeddings', 'ids'):
+      data = (tmp_path / shard[key]).read_bytes()
+      assert hashlib.sha256(data).hexdigest() == shard[key + '_sha256']
+  assert np.load(tmp_path / manifest['shards'][1]['embeddings'], mmap_mode='r').shape == (40, 16)
+  assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_float16_and_parquet(setup, tmp_path):
+  pq = pytest.importorskip('pyarrow.parquet')
+  encode = numpy_encoder(setup['tok'].vocab_size)
+  full = export.export_embeddings(encode, setup['tok'], setup['ids'], setup['texts'],
+                                  str(tmp_path / 'f32'), export.ExportOptions(
+                                      dtype='float32', **OPTIONS))
+  half = export.export_embeddings(encode, setup['tok'], setup['ids'], setup['texts'],
+                                  str(tmp_path / 'f16'), export.ExportOptions(
+                                      dtype='float16', parquet=True, **OPTIONS))
+  assert half['dtype'] == 'float16' and full['dtype'] == 'float32'
+  f32 = export.open_embeddings(str(tmp_path / 'f32')).to_numpy()
+  f16 = export.open_embeddings(str(tmp_path / 'f16'))
+  assert f16.shards[0].dtype == np.float16
+  np.testing.assert_array_equal(f16.to_numpy(np.float16), f32.astype(np.float16))
+  table = pq.read_table(tmp_path / 'f16' / half['shards'][2]['parquet'])
+  assert table.column('id').to_pylist() == setup['ids'][80:]
+  np.testing.assert_array_equal(np.array(table.column('vector').to_pylist(), np.float16),
+                                f16.shards[2])
+
+
+def test_interrupted_export_resumes_to_identical_files(setup, tmp_path):
+  opts = export.ExportOptions(**OPTIONS)
+  args = (setup['tok'], setup['ids'], setup['texts'])
+  export.export_embeddings(setup['encode'], *args, str(tmp_path / 'whole'), opts)
+
+  # Interrupted in the middle of shard 1 (each shard needs 5 batches).
+  broken = CountingEncoder(setup['encode'], fail_at=7)
+  with pytest.raises(KeyboardInterrupt):
+    export.export_embeddings(broken, *args, str(tmp_path / 'resumed'), opts)
+  done = sorted(p.name for p in (tmp_path / 'resumed').glob('shard-*.json'))
+  assert done == ['shard-00000-of-00003.json']
+  with pytest.raises(export.ExportError, match='incomplete'):
+    export.open_embeddings(str(tmp_path / 'resumed'))
+
+  again = CountingEncoder(setup['encode'])
+  export.export_embeddings(again, *args, str(tmp_path / 'resumed'), opts)
+  assert len(again.shapes) == 10  # shards 1 and 2 only
+  assert files(tmp_path / 'resumed') == files(tmp_path / 'whole')
+
+  # A complete export is not re-encoded; a corrupted shard is detected and redone.
+  shard = tmp_path / 'resumed' / 'embeddings-00002-of-00003.npy'
+  data = bytearray(shard.read_bytes())
+  data[-1] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  with pytest.raises(export.ExportError, match='sha256'):
+    export.open_embeddings(str(tmp_path / 'resumed'), verify_checksums=True)
+  third = CountingEncoder(setup['encode'])
+  export.export_embeddings(third, *args, str(tmp_path / 'resumed'), opts)
+  assert len(third.shapes) == 5
+  assert files(tmp_path / 'resumed') == files(tmp_path / 'whole')
+
+
+KILLED_EXPORT = textwrap.dedent('''
+    import json, os, signal, sys
+    sys.path.insert(0, {test_dir!r})
+    from test_export import numpy_encoder
+    from t5dual import export, vocab
+    tok = vocab.Tokenizer({spm!r})
+    ids, texts = json.load(open({corpus!r}))
+    real_replace, npy_renames = os.replace, []
+    def replace(src, dst):
+      if dst.endswith('.npy'):
+        npy_renames.append(dst)
+        if len(npy_renames) == 3:  # the third shard's vectors are written, not yet renamed
+          os.kill(os.getpid(), signal.SIGKILL)
+      real_replace(src, dst)
+    os.replace = replace
+    export.export_embeddings(numpy_encoder(tok.vocab_size), tok, ids, texts, {out!r},
+                             export.ExportOptions(**{options!r}))
+''')
+
+
+def test_killed_process_resumes_to_identical_files(setup, tmp_path):
+  options = dict(OPTIONS, shard_size=25, dtype='float32', parquet=True)
+  corpus = tmp_path / 'corpus.json'
+  corpus.write_text(json.dumps([setup['ids'], setup['texts']]))
+  script = KILLED_EXPORT.format(test_dir=str(REPO / 'tests'), spm=setup['tok'].path,
+                                corpus=str(corpus), out=str(tmp_path / 'killed'),
+                                options=options)
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  killed = tmp_path / 'killed'
+  assert sorted(p.name for p in killed.glob('shard-*.json')) == [
+      'shard-00000-of-00005.json', 'shard-00001-of-00005.json']
+  assert (killed / 'embeddings-00002-of-00005.npy.tmp').exists()
+  assert not (killed / 'manifest.json').exists()
+
+  encode = numpy_encoder(setup['tok'].vocab_size)
+  args = (setup['tok'], setup['ids'], setup['texts'])
+  opts = export.ExportOptions(**options)
+  export.export_embeddings(encode, *args, str(tmp_path / 'whole'), opts)
+  manifest = export.export_embeddings(encode, *args, str(killed), opts)
+  assert manifest['count'] == 120 and len(manifest['shards']) == 5
+  assert files(killed) == files(tmp_path / 'whole')
+
+
+def test_processes_write_their_own_shards(setup, tmp_path):
+  encode = numpy_encoder(setup['tok'].vocab_size)
+  opts = export.ExportOptions(**dict(OPTIONS, shard_size=25))
+  args = (encode, setup['tok'], setup['ids'], setup['texts'])
+  export.export_embeddings(*args, str(tmp_path / 'one'), opts)
+  multi = str(tmp_path / 'multi')
+  assert export.export_embeddings(*args, multi, opts, process_index=1, process_count=2) is None
+  assert sorted(p.name for p in pathlib.Path(multi).glob('shard-*')) == [
+      'shard-00001-of-00005.json', 'shard-00003-of-00005.json']
+  manifest = export.export_embeddings(*args, multi, opts, process_index=0, process_count=2)
+  assert [s['process_index'] for s in manifest['shards']] == [0, 1, 0, 1, 0]
+  one, two = files(tmp_path / 'one'), files(multi)
+  assert one.keys() == two.keys()
+  assert all(one[k] == two[k] for k in one if k.startswith(('embeddings-', 'ids-')))
+  assert export.open_embeddings(multi).ids == setup['ids']
+
+
+def test_bad_inputs_give_clear_errors(setup, tmp_path):
+  tok, encode = setup['tok'], numpy_encoder(setup['tok'].vocab_size)
+  opts = export.ExportOptions(**OPTIONS)
+  run = lambda ids, texts, out='x', o=opts: export.export_embeddings(
+      encode, tok, ids, texts, str(tmp_path / out), o)
+  with pytest.raises(export.ExportError, match=r"duplicate id 'b' at positions 1 and 3"):
+    run(['a', 'b', 'c', 'b'], ['w', 'x', 'y', 'z'])
+  with pytest.raises(export.ExportError, match=r"2 empty text\(s\), first: 'b' \(position 1\)"):
+    run(['a', 'b', 'c'], ['w', '', '  '])
+  with pytest.raises(export.ExportError, match='without whitespace'):
+    run(['a b'], ['text'])
+  with pytest.raises(export.ExportError, match='2 ids but 1 texts'):
+    run(['a', 'b'], ['text'])
+  with pytest.raises(export.ExportError, match='dtype must be one of'):
+    run(['a'], ['text'], o=export.ExportOptions(**dict(OPTIONS, dtype='int8')))
+  with pytest.raises(export.ExportError, match='tower must be one of'):
+    run(['a'], ['text'], o=export.ExportOptions(**dict(OPTIONS, tower='query')))
+  allowed = export.ExportOptions(**dict(OPTIONS, allow_empty=True))
+  assert run(['a', 'b'], ['text', ''], 'empty', allowed)['count'] == 2
+
+  # A directory holding another export is never mixed with a new one.
+  run(['a', 'b'], ['one', 'two'], 'taken')
+  with pytest.raises(export.ExportError, match='different export.*texts_sha256'):
+    run(['a', 'b'], ['one', 'three'], 'taken')
+  with pytest.raises(export.ExportError, match='not an embeddings export'):
+    export.open_embeddings(str(tmp_path))
+
+
+def test_jsonl_and_tf_dataset_readers(tmp_path):
+  path = tmp_path / 'docs.jsonl'
+  path.write_text('{"id": "a", "title": "T", "body": "one"}\n\n'
+                  '{"id": 7, "body": "two"}\n{"id": "c", "title": "", "body": "three"}\n')
+  assert export.read_jsonl_corpus(str(path), 'id', ['title', 'body']) == (
+      ['a', '7', 'c'], ['T one', 'two', 'three'])
+  path.write_text('{"id": "a", "body": "one"}\n{"id": "a", "body": "two"}\n')
+  with pytest.raises(export.ExportError, match=r"docs.jsonl:2: duplicate id 'a' \(first on line 1"):
+    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  path.write_text('{"id": "a", "body": "one"}\n{"id": "b", "body": "two"\n')
+  with pytest.raises(export.ExportError, match='docs.jsonl:2: not valid JSON'):
+    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  path.write_text('{"body": "one"}\n')
+  with pytest.raises(export.ExportError, match="docs.jsonl:1: missing or non-string id field 'id'"):
+    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  path.write_text('{"id": "a", "text": "one"}\n')
+  with pytest.raises(export.ExportError, match=r"docs.jsonl:1: none of the text fields \['body'\]"):
+    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  with pytest.raises(FileNotFoundError, match='nope.jsonl: file not found'):
+    export.read_jsonl_corpus(str(tmp_path / 'nope.jsonl'))
+
+  class Dataset:  # what read_tf_dataset uses of a tf.data.Dataset
+    def __init__(self, rows):
+      self.rows = rows
+
+    def as_numpy_iterator(self):
+      return iter(self.rows)
+
+  rows = [{'docid': b'x1', 'title': b'Head', 'text': b'body one'},
+          {'docid': b'x2', 'title': b'', 'text': b'body two'}]
+  assert export.read_tf_dataset(Dataset(rows), 'docid', ['title', 'text'], 'ds:test') == (
+      ['x1', 'x2'], ['Head body one', 'body two'])
+  assert export.read_tf_dataset(Dataset(rows), None, ['text'], 'ds:test')[0] == ['0', '1']
+  with pytest.raises(export.ExportError, match="ds:test example 1: duplicate id 'x1'"):
+    export.read_tf_dataset(Dataset([rows[0], rows[0]]), 'docid', ['text'], 'ds:test')

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gin  # noqa: E402
 import jax  # noqa: E402
 
-from t5dual import checkpoints, evaluation, gin_utils, models, train_lib, vocab  # noqa: E402
+from t5dual import evaluation, gin_utils, models, train_lib, vocab  # noqa: E402
 from t5dual.data import demo, sources  # noqa: E402
 
 DEMO_GIN = ['gin/models/sde.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.gin',
@@ -67,15 +67,20 @@ def main(argv):
   gin_utils.call_configured(train_lib.run)
   with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
     f.write(gin.operative_config_str())
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir)
-  after = _evaluate(model, params, tokenizer, data_dir, lengths)
+  # The trained model goes the way of any checkpoint: sharded export of corpus and
+  # queries, exact top-k, a TREC run, metrics (scripts/eval.py run does the same).
+  summary = evaluation.evaluate_checkpoint_on_beir(
+      model_dir, data_dir, 'test', measures=MEASURES,
+      export_options=dict(shard_size=500, dtype='float32', progress=False))
+  after, step = summary['metrics'], summary['step']
 
   print(f'\n[demo] test queries of documents unseen in training, full corpus '
         f'({counts["docs"]} docs), SDE + SamToNe, {step} steps:')
   print(f'{"":>18}' + ''.join(f'{m:>10}' for m in MEASURES))
   for name, res in (('before training', before), ('after training', after)):
     print(f'{name:>18}' + ''.join(f'{res[m]:>10.4f}' for m in MEASURES))
-  print(f'[demo] done in {time.time() - t0:.0f} s; model in {model_dir}')
+  print(f'[demo] done in {time.time() - t0:.0f} s; model in {model_dir}; exports and '
+        f'run in {os.path.dirname(summary["run"])}')
   if after['nDCG@10'] <= before['nDCG@10'] + 0.1:
     raise SystemExit('[demo] training did not improve retrieval: something is wrong')
 

@@ -38,18 +38,6 @@ def _measures(text: str) -> list[str]:
   return names
 
 
-def _beir_queries(folder: str, qrels: dict) -> tuple[list[str], list[str]]:
-  """The queries that have qrels, in queries.jsonl order."""
-  from t5dual.data import sources
-  queries = sources.read_beir_queries(folder)
-  missing = [q for q in qrels if q not in queries]
-  if missing:
-    raise SystemExit(f'{len(missing)} qrels queries are not in {folder}/queries.jsonl, '
-                     f'first: {missing[0]!r}')
-  qids = [q for q in queries if q in qrels]
-  return qids, [queries[q] for q in qids]
-
-
 def _search_kwargs(args) -> dict:
   if args.backend == 'faiss':
     return dict(index=args.faiss_index, nprobe=args.nprobe)
@@ -57,39 +45,18 @@ def _search_kwargs(args) -> dict:
 
 
 def cmd_run(args) -> dict:
-  from t5dual import checkpoints
-  from t5dual.data import sources
-  measures = _measures(args.measures)
-  qrels = evaluation.load_qrels(args.beir, args.split)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      args.model_dir, args.step)
+  summary = evaluation.evaluate_checkpoint_on_beir(
+      args.model_dir, args.beir, args.split, step=args.step, out_dir=args.out_dir,
+      measures=_measures(args.measures), k=args.k, backend=args.backend,
+      exclude_identical_ids=args.exclude_identical_ids, search_kwargs=_search_kwargs(args),
+      export_options=dict(batch_size=args.batch_size, shard_size=args.shard_size,
+                          dtype=args.dtype, allow_empty=args.allow_empty_text,
+                          progress=not args.no_progress),
+      tag=args.tag)
   name = os.path.basename(os.path.normpath(args.beir))
-  out = args.out_dir or os.path.join(args.model_dir, 'eval', f'{name}-{args.split}-{step}')
-  info = checkpoints.read_model_json(args.model_dir)
-  parts = {'corpus': ('right', *sources.read_beir_corpus(args.beir), lengths['targets']),
-           'queries': ('left', *_beir_queries(args.beir, qrels), lengths['inputs'])}
-  embeddings = {}
-  for part, (tower, ids, texts, length) in parts.items():
-    options = export.ExportOptions(
-        max_length=length, tower=tower, batch_size=args.batch_size,
-        shard_size=args.shard_size, dtype=args.dtype, allow_empty=args.allow_empty_text,
-        progress=not args.no_progress)
-    export.export_embeddings(export.make_encode_fn(model, params, tower), tokenizer, ids,
-                             texts, os.path.join(out, part), options, info, step)
-    embeddings[part] = export.open_embeddings(os.path.join(out, part))
-  k = args.k or evaluation.search_depth(measures)
-  run = retrieval.retrieve(embeddings['queries'], embeddings['corpus'], k, args.backend,
-                           args.exclude_identical_ids, **_search_kwargs(args))
-  run_path = os.path.join(out, 'run.trec')
-  retrieval.write_trec_run(run_path, run, args.tag)
-  metrics = evaluation.evaluate(run, qrels, measures)
-  summary = {'model_dir': args.model_dir, 'step': step, 'beir': args.beir,
-             'split': args.split, 'k': k, 'backend': args.backend, 'run': run_path,
-             'metrics': metrics}
-  with open(os.path.join(out, 'metrics.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
-  print(evaluation.format_table({f'{name}/{args.split} step {step}': metrics}))
-  print(f'run: {run_path}')
+  print(evaluation.format_table({f'{name}/{args.split} step {summary["step"]}':
+                                 summary['metrics']}))
+  print(f'run: {summary["run"]}')
   return summary
 
 
@@ -141,7 +108,7 @@ def _diagnose_inputs(model_dir: str, args) -> tuple:
                                                                               args.step)
   qrels = evaluation.load_qrels(args.beir, args.split)
   doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
-  qids, qtexts = _beir_queries(args.beir, qrels)
+  qids, qtexts = evaluation.beir_queries_with_qrels(args.beir, qrels)
   q_rows, d_rows = diagnostics.query_positive_pairs(qids, doc_ids, qrels)
   encode = lambda texts, tower, length: export.encode_texts(
       export.make_encode_fn(model, params, tower), tokenizer, texts, length, args.batch_size)

@@ -134,3 +134,55 @@ def evaluate_beir(model, params, tokenizer, corpus_ids: Sequence[str],
   scores, index = retrieval.exact_search(query_vecs, docs, k + int(exclude_identical_ids))
   run = retrieval.to_run(qids, list(corpus_ids), scores, index, k, exclude_identical_ids)
   return evaluate(run, qrels, measures)
+
+
+def beir_queries_with_qrels(folder: str, qrels: Qrels) -> tuple[list[str], list[str]]:
+  """(ids, texts) of the queries that have qrels, in queries.jsonl order."""
+  queries = sources.read_beir_queries(folder)
+  missing = [q for q in qrels if q not in queries]
+  if missing:
+    raise ValueError(f'{len(missing)} qrels queries are not in {folder}/queries.jsonl, '
+                     f'first: {missing[0]!r}')
+  qids = [q for q in queries if q in qrels]
+  return qids, [queries[q] for q in qids]
+
+
+def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
+                                step: Optional[int] = None, out_dir: Optional[str] = None,
+                                measures: Sequence[str] = DEFAULT_MEASURES,
+                                k: Optional[int] = None, backend: str = 'exact',
+                                exclude_identical_ids: bool = False,
+                                search_kwargs: Optional[dict] = None,
+                                export_options: Optional[dict] = None,
+                                tag: str = 't5dual') -> dict:
+  """Export corpus and queries -> retrieve -> run.trec -> metrics, for a model directory.
+
+  Exports go to `out_dir` (default MODEL_DIR/eval/<folder>-<split>-<step>), so a
+  second call resumes an interrupted export and reuses finished ones. Returns a
+  summary with 'step', 'run' (path), 'k' and 'metrics'; also written as metrics.json.
+  """
+  import json
+  from t5dual import checkpoints, export, retrieval
+  qrels = load_qrels(beir, split)
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir, step)
+  name = os.path.basename(os.path.normpath(beir))
+  out = out_dir or os.path.join(model_dir, 'eval', f'{name}-{split}-{step}')
+  info = checkpoints.read_model_json(model_dir)
+  parts = {'corpus': ('right', *sources.read_beir_corpus(beir), lengths['targets']),
+           'queries': ('left', *beir_queries_with_qrels(beir, qrels), lengths['inputs'])}
+  embeddings = {}
+  for part, (tower, ids, texts, length) in parts.items():
+    options = export.ExportOptions(max_length=length, tower=tower, **(export_options or {}))
+    export.export_embeddings(export.make_encode_fn(model, params, tower), tokenizer, ids,
+                             texts, os.path.join(out, part), options, info, step)
+    embeddings[part] = export.open_embeddings(os.path.join(out, part))
+  k = k or search_depth(measures)
+  run = retrieval.retrieve(embeddings['queries'], embeddings['corpus'], k, backend,
+                           exclude_identical_ids, **(search_kwargs or {}))
+  run_path = os.path.join(out, 'run.trec')
+  retrieval.write_trec_run(run_path, run, tag)
+  summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,
+             'backend': backend, 'run': run_path, 'metrics': evaluate(run, qrels, measures)}
+  with open(os.path.join(out, 'metrics.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  return summary

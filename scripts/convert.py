@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Convert checkpoints between T5X, Hugging Face, sentence-transformers and t5dual.
+
+  # a T5X checkpoint (t5x_retrieval dual encoder or T5 encoder-decoder) -> t5dual model dir
+  python scripts/convert.py t5x-to-t5dual gs://bucket/model/checkpoint_1000 /tmp/gtr \
+      --vocab /path/spiece.model --architecture sde
+  python scripts/convert.py hf-to-t5dual /path/t5-v1_1-base /tmp/ade --architecture ade
+  python scripts/convert.py st-to-t5dual /path/gtr-t5-base /tmp/gtr
+  python scripts/convert.py t5dual-to-st /tmp/gtr /tmp/gtr_st        # ADE: one folder per tower
+  python scripts/convert.py t5dual-to-hf /tmp/gtr /tmp/gtr_hf
+  python scripts/convert.py t5dual-to-t5x /tmp/gtr /tmp/t5x/checkpoint_0
+  # an encoder-decoder -> T5ForConditionalGeneration folder
+  python scripts/convert.py t5x-to-hf /path/t5x/checkpoint_1000000 /tmp/t5_hf
+
+Conversions into t5dual print every parameter mapped, every checkpoint entry
+skipped (optimizer state, a decoder, ...) and every parameter initialised because
+the checkpoint lacks it. With --like MODEL_DIR the target model is taken from an
+existing t5dual model.json, and any shape mismatch is an error naming the parameter.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from t5dual import checkpoints, models  # noqa: E402
+from t5dual.data import pipeline  # noqa: E402
+from t5dual.interop import hf, t5x  # noqa: E402
+from t5dual.interop import sentence_transformers as st  # noqa: E402
+
+
+# --------------------------------------------------------------------------- t5dual model dirs
+
+def save_model_dir(model_dir: str, config: models.DualEncoderConfig, params, vocab_path: str,
+                   feature_lengths: dict, step: int = 0) -> None:
+  """A t5dual model directory (model.json + orbax 'params') that restore_for_inference reads."""
+  if os.path.exists(os.path.join(model_dir, 'checkpoints')):
+    raise FileExistsError(f'{model_dir} already holds checkpoints; choose a new directory')
+  model = models.DualEncoderModel(config)
+  checkpoints.write_model_json(
+      model_dir, checkpoints.model_description(model, vocab_path, feature_lengths))
+  manager = checkpoints.checkpoint_manager(model_dir)
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _vocab(args, found=None) -> str:
+  vocab = args.vocab or found
+  if not vocab:
+    raise SystemExit('error: no SentencePiece model found in the checkpoint; pass --vocab')
+  if found and not args.vocab:  # keep the model directory self-contained
+    os.makedirs(args.output, exist_ok=True)
+    vocab = shutil.copyfile(found, os.path.join(args.output, 'spiece.model'))
+  return vocab
+
+
+def _target(args) -> dict:
+  """Keyword arguments of the *load_dual_encoder functions from the command line."""
+  if args.like:
+    desc = checkpoints.read_model_json(args.like)
+    return {'config': checkpoints.model_from_description(desc).config}
+  overrides = {'architecture': args.architecture}
+  if args.dtype:
+    overrides['dtype'] = args.dtype
+  if getattr(args, 'max_distance', None):
+    overrides['relative_attention_max_distance'] = args.max_distance
+  return overrides
+
+
+def _print_report(report) -> None:
+  for line in report.lines():
+    print(line)
+
+
+def _finish_import(args, params, config, report, vocab) -> None:
+  _print_report(report)
+  lengths = {'inputs': args.query_length, 'targets': args.doc_length}
+  save_model_dir(args.output, config, params, vocab, lengths)
+  print(f'wrote t5dual {config.architecture} model to {args.output} '
+        f'(vocabulary {vocab})')
+
+
+# --------------------------------------------------------------------------- commands
+
+def t5x_to_t5dual(args):
+  params, config, report = t5x.load_dual_encoder(args.checkpoint, **_target(args))
+  _finish_import(args, params, config, report, _vocab(args))
+
+
+def hf_to_t5dual(args):
+  params, config, report = hf.load_dual_encoder(args.checkpoint, **_target(args))
+  _finish_import(args, params, config, report, _vocab(args, st.find_vocab(
+      args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))))
+
+
+def st_to_t5dual(args):
+  params, config, report = st.load_dual_encoder(args.checkpoint, **_target(args))
+  folder = st.read_folder(args.checkpoint)
+  if folder.max_seq_length and args.doc_length == pipeline.DEFAULT_FEATURE_LENGTHS['targets']:
+    args.doc_length = folder.max_seq_length
+  _finish_import(args, params, config, report, _vocab(args, st.find_vocab(args.checkpoint)))
+
+
+def _restore(args):
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
+      args.model_dir, args.step)
+  params = jax.tree.map(np.asarray, params)
+  print(f'read {model.config.architecture} model {args.model_dir} at step {step}')
+  return model.config, params, step, tokenizer.path, lengths
+
+
+def _print_written(folder: str) -> None:
+  from safetensors.numpy import load_file
+  for root, _, files in sorted(os.walk(folder)):
+    for name in sorted(files):
+      if name.endswith('.safetensors'):
+        path = os.path.join(root, name)
+        for key, value in sorted(load_file(path).items()):
+          print(f'  {os.path.relpath(path, folder)}: {key} {list(value.shape)}')
+
+
+def t5dual_to_st(args):
+  config, params, _, vocab, lengths = _restore(args)
+  max_lengths = {'left': lengths.get('inputs'), 'right': lengths.get('targets')}
+  if config.architecture == 'sde':
+    max_lengths = {'left': max(v for v in max_lengths.values() if v)}
+  for folder in st.save_dual_encoder(args.output, params, config, vocab, max_lengths):
+    print(f'wrote sentence-transformers folder {folder}:')
+    _print_written(folder)
+
+
+def t5dual_to_hf(args):
+  config, params, _, vocab, _ = _restore(args)
+  for folder in hf.save_dual_encoder(args.output, params, config, vocab):
+    print(f'wrote Hugging Face T5EncoderModel folder {folder}:')
+    _print_written(folder)
+
+
+def t5dual_to_t5x(args):
+  config, params, step, _, _ = _restore(args)
+  t5x.write_checkpoint(args.output, params, step)
+  for path, leaf in t5x.flatten(params).items():
+    print(f'  target/{path} {list(leaf.shape)}')
+  print(f'wrote T5X checkpoint (format version {t5x.VERSION}) {args.output}')
+
+
+def t5x_to_hf(args):
+  ckpt = t5x.open_checkpoint(args.checkpoint)
+  tree = t5x.to_numpy(ckpt.target)
+  overrides = {'relative_attention_max_distance': args.max_distance} if args.max_distance else {}
+  skipped = list(t5x.flatten(ckpt.state))
+  if 'decoder' in tree:
+    hf.save_encoder_decoder(args.output, tree, args.vocab, **overrides)
+    kind = 'T5ForConditionalGeneration'
+  elif 'encoder' in tree:
+    config = t5x.infer_t5_config(tree, **overrides)
+    known = {'token_embedder', 'encoder', 'projection_layer'}
+    skipped += [k for k in tree if k not in known]
+    hf.save_encoder(args.output, {k: v for k, v in tree.items() if k in known}, config,
+                    args.vocab)
+    kind = 'T5EncoderModel'
+  else:
+    raise SystemExit(f'error: {args.checkpoint} has no encoder/ at the top level (found '
+                     f'{sorted(tree)}); convert two-tower models with t5x-to-t5dual, then '
+                     't5dual-to-hf')
+  print(f'wrote Hugging Face {kind} folder {args.output}:')
+  _print_written(args.output)
+  print(f'skipped {len(skipped)} checkpoint entries:')
+  for s in skipped:
+    print(f'  {s}')
+
+
+# --------------------------------------------------------------------------- CLI
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  sub = p.add_subparsers(dest='command', required=True)
+
+  def importer(name, fn, what):
+    q = sub.add_parser(name, help=f'{what} -> t5dual model directory')
+    q.add_argument('checkpoint', help=what)
+    q.add_argument('output', help='new t5dual model directory')
+    q.add_argument('--architecture', default='sde', choices=models.ARCHITECTURES,
+                   help='t5dual architecture; a single-tower checkpoint fills both ADE towers')
+    q.add_argument('--like', help='take the model config from this t5dual model dir instead')
+    q.add_argument('--vocab', help='SentencePiece model for model.json')
+    q.add_argument('--dtype', help="T5 activation dtype (default: T5Config's, bfloat16)")
+    q.add_argument('--query-length', type=int,
+                   default=pipeline.DEFAULT_FEATURE_LENGTHS['inputs'])
+    q.add_argument('--doc-length', type=int,
+                   default=pipeline.DEFAULT_FEATURE_LENGTHS['targets'])
+    q.set_defaults(fn=fn)
+    return q
+
+  importer('t5x-to-t5dual', t5x_to_t5dual, 'T5X checkpoint (msgpack or orbax, local or gs://)'
+           ).add_argument('--max-distance', type=int,
+                          help='relative_attention_max_distance (not stored by T5X; 128)')
+  importer('hf-to-t5dual', hf_to_t5dual, 'Hugging Face T5 folder or .safetensors file')
+  importer('st-to-t5dual', st_to_t5dual, 'sentence-transformers GTR / sentence-T5 folder')
+
+  for name, fn, what in (('t5dual-to-st', t5dual_to_st, 'sentence-transformers folder(s)'),
+                         ('t5dual-to-hf', t5dual_to_hf, 'Hugging Face T5EncoderModel folder(s)'),
+                         ('t5dual-to-t5x', t5dual_to_t5x, 'T5X checkpoint directory')):
+    q = sub.add_parser(name, help=f't5dual model directory -> {what}')
+    q.add_argument('model_dir')
+    q.add_argument('output')
+    q.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+    q.set_defaults(fn=fn)
+
+  q = sub.add_parser('t5x-to-hf', help='T5X checkpoint -> Hugging Face folder '
+                     '(T5ForConditionalGeneration for an encoder-decoder)')
+  q.add_argument('checkpoint')
+  q.add_argument('output')
+  q.add_argument('--vocab', help='SentencePiece model to add as the tokenizer')
+  q.add_argument('--max-distance', type=int, help='relative_attention_max_distance (128)')
+  q.set_defaults(fn=t5x_to_hf)
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

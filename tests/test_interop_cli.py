@@ -1,0 +1,121 @@
+"""scripts/convert.py: every direction on a tiny model, reports, and shape-mismatch errors."""
+
+import dataclasses
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from t5dual import checkpoints, models, t5
+from t5dual.interop import t5x
+from t5dual.vocab import train_sentencepiece
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert.py'
+TINY = t5.T5Config(vocab_size=128, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=12, num_layers=2,
+                   relative_attention_num_buckets=8, dtype='float32')
+
+
+@pytest.fixture(scope='module')
+def convert():
+  spec = importlib.util.spec_from_file_location('t5dual_convert_script', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def spm(tmp_path_factory):
+  texts = [f'query {i} about document {i * 7} and the retrieval of passages' for i in range(80)]
+  return train_sentencepiece(texts, str(tmp_path_factory.mktemp('spm') / 'sp'), vocab_size=60)
+
+
+def _random_params(config, seed=0):
+  shapes = jax.eval_shape(models.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+  return t5x.unflatten({k: rng.normal(0, 0.5, v.shape).astype(np.float32)
+                        for k, v in t5x.flatten(shapes).items()})
+
+
+def _assert_params_equal(a, b):
+  fa, fb = t5x.flatten(a), t5x.flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
+  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  params = _random_params(config)
+  t5x.write_checkpoint(str(tmp_path / 'checkpoint_9'), params, step=9)
+
+  assert convert.main(['t5x-to-t5dual', str(tmp_path / 'checkpoint_9'), str(tmp_path / 'sde'),
+                       '--vocab', spm, '--dtype', 'float32']) == 0
+  out = capsys.readouterr().out
+  assert f'mapped {len(t5x.flatten(params))} parameters:' in out
+  assert '  projection_layer/kernel -> projection_layer/kernel [8, 6]' in out
+  assert 'skipped 1 checkpoint entries:\n  state/step\n' in out
+  assert 'initialised 0 parameters' in out
+  model, restored, step, tokenizer, lengths = checkpoints.restore_for_inference(
+      str(tmp_path / 'sde'))
+  assert model.config == config and tokenizer.path == spm
+  _assert_params_equal(restored, params)
+
+  # Out to T5X, Hugging Face and sentence-transformers, and back in.
+  assert convert.main(['t5dual-to-t5x', str(tmp_path / 'sde'), str(tmp_path / 't5x_out')]) == 0
+  _assert_params_equal(t5x.load_tree(str(tmp_path / 't5x_out')), params)
+  assert convert.main(['t5dual-to-hf', str(tmp_path / 'sde'), str(tmp_path / 'hf')]) == 0
+  assert 'projection.safetensors: linear.weight [6, 8]' in capsys.readouterr().out
+  assert convert.main(['hf-to-t5dual', str(tmp_path / 'hf'), str(tmp_path / 'from_hf'),
+                       '--like', str(tmp_path / 'sde')]) == 0
+  _assert_params_equal(checkpoints.restore_for_inference(str(tmp_path / 'from_hf'))[1], params)
+  assert convert.main(['t5dual-to-st', str(tmp_path / 'sde'), str(tmp_path / 'st')]) == 0
+  assert '2_Dense/model.safetensors: linear.weight [6, 8]' in capsys.readouterr().out
+  assert convert.main(['st-to-t5dual', str(tmp_path / 'st'), str(tmp_path / 'from_st'),
+                       '--dtype', 'float32']) == 0
+  model, from_st, _, tokenizer, lengths = checkpoints.restore_for_inference(
+      str(tmp_path / 'from_st'))
+  assert model.config == config and lengths['targets'] == 256
+  assert tokenizer.path == str(tmp_path / 'from_st/spiece.model')  # copied from the folder
+  _assert_params_equal(from_st, params)
+
+
+def test_shape_mismatch_is_an_error_naming_the_parameter(tmp_path, convert, spm, capsys):
+  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  t5x.write_checkpoint(str(tmp_path / 'ckpt'), _random_params(config))
+  wider = dataclasses.replace(config, projection_dim=10)
+  checkpoints.write_model_json(str(tmp_path / 'like'), checkpoints.model_description(
+      models.DualEncoderModel(wider), spm, {'inputs': 8, 'targets': 8}))
+  assert convert.main(['t5x-to-t5dual', str(tmp_path / 'ckpt'), str(tmp_path / 'out'),
+                       '--vocab', spm, '--like', str(tmp_path / 'like')]) == 1
+  err = capsys.readouterr().err
+  assert 'shape mismatch for projection_layer/kernel' in err and '[8, 6]' in err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_t5x_encoder_decoder_to_hf(tmp_path, convert, capsys):
+  rng = np.random.default_rng(0)
+  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  tree = {k: v for k, v in _random_params(config).items() if k != 'projection_layer'}
+  layer = {'pre_self_attention_layer_norm': {'scale': np.ones(8, np.float32)},
+           'pre_cross_attention_layer_norm': {'scale': np.ones(8, np.float32)},
+           'pre_mlp_layer_norm': {'scale': np.ones(8, np.float32)},
+           'mlp': {n: {'kernel': rng.normal(size=(8, 12) if n != 'wo' else (12, 8))}
+                   for n in ('wi_0', 'wi_1', 'wo')}}
+  for attn in ('self_attention', 'encoder_decoder_attention'):
+    layer[attn] = {n: {'kernel': rng.normal(size=(8, 8))} for n in ('query', 'key', 'value', 'out')}
+  tree['decoder'] = {'layers_0': layer, 'decoder_norm': {'scale': np.ones(8, np.float32)},
+                     'relpos_bias': {'rel_embedding': rng.normal(size=(2, 8))},
+                     'logits_dense': {'kernel': rng.normal(size=(8, 128))}}
+  tree = t5x.unflatten({k: np.asarray(v, np.float32) for k, v in t5x.flatten(tree).items()})
+  t5x.write_checkpoint(str(tmp_path / 'checkpoint_2'), tree, step=2)
+  assert convert.main(['t5x-to-hf', str(tmp_path / 'checkpoint_2'), str(tmp_path / 'hf')]) == 0
+  out = capsys.readouterr().out
+  assert 'T5ForConditionalGeneration' in out
+  assert 'model.safetensors: lm_head.weight [128, 8]' in out
+  assert 'skipped 1 checkpoint entries:\n  state/step' in out
+  from t5dual.interop import hf
+  back = hf.t5x_tree_from_hf(hf.load_state_dict(str(tmp_path / 'hf')),
+                             hf.load_hf_config(str(tmp_path / 'hf')))
+  _assert_params_equal(back, tree)

@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from t5dual.data import sources
 from t5dual.t5 import EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ TOWERS = ('left', 'right')
 EncodeFn = Callable[[np.ndarray], np.ndarray]
 
 
-class ExportError(ValueError):
+class ExportError(sources.DataError):
   """Bad input to an export, or an export directory that is incomplete or corrupt."""
 
 
@@ -118,26 +119,15 @@ def read_jsonl_corpus(path: str, id_field: str = '_id',
   Duplicate ids are reported with both line numbers; empty texts are left to
   `validate_corpus`.
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: file not found')
   ids, texts, seen = [], [], {}
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{lineno}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ExportError(f'{where}: not valid JSON ({e.msg})') from None
-      if not isinstance(record, dict):
-        raise ExportError(f'{where}: expected a JSON object')
-      doc_id = _id_of(record, id_field, str(len(ids)), where)
-      if doc_id in seen:
-        raise ExportError(f'{where}: duplicate id {doc_id!r} (first on line {seen[doc_id]})')
-      seen[doc_id] = lineno
-      ids.append(doc_id)
-      texts.append(_join_fields(record, text_fields, where))
+  for lineno, record in sources.iter_jsonl(path, ExportError):
+    where = f'{path}:{lineno}'
+    doc_id = _id_of(record, id_field, str(len(ids)), where)
+    if doc_id in seen:
+      raise ExportError(f'{where}: duplicate id {doc_id!r} (first on line {seen[doc_id]})')
+    seen[doc_id] = lineno
+    ids.append(doc_id)
+    texts.append(_join_fields(record, text_fields, where))
   return ids, texts
 
 

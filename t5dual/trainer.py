@@ -112,7 +112,7 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
   manager = checkpoints.checkpoint_manager(model_dir, config.save_every,
                                            config.keep_checkpoints)
   start = manager.latest_step() or 0
-  with mesh:
+  with jax.set_mesh(mesh):
     if initial_params is not None and not start:
       params = jax.device_put(initial_params, param_sh)
     else:

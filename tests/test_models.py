@@ -161,3 +161,20 @@ def test_schedule_warmup_then_linear_decay_to_zero():
   s = optim.learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10)
   np.testing.assert_allclose([float(s(0)), float(s(5)), float(s(10)), float(s(55)),
                               float(s(100))], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+
+
+@pytest.mark.parametrize('variant', [dict(remat='full'), dict(attention='jax_nn')])
+def test_remat_and_attention_variants_match_default(variant):
+  ids = _ids(seed=3)
+  batch = {'inputs': ids, 'targets': _ids(seed=4)}
+  results = []
+  for overrides in ({}, variant):
+    cfg = models.DualEncoderConfig(
+        t5=t5.t5_config('tiny', vocab_size=50, dtype='float32', **overrides), projection_dim=12)
+    model = models.DualEncoderModel(cfg)
+    params = model.init_params(jax.random.PRNGKey(0))
+    loss, grads = jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+    results.append((loss, grads))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               results[1][1], results[0][1])

@@ -40,9 +40,10 @@ class PairExamples:
     return len(self.queries)
 
 
-def _jsonl(path: str) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str, error: type = DataError) -> Iterator[tuple[int, dict]]:
+  """(1-based line, object) for each non-blank line; malformed lines raise `error`."""
   if not os.path.exists(path):
-    raise DataError(f'{path}: file not found')
+    raise FileNotFoundError(f'{path}: file not found')
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
@@ -50,9 +51,9 @@ def _jsonl(path: str) -> Iterator[tuple[int, dict]]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
+        raise error(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
       if not isinstance(record, dict):
-        raise DataError(f'{path}:{lineno}: expected a JSON object')
+        raise error(f'{path}:{lineno}: expected a JSON object')
       yield lineno, record
 
 
@@ -71,7 +72,7 @@ def read_beir_corpus(folder: str) -> tuple[list[str], list[str]]:
   """(ids, texts) of corpus.jsonl; text is "title text" when a title exists."""
   path = os.path.join(folder, 'corpus.jsonl')
   ids, texts, seen = [], [], {}
-  for lineno, rec in _jsonl(path):
+  for lineno, rec in iter_jsonl(path):
     doc_id = _field(rec, '_id', path, lineno)
     if doc_id in seen:
       raise DataError(f'{path}:{lineno}: duplicate _id {doc_id!r} (first on line {seen[doc_id]})')
@@ -86,7 +87,7 @@ def read_beir_corpus(folder: str) -> tuple[list[str], list[str]]:
 def read_beir_queries(folder: str) -> dict[str, str]:
   path = os.path.join(folder, 'queries.jsonl')
   queries = {}
-  for lineno, rec in _jsonl(path):
+  for lineno, rec in iter_jsonl(path):
     qid = _field(rec, '_id', path, lineno)
     if qid in queries:
       raise DataError(f'{path}:{lineno}: duplicate _id {qid!r}')
@@ -168,7 +169,7 @@ def jsonl_pairs(path: str) -> PairExamples:
   """Pairs from {"query", "positive", "negatives"?} lines; ids by identical text."""
   out = PairExamples([], [], [], [], [], [])
   q_intern, d_intern = _Interner(), _Interner()
-  for lineno, rec in _jsonl(path):
+  for lineno, rec in iter_jsonl(path):
     query = _field(rec, 'query', path, lineno)
     positive = _field(rec, 'positive', path, lineno)
     negatives = rec.get('negatives', [])

@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-file chatter
   try:
     return args.fn(args)
   except (FileNotFoundError, ValueError) as e:  # bad input: the message names file and line

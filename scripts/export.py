@@ -86,6 +86,7 @@ def main(argv=None):
                       help='call jax.distributed.initialize() first')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-file chatter
   if args.multihost:
     jax.distributed.initialize()
 

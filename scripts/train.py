@@ -25,6 +25,7 @@ from t5dual import gin_utils, train_lib  # noqa: E402
 
 def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-file chatter
   files, bindings, _ = gin_utils.parse_flags(
       [a for a in argv if a != '--multihost'])
   if '--multihost' in argv:

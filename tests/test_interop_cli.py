@@ -11,6 +11,7 @@ import pytest
 from t5dual import checkpoints, models, t5
 from t5dual.interop import t5x
 from t5dual.vocab import train_sentencepiece
+from tree_utils import random_params as _random_params  # tests/helpers
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert.py'
 TINY = t5.T5Config(vocab_size=128, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=12, num_layers=2,
@@ -30,12 +31,6 @@ def spm(tmp_path_factory):
   texts = [f'query {i} about document {i * 7} and the retrieval of passages' for i in range(80)]
   return train_sentencepiece(texts, str(tmp_path_factory.mktemp('spm') / 'sp'), vocab_size=60)
 
-
-def _random_params(config, seed=0):
-  shapes = jax.eval_shape(models.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-  return t5x.unflatten({k: rng.normal(0, 0.5, v.shape).astype(np.float32)
-                        for k, v in t5x.flatten(shapes).items()})
 
 
 def _assert_params_equal(a, b):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip('transformers')
 
 from t5dual import models, t5  # noqa: E402
 from t5dual.interop import hf, t5x  # noqa: E402
+from tree_utils import random_params as _random_params  # tests/helpers
 
 TINY = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24, num_layers=2,
                    relative_attention_num_buckets=8, relative_attention_max_distance=20,
@@ -49,13 +50,6 @@ def _ids(seed=0, batch=3, length=30):
   ids[2, 5:] = 0
   return ids
 
-
-def _random_params(config, seed=0):
-  shapes = jax.eval_shape(models.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-  return t5x.unflatten({
-      k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith('scale') else rng.normal(0, 0.5, v.shape)
-          ).astype(np.float32) for k, v in t5x.flatten(shapes).items()})
 
 
 def _pool_project(hidden, ids, kernel):

@@ -17,6 +17,7 @@ from t5dual import models, t5  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
 from t5dual.interop import t5x  # noqa: E402
 from t5dual.vocab import Tokenizer, train_sentencepiece  # noqa: E402
+from tree_utils import random_params as _random_params  # tests/helpers
 
 TEXTS = ['what is a dual encoder?', 'Dual encoders embed queries and documents separately.',
          'The quick brown fox jumps over the lazy dog, twice!', 'T5', 'Ünïcode and   spaces']
@@ -63,13 +64,6 @@ def _gtr_folder(tmp_path, spm):
   shutil.copyfile(spm, tmp_path / 'gtr/spiece.model')  # as in the GTR folders on the Hub
   return tmp_path / 'gtr'
 
-
-def _random_params(config, seed=0):
-  shapes = jax.eval_shape(models.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-  return t5x.unflatten({
-      k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith('scale') else rng.normal(0, 0.5, v.shape)
-          ).astype(np.float32) for k, v in t5x.flatten(shapes).items()})
 
 
 def test_gtr_folder_converts_in(tmp_path, spm):

@@ -17,19 +17,12 @@ import tensorstore as ts
 
 from t5dual import models, t5
 from t5dual.interop import t5x
+from tree_utils import random_params as _random_params  # tests/helpers
 
 FIXTURE = 'fixtures/t5x_retrieval_de_t5_tiny/checkpoint_1000'
 TINY = t5.T5Config(vocab_size=64, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=12, num_layers=2,
                    relative_attention_num_buckets=8, dtype='float32')
 
-
-def _random_params(config, seed=0):
-  """Random float32 params of `config` (layer-norm scales around 1)."""
-  shapes = jax.eval_shape(models.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-  return t5x.unflatten({
-      k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith('scale') else rng.normal(0, 0.5, v.shape)
-          ).astype(np.float32) for k, v in t5x.flatten(shapes).items()})
 
 
 def _assert_trees_equal(a, b):

@@ -167,10 +167,9 @@ def pair_loss(
   with_negs = ['qn'] if negatives is not None else []
   query_centric = jnp.mean(_masked_ce(*_concat(blocks, ['qd'] + with_negs), target))
   # Passage-centric row i: s(d_i, q_i) first, then d_i's similarity to the other passages.
-  eye = jnp.eye(b, dtype=bool)
   p_blocks = {
       'pos': (jnp.diagonal(blocks['qd'][0])[:, None], jnp.ones((b, 1), dtype=bool)),
-      'dd': (blocks['dd'][0], blocks['dd'][1] & ~eye),
+      'dd': blocks['dd'],
   }
   if negatives is not None:
     p_blocks['dn'] = blocks['dn']

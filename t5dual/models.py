@@ -35,8 +35,8 @@ LOSSES = ('softmax', 'samtone', 'pair')
 class DualEncoderConfig:
   t5: t5.T5Config = t5.T5Config()
   architecture: str = 'sde'
-  projection_dim: int = 768
-  # Pooled output dtype; the projection and the norm run in float32.
+  projection_dim: int = 768  # pooling, projection and L2 norm run in float32
+
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f'architecture must be one of {ARCHITECTURES}, '

@@ -6,8 +6,8 @@ optimizer, schedule) through dynamic registration; nothing below it reads gin.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -61,7 +61,7 @@ def run(model_dir: str,
   batcher = pipeline.make_batcher(mixture_or_task_name, tokenizer, batch_size, lengths,
                                   num_negatives, seed=trainer_config.seed)
   schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
-  config = trainer.TrainerConfig(**{**trainer_config.__dict__, 'total_steps': train_steps})
+  config = dataclasses.replace(trainer_config, total_steps=train_steps)
   initial = None
   if initial_checkpoint_path:
     from t5dual.interop import load_initial_params

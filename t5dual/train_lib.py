@@ -7,6 +7,7 @@ optimizer, schedule) through dynamic registration; nothing below it reads gin.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from typing import Any, Callable, Optional
 
@@ -31,6 +32,7 @@ def run(model_dir: str,
         decay: str = 'linear',
         num_negatives: int = 0,
         initial_checkpoint_path: Optional[str] = None,
+        mixture_or_task_module: Optional[str] = None,
         trainer_config: trainer.TrainerConfig = trainer.TrainerConfig(),
         optimizer_fn: Callable[..., Any] = optim.adafactor) -> dict:
   """Trains `model` on a data source and writes everything to `model_dir`.
@@ -47,11 +49,15 @@ def run(model_dir: str,
     learning_rate, warmup_steps, decay: see optim.learning_rate_schedule.
     num_negatives: hard negatives per query read from the data (JSONL 'negatives').
     initial_checkpoint_path: start from a T5X / Hugging Face / t5dual checkpoint.
+    mixture_or_task_module: a Python module to import first; importing it
+      registers the seqio tasks named by mixture_or_task_name (T5X convention).
     trainer_config: loop settings; its total_steps is replaced by train_steps.
     optimizer_fn: called with the schedule as learning_rate.
   Returns:
     The last logged metrics.
   """
+  if mixture_or_task_module:
+    importlib.import_module(mixture_or_task_module)
   lengths = dict(task_feature_lengths or pipeline.DEFAULT_FEATURE_LENGTHS)
   tokenizer = Tokenizer(vocabulary_path)
   vocab_rows = model.config.t5.vocab_size

@@ -15,8 +15,6 @@ import numpy as np
 
 from t5dual.t5 import EOS_ID, PAD_ID
 
-DEFAULT_SPM_PATH = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
-
 
 class Tokenizer:
   """Thin wrapper over a SentencePiece model file."""

@@ -154,3 +154,21 @@ def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   with open(os.path.join(model_dir, 'config.gin')) as f:
     operative = f.read()
   assert "architecture = 'sde'" in operative and f'TRAIN_STEPS = {total}' in operative
+
+
+def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
+  pytest.importorskip('t5dual.data.seqio_tasks', reason='seqio extra not installed')
+  from t5dual import train_lib
+  data, spm = demo_data
+  (tmp_path / 'my_tasks.py').write_text(
+      'from t5dual.data import seqio_tasks\n'
+      f"seqio_tasks.register_pair_task('my_demo_task', 'beir:{data}:train', '{spm}')\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  model, _ = _setup(demo_data)
+  result = train_lib.run(
+      str(tmp_path / 'run'), model, 'my_demo_task', spm, batch_size=8,
+      task_feature_lengths=LENGTHS, train_steps=3, mixture_or_task_module='my_tasks',
+      trainer_config=trainer.TrainerConfig(log_every=1, progress_bar=False,
+                                           tensorboard=False))
+  assert result['step'] == 3 and np.isfinite(result['loss'])
+  assert sorted(_metrics(str(tmp_path / 'run'))) == [1, 2, 3]

@@ -76,7 +76,7 @@ def main():
   with jax.set_mesh(mesh):
     params = jax.jit(model.init_params, out_shardings=param_sh)(jax.random.PRNGKey(0))
     opt_state = jax.jit(tx.init)(params)
-    step = jax.jit(lambda p, o, b: trainer._train_step(model, tx, 0, p, o, b, 0),
+    step = jax.jit(lambda p, o, b: trainer.train_step(model, tx, 0, p, o, b, 0),
                    donate_argnums=(0, 1))
     state = [params, opt_state]
 

@@ -93,18 +93,22 @@ def _param(module: nn.Module, name: str, init, shape, axes):
 
 # --------------------------------------------------------------------------- attention kernels
 
-def xla_attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
+def xla_attention(query: Array, key: Array, value: Array, bias: Array,
+                  dropout: Optional[Callable[[Array], Array]] = None) -> Array:
   """Unscaled dot-product attention, T5 style.
 
   Args:
     query, key, value: [batch, length, heads, head_dim].
     bias: [batch or 1, heads, q_length, kv_length], added to the logits
       (relative position bias plus -inf-like padding mask).
+    dropout: optional function applied to the attention weights (training).
   Returns:
     [batch, q_length, heads, head_dim] in the dtype of `value`.
   """
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
   weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1)
+  if dropout is not None:
+    weights = dropout(weights)
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(value.dtype), value)
 
 
@@ -223,10 +227,8 @@ class MultiHeadAttention(nn.Module):
     v = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='value')(x))
     if not deterministic and cfg.dropout_rate > 0:
       # Attention-probability dropout needs the explicit softmax.
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-      weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1)
-      weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=False)
-      out = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+      out = xla_attention(q, k, v, bias, dropout=lambda w: nn.Dropout(cfg.dropout_rate)(
+          w, deterministic=False))
     else:
       out = ATTENTION_FNS[cfg.attention](q, k, v, bias)
     out = out.reshape(out.shape[:-2] + (joined,))

@@ -43,7 +43,8 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-def _train_step(model, optimizer, seed, params, opt_state, batch, step):
+def train_step(model, optimizer, seed, params, opt_state, batch, step):
+  """One optimizer step; dropout is keyed by (seed, step). Returns (params, opt_state, metrics)."""
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
   (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
       params, batch, dropout_rng)
@@ -128,7 +129,7 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
       params, opt_state = restored['params'], restored['opt_state']
 
     step_fn = jax.jit(
-        lambda p, o, b, s: _train_step(model, optimizer, config.seed, p, o, b, s),
+        lambda p, o, b, s: train_step(model, optimizer, config.seed, p, o, b, s),
         out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
 
     writer = _MetricsWriter(model_dir, config.tensorboard)

@@ -10,6 +10,7 @@ iterator state in the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -37,7 +38,6 @@ def load_examples(source: str) -> sources.PairExamples:
     return sources.beir_pairs(folder, split or 'train')
   if kind == 'jsonl':
     return sources.jsonl_pairs(rest)
-  import os
   if os.path.isdir(source):
     return sources.beir_pairs(source, 'train')
   if os.path.isfile(source):
@@ -91,7 +91,12 @@ class PairBatcher:
     n = len(self.examples)
     start = step * self.batch_size + process_index * per_host
     positions = np.arange(start, start + per_host)
-    return np.array([self._permutation(p // n)[p % n] for p in positions])
+    epochs = positions // n
+    out = np.empty(per_host, np.int64)
+    for epoch in np.unique(epochs):  # a batch spans one epoch, or two at a boundary
+      rows = epochs == epoch
+      out[rows] = self._permutation(int(epoch))[positions[rows] % n]
+    return out
 
   def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
     idx = self.example_indices(step, process_index, process_count)

@@ -1,0 +1,56 @@
+"""What every command-line entry point shares: logging, a quiet JAX start-up, and
+one-line errors for the user's mistakes.
+
+A script's `main` raises `UserError` (or a subclass: `DataError`, `ConfigError`)
+for anything the user can fix; `run_main` prints it as one `error: ...` line
+and exits with status 2. Any other exception is an internal failure and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+
+class UserError(Exception):
+  """Bad input or configuration; the message names the file and line or the key."""
+
+
+class ConfigError(UserError, ValueError):
+  """A configuration value (gin binding, flag) that cannot work."""
+
+
+# Operating-system errors about paths the user gave are the user's to fix too.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+  """INFO lines of t5dual on stderr, without third-party chatter.
+
+  `force=True` because importing orbax/absl installs a root handler first, which
+  would otherwise make `basicConfig` a no-op and hide t5dual's own lines.
+  """
+  logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(message)s',
+                      force=True)
+  for name in ('absl', 'orbax', 'jax._src.xla_bridge', 'jax._src.distributed'):
+    # xla_bridge logs "Unable to initialize backend 'tpu'" at INFO on every
+    # machine without a TPU; orbax/absl log every file they touch.
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[Sequence[str]], Optional[int]],
+             argv: Optional[Sequence[str]] = None) -> None:
+  """Runs `main(argv)` and exits: 0, its return code, or 2 with one line on a UserError."""
+  setup_logging()
+  try:
+    code = main(list(sys.argv[1:] if argv is None else argv))
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    sys.exit(130)
+  sys.exit(code or 0)

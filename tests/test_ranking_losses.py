@@ -246,3 +246,29 @@ def test_losses_are_selected_in_gin_by_reference():
       assert rl.takes_teacher_scores(configured('LOSS = @ranking_losses.kl_distillation_loss'))
     finally:
       gin.clear_config()
+
+
+def test_in_batch_builders_feed_any_ranking_loss():
+  from t5dual import losses
+  rng = np.random.default_rng(10)
+  q, d, n = (rng.normal(size=s).astype(np.float32) for s in ((4, 8), (4, 8), (4, 2, 8)))
+  qids, dids, nids = np.array([0, 1, 0, 2]), np.arange(4), np.array([[1, 5], [6, 7], [8, 9],
+                                                                     [10, 3]])
+  scores, labels, where = losses.query_to_doc_lists(
+      q, d, n, temperature=0.5, same_tower=True, query_ids=qids, doc_ids=dids,
+      negative_ids=nids)
+  assert scores.shape == labels.shape == where.shape == (4, 4 + 8 + 4)
+  np.testing.assert_array_equal(labels[:, :4], np.eye(4))
+  np.testing.assert_allclose(scores[:, :4], q @ d.T / 0.5, rtol=1e-6)
+  assert not where[0, 2] and not where[2, 0]             # same query id: not a negative
+  assert not where[0, 4 + 8 + 0] and where[0, 4 + 8 + 1]  # SamToNe block: never itself
+  assert not where[1, 4 + 0] and not where[3, 4 + 7]      # hard negative = own positive
+  np.testing.assert_allclose(float(rl.lce_loss(scores, labels, where=where)),
+                             float(rl.softmax_loss(scores, labels, where=where)), rtol=1e-6)
+  dq_scores, dq_labels, _ = losses.doc_to_query_lists(q, d, temperature=0.5)
+  np.testing.assert_allclose(dq_scores, (q @ d.T / 0.5).T, rtol=1e-6)
+  np.testing.assert_array_equal(dq_labels, np.eye(4))
+  p_scores, p_labels, p_where = losses.passage_centric_lists(q, d, n, temperature=0.5)
+  np.testing.assert_allclose(p_scores[:, 0], np.sum(q * d, 1) / 0.5, rtol=1e-5)
+  assert p_labels[:, 0].tolist() == [1] * 4 and p_labels[:, 1:].sum() == 0
+  assert not p_where[np.arange(4), 1 + np.arange(4)].any()  # d_i is not its own negative

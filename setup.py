@@ -11,6 +11,8 @@ CORE = [
     'orbax-checkpoint==0.12.8',
     'gin-config==0.5.0',
     'sentencepiece==0.2.3',
+    'bm25s==0.3.16',
+    'PyStemmer==3.1.0',
     'tensorstore==0.1.86',
     'safetensors==0.8.0',
     'msgpack==1.2.4',

@@ -11,6 +11,9 @@
   python scripts/eval.py mine --run=train.trec --beir=/data/scifact --split=train \
       --out=/data/scifact/hard_negatives.jsonl --min_rank=3 --max_rank=50 --margin=0.05
 
+  # BM25 first stage (bm25s, Lucene scoring, English stemming + stopwords)
+  python scripts/eval.py bm25 --beir=/data/scifact --split=test --out=bm25.trec --k=100
+
   # t-SNE, top-1 cosine and query/document similarity-ratio pictures, side by side
   python scripts/eval.py diagnose --model_dir=/tmp/softmax --model_dir=/tmp/samtone \
       --beir=/data/scifact --split=test --out_dir=/tmp/diagnostics
@@ -97,6 +100,18 @@ def cmd_mine(args) -> dict:
   print(json.dumps(stats))
   print(f'{count} examples with hard negatives: {args.out}')
   return stats
+
+
+def cmd_bm25(args) -> dict:
+  from t5dual import bm25
+  run = bm25.beir_run(args.beir, args.split, k=args.k, k1=args.k1, b=args.b)
+  retrieval.write_trec_run(args.out, run, tag='bm25')
+  metrics = evaluation.evaluate(run, evaluation.load_qrels(args.beir, args.split),
+                                _measures(args.measures))
+  name = os.path.basename(os.path.normpath(args.beir))
+  print(evaluation.format_table({f'{name}/{args.split} bm25': metrics}))
+  print(f'run: {args.out}')
+  return metrics
 
 
 def _diagnose_inputs(model_dir: str, args) -> tuple:
@@ -190,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help='margin is a fraction of the positive score, not an absolute gap')
   mine.add_argument('--sample', action='store_true', help='sample within the window')
   mine.set_defaults(fn=cmd_mine)
+
+  bm25 = sub.add_parser('bm25', help='BM25 (bm25s) top-k of a BEIR split -> run file + table')
+  bm25.add_argument('--beir', required=True)
+  bm25.add_argument('--split', default='test')
+  bm25.add_argument('--out', required=True, help='TREC run file to write')
+  bm25.add_argument('--k', type=int, default=100)
+  bm25.add_argument('--k1', type=float, default=1.5)
+  bm25.add_argument('--b', type=float, default=0.75)
+  bm25.add_argument('--measures', **measures)
+  bm25.set_defaults(fn=cmd_bm25)
 
   diag = sub.add_parser('diagnose', help='SamToNe diagnostics pictures')
   diag.add_argument('--model_dir', action='append', required=True,

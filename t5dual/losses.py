@@ -24,6 +24,14 @@ pair (i, j) with the same query id or the same positive-document id is removed
 from each other's negatives (in every block), and a hard negative whose id
 equals row i's positive document id is removed from row i.
 
+Each direction is built as a ranking list per row -- (scores [B, C], one-hot
+labels [B, C] marking the positive, where [B, C] bool) -- by
+`query_to_doc_lists`, `doc_to_query_lists` and `passage_centric_lists`, and
+scored by the listwise softmax of `t5dual.ranking_losses`, the loss layer the
+rerankers share: -log p(positive) over the row's valid columns, averaged over
+rows. A masked column leaves the softmax; a row whose negatives are all masked
+costs 0.
+
 All computation is float32. Losses return (scalar loss, dict of named terms).
 """
 
@@ -34,24 +42,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from t5dual import ranking_losses
+
 Array = jax.Array
+Lists = tuple[Array, Array, Array]  # (scores, labels, where), each [B, C]
 
 SAME_TOWER_CHOICES = ('none', 'query', 'doc', 'both')
-
-
-def _masked_ce(logits: Array, valid: Array, target: Array) -> Array:
-  """Per-row softmax cross-entropy with invalid entries removed.
-
-  Args:
-    logits: [B, C] float32.
-    valid: [B, C] bool.
-    target: [B] int, index of the positive column (always valid).
-  Returns:
-    [B] cross-entropy.
-  """
-  logits = jnp.where(valid, logits, -jnp.inf)
-  positive = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
-  return jax.nn.logsumexp(logits, axis=1) - positive
 
 
 def false_negative_mask(query_ids: Optional[Array], doc_ids: Optional[Array],
@@ -65,33 +61,98 @@ def false_negative_mask(query_ids: Optional[Array], doc_ids: Optional[Array],
   return keep
 
 
-def _in_batch_blocks(query: Array, doc: Array, negatives: Optional[Array],
-                     temperature: float, query_ids, doc_ids, negative_ids):
-  """Similarity blocks and validity masks shared by the losses."""
+def _similarity(a: Array, b: Array, temperature: float) -> Array:
+  """[len(a), len(b)] <a_i, b_j> / tau in float32."""
+  return a.astype(jnp.float32) @ b.astype(jnp.float32).T / temperature
+
+
+def _flat_negatives(negatives: Array) -> Array:
+  return negatives.reshape(-1, negatives.shape[-1])  # [B, N, D] -> [B*N, D]
+
+
+def _hard_negative_valid(b: int, negatives: Array, doc_ids: Optional[Array],
+                         negative_ids: Optional[Array]) -> Array:
+  """[B, B*N] bool: a hard negative whose id is row i's positive id is not its negative."""
+  if negative_ids is not None and doc_ids is not None:
+    return doc_ids[:, None] != negative_ids.reshape(1, -1)
+  return jnp.ones((b, negatives.shape[0] * negatives.shape[1]), dtype=bool)
+
+
+def _lists(blocks: list[tuple[Array, Array]], positive_column: Array) -> Lists:
+  """Concatenated (scores, valid) blocks, with a one-hot label at `positive_column` [B]."""
+  scores = jnp.concatenate([s for s, _ in blocks], axis=1)
+  where = jnp.concatenate([w for _, w in blocks], axis=1)
+  labels = jax.nn.one_hot(positive_column, scores.shape[1], dtype=jnp.float32)
+  return scores, labels, where
+
+
+def query_to_doc_lists(query: Array, doc: Array, negatives: Optional[Array] = None, *,
+                       temperature: float = 0.01, same_tower: bool = False,
+                       query_ids: Optional[Array] = None, doc_ids: Optional[Array] = None,
+                       negative_ids: Optional[Array] = None) -> Lists:
+  """Row i: query i against [d_j for all j] + [n_{j,k}] + ([q_j, j != i] with SamToNe).
+
+  Args:
+    query, doc: [B, D] embeddings (positives on the diagonal).
+    negatives: optional [B, N, D] hard negatives, shared by every row.
+    temperature: tau.
+    same_tower: append the query-query block (query-side SamToNe).
+    query_ids, doc_ids, negative_ids: optional ids for false-negative masking.
+  Returns:
+    (scores, labels, where), each [B, B + B*N (+ B)]; label 1 at column i.
+  """
   b = query.shape[0]
-  q = query.astype(jnp.float32)
-  d = doc.astype(jnp.float32)
-  eye = jnp.eye(b, dtype=bool)
   keep = false_negative_mask(query_ids, doc_ids, b)
-  blocks = dict(
-      qd=(q @ d.T / temperature, keep | eye),   # positives on the diagonal
-      qq=(q @ q.T / temperature, keep),
-      dd=(d @ d.T / temperature, keep),
-  )
+  blocks = [(_similarity(query, doc, temperature), keep | jnp.eye(b, dtype=bool))]
   if negatives is not None:
-    n = negatives.astype(jnp.float32).reshape(-1, negatives.shape[-1])  # [B*N, D]
-    valid = jnp.ones((b, n.shape[0]), dtype=bool)
-    if negative_ids is not None and doc_ids is not None:
-      valid = doc_ids[:, None] != negative_ids.reshape(1, -1)
-    blocks['qn'] = (q @ n.T / temperature, valid)
-    blocks['dn'] = (d @ n.T / temperature, valid)
-  return blocks
+    blocks.append((_similarity(query, _flat_negatives(negatives), temperature),
+                   _hard_negative_valid(b, negatives, doc_ids, negative_ids)))
+  if same_tower:
+    blocks.append((_similarity(query, query, temperature), keep))
+  return _lists(blocks, jnp.arange(b))
 
 
-def _concat(blocks, names):
-  logits = jnp.concatenate([blocks[k][0] for k in names], axis=1)
-  valid = jnp.concatenate([blocks[k][1] for k in names], axis=1)
-  return logits, valid
+def doc_to_query_lists(query: Array, doc: Array, *, temperature: float = 0.01,
+                       same_tower: bool = False, query_ids: Optional[Array] = None,
+                       doc_ids: Optional[Array] = None) -> Lists:
+  """Row i: document i against [q_j for all j] + ([d_j, j != i] with SamToNe).
+
+  Args: as `query_to_doc_lists`; same_tower appends the document-document block.
+  Returns:
+    (scores, labels, where), each [B, B (+ B)]; label 1 at column i.
+  """
+  b = query.shape[0]
+  keep = false_negative_mask(query_ids, doc_ids, b)
+  # The transpose of the query->doc block, so both directions share one product.
+  blocks = [(_similarity(query, doc, temperature).T, keep | jnp.eye(b, dtype=bool))]
+  if same_tower:
+    blocks.append((_similarity(doc, doc, temperature), keep))
+  return _lists(blocks, jnp.arange(b))
+
+
+def passage_centric_lists(query: Array, doc: Array, negatives: Optional[Array] = None, *,
+                          temperature: float = 0.01, query_ids: Optional[Array] = None,
+                          doc_ids: Optional[Array] = None,
+                          negative_ids: Optional[Array] = None) -> Lists:
+  """PAIR's passage-centric row i: [s(d_i, q_i)] + [d_j, j != i] + [n_{j,k}].
+
+  Args: as `query_to_doc_lists`.
+  Returns:
+    (scores, labels, where), each [B, 1 + B (+ B*N)]; label 1 at column 0.
+  """
+  b = query.shape[0]
+  positive = jnp.diagonal(_similarity(query, doc, temperature))[:, None]
+  blocks = [(positive, jnp.ones((b, 1), dtype=bool)),
+            (_similarity(doc, doc, temperature), false_negative_mask(query_ids, doc_ids, b))]
+  if negatives is not None:
+    blocks.append((_similarity(doc, _flat_negatives(negatives), temperature),
+                   _hard_negative_valid(b, negatives, doc_ids, negative_ids)))
+  return _lists(blocks, jnp.zeros((b,), jnp.int32))
+
+
+def _softmax(lists: Lists) -> Array:
+  scores, labels, where = lists
+  return ranking_losses.softmax_loss(scores, labels, where=where)
 
 
 def in_batch_softmax_loss(
@@ -128,18 +189,15 @@ def in_batch_softmax_loss(
   if same_tower_negatives in ('doc', 'both') and not bidirectional:
     raise ValueError("document-side SamToNe lives in the doc->query direction: "
                      "same_tower_negatives='doc'/'both' needs bidirectional=True")
-  blocks = _in_batch_blocks(query, doc, negatives, temperature, query_ids, doc_ids,
-                            negative_ids)
-  target = jnp.arange(query.shape[0])
-  q_names = ['qd'] + (['qn'] if negatives is not None else [])
-  if same_tower_negatives in ('query', 'both'):
-    q_names.append('qq')
-  terms = {'query_to_doc': jnp.mean(_masked_ce(*_concat(blocks, q_names), target))}
+  ids = dict(query_ids=query_ids, doc_ids=doc_ids)
+  terms = {'query_to_doc': _softmax(query_to_doc_lists(
+      query, doc, negatives, temperature=temperature,
+      same_tower=same_tower_negatives in ('query', 'both'), negative_ids=negative_ids,
+      **ids))}
   if bidirectional:
-    dq_logits, dq_valid = blocks['qd'][0].T, blocks['qd'][1].T
-    d_blocks = {'dq': (dq_logits, dq_valid), 'dd': blocks['dd']}
-    d_names = ['dq'] + (['dd'] if same_tower_negatives in ('doc', 'both') else [])
-    terms['doc_to_query'] = jnp.mean(_masked_ce(*_concat(d_blocks, d_names), target))
+    terms['doc_to_query'] = _softmax(doc_to_query_lists(
+        query, doc, temperature=temperature,
+        same_tower=same_tower_negatives in ('doc', 'both'), **ids))
   return sum(terms.values()), terms
 
 
@@ -160,21 +218,10 @@ def pair_loss(
   Returns:
     (loss, terms) with terms 'query_centric' and 'passage_centric' (unweighted).
   """
-  blocks = _in_batch_blocks(query, doc, negatives, temperature, query_ids, doc_ids,
-                            negative_ids)
-  b = query.shape[0]
-  target = jnp.arange(b)
-  with_negs = ['qn'] if negatives is not None else []
-  query_centric = jnp.mean(_masked_ce(*_concat(blocks, ['qd'] + with_negs), target))
-  # Passage-centric row i: s(d_i, q_i) first, then d_i's similarity to the other passages.
-  p_blocks = {
-      'pos': (jnp.diagonal(blocks['qd'][0])[:, None], jnp.ones((b, 1), dtype=bool)),
-      'dd': blocks['dd'],
-  }
-  if negatives is not None:
-    p_blocks['dn'] = blocks['dn']
-  passage_centric = jnp.mean(_masked_ce(*_concat(p_blocks, list(p_blocks)),
-                                        jnp.zeros((b,), jnp.int32)))
+  common = dict(temperature=temperature, query_ids=query_ids, doc_ids=doc_ids,
+             negative_ids=negative_ids)
+  query_centric = _softmax(query_to_doc_lists(query, doc, negatives, **common))
+  passage_centric = _softmax(passage_centric_lists(query, doc, negatives, **common))
   loss = (1.0 - alpha) * query_centric + alpha * passage_centric
   return loss, {'query_centric': query_centric, 'passage_centric': passage_centric}
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from t5dual import models, optim, partitioning, t5, trainer  # noqa: E402
+from t5dual.sides import Side  # noqa: E402
 
 
 def flops_per_token_fwd(cfg: t5.T5Config, seq: int) -> float:
@@ -85,7 +86,7 @@ def main():
       return metrics['loss']
     t_train = _timed(train_once, a.steps)
     docs = ids(a.encode_batch, a.d_len)
-    encode = jax.jit(lambda p, d: model.encode(p, d, 'right'))
+    encode = jax.jit(lambda p, d: model.encode(p, d, Side.DOCUMENT.tower))
     t_enc = _timed(lambda: encode(state[0], docs), a.steps)
 
   peak = a.peak_tflops * 1e12

@@ -19,7 +19,10 @@
       --beir=/data/scifact --split=test --out_dir=/tmp/diagnostics
 
 `run` keeps its exports under --out_dir (default MODEL_DIR/eval/<folder>-<split>-<step>),
-so running it again resumes an interrupted export and reuses finished ones.
+so running it again resumes an interrupted export and reuses finished ones. Empty
+queries and documents are encoded (as EOS only) with a warning; judgements citing
+documents missing from the corpus are scored as BEIR scores them, with a warning
+(`mine` skips them).
 """
 
 import argparse
@@ -30,7 +33,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from t5dual import evaluation, export, hard_negatives, retrieval  # noqa: E402
+from t5dual import cli, evaluation, export, hard_negatives, retrieval  # noqa: E402
+from t5dual.sides import Side  # noqa: E402
 
 log = logging.getLogger('eval')
 
@@ -53,8 +57,7 @@ def cmd_run(args) -> dict:
       measures=_measures(args.measures), k=args.k, backend=args.backend,
       exclude_identical_ids=args.exclude_identical_ids, search_kwargs=_search_kwargs(args),
       export_options=dict(batch_size=args.batch_size, shard_size=args.shard_size,
-                          dtype=args.dtype, allow_empty=args.allow_empty_text,
-                          progress=not args.no_progress),
+                          dtype=args.dtype, progress=not args.no_progress),
       tag=args.tag)
   name = os.path.basename(os.path.normpath(args.beir))
   print(evaluation.format_table({f'{name}/{args.split} step {summary["step"]}':
@@ -65,7 +68,7 @@ def cmd_run(args) -> dict:
 
 def cmd_score(args) -> dict:
   if bool(args.qrels) == bool(args.beir):
-    raise SystemExit('give --qrels FILE or --beir FOLDER (with --split)')
+    raise cli.UserError('give --qrels FILE or --beir FOLDER (with --split)')
   qrels = (evaluation.load_qrels(args.qrels) if args.qrels
            else evaluation.load_qrels(args.beir, args.split))
   measures = _measures(args.measures)
@@ -82,6 +85,12 @@ def cmd_mine(args) -> dict:
   from t5dual.data import sources
   run = retrieval.read_trec_run(args.run)
   qrels = evaluation.load_qrels(args.beir, args.split)
+  doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
+  corpus = dict(zip(doc_ids, doc_texts))
+  # As in training: a judged document without text cannot be a positive.
+  evaluation.warn_missing_documents(qrels, corpus, sources.qrels_path(args.beir, args.split),
+                                    'those pairs are skipped')
+  qrels = {q: {d: r for d, r in judged.items() if d in corpus} for q, judged in qrels.items()}
   config = hard_negatives.MiningConfig(
       num_negatives=args.num_negatives, min_rank=args.min_rank, max_rank=args.max_rank,
       margin=args.margin, relative_margin=args.relative_margin,
@@ -94,9 +103,8 @@ def cmd_mine(args) -> dict:
         export.open_embeddings(os.path.join(args.embeddings, 'corpus')), qrels,
         args.min_relevance)
   records, stats = hard_negatives.mine_hard_negatives(run, qrels, config, positive_scores)
-  doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
   count = hard_negatives.write_triples(args.out, records, sources.read_beir_queries(args.beir),
-                                       dict(zip(doc_ids, doc_texts)))
+                                       corpus)
   print(json.dumps(stats))
   print(f'{count} examples with hard negatives: {args.out}')
   return stats
@@ -117,18 +125,21 @@ def cmd_bm25(args) -> dict:
 def _diagnose_inputs(model_dir: str, args) -> tuple:
   """(query vectors, positive vectors, corpus vectors) of one checkpoint, in memory."""
   import numpy as np
-  from t5dual import checkpoints, diagnostics
+  from t5dual import checkpoints, corpus, diagnostics, encoding
   from t5dual.data import sources
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir,
-                                                                              args.step)
   qrels = evaluation.load_qrels(args.beir, args.split)
   doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
   qids, qtexts = evaluation.beir_queries_with_qrels(args.beir, qrels)
   q_rows, d_rows = diagnostics.query_positive_pairs(qids, doc_ids, qrels)
-  encode = lambda texts, tower, length: export.encode_texts(
-      export.make_encode_fn(model, params, tower), tokenizer, texts, length, args.batch_size)
-  docs = encode(doc_texts, 'right', lengths['targets'])
-  queries = encode([qtexts[i] for i in q_rows], 'left', lengths['inputs'])
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir,
+                                                                              args.step)
+
+  def encode(side, ids, texts):
+    corpus.validate_corpus(ids, texts, os.path.join(args.beir, f'{side.beir_part}.jsonl'))
+    return encoding.encode_texts(encoding.make_encode_fn(model, params, side), tokenizer,
+                                 texts, lengths[side.feature], args.batch_size)
+  docs = encode(Side.DOCUMENT, doc_ids, doc_texts)
+  queries = encode(Side.QUERY, [qids[i] for i in q_rows], [qtexts[i] for i in q_rows])
   return queries, docs[np.asarray(d_rows)], docs, step
 
 
@@ -136,7 +147,7 @@ def cmd_diagnose(args) -> dict:
   from t5dual import diagnostics
   labels = args.label or []
   if labels and len(labels) != len(args.model_dir):
-    raise SystemExit(f'{len(labels)} --label for {len(args.model_dir)} --model_dir')
+    raise cli.UserError(f'{len(labels)} --label for {len(args.model_dir)} --model_dir')
   diags = []
   for i, model_dir in enumerate(args.model_dir):
     queries, positives, docs, step = _diagnose_inputs(model_dir, args)
@@ -175,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--dtype', choices=export.DTYPES, default='float16')
   run.add_argument('--batch_size', type=int, default=128)
   run.add_argument('--shard_size', type=int, default=50_000)
-  run.add_argument('--allow_empty_text', action='store_true')
   run.add_argument('--tag', default='t5dual')
   run.add_argument('--no_progress', action='store_true')
   run.set_defaults(fn=cmd_run)
@@ -232,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+  """Runs one command; returns what it computed (summary, table, stats or paths)."""
   args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-file chatter
-  try:
-    return args.fn(args)
-  except (FileNotFoundError, ValueError) as e:  # bad input: the message names file and line
-    raise SystemExit(f'error: {e}') from e
+  return args.fn(args)
+
+
+def _entry_point(argv) -> None:
+  main(argv)  # the result is printed; the exit status is 0
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_main(_entry_point)

@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Encode a corpus with a checkpoint into sharded, resumable embedding files.
 
-  python scripts/export.py --model_dir=/tmp/sde --tower=right \
+  python scripts/export.py --model_dir=/tmp/sde --side=document \
       --beir=/data/scifact --out_dir=/tmp/sde/export/scifact-corpus
 
 Sources (one of): --beir FOLDER (its corpus, or with --beir_part=queries its
 queries), --jsonl FILE (--id_field, --text_fields), --tfds NAME --split SPLIT
 or --seqio_task NAME --split SPLIT (TensorFlow extras; --id_field and
 --text_fields name the features; without an id field, ids are row numbers).
-The left tower encodes queries, the right tower documents. Run the same
-command again to resume an interrupted export; with --multihost, run it on
-every host and each writes its own shards. See t5dual/export.py for the files.
+--side=query encodes with the query side (the left tower), --side=document
+with the document side (the right tower); --tower=left/right says the same.
+Empty texts are encoded as EOS only, with one warning giving their count. Run
+the same command again to resume an interrupted export; with --multihost, run
+it on every host and each writes its own shards. See t5dual/export.py for the
+files.
 """
 
 import argparse
@@ -20,16 +23,36 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
+from t5dual import cli, corpus, encoding, export  # noqa: E402
+from t5dual.sides import Side  # noqa: E402
 
-from t5dual import export  # noqa: E402
+log = logging.getLogger('export')
+
+
+def side_flag(name: str) -> Side:
+  """argparse type: a Side from any of its names."""
+  try:
+    return Side.parse(name)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def lengths_flag(text: str) -> list[int]:
+  """argparse type: comma-separated positive token lengths."""
+  try:
+    lengths = [int(b) for b in text.split(',') if b.strip()]
+  except ValueError:
+    lengths = []
+  if not lengths or min(lengths) < 1:
+    raise argparse.ArgumentTypeError(f'expected comma-separated positive integers, got {text!r}')
+  return lengths
 
 
 def add_source_flags(parser: argparse.ArgumentParser) -> None:
   src = parser.add_argument_group('source (one of)')
   src.add_argument('--beir', help='BEIR folder')
   src.add_argument('--beir_part', choices=('corpus', 'queries'), default=None,
-                   help='default: corpus for the right tower, queries for the left')
+                   help='default: corpus for the document side, queries for the query side')
   src.add_argument('--jsonl', help='JSONL file with an id and text fields per line')
   src.add_argument('--tfds', help='TFDS dataset name (needs tensorflow-datasets)')
   src.add_argument('--seqio_task', help='seqio task name (needs seqio); reads its raw source')
@@ -39,82 +62,80 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
                    help='comma-separated fields joined with a space (missing ones skipped)')
 
 
-def read_source(args) -> tuple[list[str], list[str]]:
+def read_source(args) -> tuple[list[str], list[str], str]:
+  """(ids, texts, name of the source for messages)."""
   from t5dual.data import sources
   given = [n for n in ('beir', 'jsonl', 'tfds', 'seqio_task') if getattr(args, n)]
   if len(given) != 1:
-    raise SystemExit(f'give exactly one source (--beir, --jsonl, --tfds, --seqio_task), '
-                     f'got {given or "none"}')
+    raise cli.UserError(f'give exactly one source (--beir, --jsonl, --tfds, --seqio_task), '
+                        f'got {given or "none"}')
   fields = [f for f in args.text_fields.split(',') if f]
   if args.beir:
-    part = args.beir_part or ('queries' if args.tower == 'left' else 'corpus')
+    part = args.beir_part or args.side.beir_part
+    name = os.path.join(args.beir, f'{part}.jsonl')
     if part == 'corpus':
-      return sources.read_beir_corpus(args.beir)
+      return (*sources.read_beir_corpus(args.beir), name)
     queries = sources.read_beir_queries(args.beir)
-    return list(queries), list(queries.values())
+    return list(queries), list(queries.values()), name
   if args.jsonl:
-    return export.read_jsonl_corpus(args.jsonl, args.id_field, fields)
+    return (*corpus.read_jsonl_corpus(args.jsonl, args.id_field, fields), args.jsonl)
   if args.tfds:
     import tensorflow_datasets as tfds
     dataset = tfds.load(args.tfds, split=args.split, shuffle_files=False)
-    return export.read_tf_dataset(dataset, args.id_field, fields, f'{args.tfds}:{args.split}')
+    name = f'{args.tfds}:{args.split}'
+    return (*corpus.read_tf_dataset(dataset, args.id_field, fields, name), name)
   import seqio
   task = seqio.get_mixture_or_task(args.seqio_task)
   dataset = task.source.get_dataset(split=args.split, shuffle=False)
-  return export.read_tf_dataset(dataset, args.id_field, fields,
-                                f'{args.seqio_task}:{args.split}')
+  name = f'{args.seqio_task}:{args.split}'
+  return (*corpus.read_tf_dataset(dataset, args.id_field, fields, name), name)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model_dir', required=True)
   parser.add_argument('--step', type=int, default=None, help='default: latest checkpoint')
-  parser.add_argument('--tower', choices=export.TOWERS, required=True,
-                      help='left = query tower, right = document tower')
+  parser.add_argument('--side', '--tower', dest='side', type=side_flag, required=True,
+                      help='query (= left tower) or document (= right tower)')
   parser.add_argument('--out_dir', required=True)
   add_source_flags(parser)
   parser.add_argument('--dtype', choices=export.DTYPES, default='float16')
   parser.add_argument('--max_length', type=int, default=None,
-                      help="default: the model's inputs (left) or targets (right) length")
+                      help="default: the model's query (inputs) or document (targets) length")
   parser.add_argument('--batch_size', type=int, default=128)
   parser.add_argument('--shard_size', type=int, default=50_000)
-  parser.add_argument('--buckets', default=None, help='comma-separated token lengths')
+  parser.add_argument('--buckets', type=lengths_flag, default=None,
+                      help='comma-separated token lengths')
   parser.add_argument('--parquet', action='store_true', help='also write id + vector parquet')
-  parser.add_argument('--allow_empty_text', action='store_true')
   parser.add_argument('--no_progress', action='store_true')
   parser.add_argument('--multihost', action='store_true',
                       help='call jax.distributed.initialize() first')
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-file chatter
+  return parser
+
+
+def main(argv=None) -> None:
+  args = build_parser().parse_args(argv)
   if args.multihost:
+    import jax
     jax.distributed.initialize()
-
-  try:
-    export_source(args)
-  except (FileNotFoundError, ValueError) as e:  # bad input: the message names file and line
-    raise SystemExit(f'error: {e}') from e
-
-
-def export_source(args) -> None:
   from t5dual import checkpoints
-  ids, texts = read_source(args)
+  ids, texts, name = read_source(args)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       args.model_dir, args.step)
   options = export.ExportOptions(
-      max_length=args.max_length or lengths['inputs' if args.tower == 'left' else 'targets'],
-      tower=args.tower, batch_size=args.batch_size, shard_size=args.shard_size,
-      dtype=args.dtype, parquet=args.parquet, allow_empty=args.allow_empty_text,
-      buckets=[int(b) for b in args.buckets.split(',')] if args.buckets else None,
+      max_length=args.max_length or lengths[args.side.feature],
+      side=args.side, batch_size=args.batch_size, shard_size=args.shard_size,
+      dtype=args.dtype, parquet=args.parquet,
+      buckets=args.buckets,
       progress=not args.no_progress)
   manifest = export.export_embeddings(
-      export.make_encode_fn(model, params, args.tower), tokenizer, ids, texts, args.out_dir,
-      options, model_info=checkpoints.read_model_json(args.model_dir), step=step)
+      encoding.make_encode_fn(model, params, args.side), tokenizer, ids, texts, args.out_dir,
+      options, model_info=checkpoints.read_model_json(args.model_dir), step=step, name=name)
   if manifest is not None:
-    logging.info('%s: %d vectors of dimension %d (%s) in %d shards', args.out_dir,
-                 manifest['count'], manifest['dimension'], manifest['dtype'],
-                 len(manifest['shards']))
+    log.info('%s: %d vectors of dimension %d (%s) in %d shards', args.out_dir,
+             manifest['count'], manifest['dimension'], manifest['dtype'],
+             len(manifest['shards']))
 
 
 if __name__ == '__main__':
-  main()
+  cli.run_main(main)

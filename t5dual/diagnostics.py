@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from t5dual.data import sources
+
 QUERY_COLOUR, DOC_COLOUR = '#1f77b4', '#d62728'
 
 
@@ -54,7 +56,7 @@ def qq_qp_ratios(query_vecs: np.ndarray, positive_vecs: np.ndarray, num_pairs: i
   """cos(q_i, q_j) / cos(q_i, p_j) for `num_pairs` random ordered pairs i != j."""
   n = len(query_vecs)
   if n < 2:
-    raise ValueError('need at least 2 queries for query-query similarities')
+    raise sources.DataError(f'query-query similarities need at least 2 queries, got {n}')
   rng = np.random.default_rng(seed)
   i = rng.integers(0, n, num_pairs)
   j = (i + rng.integers(1, n, num_pairs)) % n
@@ -213,5 +215,6 @@ def query_positive_pairs(query_ids: Sequence[str], corpus_ids: Sequence[str], qr
       q_rows.append(i)
       d_rows.append(doc_row[positives[0]])
   if len(q_rows) < 2:
-    raise ValueError(f'only {len(q_rows)} queries have a positive document in the corpus')
+    raise sources.DataError(f'only {len(q_rows)} queries have a positive document in the '
+                            'corpus; the diagnostics need at least 2')
   return q_rows, d_rows

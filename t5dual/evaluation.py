@@ -6,6 +6,12 @@ Measures are named as in ir_measures ('nDCG@10', 'RR@10', 'R@100', 'P@5',
 ir_measures name. Relevance is graded as in the qrels (trec_eval's linear
 gain, as BEIR). A query in the qrels that the run lacks scores 0, and a query
 of the run without qrels is ignored.
+
+On BEIR folders, only the queries judged in the evaluated split are encoded;
+empty queries and documents are encoded (as EOS only) with a warning, and
+judgements that cite documents missing from the corpus are kept, as BEIR and
+trec_eval keep them (they count as relevant documents never retrieved), with
+one warning that names them.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping, Optional, Sequence
 
+from t5dual import cli
 from t5dual.data import sources
+from t5dual.data.sources import Qrels, Run
+from t5dual.sides import Side
 
 DEFAULT_MEASURES = ('nDCG@10', 'RR@10', 'R@100')
-Qrels = dict[str, dict[str, int]]
-Run = dict[str, dict[str, float]]
 
 
 def parse_measures(names: Iterable[str]) -> list:
@@ -33,10 +40,11 @@ def parse_measures(names: Iterable[str]) -> list:
     try:
       parsed += ir_measures.parse_trec_measure(name)
     except (NameError, ValueError, SyntaxError, TypeError):
-      raise ValueError(f'unknown measure {name!r}; use ir_measures names such as nDCG@10, '
-                       'RR@10, R@100, P@5, AP, or trec_eval names such as ndcg_cut_10') from None
+      raise cli.ConfigError(f'unknown measure {name!r}; use ir_measures names such as '
+                            'nDCG@10, RR@10, R@100, P@5, AP, or trec_eval names such as '
+                            'ndcg_cut_10') from None
   if not parsed:
-    raise ValueError('no measures given')
+    raise cli.ConfigError('no measures given')
   return list(dict.fromkeys(parsed))
 
 
@@ -61,18 +69,33 @@ def load_qrels(path: str, split: Optional[str] = None) -> Qrels:
     raise FileNotFoundError(f'{path}: qrels file not found')
   qrels = sources.read_qrels(path, split)
   if not qrels:
-    raise ValueError(f'{file if split is not None else path}: no judgements')
+    raise sources.DataError(f'{file if split is not None else path}: no judgements')
   return qrels
 
 
 def _check(run: Mapping, qrels: Mapping) -> None:
   if not qrels:
-    raise ValueError('the qrels are empty')
+    raise sources.DataError('the qrels are empty')
   if not run:
-    raise ValueError('the run is empty')
+    raise sources.DataError('the run is empty')
   if not set(run) & set(qrels):
-    raise ValueError(f'none of the {len(run)} queries of the run has qrels (run ids such as '
-                     f'{next(iter(run))!r}, qrels ids such as {next(iter(qrels))!r})')
+    raise sources.DataError(f'none of the {len(run)} queries of the run has qrels (run ids '
+                            f'such as {next(iter(run))!r}, qrels ids such as '
+                            f'{next(iter(qrels))!r})')
+
+
+def warn_missing_documents(qrels: Qrels, corpus_ids: Iterable[str], what: str = 'qrels',
+                           consequence: str = 'they are kept and count as documents never '
+                                              'retrieved, as in BEIR') -> None:
+  """One warning for the positive judgements that cite documents not in the corpus.
+
+  (A judgement of relevance <= 0 changes no measure, and training ignores it.)
+  """
+  known = set(corpus_ids)
+  cited = [d for judged in qrels.values() for d, rel in judged.items()
+           if rel > 0 and d not in known]
+  sources.warn_missing_documents(what, [repr(d) for d in dict.fromkeys(cited)], len(cited),
+                                 consequence)
 
 
 def evaluate(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES
@@ -117,19 +140,23 @@ def evaluate_beir(model, params, tokenizer, corpus_ids: Sequence[str],
   """Encodes corpus and queries in memory, retrieves exactly, and evaluates.
 
   Only the queries that have qrels are encoded (as BEIR does); each must be in
-  `queries`. Documents go through the right tower, queries the left.
+  `queries`.
   """
-  from t5dual import export, retrieval
+  from t5dual import corpus, encoding, retrieval
   missing = [q for q in qrels if q not in queries]
   if missing:
-    raise ValueError(f'{len(missing)} qrels queries have no text, first: {missing[0]!r}')
+    raise sources.DataError(f'{len(missing)} qrels queries have no text, first: '
+                            f'{missing[0]!r}')
   qids = [q for q in queries if q in qrels]
-  export.validate_corpus(list(corpus_ids), list(corpus_texts), 'corpus')
-  export.validate_corpus(qids, [queries[q] for q in qids], 'queries')
-  docs = export.encode_texts(export.make_encode_fn(model, params, 'right'), tokenizer,
-                             corpus_texts, doc_length, batch_size)
-  query_vecs = export.encode_texts(export.make_encode_fn(model, params, 'left'), tokenizer,
-                                   [queries[q] for q in qids], query_length, batch_size)
+  corpus.validate_corpus(list(corpus_ids), list(corpus_texts), 'corpus')
+  corpus.validate_corpus(qids, [queries[q] for q in qids], 'queries')
+  warn_missing_documents(qrels, corpus_ids)
+
+  def encode(side, texts, length):
+    return encoding.encode_texts(encoding.make_encode_fn(model, params, side), tokenizer,
+                                 texts, length, batch_size)
+  docs = encode(Side.DOCUMENT, corpus_texts, doc_length)
+  query_vecs = encode(Side.QUERY, [queries[q] for q in qids], query_length)
   k = search_depth(measures)
   scores, index = retrieval.exact_search(query_vecs, docs, k + int(exclude_identical_ids))
   run = retrieval.to_run(qids, list(corpus_ids), scores, index, k, exclude_identical_ids)
@@ -141,8 +168,8 @@ def beir_queries_with_qrels(folder: str, qrels: Qrels) -> tuple[list[str], list[
   queries = sources.read_beir_queries(folder)
   missing = [q for q in qrels if q not in queries]
   if missing:
-    raise ValueError(f'{len(missing)} qrels queries are not in {folder}/queries.jsonl, '
-                     f'first: {missing[0]!r}')
+    raise sources.DataError(f'{len(missing)} qrels queries are not in {folder}/queries.jsonl, '
+                            f'first: {missing[0]!r}')
   qids = [q for q in queries if q in qrels]
   return qids, [queries[q] for q in qids]
 
@@ -157,27 +184,33 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
                                 tag: str = 't5dual') -> dict:
   """Export corpus and queries -> retrieve -> run.trec -> metrics, for a model directory.
 
-  Exports go to `out_dir` (default MODEL_DIR/eval/<folder>-<split>-<step>), so a
-  second call resumes an interrupted export and reuses finished ones. Returns a
-  summary with 'step', 'run' (path), 'k' and 'metrics'; also written as metrics.json.
+  Exports go to `out_dir` (default MODEL_DIR/eval/<folder>-<split>-<step>), in
+  sub-directories 'corpus' and 'queries', so a second call resumes an
+  interrupted export and reuses finished ones. The data is read and checked
+  before the model is restored. Returns a summary with 'step', 'run' (path), 'k'
+  and 'metrics'; also written as metrics.json.
   """
   import json
-  from t5dual import checkpoints, export, retrieval
+  from t5dual import checkpoints, encoding, export, retrieval
   qrels = load_qrels(beir, split)
+  texts = {Side.DOCUMENT: sources.read_beir_corpus(beir),
+           Side.QUERY: beir_queries_with_qrels(beir, qrels)}
+  warn_missing_documents(qrels, texts[Side.DOCUMENT][0], sources.qrels_path(beir, split))
+  k = k or search_depth(measures)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir, step)
   name = os.path.basename(os.path.normpath(beir))
   out = out_dir or os.path.join(model_dir, 'eval', f'{name}-{split}-{step}')
   info = checkpoints.read_model_json(model_dir)
-  parts = {'corpus': ('right', *sources.read_beir_corpus(beir), lengths['targets']),
-           'queries': ('left', *beir_queries_with_qrels(beir, qrels), lengths['inputs'])}
   embeddings = {}
-  for part, (tower, ids, texts, length) in parts.items():
-    options = export.ExportOptions(max_length=length, tower=tower, **(export_options or {}))
-    export.export_embeddings(export.make_encode_fn(model, params, tower), tokenizer, ids,
-                             texts, os.path.join(out, part), options, info, step)
-    embeddings[part] = export.open_embeddings(os.path.join(out, part))
-  k = k or search_depth(measures)
-  run = retrieval.retrieve(embeddings['queries'], embeddings['corpus'], k, backend,
+  for side, (ids, side_texts) in texts.items():
+    options = export.ExportOptions(max_length=lengths[side.feature], side=side,
+                                   **(export_options or {}))
+    part = os.path.join(out, side.beir_part)
+    export.export_embeddings(encoding.make_encode_fn(model, params, side), tokenizer, ids,
+                             side_texts, part, options, info, step,
+                             name=os.path.join(beir, f'{side.beir_part}.jsonl'))
+    embeddings[side] = export.open_embeddings(part)
+  run = retrieval.retrieve(embeddings[Side.QUERY], embeddings[Side.DOCUMENT], k, backend,
                            exclude_identical_ids, **(search_kwargs or {}))
   run_path = os.path.join(out, 'run.trec')
   retrieval.write_trec_run(run_path, run, tag)

@@ -1,11 +1,10 @@
-"""Sharded, resumable export of embeddings for a whole corpus.
+"""Sharded, resumable export of embeddings for a whole corpus, and reading exports back.
 
-The corpus (ids + texts, in input order) is cut into shards of `shard_size`
-consecutive rows; shard n holds rows n*shard_size .. and is written by
-process n % process_count, so each host of a multi-host run writes its own
-shards. Inside a shard the texts are sorted by token length and batched, each
-batch padded only to the smallest bucket length that fits it, and the vectors
-are put back into input order before the shard is written.
+The corpus (ids + texts, in input order; see `t5dual.corpus`) is cut into
+shards of `shard_size` consecutive rows; shard n holds rows n*shard_size ..
+and is written by process n % process_count, so each host of a multi-host run
+writes its own shards. Inside a shard the texts are encoded in length-bucketed
+batches (`t5dual.encoding`) and the vectors are written in input order.
 
 Layout of an export directory (shard n of N):
 
@@ -16,15 +15,16 @@ Layout of an export directory (shard n of N):
   shard-0000n-of-0000N.json           written last: the shard is complete
   manifest.json                       plan + every shard's count and sha256
 
-Each file is written under a temporary name and renamed, and the shard's json
-is written after its data files, so an export killed at any moment resumes
-from the last complete shard and ends with exactly one vector per id.
+The plan's "tower" is the side's tower name ('left' = queries, 'right' =
+documents; `Side.tower`). Each file is written under a temporary name and
+renamed, and the shard's json is written after its data files, so an export
+killed at any moment resumes from the last complete shard and ends with
+exactly one vector per id.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -34,8 +34,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
+from t5dual import cli, corpus, encoding
 from t5dual.data import sources
-from t5dual.t5 import EOS_ID, PAD_ID
+from t5dual.sides import Side
 
 log = logging.getLogger(__name__)
 
@@ -43,112 +44,13 @@ FORMAT = 't5dual.embeddings/1'
 PLAN = 'plan.json'
 MANIFEST = 'manifest.json'
 DTYPES = ('float16', 'float32')
-TOWERS = ('left', 'right')
-
-EncodeFn = Callable[[np.ndarray], np.ndarray]
 
 
 class ExportError(sources.DataError):
-  """Bad input to an export, or an export directory that is incomplete or corrupt."""
+  """Bad export options, or an export directory that is incomplete or corrupt."""
 
 
-# --------------------------------------------------------------------------- inputs
-
-def validate_corpus(ids: Sequence[str], texts: Sequence[str], what: str = 'corpus',
-                    allow_empty: bool = False) -> None:
-  """Raises ExportError on duplicate or malformed ids and (unless allowed) empty texts."""
-  if len(ids) != len(texts):
-    raise ExportError(f'{what}: {len(ids)} ids but {len(texts)} texts')
-  if not ids:
-    raise ExportError(f'{what}: nothing to encode (0 ids)')
-  seen: dict[str, int] = {}
-  for pos, doc_id in enumerate(ids):
-    if not isinstance(doc_id, str) or not doc_id or any(c.isspace() for c in doc_id):
-      raise ExportError(f'{what}: id {doc_id!r} at position {pos} must be a non-empty string '
-                        'without whitespace (TREC run files are whitespace-separated)')
-    if doc_id in seen:
-      raise ExportError(f'{what}: duplicate id {doc_id!r} at positions {seen[doc_id]} and {pos}')
-    seen[doc_id] = pos
-  for pos, text in enumerate(texts):
-    if not isinstance(text, str):
-      raise ExportError(f'{what}: text of id {ids[pos]!r} (position {pos}) is '
-                        f'{type(text).__name__}, not str')
-  if not allow_empty:
-    empty = [pos for pos, text in enumerate(texts) if not text.strip()]
-    if empty:
-      shown = ', '.join(f'{ids[p]!r} (position {p})' for p in empty[:5])
-      raise ExportError(f'{what}: {len(empty)} empty text(s), first: {shown}; drop them or '
-                        'pass allow_empty=True to encode them as an empty sequence')
-
-
-def _join_fields(record: dict, text_fields: Sequence[str], where: str) -> str:
-  parts = []
-  for field in text_fields:
-    value = record.get(field)
-    if isinstance(value, bytes):
-      value = value.decode('utf-8')
-    if value is None:
-      continue
-    if not isinstance(value, str):
-      raise ExportError(f'{where}: field {field!r} is {type(value).__name__}, not text')
-    if value.strip():
-      parts.append(value.strip())
-  if not any(f in record for f in text_fields):
-    raise ExportError(f'{where}: none of the text fields {list(text_fields)} is present')
-  return ' '.join(parts)
-
-
-def _id_of(record: dict, id_field: Optional[str], default: str, where: str) -> str:
-  if not id_field:
-    return default
-  value = record.get(id_field)
-  if isinstance(value, bytes):
-    value = value.decode('utf-8')
-  if isinstance(value, (int, np.integer)):
-    value = str(value)
-  if not isinstance(value, str):
-    raise ExportError(f'{where}: missing or non-string id field {id_field!r}')
-  return value
-
-
-def read_jsonl_corpus(path: str, id_field: str = '_id',
-                      text_fields: Sequence[str] = ('title', 'text')
-                      ) -> tuple[list[str], list[str]]:
-  """(ids, texts) of a JSONL file; texts join the non-empty `text_fields` with a space.
-
-  Duplicate ids are reported with both line numbers; empty texts are left to
-  `validate_corpus`.
-  """
-  ids, texts, seen = [], [], {}
-  for lineno, record in sources.iter_jsonl(path, ExportError):
-    where = f'{path}:{lineno}'
-    doc_id = _id_of(record, id_field, str(len(ids)), where)
-    if doc_id in seen:
-      raise ExportError(f'{where}: duplicate id {doc_id!r} (first on line {seen[doc_id]})')
-    seen[doc_id] = lineno
-    ids.append(doc_id)
-    texts.append(_join_fields(record, text_fields, where))
-  return ids, texts
-
-
-def read_tf_dataset(dataset, id_field: Optional[str], text_fields: Sequence[str],
-                    name: str) -> tuple[list[str], list[str]]:
-  """(ids, texts) of a tf.data dataset of dicts (TFDS split, seqio task source).
-
-  Without `id_field` (or when the examples lack it) the ids are row numbers.
-  """
-  ids, texts, seen = [], [], {}
-  for row, example in enumerate(dataset.as_numpy_iterator()):
-    where = f'{name} example {row}'
-    field = id_field if id_field and id_field in example else None
-    doc_id = _id_of(example, field, str(row), where)
-    if doc_id in seen:
-      raise ExportError(f'{where}: duplicate id {doc_id!r} (first in example {seen[doc_id]})')
-    seen[doc_id] = row
-    ids.append(doc_id)
-    texts.append(_join_fields(example, text_fields, where))
-  return ids, texts
-
+# --------------------------------------------------------------------------- files
 
 def _sha256_strings(strings: Sequence[str]) -> str:
   h = hashlib.sha256()
@@ -163,92 +65,6 @@ def _sha256_file(path: str) -> str:
   with open(path, 'rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
-
-# --------------------------------------------------------------------------- encoding
-
-def make_encode_fn(model, params, side: str, devices: Optional[Sequence[jax.Device]] = None
-                   ) -> EncodeFn:
-  """numpy ids [B, L] -> numpy float32 [B, D] with `model.encode`, data-parallel over devices.
-
-  The batch is split over `devices` (default: this process's local devices);
-  `encode.batch_multiple` tells callers what the batch size must divide by.
-  """
-  if side not in TOWERS:
-    raise ValueError(f'side must be one of {TOWERS}, got {side!r}')
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  devices = list(devices or jax.local_devices())
-  mesh = Mesh(np.asarray(devices), ('batch',))
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('batch'))
-  params = jax.device_put(params, replicated)
-  fn = _jitted_encode(model, side, split)
-
-  def encode(ids: np.ndarray) -> np.ndarray:
-    return np.asarray(fn(params, jax.device_put(np.asarray(ids, np.int32), split)),
-                      np.float32)
-
-  encode.batch_multiple = len(devices)
-  return encode
-
-
-_ENCODERS: dict = {}
-
-
-def _jitted_encode(model, side: str, out_sharding):
-  """One jitted encoder per (model class and config, tower, sharding), so that every
-  `make_encode_fn` call reuses its compilations (e.g. evaluating before and after
-  training, or several restores of one model)."""
-  key = (type(model), model.config, side, out_sharding)
-  if key not in _ENCODERS:
-    _ENCODERS[key] = jax.jit(functools.partial(model.encode, side=side),
-                             out_shardings=out_sharding)
-  return _ENCODERS[key]
-
-
-def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-  """Powers of two from `smallest` below `max_length`, then `max_length`."""
-  buckets, b = [], smallest
-  while b < max_length:
-    buckets.append(b)
-    b *= 2
-  return tuple(buckets) + (max_length,)
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def encode_texts(encode_fn: EncodeFn, tokenizer, texts: Sequence[str], max_length: int,
-                 batch_size: int = 64, buckets: Optional[Sequence[int]] = None,
-                 on_batch: Optional[Callable[[int], None]] = None) -> np.ndarray:
-  """float32 [len(texts), D] in input order, encoded in length-sorted, bucketed batches.
-
-  Every batch has exactly `batch_size` rows (spare rows hold a lone EOS) and a
-  length from `buckets`, so `encode_fn` compiles once per bucket.
-  """
-  buckets = sorted(set(buckets or default_buckets(max_length)) | {max_length})
-  buckets = [b for b in buckets if b <= max_length]
-  batch_size = _round_up(batch_size, getattr(encode_fn, 'batch_multiple', 1))
-  tokens = tokenizer.encode(list(texts), max_length)
-  lengths = (tokens != PAD_ID).sum(axis=1)
-  order = np.argsort(lengths, kind='stable')
-  out: Optional[np.ndarray] = None
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
-    width = next(b for b in buckets if b >= lengths[rows].max())
-    batch = np.zeros((batch_size, width), np.int32)
-    batch[:, 0] = EOS_ID
-    batch[:len(rows)] = tokens[rows, :width]
-    vectors = np.asarray(encode_fn(batch))[:len(rows)]
-    if out is None:
-      out = np.empty((len(texts), vectors.shape[1]), np.float32)
-    out[rows] = vectors
-    if on_batch is not None:
-      on_batch(len(rows))
-  assert out is not None
-  return out
-
-
-# --------------------------------------------------------------------------- files
 
 def shard_names(index: int, num_shards: int) -> dict[str, str]:
   tag = f'{index:05d}-of-{num_shards:05d}'
@@ -286,7 +102,7 @@ def _write_parquet(path: str, ids: Sequence[str], vectors: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
   except ImportError:
-    raise ImportError('parquet output needs pyarrow: pip install pyarrow') from None
+    raise cli.UserError('parquet output needs pyarrow: pip install pyarrow') from None
   values = pa.array(vectors.reshape(-1))
   table = pa.table({'id': pa.array(list(ids), pa.string()),
                     'vector': pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
@@ -315,37 +131,44 @@ def _shard_complete(out_dir: str, record_path: str, verify: bool) -> Optional[di
 
 @dataclasses.dataclass
 class ExportOptions:
+  """How to export; `side` is a Side or any of its names (query/left, document/right)."""
+
   max_length: int
-  tower: str
+  side: Side
   batch_size: int = 64
   shard_size: int = 50_000
   dtype: str = 'float16'
   buckets: Optional[Sequence[int]] = None
   parquet: bool = False
-  allow_empty: bool = False
   progress: bool = True
+
+  def __post_init__(self):
+    try:
+      self.side = Side.parse(self.side)
+    except ValueError as e:
+      raise ExportError(str(e)) from None
+    if self.dtype not in DTYPES:
+      raise ExportError(f'dtype must be one of {DTYPES}, got {self.dtype!r}')
+    if self.shard_size < 1:
+      raise ExportError(f'shard_size must be positive, got {self.shard_size}')
+    if self.batch_size < 1 or self.max_length < 1:
+      raise ExportError(f'batch_size and max_length must be positive, got {self.batch_size} '
+                        f'and {self.max_length}')
 
 
 def make_plan(ids: Sequence[str], texts: Sequence[str], options: ExportOptions,
               model_info: Optional[dict] = None, step: Optional[int] = None) -> dict:
   """What an export directory holds; two runs may only share a directory with equal plans."""
-  if options.dtype not in DTYPES:
-    raise ExportError(f'dtype must be one of {DTYPES}, got {options.dtype!r}')
-  if options.tower not in TOWERS:
-    raise ExportError(f'tower must be one of {TOWERS} (left = queries, right = documents), '
-                      f'got {options.tower!r}')
-  if options.shard_size < 1:
-    raise ExportError(f'shard_size must be positive, got {options.shard_size}')
   return {
       'format': FORMAT,
       'model': model_info or {},
       'step': step,
-      'tower': options.tower,
+      'tower': options.side.tower,
       'dtype': options.dtype,
       'max_length': options.max_length,
       'count': len(ids),
       'shard_size': options.shard_size,
-      'num_shards': _round_up(len(ids), options.shard_size) // options.shard_size,
+      'num_shards': encoding.round_up(len(ids), options.shard_size) // options.shard_size,
       'ids_sha256': _sha256_strings(ids),
       'texts_sha256': _sha256_strings(texts),
       'parquet': options.parquet,
@@ -366,19 +189,22 @@ def _check_plan(out_dir: str, plan: dict, process_index: int) -> None:
     _write_json(path, plan, tmp_suffix=f'.tmp{process_index}')
 
 
-def export_embeddings(encode_fn: EncodeFn, tokenizer, ids: Sequence[str],
+def export_embeddings(encode_fn: encoding.EncodeFn, tokenizer, ids: Sequence[str],
                       texts: Sequence[str], out_dir: str, options: ExportOptions,
                       model_info: Optional[dict] = None, step: Optional[int] = None,
                       process_index: Optional[int] = None,
-                      process_count: Optional[int] = None) -> Optional[dict]:
+                      process_count: Optional[int] = None,
+                      name: str = 'export input') -> Optional[dict]:
   """Encodes this process's shards that are not complete yet; returns the manifest.
 
   `process_index` / `process_count` default to JAX's. The manifest is written
   (and returned) once every shard of every process is complete; on a real
   multi-host run the processes wait for each other and process 0 writes it.
   Otherwise None is returned (other simulated processes still have work).
+  `name` says where the texts come from, in messages; empty texts are encoded
+  (as EOS only) with one warning.
   """
-  validate_corpus(ids, texts, 'export input', options.allow_empty)
+  corpus.validate_corpus(ids, texts, name)
   multihost = process_index is None and jax.process_count() > 1
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -396,12 +222,13 @@ def export_embeddings(encode_fn: EncodeFn, tokenizer, ids: Sequence[str],
       todo.append(n)
   total = sum(min(size, len(ids) - n * size) for n in mine)
   remaining = sum(min(size, len(ids) - n * size) for n in todo)
-  bar = _progress(total, total - remaining, options, process_index)
+  bar = _Progress(total, total - remaining, options, process_index)
   try:
     for n in todo:
       start, stop = n * size, min((n + 1) * size, len(ids))
-      vectors = encode_texts(encode_fn, tokenizer, texts[start:stop], options.max_length,
-                             options.batch_size, options.buckets, on_batch=bar.update)
+      vectors = encoding.encode_texts(encode_fn, tokenizer, texts[start:stop],
+                                      options.max_length, options.batch_size, options.buckets,
+                                      on_batch=bar.advance)
       _write_shard(out_dir, n, num_shards, start, list(ids[start:stop]),
                    vectors.astype(options.dtype), options.parquet, process_index)
   finally:
@@ -420,11 +247,29 @@ def export_embeddings(encode_fn: EncodeFn, tokenizer, ids: Sequence[str],
   return None
 
 
-def _progress(total: int, initial: int, options: ExportOptions, process_index: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, unit='doc', unit_scale=total >= 100_000,
-              smoothing=0.1, desc=f'export {options.tower} tower (process {process_index})',
-              disable=not options.progress)
+class _Progress:
+  """A tqdm bar over this process's rows that draws its 100% line once.
+
+  tqdm's `close` always redraws the bar; when the last `update` has already
+  drawn 100%, a log file (no carriage returns) shows that line twice. So the
+  last rows are counted without drawing and `close` draws them; an export with
+  nothing left to encode shows no bar at all.
+  """
+
+  def __init__(self, total: int, initial: int, options: ExportOptions, process_index: int):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, initial=initial, unit='doc', unit_scale=total >= 100_000,
+                    smoothing=0.1, disable=not options.progress or initial >= total,
+                    desc=f'{options.side} embeddings (process {process_index})')
+
+  def advance(self, rows: int) -> None:
+    if self.bar.n + rows < self.bar.total:
+      self.bar.update(rows)
+    else:
+      self.bar.n += rows
+
+  def close(self) -> None:
+    self.bar.close()
 
 
 def _write_shard(out_dir: str, index: int, num_shards: int, start: int, ids: list[str],
@@ -510,6 +355,12 @@ class Embeddings:
     """In-memory vectors (one array or a list of [rows, dim] arrays), without ids."""
     arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
     return cls('<memory>', {'dimension': arrays[0].shape[1]}, [], arrays)
+
+  @property
+  def side(self) -> Optional[Side]:
+    """The side that encoded the vectors (None for in-memory arrays)."""
+    tower = self.manifest.get('tower')
+    return Side.parse(tower) if tower else None
 
   @property
   def count(self) -> int:

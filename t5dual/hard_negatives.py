@@ -30,8 +30,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-Run = Mapping[str, Mapping[str, float]]
-Qrels = Mapping[str, Mapping[str, int]]
+from t5dual import cli
+from t5dual.data import sources
+from t5dual.data.sources import Qrels, Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,12 @@ class MiningConfig:
 
   def __post_init__(self):
     if not 1 <= self.min_rank <= self.max_rank:
-      raise ValueError(f'rank window must satisfy 1 <= min_rank <= max_rank, got '
-                       f'[{self.min_rank}, {self.max_rank}]')
+      raise cli.ConfigError(f'rank window must satisfy 1 <= min_rank <= max_rank, got '
+                            f'[{self.min_rank}, {self.max_rank}]')
     if self.num_negatives < 1:
-      raise ValueError(f'num_negatives must be positive, got {self.num_negatives}')
+      raise cli.ConfigError(f'num_negatives must be positive, got {self.num_negatives}')
     if self.margin is not None and self.margin < 0:
-      raise ValueError(f'margin must be >= 0, got {self.margin}')
+      raise cli.ConfigError(f'margin must be >= 0, got {self.margin}')
 
 
 def _threshold(positive_score: float, config: MiningConfig) -> float:
@@ -90,9 +91,9 @@ def mine_hard_negatives(run: Run, qrels: Qrels, config: MiningConfig = MiningCon
     for pid in positives:
       score = run[qid].get(pid, positive_scores.get((qid, pid)))
       if score is None and config.margin is not None:
-        raise ValueError(f'positive {pid!r} of query {qid!r} is not in the run, so a margin '
-                         'cannot be applied; pass positive_scores (see '
-                         'positive_scores_from_embeddings) or retrieve deeper')
+        raise cli.ConfigError(f'positive {pid!r} of query {qid!r} is not in the run, so a '
+                              'margin cannot be applied; pass positive_scores (see '
+                              'positive_scores_from_embeddings) or retrieve deeper')
       limit = _threshold(score, config) if score is not None else np.inf
       candidates = [(d, s) for d, s in window if s <= limit]
       if config.sample and len(candidates) > config.num_negatives:
@@ -137,8 +138,8 @@ def write_triples(path: str, records: list[dict], queries: Mapping[str, str],
         table = queries if key == 'query' else corpus
         missing = [i for i in ids if i not in table]
         if missing:
-          raise KeyError(f'{key} id {missing[0]!r} has no text in the '
-                         f'{"queries" if key == "query" else "corpus"}')
+          raise sources.DataError(f'{key} id {missing[0]!r} has no text in the '
+                                  f'{"queries" if key == "query" else "corpus"}')
       line = {'query': queries[r['query_id']], 'positive': corpus[r['positive_id']],
               'negatives': [corpus[d] for d in r['negative_ids']], **r}
       f.write(json.dumps(line, ensure_ascii=False) + '\n')

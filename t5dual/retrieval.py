@@ -9,7 +9,8 @@ float32 at full precision (no TF32), so the ranking is exact.
 
 `faiss_search` builds an optional FAISS index (flat, IVF or HNSW) instead.
 
-A run is {query_id: {doc_id: score}}, each query's documents in rank order.
+A run (`sources.Run`) is {query_id: {doc_id: score}}, each query's documents
+in rank order.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5dual import cli
+from t5dual.data import sources
+from t5dual.data.sources import Run
+from t5dual.encoding import round_up
 from t5dual.export import Embeddings
+from t5dual.sides import Side
 
 log = logging.getLogger(__name__)
-Run = dict[str, dict[str, float]]
 Corpus = Union[np.ndarray, Embeddings, Sequence[np.ndarray]]
 
 
-class RunFormatError(ValueError):
+class RunFormatError(sources.DataError):
   """A malformed TREC run file; the message names the file and line."""
 
 
@@ -75,13 +80,13 @@ def exact_search(queries: np.ndarray, corpus: Corpus, k: int, chunk_size: int = 
     raise ValueError(f'corpus of {n} rows exceeds the int32 row index of exact_search')
   k = min(k, n)
   if k < 1:
-    raise ValueError(f'k must be positive, got {k}')
+    raise cli.ConfigError(f'k must be positive, got {k}')
   chunk_size = min(chunk_size, n)
   devices = list(devices or jax.local_devices())
   mesh = Mesh(np.asarray(devices), ('queries',))
   split, replicated = NamedSharding(mesh, P('queries')), NamedSharding(mesh, P())
-  block = _round_up(min(query_block, len(queries)), len(devices))
-  padded = np.zeros((_round_up(len(queries), block), queries.shape[1]), np.float32)
+  block = round_up(min(query_block, len(queries)), len(devices))
+  padded = np.zeros((round_up(len(queries), block), queries.shape[1]), np.float32)
   padded[:len(queries)] = queries
   blocks = [jax.device_put(padded[i:i + block], split) for i in range(0, len(padded), block)]
   state = [(jax.device_put(np.full((block, k), -np.inf, np.float32), split),
@@ -98,10 +103,6 @@ def exact_search(queries: np.ndarray, corpus: Corpus, k: int, chunk_size: int = 
   scores = np.concatenate([np.asarray(s) for s, _ in state])[:len(queries)]
   index = np.concatenate([np.asarray(i) for _, i in state])[:len(queries)]
   return scores, index.astype(np.int64)
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
 
 
 # --------------------------------------------------------------------------- FAISS
@@ -167,7 +168,7 @@ def search(queries: np.ndarray, corpus: Corpus, k: int, backend: str = 'exact', 
     return exact_search(queries, corpus, k, **kwargs)
   if backend == 'faiss':
     return faiss_search(queries, corpus, k, **kwargs)
-  raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
+  raise cli.ConfigError(f"backend must be 'exact' or 'faiss', got {backend!r}")
 
 
 # --------------------------------------------------------------------------- runs
@@ -194,7 +195,7 @@ def to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.ndarray,
 def write_trec_run(path: str, run: Run, tag: str = 't5dual') -> None:
   """`qid Q0 docid rank score tag` lines; ranks from 1 in each query's order."""
   if not tag or any(c.isspace() for c in tag):
-    raise ValueError(f'run tag must be one word, got {tag!r}')
+    raise cli.ConfigError(f'run tag must be one word, got {tag!r}')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
@@ -210,24 +211,23 @@ def read_trec_run(path: str) -> Run:
     raise FileNotFoundError(f'{path}: run file not found')
   run: dict[str, list[tuple[float, int, str]]] = {}
   seen: dict[tuple[str, str], int] = {}
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      parts = line.split()
-      if len(parts) != 6:
-        raise RunFormatError(f'{path}:{lineno}: expected "qid Q0 docid rank score tag", '
-                             f'got {line.strip()!r}')
-      qid, _, doc_id, _, score, _ = parts
-      try:
-        value = float(score)
-      except ValueError:
-        raise RunFormatError(f'{path}:{lineno}: score {score!r} is not a number') from None
-      if (qid, doc_id) in seen:
-        raise RunFormatError(f'{path}:{lineno}: document {doc_id!r} listed twice for query '
-                             f'{qid!r} (first on line {seen[qid, doc_id]})')
-      seen[qid, doc_id] = lineno
-      run.setdefault(qid, []).append((-value, lineno, doc_id))
+  for lineno, line in sources.iter_lines(path, RunFormatError):
+    if not line.strip():
+      continue
+    parts = line.split()
+    if len(parts) != 6:
+      raise RunFormatError(f'{path}:{lineno}: expected "qid Q0 docid rank score tag", '
+                           f'got {line.strip()!r}')
+    qid, _, doc_id, _, score, _ = parts
+    try:
+      value = float(score)
+    except ValueError:
+      raise RunFormatError(f'{path}:{lineno}: score {score!r} is not a number') from None
+    if (qid, doc_id) in seen:
+      raise RunFormatError(f'{path}:{lineno}: document {doc_id!r} listed twice for query '
+                           f'{qid!r} (first on line {seen[qid, doc_id]})')
+    seen[qid, doc_id] = lineno
+    run.setdefault(qid, []).append((-value, lineno, doc_id))
   if not run:
     raise RunFormatError(f'{path}: empty run file')
   return {qid: {d: -s for s, _, d in sorted(rows)} for qid, rows in run.items()}
@@ -235,13 +235,13 @@ def read_trec_run(path: str) -> Run:
 
 def retrieve(queries: Embeddings, corpus: Embeddings, k: int, backend: str = 'exact',
              exclude_identical_ids: bool = False, **kwargs) -> Run:
-  """The top-k run of two exports (queries through the left tower, corpus the right)."""
+  """The top-k run of two exports (queries encoded by the query side, corpus the document side)."""
   if queries.dim != corpus.dim:
-    raise ValueError(f'{queries.path} has dimension {queries.dim}, {corpus.path} has {corpus.dim}')
-  for what, emb, tower in (('queries', queries, 'left'), ('corpus', corpus, 'right')):
-    if emb.manifest.get('tower') != tower:
-      log.warning('%s export %s used the %s tower, expected %s',
-                  what, emb.path, emb.manifest.get('tower'), tower)
+    raise sources.DataError(f'{queries.path} has dimension {queries.dim}, {corpus.path} has '
+                            f'{corpus.dim}')
+  for emb, side in ((queries, Side.QUERY), (corpus, Side.DOCUMENT)):
+    if emb.side != side:
+      log.warning('%s export %s was encoded by the %s side', side.beir_part, emb.path, emb.side)
   scores, index = search(queries.to_numpy(), corpus, k + int(exclude_identical_ids),
                          backend, **kwargs)
   return to_run(queries.ids, corpus.ids, scores, index, k, exclude_identical_ids)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from t5dual import cli
 from t5dual.t5 import EOS_ID, PAD_ID
 
 
@@ -32,8 +33,8 @@ class Tokenizer:
     else:
       self._sp = spm.SentencePieceProcessor(model_file=spm_path)
     if self._sp.pad_id() not in (PAD_ID, -1) or self._sp.eos_id() != EOS_ID:
-      raise ValueError(f'{spm_path}: expected pad id {PAD_ID} and eos id {EOS_ID}, got '
-                       f'pad {self._sp.pad_id()} eos {self._sp.eos_id()}')
+      raise cli.UserError(f'{spm_path}: expected pad id {PAD_ID} and eos id {EOS_ID}, got '
+                          f'pad {self._sp.pad_id()} eos {self._sp.eos_id()}')
 
   @property
   def vocab_size(self) -> int:
@@ -46,10 +47,6 @@ class Tokenizer:
       ids = ids[:length - 1] + [EOS_ID]
       out[row, :len(ids)] = ids
     return out
-
-  def token_lengths(self, texts: Sequence[str], max_length: int) -> np.ndarray:
-    """Number of non-padding ids `encode` would produce for each text."""
-    return np.array([min(len(x), max_length - 1) + 1 for x in self._sp.encode(list(texts))])
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids if i not in (PAD_ID, EOS_ID)])

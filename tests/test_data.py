@@ -1,12 +1,12 @@
 """Data readers, tokenization, batching and the seqio path."""
 
 import json
-import os
+import logging
 
 import numpy as np
 import pytest
 
-from t5dual import vocab
+from t5dual import cli, corpus, evaluation, retrieval, vocab
 from t5dual.data import demo, pipeline, sources
 
 
@@ -42,18 +42,93 @@ def test_beir_pairs_and_ids(tmp_path):
 
 
 @pytest.mark.parametrize('qrels,corpus,message', [
-    (['q1\td9\t1'], None, r'train.tsv:2: corpus id .d9. is not in corpus.jsonl'),
     (['q7\td1\t1'], None, r'train.tsv:2: query id .q7. is not in queries.jsonl'),
     (['q1\td1'], None, r'train.tsv:2: expected'),
     (['q1\td1\t1'], ['{"_id": "d1", "text": "x"}', '{"_id": "d1", "text": "y"}'],
      r'corpus.jsonl:2: duplicate _id .d1.'),
-    (['q1\td1\t1'], ['{"_id": "d1", "text": ""}'], r"corpus.jsonl:1: empty field 'text'"),
+    (['q1\td1\t1'], ['{"_id": "d1", "title": "x"}'],
+     r"corpus.jsonl:1: missing or non-string field 'text'"),
     (['q1\td1\t1'], ['{"_id": "d1", "text": "x"', ], r'corpus.jsonl:1: not valid JSON'),
+    (['q1\td9\t1'], None, r'train.tsv: no positive pairs \(score >= 1\) with a document in '
+                           r'corpus.jsonl'),
 ])
 def test_beir_errors_name_file_and_line(tmp_path, qrels, corpus, message):
   folder = _beir(tmp_path, qrels, corpus)
   with pytest.raises(sources.DataError, match=message):
     sources.beir_pairs(folder)
+  assert issubclass(sources.DataError, cli.UserError) and issubclass(sources.DataError,
+                                                                     ValueError)
+
+
+def _messages(caplog, level='WARNING'):
+  return [r.getMessage() for r in caplog.records if r.levelname == level]
+
+
+def test_empty_and_title_only_documents_train_with_one_warning(tmp_path, caplog):
+  """As Cranfield and CACM: a document with a title only, one with nothing, an empty query."""
+  corpus_lines = [json.dumps({'_id': 'd1', 'title': 'Only a title', 'text': ''}),
+                  json.dumps({'_id': 'd2', 'title': '', 'text': ''}),
+                  json.dumps({'_id': 'd3', 'title': None, 'text': ' body '})]
+  folder = _beir(tmp_path, ['q1\td1\t1', 'q2\td2\t1', 'q1\td3\t1', 'q3\td3\t1'],
+                 corpus_lines)
+  with open(tmp_path / 'queries.jsonl', 'a') as f:
+    f.write(json.dumps({'_id': 'q3', 'text': ''}) + '\n')
+  assert sources.read_beir_corpus(folder) == (['d1', 'd2', 'd3'], ['Only a title', '', 'body'])
+  with caplog.at_level(logging.WARNING):
+    ex = sources.beir_pairs(folder)
+  assert ex.queries == ['first', 'second', 'first', '']
+  assert ex.positives == ['Only a title', '', 'body', 'body']
+  assert _messages(caplog) == [
+      f'{folder}/qrels/train.tsv: 2 of 4 pairs hold an empty query or document (q2/d2 on '
+      'line 3, q3/d3 on line 5); each empty text is encoded as EOS only']
+
+
+def test_missing_documents_are_skipped_in_training_and_kept_in_evaluation(tmp_path, caplog):
+  """One warning each, with the count and the first ids; training drops those pairs."""
+  folder = _beir(tmp_path, ['q1\td1\t1', 'q1\tgone\t1', 'q2\td2\t1', 'q2\tgone\t2',
+                            'q2\tlost\t1', 'q2\tzero\t0'])
+  with caplog.at_level(logging.WARNING):
+    ex = sources.beir_pairs(folder)
+  assert ex.positives == ['T one', 'two']
+  qrels = evaluation.load_qrels(folder, 'train')
+  assert qrels['q2'] == {'d2': 1, 'gone': 2, 'lost': 1, 'zero': 0}  # scored as they are
+  evaluation.warn_missing_documents(qrels, sources.read_beir_corpus(folder)[0], 'qrels')
+  path = f'{folder}/qrels/train.tsv'
+  assert _messages(caplog) == [
+      f"{path}: 3 judgement(s) cite 2 document(s) not in the corpus ('gone' on line 3, "
+      "'lost' on line 6); those pairs are skipped",
+      "qrels: 3 judgement(s) cite 2 document(s) not in the corpus ('gone', 'lost'); they are "
+      "kept and count as documents never retrieved, as in BEIR"]
+
+
+def _latin1(path, lines):
+  """Writes `lines` with 'CAFE' spelt 'café' in Latin-1, which is not valid UTF-8."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(''.join(l + '\n' for l in lines).replace('CAFE', 'café').encode('latin-1'))
+
+
+@pytest.mark.parametrize('name,read', [
+    ('corpus.jsonl', lambda p: sources.read_beir_corpus(str(p.parent))),
+    ('queries.jsonl', lambda p: sources.read_beir_queries(str(p.parent))),
+    ('qrels/train.tsv', lambda p: sources.read_qrels(str(p))),
+    ('pairs.jsonl', lambda p: sources.jsonl_pairs(str(p))),
+    ('run.trec', lambda p: retrieval.read_trec_run(str(p))),
+    ('docs.jsonl', lambda p: corpus.read_jsonl_corpus(str(p))),
+])
+def test_non_utf8_input_names_file_and_line(tmp_path, name, read):
+  lines = {
+      'corpus.jsonl': ['{"_id": "d1", "text": "ok"}', '{"_id": "d2", "text": "CAFE"}'],
+      'queries.jsonl': ['{"_id": "q1", "text": "ok"}', '{"_id": "q2", "text": "CAFE"}'],
+      'qrels/train.tsv': ['query-id\tcorpus-id\tscore', 'q1\td1\t1', 'q2\tCAFE\t1'],
+      'pairs.jsonl': ['{"query": "a", "positive": "b"}', '{"query": "CAFE", "positive": "b"}'],
+      'run.trec': ['q1 Q0 d1 1 0.5 t', 'q1 Q0 CAFE 2 0.4 t'],
+      'docs.jsonl': ['{"_id": "d1", "text": "ok"}', '{"_id": "d2", "text": "CAFE"}'],
+  }[name]
+  path = tmp_path / name
+  _latin1(path, lines)
+  with pytest.raises(sources.DataError, match=rf'{name}:{len(lines)}: not valid UTF-8 '
+                                              r'\(byte 0xe9 at column \d+\)'):
+    read(path)
 
 
 def test_missing_qrels_split(tmp_path):
@@ -74,8 +149,20 @@ def test_jsonl_pairs_and_errors(tmp_path):
   with pytest.raises(sources.DataError, match=r"bad.jsonl:2: missing or non-string field "
                                               r"'positive'"):
     sources.jsonl_pairs(bad)
-  with pytest.raises(pipeline.UnknownSourceError, match='unknown data source'):
-    pipeline.load_examples('nowhere:at/all')
+  with pytest.raises(sources.UnknownSourceError, match='unknown data source'):
+    sources.load_examples('nowhere:at/all')
+
+
+def test_jsonl_pairs_keep_empty_texts(tmp_path, caplog):
+  """Mined hard negatives of a collection with empty documents train as BEIR pairs do."""
+  path = _write(tmp_path / 'p.jsonl', [
+      json.dumps({'query': 'a', 'positive': 'x', 'negatives': ['', 'z']}),
+      json.dumps({'query': 'b', 'positive': 'y'})])
+  with caplog.at_level(logging.WARNING):
+    ex = sources.jsonl_pairs(path)
+  assert ex.negatives == [['', 'z'], []]
+  assert _messages(caplog) == [f'{path}: 1 of 2 pairs hold an empty query or document '
+                               '(line 1); each empty text is encoded as EOS only']
 
 
 def test_eos_appended_after_trim(spm):

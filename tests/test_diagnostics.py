@@ -104,7 +104,7 @@ def test_compute_reads_an_export(tmp_path):
       return np.array([[int(t[1:]) + 1] for t in texts], np.int32)
 
   export.export_embeddings(lambda t: vectors[t[:, 0] - 1], Rows(), ids, ids, str(tmp_path),
-                           export.ExportOptions(max_length=1, tower='right', shard_size=15,
+                           export.ExportOptions(max_length=1, side='document', shard_size=15,
                                                 dtype='float32', progress=False))
   emb = export.open_embeddings(str(tmp_path))
   queries = _unit(rng.normal(size=(12, 8))).astype(np.float32)

@@ -1,8 +1,7 @@
-"""Sharded, bucketed, resumable embedding export (t5dual/export.py)."""
+"""Sharded, bucketed, resumable embedding export (t5dual/export.py, encoding.py, corpus.py)."""
 
 import hashlib
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -14,11 +13,12 @@ import pytest
 
 import jax
 
-from t5dual import export, models, t5, vocab
+from t5dual import corpus, encoding, export, models, t5, vocab
 from t5dual.data import demo, sources
+from t5dual.sides import Side
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OPTIONS = dict(max_length=32, tower='right', batch_size=8, shard_size=40, buckets=(8, 16, 32),
+OPTIONS = dict(max_length=32, side='document', batch_size=8, shard_size=40, buckets=(8, 16, 32),
                progress=False)
 
 
@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
   model = models.DualEncoderModel(models.DualEncoderConfig(
       t5=t5.t5_config('tiny', dtype='float32', vocab_size=tok.vocab_size), projection_dim=16))
   params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
-  encode = export.make_encode_fn(model, params, 'right')
+  encode = encoding.make_encode_fn(model, params, 'document')
   return dict(root=root, tok=tok, ids=ids, texts=texts, model=model, params=params,
               encode=encode)
 
@@ -225,20 +225,20 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path):
   opts = export.ExportOptions(**OPTIONS)
   run = lambda ids, texts, out='x', o=opts: export.export_embeddings(
       encode, tok, ids, texts, str(tmp_path / out), o)
-  with pytest.raises(export.ExportError, match=r"duplicate id 'b' at positions 1 and 3"):
+  with pytest.raises(sources.DataError, match=r"duplicate id 'b' at positions 1 and 3"):
     run(['a', 'b', 'c', 'b'], ['w', 'x', 'y', 'z'])
-  with pytest.raises(export.ExportError, match=r"2 empty text\(s\), first: 'b' \(position 1\)"):
-    run(['a', 'b', 'c'], ['w', '', '  '])
-  with pytest.raises(export.ExportError, match='without whitespace'):
+  with pytest.raises(sources.DataError, match='without whitespace'):
     run(['a b'], ['text'])
-  with pytest.raises(export.ExportError, match='2 ids but 1 texts'):
+  with pytest.raises(sources.DataError, match='2 ids but 1 texts'):
     run(['a', 'b'], ['text'])
   with pytest.raises(export.ExportError, match='dtype must be one of'):
     run(['a'], ['text'], o=export.ExportOptions(**dict(OPTIONS, dtype='int8')))
-  with pytest.raises(export.ExportError, match='tower must be one of'):
-    run(['a'], ['text'], o=export.ExportOptions(**dict(OPTIONS, tower='query')))
-  allowed = export.ExportOptions(**dict(OPTIONS, allow_empty=True))
-  assert run(['a', 'b'], ['text', ''], 'empty', allowed)['count'] == 2
+  with pytest.raises(export.ExportError, match="unknown side 'middle'"):
+    run(['a'], ['text'], o=export.ExportOptions(**dict(OPTIONS, side='middle')))
+  # Any name of a side works; the plan records its tower.
+  assert export.ExportOptions(**dict(OPTIONS, side='right')).side is Side.DOCUMENT
+  assert run(['a'], ['text'], 'left', export.ExportOptions(**dict(OPTIONS, side='inputs')))[
+      'tower'] == 'left'
 
   # A directory holding another export is never mixed with a new one.
   run(['a', 'b'], ['one', 'two'], 'taken')
@@ -248,26 +248,74 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path):
     export.open_embeddings(str(tmp_path))
 
 
+def test_empty_texts_are_encoded_with_one_warning(setup, tmp_path, caplog):
+  """Empty texts get the vector of a lone EOS; one warning counts them."""
+  tok, encode = setup['tok'], numpy_encoder(setup['tok'].vocab_size)
+  ids, texts = ['a', 'b', 'c', 'd'], ['some words', '', 'more words', '  ']
+  with caplog.at_level('WARNING'):
+    manifest = export.export_embeddings(encode, tok, ids, texts, str(tmp_path),
+                                        export.ExportOptions(**dict(OPTIONS, dtype='float32')),
+                                        name='docs.jsonl')
+  assert manifest['count'] == 4
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert warnings == ["docs.jsonl: 2 of 4 texts are empty ('b', 'd'); each empty text is "
+                      "encoded as EOS only"]
+  vectors = export.open_embeddings(str(tmp_path)).to_numpy()
+  eos_only = encode(np.array([[t5.EOS_ID, 0]], np.int32))[0].astype(np.float32)
+  np.testing.assert_array_equal(vectors[[1, 3]], [eos_only, eos_only])
+  np.testing.assert_array_equal(vectors[0],
+                                encode(tok.encode(['some words'], 32))[0].astype(np.float32))
+
+
+def test_progress_reaches_100_percent_once(setup, tmp_path):
+  """tqdm's close() redraws the bar: the last batch must not draw 100% as well."""
+  script = textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {str(REPO / 'tests')!r})
+      from test_export import numpy_encoder
+      from t5dual import export, vocab
+      tok = vocab.Tokenizer({setup['tok'].path!r})
+      texts = ['alpha beta', 'gamma', 'delta epsilon zeta']
+      ids = [str(i) for i in range(len(texts))]
+      for out in ('one', 'one', 'two'):  # one batch; then resumed with nothing to do; then 3
+        options = dict(max_length=16, side='query', batch_size=8 if out == 'one' else 1,
+                       shard_size=2)
+        export.export_embeddings(numpy_encoder(tok.vocab_size), tok, ids, texts,
+                                 {str(tmp_path)!r} + '/' + out, export.ExportOptions(**options))
+  ''')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stderr.replace('\r', '\n').splitlines()
+  full = [l for l in lines if '100%' in l]
+  assert len(full) == 2, lines  # one per export that encoded something
+  assert all('3/3' in l and l.startswith('query embeddings (process 0)') for l in full)
+
+
 def test_jsonl_and_tf_dataset_readers(tmp_path):
   path = tmp_path / 'docs.jsonl'
   path.write_text('{"id": "a", "title": "T", "body": "one"}\n\n'
                   '{"id": 7, "body": "two"}\n{"id": "c", "title": "", "body": "three"}\n')
-  assert export.read_jsonl_corpus(str(path), 'id', ['title', 'body']) == (
+  assert corpus.read_jsonl_corpus(str(path), 'id', ['title', 'body']) == (
       ['a', '7', 'c'], ['T one', 'two', 'three'])
   path.write_text('{"id": "a", "body": "one"}\n{"id": "a", "body": "two"}\n')
-  with pytest.raises(export.ExportError, match=r"docs.jsonl:2: duplicate id 'a' \(first on line 1"):
-    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  with pytest.raises(sources.DataError, match=r"docs.jsonl:2: duplicate id 'a' \(first on line 1"):
+    corpus.read_jsonl_corpus(str(path), 'id', ['body'])
   path.write_text('{"id": "a", "body": "one"}\n{"id": "b", "body": "two"\n')
-  with pytest.raises(export.ExportError, match='docs.jsonl:2: not valid JSON'):
-    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  with pytest.raises(sources.DataError, match='docs.jsonl:2: not valid JSON'):
+    corpus.read_jsonl_corpus(str(path), 'id', ['body'])
   path.write_text('{"body": "one"}\n')
-  with pytest.raises(export.ExportError, match="docs.jsonl:1: missing or non-string id field 'id'"):
-    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  with pytest.raises(sources.DataError, match="docs.jsonl:1: missing or non-string id field 'id'"):
+    corpus.read_jsonl_corpus(str(path), 'id', ['body'])
   path.write_text('{"id": "a", "text": "one"}\n')
-  with pytest.raises(export.ExportError, match=r"docs.jsonl:1: none of the text fields \['body'\]"):
-    export.read_jsonl_corpus(str(path), 'id', ['body'])
+  with pytest.raises(sources.DataError, match=r"docs.jsonl:1: none of the text fields \['body'\]"):
+    corpus.read_jsonl_corpus(str(path), 'id', ['body'])
+  path.write_bytes(b'{"id": "a", "body": "one"}\n{"id": "b", "body": "caf\xe9"}\n')
+  with pytest.raises(sources.DataError, match=r'docs.jsonl:2: not valid UTF-8 \(byte 0xe9 at '
+                                              r'column 25\)'):
+    corpus.read_jsonl_corpus(str(path), 'id', ['body'])
   with pytest.raises(FileNotFoundError, match='nope.jsonl: file not found'):
-    export.read_jsonl_corpus(str(tmp_path / 'nope.jsonl'))
+    corpus.read_jsonl_corpus(str(tmp_path / 'nope.jsonl'))
 
   class Dataset:  # what read_tf_dataset uses of a tf.data.Dataset
     def __init__(self, rows):
@@ -278,8 +326,12 @@ def test_jsonl_and_tf_dataset_readers(tmp_path):
 
   rows = [{'docid': b'x1', 'title': b'Head', 'text': b'body one'},
           {'docid': b'x2', 'title': b'', 'text': b'body two'}]
-  assert export.read_tf_dataset(Dataset(rows), 'docid', ['title', 'text'], 'ds:test') == (
+  assert corpus.read_tf_dataset(Dataset(rows), 'docid', ['title', 'text'], 'ds:test') == (
       ['x1', 'x2'], ['Head body one', 'body two'])
-  assert export.read_tf_dataset(Dataset(rows), None, ['text'], 'ds:test')[0] == ['0', '1']
-  with pytest.raises(export.ExportError, match="ds:test example 1: duplicate id 'x1'"):
-    export.read_tf_dataset(Dataset([rows[0], rows[0]]), 'docid', ['text'], 'ds:test')
+  assert corpus.read_tf_dataset(Dataset(rows), None, ['text'], 'ds:test')[0] == ['0', '1']
+  with pytest.raises(sources.DataError, match="ds:test example 1: duplicate id 'x1'"):
+    corpus.read_tf_dataset(Dataset([rows[0], rows[0]]), 'docid', ['text'], 'ds:test')
+  with pytest.raises(sources.DataError, match=r"ds:test example 0: field 'text' is not valid "
+                                              r'UTF-8 \(byte 0xff at position 4\)'):
+    corpus.read_tf_dataset(Dataset([{'docid': b'x', 'text': b'body\xff'}]), 'docid', ['text'],
+                           'ds:test')

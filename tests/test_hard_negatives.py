@@ -87,7 +87,7 @@ def test_triples_are_read_back_by_training(tmp_path):
   # Ids by text, shared by positives and negatives, for in-batch duplicate masking.
   assert pairs.query_ids == [0, 0, 1] and pairs.doc_ids == [0, 3, 4]
   assert pairs.negative_ids == [[1, 2], [1, 2], [5, 6]]
-  with pytest.raises(KeyError, match="positive id 'p9' has no text in the corpus"):
+  with pytest.raises(sources.DataError, match="positive id 'p9' has no text in the corpus"):
     hn.write_triples(path, records, queries, {k: v for k, v in corpus.items() if k != 'p9'})
 
 
@@ -97,12 +97,12 @@ def test_mining_from_exported_embeddings(tmp_path):
   docs = rng.normal(size=(90, 8)).astype(np.float32)
   queries = rng.normal(size=(6, 8)).astype(np.float32)
   doc_ids, qids = [f'd{i}' for i in range(90)], [f'q{i}' for i in range(6)]
-  for name, ids, vecs, tower in (('corpus', doc_ids, docs, 'right'),
-                                 ('queries', qids, queries, 'left')):
+  for name, ids, vecs, side in (('corpus', doc_ids, docs, 'document'),
+                                ('queries', qids, queries, 'query')):
     # Text '<letter><i>' is token i + 1 and the 'model' looks the row up.
     export.export_embeddings(lambda tokens, vecs=vecs: vecs[tokens[:, 0] - 1], _RowTokenizer(),
                              ids, ids, str(tmp_path / name),
-                             export.ExportOptions(max_length=1, tower=tower, shard_size=25,
+                             export.ExportOptions(max_length=1, side=side, shard_size=25,
                                                   batch_size=8, dtype='float32',
                                                   progress=False))
     np.testing.assert_array_equal(export.open_embeddings(str(tmp_path / name)).to_numpy(), vecs)

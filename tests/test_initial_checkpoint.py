@@ -11,7 +11,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from t5dual import checkpoints, models, optim, trainer, vocab  # noqa: E402
-from t5dual.data import demo, pipeline  # noqa: E402
+from t5dual.data import demo, pipeline, sources  # noqa: E402
 from t5dual.interop import hf, load_initial_params  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def test_training_starts_from_hf_checkpoint(tmp_path):
     np.testing.assert_array_equal(flat[f'{side}/encoder/layers_1/mlp/wo/kernel'],
                                   state['encoder.block.1.layer.1.DenseReluDense.wo.weight'].T)
 
-  batcher = pipeline.PairBatcher(pipeline.load_examples(f'beir:{data}:train'),
+  batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data}:train'),
                                  vocab.Tokenizer(spm), 8, {'inputs': 8, 'targets': 8})
   model_dir = str(tmp_path / 'run')
   zero = optim.learning_rate_schedule(0.0, 2)  # no update: the saved params are the initial

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 
 import jax
 
-from t5dual import evaluation, export, models, retrieval, t5, vocab
+from t5dual import encoding, evaluation, export, models, retrieval, t5, vocab
 from t5dual.data import demo, sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -140,12 +141,12 @@ def test_export_retrieve_evaluate_matches_brute_force(beir, tmp_path):
   qids = [q for q in queries if q in qrels]
 
   common = dict(batch_size=16, shard_size=50, dtype='float32', progress=False)
-  export.export_embeddings(export.make_encode_fn(model, params, 'right'), tok, doc_ids,
+  export.export_embeddings(encoding.make_encode_fn(model, params, 'document'), tok, doc_ids,
                            doc_texts, str(tmp_path / 'corpus'),
-                           export.ExportOptions(max_length=32, tower='right', **common))
-  export.export_embeddings(export.make_encode_fn(model, params, 'left'), tok, qids,
+                           export.ExportOptions(max_length=32, side='document', **common))
+  export.export_embeddings(encoding.make_encode_fn(model, params, 'query'), tok, qids,
                            [queries[q] for q in qids], str(tmp_path / 'queries'),
-                           export.ExportOptions(max_length=16, tower='left', **common))
+                           export.ExportOptions(max_length=16, side='query', **common))
   run = retrieval.retrieve(export.open_embeddings(str(tmp_path / 'queries')),
                            export.open_embeddings(str(tmp_path / 'corpus')), 100,
                            chunk_size=64, query_block=16)
@@ -257,7 +258,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, beir):
   with pytest.raises(FileNotFoundError, match='missing.trec: run file not found'):
     retrieval.read_trec_run(str(tmp_path / 'missing.trec'))
 
-  with pytest.raises(SystemExit, match='error: .*missing.trec: run file not found'):
+  with pytest.raises(FileNotFoundError, match='missing.trec: run file not found'):
     _script('eval').main(['score', f'--run={tmp_path / "missing.trec"}',
                           f'--beir={beir["folder"]}'])
 
@@ -354,7 +355,7 @@ def test_export_script(beir, tmp_path):
   model_dir = str(tmp_path / 'model')
   _model_dir(beir, model_dir)
   export_script = _script('export')
-  export_script.main([f'--model_dir={model_dir}', '--tower=left', f'--beir={beir["folder"]}',
+  export_script.main([f'--model_dir={model_dir}', '--side=query', f'--beir={beir["folder"]}',
                       f'--out_dir={tmp_path / "queries"}', '--shard_size=100', '--batch_size=16',
                       '--no_progress'])
   queries = sources.read_beir_queries(beir['folder'])
@@ -375,3 +376,102 @@ def test_export_script(beir, tmp_path):
   assert docs.ids == ['a', 'b'] and docs.manifest['shards'][0]['parquet']
   want = encode(beir['params'], beir['tok'].encode(['alpha beta', 'gamma'], 32), side='right')
   np.testing.assert_allclose(docs.to_numpy(), np.asarray(want), atol=2e-6)
+
+
+def _collection_like_cranfield(source, folder):
+  """The fixture's collection with what real ones hold: a document with neither title nor
+  text, one with a title only, an empty query without judgements, a judged query whose
+  only judgement is non-relevant, and judgements citing documents not in the corpus."""
+  import shutil
+  shutil.copytree(source, folder)
+  corpus = [json.loads(l) for l in open(os.path.join(folder, 'corpus.jsonl'))]
+  corpus[5].update(title='', text='')
+  corpus[6].update(title='a title only', text='')
+  with open(os.path.join(folder, 'corpus.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in corpus)
+  with open(os.path.join(folder, 'queries.jsonl'), 'a') as f:
+    f.write(json.dumps({'_id': 'unjudged', 'text': ''}) + '\n')
+    f.write(json.dumps({'_id': 'nothing_relevant', 'text': 'what is there'}) + '\n')
+  test_qrels = os.path.join(folder, 'qrels', 'test.tsv')
+  first_query = open(test_qrels).read().splitlines()[1].split('\t')[0]
+  with open(test_qrels, 'a') as f:
+    f.write(f'{first_query}\tgone\t1\nnothing_relevant\t{corpus[0]["_id"]}\t0\n')
+  return corpus[5]['_id']
+
+
+def test_eval_run_on_a_collection_with_empty_documents(beir, tmp_path, caplog):
+  """Empty and title-only documents are encoded, with one warning; neither an unjudged
+  query nor a missing document stops the run, and training warns about the same
+  judgement the same way."""
+  folder, model_dir, out = str(tmp_path / 'data'), str(tmp_path / 'model'), str(tmp_path / 'eval')
+  empty_id = _collection_like_cranfield(beir['folder'], folder)
+  _model_dir(beir, model_dir)
+  cmd = [sys.executable, 'scripts/eval.py', 'run', f'--model_dir={model_dir}', f'--beir={folder}',
+         f'--out_dir={out}', '--dtype=float32', '--batch_size=16', '--no_progress']
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  warnings = [l.split(' WARNING ', 1)[1] for l in proc.stderr.splitlines() if ' WARNING ' in l]
+  qrels_file = os.path.join(folder, 'qrels', 'test.tsv')
+  assert warnings == [
+      f"{qrels_file}: 1 judgement(s) cite 1 document(s) not in the corpus ('gone'); they are "
+      'kept and count as documents never retrieved, as in BEIR',
+      f"{folder}/corpus.jsonl: 1 of 160 texts are empty ('{empty_id}'); each empty text is "
+      'encoded as EOS only'], proc.stderr
+  assert 'Unable to initialize backend' not in proc.stderr and 'Traceback' not in proc.stderr
+
+  summary = json.load(open(os.path.join(out, 'metrics.json')))
+  run = retrieval.read_trec_run(summary['run'])
+  assert 'nothing_relevant' in run and 'unjudged' not in run
+  qrels = evaluation.load_qrels(folder, 'test')
+  assert summary['metrics'] == pytest.approx(evaluation.evaluate(run, qrels), abs=1e-12)
+  docs = export.open_embeddings(os.path.join(out, 'corpus'))
+  eos_only = beir['model'].encode(beir['params'], np.array([[t5.EOS_ID]], np.int32),
+                                  side='right')
+  np.testing.assert_allclose(docs.take([docs.ids.index(empty_id)]), eos_only, atol=1e-6)
+
+  with caplog.at_level('WARNING'):
+    pairs = sources.beir_pairs(folder, 'test')
+  assert len(pairs) == sum(r > 0 for j in qrels.values() for r in j.values()) - 1
+  gone_line = len(open(qrels_file).read().splitlines()) - 1
+  ours = [r.getMessage() for r in caplog.records if r.name.startswith('t5dual')]
+  assert ours[0] == (f"{qrels_file}: 1 judgement(s) cite 1 document(s) not in the corpus "
+                     f"('gone' on line {gone_line}); those pairs are skipped")
+  assert len(ours) == 2 and ours[1].startswith(f'{qrels_file}: 2 of {len(pairs)} pairs hold an '
+                                               f'empty query or document (')
+
+
+def _cli(script, *args):
+  return subprocess.run([sys.executable, f'scripts/{script}.py', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_user_errors_are_one_line(beir, tmp_path):
+  """Bad input to scripts/eval.py and scripts/export.py: exit 2 and exactly one stderr
+  line, 'error: <file>:<line>: ...', without a traceback."""
+  folder, model_dir = str(tmp_path / 'data'), str(tmp_path / 'model')
+  import shutil
+  shutil.copytree(beir['folder'], folder)
+  with open(os.path.join(folder, 'corpus.jsonl'), 'a') as f:
+    f.write('{"_id": "broken", "text": \n')
+  latin1 = tmp_path / 'run.trec'
+  latin1.write_bytes('q1 Q0 d1 1 0.5 t\nq1 Q0 café 2 0.4 t\n'.encode('latin-1'))
+  _model_dir(beir, model_dir)
+  cases = [
+      (('eval', 'run', f'--model_dir={model_dir}', f'--beir={folder}', '--no_progress'),
+       rf'error: {folder}/corpus.jsonl:161: not valid JSON'),
+      (('eval', 'score', f'--run={latin1}', f'--beir={folder}'),
+       rf'error: {latin1}:2: not valid UTF-8 \(byte 0xe9 at column 10\)'),
+      (('eval', 'run', f'--model_dir={model_dir}', f'--beir={beir["folder"]}',
+        '--measures=nDCG@10,nDGC@10'), r"error: unknown measure 'nDGC@10'"),
+      (('export', f'--model_dir={model_dir}', '--side=document', f'--jsonl={latin1}',
+        f'--out_dir={tmp_path / "out"}'), rf'error: {latin1}:1: not valid JSON'),
+      (('export', f'--model_dir={tmp_path / "nothing"}', '--tower=left',
+        f'--beir={beir["folder"]}', f'--out_dir={tmp_path / "out"}'),
+       r'error: .*nothing.* is not a t5dual model directory'),
+  ]
+  for (script, *args), pattern in cases:
+    proc = _cli(script, *args)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr)
+    assert re.fullmatch(pattern + '.*', lines[0]), (pattern, lines[0])
+  assert not os.path.exists(tmp_path / 'out')

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from t5dual import checkpoints, models, optim, t5, trainer, vocab
-from t5dual.data import demo, pipeline
+from t5dual.data import demo, pipeline, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
@@ -29,7 +29,7 @@ def demo_data(tmp_path_factory):
 def _setup(demo_data, arch='sde', loss='samtone', batch_size=32):
   data, spm = demo_data
   tok = vocab.Tokenizer(spm)
-  batcher = pipeline.PairBatcher(pipeline.load_examples(f'beir:{data}:train'), tok,
+  batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data}:train'), tok,
                                  batch_size, LENGTHS)
   cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'),
                                  architecture=arch, projection_dim=32)

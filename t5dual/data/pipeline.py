@@ -10,40 +10,15 @@ iterator state in the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import numpy as np
 
+from t5dual import cli
 from t5dual.data import sources
 from t5dual.vocab import Tokenizer
 
 DEFAULT_FEATURE_LENGTHS = {'inputs': 64, 'targets': 256}
-
-
-class UnknownSourceError(LookupError):
-  """The source spec names neither a local path nor a known format."""
-
-
-def load_examples(source: str) -> sources.PairExamples:
-  """Reads training pairs from a source spec.
-
-  'beir:<folder>[:<split>]'  positive pairs of a BEIR split (default train)
-  'jsonl:<path>'             {"query", "positive", "negatives"?} lines
-  A bare path is a BEIR folder if it is a directory, else a JSONL file.
-  """
-  kind, _, rest = source.partition(':')
-  if kind == 'beir':
-    folder, _, split = rest.partition(':')
-    return sources.beir_pairs(folder, split or 'train')
-  if kind == 'jsonl':
-    return sources.jsonl_pairs(rest)
-  if os.path.isdir(source):
-    return sources.beir_pairs(source, 'train')
-  if os.path.isfile(source):
-    return sources.jsonl_pairs(source)
-  raise UnknownSourceError(f'unknown data source {source!r}: use beir:<folder>[:<split>], '
-                   'jsonl:<path>, or a seqio task name with the seqio extra installed')
 
 
 @dataclasses.dataclass
@@ -66,12 +41,12 @@ class PairBatcher:
   def __post_init__(self):
     n = len(self.examples)
     if n < 2:
-      raise ValueError('need at least 2 training pairs for in-batch negatives')
+      raise sources.DataError(f'{n} training pair(s): in-batch negatives need at least 2')
     if self.num_negatives:
       missing = [i for i, negs in enumerate(self.examples.negatives) if not negs]
       if missing:
-        raise ValueError(f'num_negatives={self.num_negatives} but {len(missing)} examples '
-                         f'have no negatives (first: example {missing[0]})')
+        raise cli.ConfigError(f'num_negatives={self.num_negatives} but {len(missing)} examples '
+                              f'have no negatives (first: example {missing[0]})')
     self._perms: dict[int, np.ndarray] = {}
 
   def _permutation(self, epoch: int) -> np.ndarray:
@@ -86,7 +61,8 @@ class PairBatcher:
                       process_count: int = 1) -> np.ndarray:
     """Indices of the examples of global batch `step`, this process's slice."""
     if self.batch_size % process_count:
-      raise ValueError(f'batch size {self.batch_size} not divisible by {process_count} hosts')
+      raise cli.ConfigError(f'batch size {self.batch_size} not divisible by {process_count} '
+                            'hosts')
     per_host = self.batch_size // process_count
     n = len(self.examples)
     start = step * self.batch_size + process_index * per_host
@@ -119,9 +95,6 @@ class PairBatcher:
           [[ex.negative_ids[i][k] for k in ks] for i, ks in zip(idx, picks)], np.int32)
     return out
 
-  def steps_per_epoch(self) -> int:
-    return max(1, len(self.examples) // self.batch_size)
-
 
 def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
                  feature_lengths: Optional[dict] = None, num_negatives: int = 0,
@@ -129,8 +102,8 @@ def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
   """Batcher for a local source, or a seqio task when `source` names one."""
   lengths = dict(feature_lengths or DEFAULT_FEATURE_LENGTHS)
   try:
-    examples = load_examples(source)
-  except UnknownSourceError as local_error:
+    examples = sources.load_examples(source)
+  except sources.UnknownSourceError as local_error:
     try:
       from t5dual.data import seqio_tasks
     except ImportError:

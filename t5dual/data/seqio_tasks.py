@@ -15,13 +15,12 @@ NumPy path's (`vocab.Tokenizer`) for the same vocabulary.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5dual.data import pipeline
+from t5dual.data import sources
 
 
 def vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
@@ -40,7 +39,7 @@ def _to_features(ex: dict, query_key: str, doc_key: str) -> dict:
 
 def _local_source(source: str) -> seqio.DataSource:
   """A seqio source over a local BEIR folder / JSONL file (read once, in memory)."""
-  examples = pipeline.load_examples(source)
+  examples = sources.load_examples(source)
 
   def dataset_fn(split, shuffle_files, seed=None):
     del split, shuffle_files, seed

@@ -12,8 +12,8 @@ import jax
 
 def run(data_dir: str, model_dir: str, model_parallel: int) -> list:
   from t5dual import models, optim, t5, trainer, vocab
-  from t5dual.data import pipeline
-  batcher = pipeline.PairBatcher(pipeline.load_examples(f'beir:{data_dir}:train'),
+  from t5dual.data import pipeline, sources
+  batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data_dir}:train'),
                                  vocab.Tokenizer(os.path.join(data_dir, 'spm.model')), 16,
                                  {'inputs': 8, 'targets': 12})
   cfg = models.DualEncoderConfig(

@@ -1,8 +1,8 @@
-"""T5 / T5.1.1 encoder in Flax, with T5X parameter names and logical axis names.
+"""T5 / T5.1.1 encoder and decoder in Flax, with T5X parameter names and logical axis names.
 
 The modules only describe the network. Every parameter is created through
-`nn.with_logical_partitioning`, so `partitioning.py` can shard any model built
-from them with T5X logical axis rules without touching this file.
+`param_with_axes`, so `partitioning.py` can shard any model built from them
+with T5X logical axis rules without touching this file.
 
 Parameter tree of an encoder (names identical to T5X / t5x_retrieval):
 
@@ -16,6 +16,23 @@ Parameter tree of an encoder (names identical to T5X / t5x_retrieval):
   encoder/layers_{i}/mlp/wi/kernel                  [embed, mlp]   (T5 1.0, ReLU)
   encoder/layers_{i}/mlp/wo/kernel                  [mlp, embed]
   encoder/encoder_norm/scale                        [embed]
+
+An encoder-decoder (`EncoderDecoder`, T5X's `Transformer`) adds, with the same
+shared token_embedder:
+
+  decoder/relpos_bias/rel_embedding                 [heads, relpos_buckets] (causal buckets)
+  decoder/layers_{i}/pre_self_attention_layer_norm/scale  [embed]
+  decoder/layers_{i}/self_attention/{query,key,value,out}/kernel   (as the encoder's attention)
+  decoder/layers_{i}/pre_cross_attention_layer_norm/scale [embed]
+  decoder/layers_{i}/encoder_decoder_attention/{query,key,value,out}/kernel
+  decoder/layers_{i}/pre_mlp_layer_norm/scale       [embed]
+  decoder/layers_{i}/mlp/...                        (as the encoder's mlp)
+  decoder/decoder_norm/scale                        [embed]
+  decoder/logits_dense/kernel                       [embed, vocab]  (T5.1.1: untied head)
+
+T5 1.0 (`logits_via_embedding=True`) has no logits_dense: the logits are the
+decoder output times the token embedding, divided by sqrt(emb_dim) (T5X's
+`Embed.attend`; Hugging Face's scale_decoder_outputs with the tied lm_head).
 """
 
 from __future__ import annotations
@@ -33,11 +50,13 @@ Array = jax.Array
 
 PAD_ID = 0
 EOS_ID = 1
+# T5 starts decoding from the padding id.
+DECODER_START_ID = PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-  """Hyper-parameters of a T5 encoder (T5.1.1 defaults)."""
+  """Hyper-parameters of a T5 encoder or encoder-decoder (T5.1.1 defaults)."""
 
   vocab_size: int = 32128
   emb_dim: int = 512
@@ -57,6 +76,21 @@ class T5Config:
   attention: str = 'xla'
   # Rematerialise each layer in the backward pass ('none' or 'full').
   remat: str = 'none'
+  # Decoder (encoder-decoder models only). None: as many layers as the encoder.
+  num_decoder_layers: Optional[int] = None
+  # True for T5 1.0's head tied to the token embedding (rescaled by emb_dim**-0.5);
+  # False for T5.1.1's separate decoder/logits_dense.
+  logits_via_embedding: bool = False
+
+  def __post_init__(self):
+    if self.num_decoder_layers is not None and self.num_decoder_layers < 1:
+      raise ValueError(f'T5Config.num_decoder_layers must be None or >= 1, got '
+                       f'{self.num_decoder_layers}')
+
+  @property
+  def decoder_layers(self) -> int:
+    """Number of decoder layers."""
+    return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
 
 # T5.1.1 sizes (vocab 32,128). 'tiny' is for tests and the demo.
@@ -87,7 +121,8 @@ def _act(name: str) -> Callable[[Array], Array]:
   raise ValueError(f'unknown activation {name!r}')
 
 
-def _param(module: nn.Module, name: str, init, shape, axes):
+def param_with_axes(module: nn.Module, name: str, init, shape, axes):
+  """A float32 parameter of `module` carrying logical axis names (T5X's param_with_axes)."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
@@ -124,6 +159,11 @@ ATTENTION_FNS: dict[str, Callable[..., Array]] = {
 }
 
 
+def mask_bias(allowed: Array) -> Array:
+  """Additive float32 attention bias: 0 where `allowed`, a huge negative number elsewhere."""
+  return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+
+
 # --------------------------------------------------------------------------- layers
 
 class Embed(nn.Module):
@@ -134,11 +174,21 @@ class Embed(nn.Module):
   dtype: str = 'float32'
 
   def setup(self):
-    self.embedding = _param(self, 'embedding', nn.initializers.normal(stddev=1.0),
+    self.embedding = param_with_axes(self, 'embedding', nn.initializers.normal(stddev=1.0),
                             (self.num_embeddings, self.features), ('vocab', 'embed'))
 
   def __call__(self, ids: Array) -> Array:
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, query: Array, vocab_ids: Optional[Array] = None) -> Array:
+    """Dot products of `query` [..., embed] with the embeddings, in float32.
+
+    vocab_ids: if given, only these rows of the embedding ([..., len(vocab_ids)]).
+    """
+    embedding = self.embedding if vocab_ids is None else jnp.take(
+        self.embedding, jnp.asarray(vocab_ids), axis=0)
+    return jnp.einsum('...d,vd->...v', query.astype(jnp.float32),
+                      embedding.astype(jnp.float32))
 
 
 class LayerNorm(nn.Module):
@@ -149,7 +199,7 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
+    scale = param_with_axes(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
     return (x * scale).astype(self.dtype)
@@ -164,22 +214,32 @@ class DenseGeneral(nn.Module):
   dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
-                    self.kernel_axes)
+  def __call__(self, x: Array, columns: Optional[Array] = None) -> Array:
+    """x [..., in] -> [..., features], or [..., len(columns)] for only those outputs."""
+    kernel = param_with_axes(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
+                             self.kernel_axes)
+    if columns is not None:
+      kernel = jnp.take(kernel, jnp.asarray(columns), axis=1)
     return jnp.einsum('...d,df->...f', x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
-                             max_distance: int) -> np.ndarray:
-  """Bidirectional T5 bucketing of `memory_position - query_position`.
+                             max_distance: int, bidirectional: bool = True) -> np.ndarray:
+  """T5 bucketing of `memory_position - query_position`.
 
-  Half of the buckets hold positive offsets; within each half, small offsets get
-  their own bucket and larger ones share log-spaced buckets up to max_distance.
+  Bidirectional (encoder): half of the buckets hold positive offsets. Causal
+  (decoder): all buckets hold distances to the past, and future positions share
+  bucket 0 with the query's own position (the causal mask hides them anyway).
+  Small distances get their own bucket, larger ones share log-spaced buckets up
+  to max_distance.
   """
-  num_buckets //= 2
-  buckets = (relative_position > 0).astype(np.int32) * num_buckets
-  n = np.abs(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = (relative_position > 0).astype(np.int32) * num_buckets
+    n = np.abs(relative_position)
+  else:
+    buckets = np.zeros(np.shape(relative_position), np.int32)
+    n = np.maximum(-relative_position, 0)
   max_exact = num_buckets // 2
   is_small = n < max_exact
   with np.errstate(divide='ignore'):
@@ -199,12 +259,13 @@ class RelativePositionBiases(nn.Module):
   dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, q_len: int, k_len: int) -> Array:
-    rel_embedding = _param(
+  def __call__(self, q_len: int, k_len: int, bidirectional: bool = True) -> Array:
+    rel_embedding = param_with_axes(
         self, 'rel_embedding', nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
         (self.num_heads, self.num_buckets), ('heads', 'relpos_buckets'))
     relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-    buckets = relative_position_bucket(relative, self.num_buckets, self.max_distance)
+    buckets = relative_position_bucket(relative, self.num_buckets, self.max_distance,
+                                       bidirectional)
     # One-hot contraction (as in T5X) keeps the gather off the TPU's slow path.
     one_hot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)
     values = jnp.einsum('hb,qkb->hqk', rel_embedding.astype(self.dtype), one_hot)
@@ -212,19 +273,24 @@ class RelativePositionBiases(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
+  """T5 attention: self-attention, or attention from `x` to `inputs_kv` (cross-attention)."""
+
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, bias: Array, deterministic: bool,
+               inputs_kv: Optional[Array] = None) -> Array:
+    """x [B, Lq, embed], inputs_kv [B, Lk, embed] (default x), bias [B or 1, heads or 1, Lq, Lk]."""
     cfg = self.config
+    kv = x if inputs_kv is None else inputs_kv
     joined = cfg.num_heads * cfg.head_dim
     # 1/sqrt(head_dim) is folded into the query initialisation, as in T5.
     q_init = nn.initializers.variance_scaling(1.0 / math.sqrt(cfg.head_dim), 'fan_in', 'normal')
     kv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
     split = lambda y: y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
     q = split(DenseGeneral(joined, ('embed', 'joined_kv'), q_init, cfg.dtype, name='query')(x))
-    k = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='key')(x))
-    v = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='value')(x))
+    k = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='key')(kv))
+    v = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='value')(kv))
     if not deterministic and cfg.dropout_rate > 0:
       # Attention-probability dropout needs the explicit softmax.
       out = xla_attention(q, k, v, bias, dropout=lambda w: nn.Dropout(cfg.dropout_rate)(
@@ -286,8 +352,7 @@ class Encoder(nn.Module):
     bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
                                   cfg.relative_attention_max_distance, cfg.num_heads,
                                   cfg.dtype, name='relpos_bias')(length, length)
-    big_neg = jnp.finfo(jnp.float32).min
-    bias = bias.astype(jnp.float32) + jnp.where(mask[:, None, None, :], 0.0, big_neg)
+    bias = bias.astype(jnp.float32) + mask_bias(mask[:, None, None, :])
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         embedded.astype(cfg.dtype), deterministic=deterministic)
     layer_cls = EncoderLayer
@@ -297,3 +362,105 @@ class Encoder(nn.Module):
       x = layer_cls(cfg, name=f'layers_{i}')(x, bias, deterministic)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+  """Causal self-attention, attention to the encoder, MLP; each pre-normed and residual."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               deterministic: bool) -> Array:
+    cfg = self.config
+    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        y, deterministic=deterministic)
+    h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_self_attention_layer_norm')(x)
+    x = x + drop(MultiHeadAttention(cfg, name='self_attention')(h, self_bias, deterministic))
+    h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_cross_attention_layer_norm')(x)
+    x = x + drop(MultiHeadAttention(cfg, name='encoder_decoder_attention')(
+        h, cross_bias, deterministic, inputs_kv=encoded))
+    h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
+    return x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
+
+
+class Decoder(nn.Module):
+  """The T5 decoder stack (T5X's `decoder` scope), teacher-forced over whole sequences.
+
+  There is no key/value cache: rerankers score one decoder step, and training
+  feeds the whole shifted target at once.
+  """
+
+  config: T5Config
+  # The token_embedder of the enclosing model: embeds the decoder inputs and, for
+  # T5 1.0, is the output layer too. Its parameters live in the parent's scope.
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_mask: Array, decoder_input_ids: Array,
+               deterministic: bool = True, vocab_ids: Optional[Array] = None) -> Array:
+    """Next-token logits at every decoder position.
+
+    Args:
+      encoded: [batch, length, embed] encoder output.
+      encoder_mask: [batch, length] bool, True for real encoder tokens.
+      decoder_input_ids: [batch, steps] int, the targets shifted right behind the
+        start token 0. Position t sees positions <= t only, so right padding never
+        changes the logits of earlier positions and needs no mask.
+      deterministic: disables dropout when True.
+      vocab_ids: optional token ids [n]; only their logits are computed.
+    Returns:
+      [batch, steps, vocab_size] float32 logits, or [batch, steps, n] with vocab_ids.
+    """
+    cfg = self.config
+    steps = decoder_input_ids.shape[1]
+    self_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance, cfg.num_heads,
+                                       cfg.dtype, name='relpos_bias')(steps, steps, False)
+    causal = np.tril(np.ones((steps, steps), bool))[None, None]
+    self_bias = self_bias.astype(jnp.float32) + mask_bias(causal)
+    # Attention to the encoder has no position bias, only the padding mask.
+    cross_bias = mask_bias(encoder_mask[:, None, None, :])
+    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        y, deterministic=deterministic)
+    x = drop(self.shared_embedding(decoder_input_ids).astype(cfg.dtype))
+    encoded = encoded.astype(cfg.dtype)
+    layer_cls = DecoderLayer
+    if cfg.remat == 'full':
+      layer_cls = nn.remat(DecoderLayer, static_argnums=(5,))
+    for i in range(cfg.decoder_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, encoded, self_bias, cross_bias, deterministic)
+    x = drop(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='decoder_norm')(x))
+    if cfg.logits_via_embedding:
+      return self.shared_embedding.attend(x, vocab_ids) / math.sqrt(x.shape[-1])
+    return DenseGeneral(cfg.vocab_size, ('embed', 'vocab'), dtype='float32',
+                        name='logits_dense')(x, vocab_ids)
+
+
+class EncoderDecoder(nn.Module):
+  """T5 encoder-decoder (T5X's `Transformer`): token_embedder/, encoder/, decoder/."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.dtype)
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
+
+  def encode(self, input_ids: Array, deterministic: bool = True) -> Array:
+    """[batch, length] ids (0 = padding) -> [batch, length, embed] encoder output."""
+    return self.encoder(self.token_embedder(input_ids), input_ids != PAD_ID, deterministic)
+
+  def decode(self, encoded: Array, input_ids: Array, decoder_input_ids: Array,
+             deterministic: bool = True, vocab_ids: Optional[Array] = None) -> Array:
+    """Logits of the decoder on `encode(input_ids)`; see `Decoder` for the shapes."""
+    return self.decoder(encoded, input_ids != PAD_ID, decoder_input_ids, deterministic,
+                        vocab_ids)
+
+  def __call__(self, input_ids: Array, decoder_input_ids: Array, deterministic: bool = True,
+               vocab_ids: Optional[Array] = None) -> Array:
+    """input_ids [batch, length], decoder_input_ids [batch, steps] -> float32 logits
+    [batch, steps, vocab_size] (or [batch, steps, len(vocab_ids)])."""
+    encoded = self.encode(input_ids, deterministic)
+    return self.decode(encoded, input_ids, decoder_input_ids, deterministic, vocab_ids)

@@ -1,0 +1,125 @@
+"""Reranker checkpoints: HF and T5X encoder-decoders in, T5ForConditionalGeneration out."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+from hf_t5 import (VARIANTS, float32_tolerance, hf_logits, padded_ids, t5dual_config,  # noqa: E402
+                   t5dual_params, tiny_hf)  # tests/helpers
+from t5dual import partitioning, rerankers, t5  # noqa: E402
+from t5dual.interop import rerankers as interop  # noqa: E402
+from t5dual.interop import t5x  # noqa: E402
+
+SCORING, YES, NO = 61, 11, 17
+
+
+def _first_step_logits(model, ids):
+  return hf_logits(model, ids, np.full((len(ids), 1), t5.DECODER_START_ID))[:, 0]
+
+
+def _assert_trees_equal(got, want):
+  got, want = t5x.flatten(got), t5x.flatten(want)
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_hf_folder_to_reranker_to_hf_folder(tmp_path, variant):
+  cfg, model = tiny_hf(variant)
+  model.save_pretrained(tmp_path / 'in')
+  params, config, report = interop.load_reranker(str(tmp_path / 'in'), scorer='encdec',
+                                                 dtype='float32', scoring_token_id=SCORING)
+  assert config.t5 == t5dual_config(cfg) and config.t5.decoder_layers == 3
+  assert config.t5.logits_via_embedding == (variant == 't5.1.0')
+  assert not report.initialised and not report.skipped
+  _assert_trees_equal(params, t5dual_params(model))
+
+  ids = padded_ids(np.random.default_rng(0), 5, 16, cfg.vocab_size)
+  ref = _first_step_logits(model, ids)
+  scores = rerankers.scorer_module(config).apply({'params': params}, ids)
+  np.testing.assert_allclose(scores, ref[:, SCORING], rtol=0, atol=float32_tolerance(ref))
+
+  interop.save_hf(str(tmp_path / 'out'), params, config)
+  back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / 'out').eval()
+  assert back.config.scale_decoder_outputs == (variant == 't5.1.0')
+  assert back.config.num_decoder_layers == 3 and back.config.d_kv == 10
+  want, got = model.state_dict(), back.state_dict()
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
+  np.testing.assert_array_equal(_first_step_logits(back, ids), ref)
+
+  with pytest.raises(FileExistsError, match='not overwriting'):
+    interop.save_hf(str(tmp_path / 'out'), params, config)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['in', 'out']  # no temporary left
+
+
+def test_t5x_checkpoint_loads_whole_into_a_yes_no_reranker(tmp_path):
+  cfg, model = tiny_hf('t5.1.1', seed=1)
+  tree = t5dual_params(model)
+  t5x.write_checkpoint(str(tmp_path / 'checkpoint_7'), tree, step=7)
+  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  # T5X checkpoints do not record max_distance; the tiny model's is 20.
+  params, config, report = interop.load_reranker(
+      str(tmp_path), scorer='yes_no', dtype='float32', relative_attention_max_distance=20,
+      yes_token_id=YES, no_token_id=NO, shardings=mesh)
+  assert config.scorer == 'yes_no' and config.t5 == t5dual_config(cfg)
+  assert report.skipped == ['state/step'] and not report.initialised
+  leaf = params['decoder']['logits_dense']['kernel']
+  assert isinstance(leaf, jax.Array) and leaf.sharding.mesh == mesh
+  _assert_trees_equal(params, tree)
+
+  ids = padded_ids(np.random.default_rng(1), 4, 12, cfg.vocab_size)
+  ref = _first_step_logits(model, ids)
+  want = ref[:, YES] - np.logaddexp(ref[:, YES], ref[:, NO])
+  scores = rerankers.scorer_module(config).apply({'params': params}, ids)
+  np.testing.assert_allclose(scores, want, rtol=0, atol=2 * float32_tolerance(ref))
+
+
+def test_enc_reranker_takes_the_encoder_and_initialises_its_head(tmp_path):
+  cfg, model = tiny_hf('t5.1.0', seed=2)
+  model.save_pretrained(tmp_path / 'in')
+  params, config, report = interop.load_reranker(str(tmp_path / 'in'), scorer='enc',
+                                                 pooling='mean', dtype='float32', seed=3)
+  assert config.pooling == 'mean' and config.t5.decoder_layers == config.t5.num_layers
+  assert report.initialised == ['score_dense/bias', 'score_dense/kernel']
+  assert 'decoder/layers_2/mlp/wo/kernel' in report.skipped
+  tree = t5dual_params(model)
+  _assert_trees_equal({k: params[k] for k in ('token_embedder', 'encoder')},
+                      {k: tree[k] for k in ('token_embedder', 'encoder')})
+  fresh = rerankers.init_params(config, jax.random.PRNGKey(3))['score_dense']
+  _assert_trees_equal(params['score_dense'], fresh)
+  # Its own tree (head included) maps back onto itself.
+  again, _, report = interop.reranker_from_tree(params, config)
+  _assert_trees_equal(again, params)
+  assert not report.initialised
+  with pytest.raises(ValueError, match="'enc' reranker has no decoder"):
+    interop.save_hf(str(tmp_path / 'out'), params, config)
+
+
+def test_mismatched_checkpoints_are_errors(tmp_path):
+  cfg, model = tiny_hf('t5.1.1', seed=3)
+  tree = t5dual_params(model)
+  encoder_only = {k: tree[k] for k in ('token_embedder', 'encoder')}
+  with pytest.raises(ValueError, match="'encdec' reranker needs an encoder-decoder"):
+    interop.reranker_from_tree(encoder_only, dtype='float32', scoring_token_id=SCORING)
+  # A config with T5 1.0's tied head has no place for T5.1.1's logits_dense.
+  tied = rerankers.RerankerConfig(
+      t5=dataclasses.replace(t5dual_config(cfg), logits_via_embedding=True),
+      scoring_token_id=SCORING)
+  with pytest.raises(ValueError, match='decoder/logits_dense/kernel has no counterpart'):
+    interop.reranker_from_tree(tree, tied)
+  fewer_layers = rerankers.RerankerConfig(
+      t5=dataclasses.replace(t5dual_config(cfg), num_decoder_layers=2), scoring_token_id=SCORING)
+  with pytest.raises(ValueError, match='decoder/layers_2/.* has no counterpart'):
+    interop.reranker_from_tree(tree, fewer_layers)
+  with pytest.raises(TypeError, match='unknown'):
+    interop.reranker_from_tree(tree, dtype='float32', temprature=0.1)
+  with pytest.raises(ValueError, match='either config or'):
+    interop.reranker_from_tree(tree, tied, dtype='float32')

@@ -1,15 +1,20 @@
 """Dual-encoder architectures, pooling, logical axes, model sizes and the optimizer."""
 
+import dataclasses
 import math
+import pathlib
 
 import flax
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from t5dual import models, optim, t5
+from t5dual import gin_utils, models, optim, t5
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _model(arch, **loss):
@@ -48,6 +53,37 @@ def test_every_parameter_has_logical_axes(arch):
   for name, spec in axes.items():
     assert len(spec) == params[name].ndim, name
     assert all(isinstance(a, str) for a in spec), name
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _gin_model(files, bindings=()):
+  gin.clear_config()
+  gin_utils.parse_gin(files, list(bindings))
+  return gin.get_configurable(models.DualEncoderModel)()
+
+
+@pytest.mark.usefixtures('clean_gin')
+def test_model_gin_files_share_one_file_and_differ_in_the_architecture(tmp_path, monkeypatch):
+  shared = _gin_model(['gin/models/dual_encoder.gin'])
+  for arch in models.ARCHITECTURES:
+    text = (REPO / 'gin/models' / f'{arch}.gin').read_text()
+    assert "include 'gin/models/dual_encoder.gin'" in text
+    model = _gin_model([f'gin/models/{arch}.gin', 'gin/sizes/tiny.gin'])
+    assert model.config.architecture == arch
+    assert model.config.t5 == t5.t5_config('tiny', vocab_size=32128, dropout_rate=0.1,
+                                           dtype='bfloat16')
+    assert dataclasses.replace(_gin_model([f'gin/models/{arch}.gin']).config,
+                               architecture='sde') == shared.config
+    assert model.loss == shared.loss
+  # The include resolves through gin_utils' search paths from any working directory.
+  monkeypatch.chdir(tmp_path)
+  assert _gin_model([str(REPO / 'gin/models/ade.gin')]).config.architecture == 'ade'
 
 
 def test_sde_shares_everything():

@@ -31,8 +31,9 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 from t5dual import checkpoints, models  # noqa: E402
 from t5dual.data import pipeline  # noqa: E402
-from t5dual.interop import hf, t5x  # noqa: E402
+from t5dual.interop import hf, mapping, t5x, trees  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
+from t5dual.sides import Side  # noqa: E402
 
 
 # --------------------------------------------------------------------------- t5dual model dirs
@@ -126,19 +127,22 @@ def _print_written(folder: str) -> None:
           print(f'  {os.path.relpath(path, folder)}: {key} {list(value.shape)}')
 
 
+def _max_lengths(lengths: dict) -> dict:
+  """{side: tokens} of a model's feature lengths, for the exported tokenizers."""
+  return {side: lengths.get(side.feature) for side in Side}
+
+
 def t5dual_to_st(args):
   config, params, _, vocab, lengths = _restore(args)
-  max_lengths = {'left': lengths.get('inputs'), 'right': lengths.get('targets')}
-  if config.architecture == 'sde':
-    max_lengths = {'left': max(v for v in max_lengths.values() if v)}
-  for folder in st.save_dual_encoder(args.output, params, config, vocab, max_lengths):
+  for folder in st.save_sentence_transformers(args.output, params, config, vocab,
+                                              _max_lengths(lengths)):
     print(f'wrote sentence-transformers folder {folder}:')
     _print_written(folder)
 
 
 def t5dual_to_hf(args):
-  config, params, _, vocab, _ = _restore(args)
-  for folder in hf.save_dual_encoder(args.output, params, config, vocab):
+  config, params, _, vocab, lengths = _restore(args)
+  for folder in hf.save_t5_encoders(args.output, params, config, vocab, _max_lengths(lengths)):
     print(f'wrote Hugging Face T5EncoderModel folder {folder}:')
     _print_written(folder)
 
@@ -146,21 +150,21 @@ def t5dual_to_hf(args):
 def t5dual_to_t5x(args):
   config, params, step, _, _ = _restore(args)
   t5x.write_checkpoint(args.output, params, step)
-  for path, leaf in t5x.flatten(params).items():
+  for path, leaf in trees.flatten(params).items():
     print(f'  target/{path} {list(leaf.shape)}')
   print(f'wrote T5X checkpoint (format version {t5x.VERSION}) {args.output}')
 
 
 def t5x_to_hf(args):
   ckpt = t5x.open_checkpoint(args.checkpoint)
-  tree = t5x.to_numpy(ckpt.target)
+  tree = trees.to_numpy(ckpt.target)
   overrides = {'relative_attention_max_distance': args.max_distance} if args.max_distance else {}
-  skipped = list(t5x.flatten(ckpt.state))
+  skipped = list(trees.flatten(ckpt.state))
   if 'decoder' in tree:
     hf.save_encoder_decoder(args.output, tree, args.vocab, **overrides)
     kind = 'T5ForConditionalGeneration'
   elif 'encoder' in tree:
-    config = t5x.infer_t5_config(tree, **overrides)
+    config = mapping.infer_t5_config(tree, **overrides)
     known = {'token_embedder', 'encoder', 'projection_layer'}
     skipped += [k for k in tree if k not in known]
     hf.save_encoder(args.output, {k: v for k, v in tree.items() if k in known}, config,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from t5dual import checkpoints, models, t5
-from t5dual.interop import t5x
+from t5dual.interop import t5x, trees
 from t5dual.vocab import train_sentencepiece
 from tree_utils import random_params as _random_params  # tests/helpers
 
@@ -34,7 +34,7 @@ def spm(tmp_path_factory):
 
 
 def _assert_params_equal(a, b):
-  fa, fb = t5x.flatten(a), t5x.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
@@ -48,7 +48,7 @@ def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
   assert convert.main(['t5x-to-t5dual', str(tmp_path / 'checkpoint_9'), str(tmp_path / 'sde'),
                        '--vocab', spm, '--dtype', 'float32']) == 0
   out = capsys.readouterr().out
-  assert f'mapped {len(t5x.flatten(params))} parameters:' in out
+  assert f'mapped {len(trees.flatten(params))} parameters:' in out
   assert '  projection_layer/kernel -> projection_layer/kernel [8, 6]' in out
   assert 'skipped 1 checkpoint entries:\n  state/step\n' in out
   assert 'initialised 0 parameters' in out
@@ -103,7 +103,7 @@ def test_t5x_encoder_decoder_to_hf(tmp_path, convert, capsys):
   tree['decoder'] = {'layers_0': layer, 'decoder_norm': {'scale': np.ones(8, np.float32)},
                      'relpos_bias': {'rel_embedding': rng.normal(size=(2, 8))},
                      'logits_dense': {'kernel': rng.normal(size=(8, 128))}}
-  tree = t5x.unflatten({k: np.asarray(v, np.float32) for k, v in t5x.flatten(tree).items()})
+  tree = trees.unflatten({k: np.asarray(v, np.float32) for k, v in trees.flatten(tree).items()})
   t5x.write_checkpoint(str(tmp_path / 'checkpoint_2'), tree, step=2)
   assert convert.main(['t5x-to-hf', str(tmp_path / 'checkpoint_2'), str(tmp_path / 'hf')]) == 0
   out = capsys.readouterr().out

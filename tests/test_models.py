@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from t5dual import gin_utils, models, optim, t5
+from t5dual.sides import Side
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,29 @@ def test_every_parameter_has_logical_axes(arch):
   for name, spec in axes.items():
     assert len(spec) == params[name].ndim, name
     assert all(isinstance(a, str) for a in spec), name
+
+
+@pytest.mark.parametrize('arch', models.ARCHITECTURES)
+def test_layout_table_reproduces_the_parameter_tree(arch):
+  """models.tower_paths, which interop reads, against the tree the Flax module builds."""
+  params = _model(arch).init_params(jax.random.PRNGKey(0))
+  # An SDE's tree is exactly one tower: {token_embedder, encoder, projection_layer}.
+  one_tower = sorted(_flat(_model('sde').init_params(jax.random.PRNGKey(0))))
+  found = set()
+  for side in Side:
+    paths = models.tower_paths(arch, side)
+    assert sorted(paths) == sorted(models.TOWER_PARTS)
+    tower = models.tower_params(params, arch, side)
+    assert sorted(_flat(tower)) == one_tower
+    for part, path in paths.items():
+      found |= {f'{path}/{k}' for k in _flat(tower[part])}
+  assert found == set(_flat(params))  # every parameter, and nothing else
+  shared = {part for part in models.TOWER_PARTS
+            if models.tower_paths(arch, 'query')[part] == models.tower_paths(arch, 'right')[part]}
+  assert shared == {'sde': set(models.TOWER_PARTS), 'ade': set(),
+                    'ade_spl': {'projection_layer'}}[arch]
+  with pytest.raises(ValueError, match="architecture must be one of"):
+    models.tower_paths('dual', Side.QUERY)
 
 
 @pytest.fixture

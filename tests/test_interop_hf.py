@@ -14,6 +14,7 @@ transformers = pytest.importorskip('transformers')
 from t5dual import models, t5  # noqa: E402
 from t5dual.sides import Side  # noqa: E402
 from t5dual.interop import hf, t5x, trees  # noqa: E402
+import file_modes  # tests/helpers
 from tree_utils import random_params as _random_params  # tests/helpers
 
 TINY = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24, num_layers=2,
@@ -162,7 +163,9 @@ def test_unknown_hf_parameters_are_errors():
 def test_export_loads_back_in_transformers(tmp_path, architecture):
   config = models.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
   params = _random_params(config)
-  folders = hf.save_t5_encoders(str(tmp_path), params, config)
+  with file_modes.umask(0o027):
+    folders = hf.save_t5_encoders(str(tmp_path), params, config)
+  assert file_modes.wrong_modes(str(tmp_path), 0o027) == []  # safetensors writes 0600
   sides = [Side.QUERY] if architecture == 'sde' else [Side.QUERY, Side.DOCUMENT]
   assert folders == ([str(tmp_path)] if architecture == 'sde' else
                      [str(tmp_path / 'query'), str(tmp_path / 'document')])

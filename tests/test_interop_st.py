@@ -18,6 +18,7 @@ from t5dual.sides import Side  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
 from t5dual.interop import trees  # noqa: E402
 from t5dual.vocab import Tokenizer, train_sentencepiece  # noqa: E402
+import file_modes  # tests/helpers
 from tree_utils import random_params as _random_params  # tests/helpers
 
 TEXTS = ['what is a dual encoder?', 'Dual encoders embed queries and documents separately.',
@@ -114,8 +115,10 @@ def test_gtr_folder_converts_in(tmp_path, spm):
 def test_export_encodes_like_t5dual(tmp_path, spm, architecture):
   config = models.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
   params = _random_params(config, seed=1)
-  folders = st.save_sentence_transformers(str(tmp_path / 'out'), params, config, spm,
-                                          {Side.QUERY: 24, 'right': 40})  # any side name
+  with file_modes.umask(0o027):
+    folders = st.save_sentence_transformers(str(tmp_path / 'out'), params, config, spm,
+                                            {Side.QUERY: 24, 'right': 40})  # any side name
+  assert file_modes.wrong_modes(str(tmp_path / 'out'), 0o027) == []  # safetensors writes 0600
   dual = models.DualEncoderModel(config)
   tok = Tokenizer(spm)
   # An SDE's one tower encodes documents too: it keeps the longer length.

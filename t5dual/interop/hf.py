@@ -313,14 +313,41 @@ def hf_config_dict(config: t5.T5Config, architecture: str = 'T5EncoderModel',
   }
 
 
+def _new_file_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the process umask."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def follow_umask(folder: str) -> None:
+  """Gives the .safetensors files under `folder` the usual mode of new files.
+
+  safetensors writes through a temporary file (Rust's tempfile: mode 0600) renamed
+  into place, so its files, and those transformers and sentence-transformers
+  write with it, would otherwise be readable by their owner only.
+  """
+  mode = _new_file_mode()
+  for root, _, files in os.walk(folder):
+    for name in files:
+      if name.endswith('.safetensors'):
+        os.chmod(os.path.join(root, name), mode)
+
+
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """safetensors' save_file (PyTorch's 'pt' format tag), with the usual file mode."""
+  save_file(dict(tensors), path, metadata={'format': 'pt'})
+  os.chmod(path, _new_file_mode())
+
+
 def _save(folder: str, state: Mapping[str, np.ndarray], hf_config: dict) -> None:
   os.makedirs(folder, exist_ok=True)
   # Tied copies are left out, as transformers does; untied models keep every copy,
   # since transformers versions differ in what they re-tie when one is missing.
   tied = ({'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight'}
           if hf_config['tie_word_embeddings'] else set())
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items() if k not in tied},
-            os.path.join(folder, HF_WEIGHTS), metadata={'format': 'pt'})
+  save_safetensors(os.path.join(folder, HF_WEIGHTS),
+                   {k: np.ascontiguousarray(v) for k, v in state.items() if k not in tied})
   with open(os.path.join(folder, HF_CONFIG), 'w') as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
 
@@ -356,8 +383,8 @@ def save_encoder(folder: str, tower: Mapping, config: t5.T5Config,
   _save(folder, state, hf_config_dict(config, 'T5EncoderModel'))
   if 'projection_layer' in tower:
     kernel = np.asarray(tower['projection_layer']['kernel'], np.float32)
-    save_file({PROJECTION_KEY: np.ascontiguousarray(kernel.T)},
-              os.path.join(folder, PROJECTION_FILE), metadata={'format': 'pt'})
+    save_safetensors(os.path.join(folder, PROJECTION_FILE),
+                     {PROJECTION_KEY: np.ascontiguousarray(kernel.T)})
   if spm_path:
     write_tokenizer(folder, spm_path, config.vocab_size, max_length=max_length)
   return folder

@@ -194,6 +194,7 @@ def save_tower(folder: str, tower: Mapping, t5_config: t5.T5Config, spm_path: st
         modules=[transformer, Pooling(kernel.shape[0], 'mean'), dense, Normalize()],
         device='cpu')
     model.save(folder)
+  hf.follow_umask(folder)
   shutil.copyfile(spm_path, os.path.join(folder, 'spiece.model'))
   return folder
 

@@ -116,7 +116,7 @@ def _torch_load(path: str) -> dict:
     import torch
   except ImportError as e:
     raise ImportError(f'{path} is a PyTorch pickle; reading it needs torch (or convert it to '
-                      'safetensors)') from e
+                      'safetensors)', name='torch') from e
   state = torch.load(path, map_location='cpu', weights_only=True)
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
           for k, v in state.items()}

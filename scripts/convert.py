@@ -16,23 +16,62 @@ Conversions into t5dual print every parameter mapped, every checkpoint entry
 skipped (optimizer state, a decoder, ...) and every parameter initialised because
 the checkpoint lacks it. With --like MODEL_DIR the target model is taken from an
 existing t5dual model.json, and any shape mismatch is an error naming the parameter.
+
+Writing sentence-transformers or Hugging Face folders needs setup.py's `torch`
+extra (PyTorch, transformers, sentence-transformers); without it those commands
+stop with one line saying what to install.
 """
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from t5dual import checkpoints, models  # noqa: E402
+from t5dual import checkpoints, cli, models  # noqa: E402
 from t5dual.data import pipeline  # noqa: E402
-from t5dual.interop import hf, t5x  # noqa: E402
+from t5dual.interop import hf, mapping, t5x, trees  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
+from t5dual.sides import Side  # noqa: E402
+
+# Modules outside the core install, all in setup.py's 'torch' extra.
+OPTIONAL_MODULES = ('torch', 'transformers', 'sentence_transformers')
+
+
+# --------------------------------------------------------------------------- optional packages
+
+def _install_hint() -> str:
+  """The pip command that installs the 'torch' extra of this checkout."""
+  here = os.path.abspath(os.getcwd()) == REPO
+  return f"pip install -e '{'.' if here else REPO}[torch]'"
+
+
+def _needs(args) -> tuple[str, tuple[str, ...]]:
+  """(what to name in the error, modules to import) of the command in `args`."""
+  if args.command == 't5dual-to-st':
+    return 'PyTorch and sentence-transformers', OPTIONAL_MODULES
+  if args.command == 't5dual-to-hf' or (args.command == 't5x-to-hf' and args.vocab):
+    return 'transformers (for the tokenizer files)', ('transformers',)
+  return '', ()
+
+
+def require_optional_packages(args) -> None:
+  """Stops, before anything is read or written, when the command's packages are missing."""
+  what, modules = _needs(args)
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      reason = (str(e).splitlines() or [''])[0]  # one line, however the import failed
+      raise cli.UserError(f'{args.command} needs {what}: {_install_hint()} '
+                          f'(import {module}: {reason})') from e
 
 
 # --------------------------------------------------------------------------- t5dual model dirs
@@ -54,7 +93,7 @@ def save_model_dir(model_dir: str, config: models.DualEncoderConfig, params, voc
 def _vocab(args, found=None) -> str:
   vocab = args.vocab or found
   if not vocab:
-    raise SystemExit('error: no SentencePiece model found in the checkpoint; pass --vocab')
+    raise cli.UserError('no SentencePiece model found in the checkpoint; pass --vocab')
   if found and not args.vocab:  # keep the model directory self-contained
     os.makedirs(args.output, exist_ok=True)
     vocab = shutil.copyfile(found, os.path.join(args.output, 'spiece.model'))
@@ -126,19 +165,22 @@ def _print_written(folder: str) -> None:
           print(f'  {os.path.relpath(path, folder)}: {key} {list(value.shape)}')
 
 
+def _max_lengths(lengths: dict) -> dict:
+  """{side: tokens} of a model's feature lengths, for the exported tokenizers."""
+  return {side: lengths.get(side.feature) for side in Side}
+
+
 def t5dual_to_st(args):
   config, params, _, vocab, lengths = _restore(args)
-  max_lengths = {'left': lengths.get('inputs'), 'right': lengths.get('targets')}
-  if config.architecture == 'sde':
-    max_lengths = {'left': max(v for v in max_lengths.values() if v)}
-  for folder in st.save_dual_encoder(args.output, params, config, vocab, max_lengths):
+  for folder in st.save_sentence_transformers(args.output, params, config, vocab,
+                                              _max_lengths(lengths)):
     print(f'wrote sentence-transformers folder {folder}:')
     _print_written(folder)
 
 
 def t5dual_to_hf(args):
-  config, params, _, vocab, _ = _restore(args)
-  for folder in hf.save_dual_encoder(args.output, params, config, vocab):
+  config, params, _, vocab, lengths = _restore(args)
+  for folder in hf.save_t5_encoders(args.output, params, config, vocab, _max_lengths(lengths)):
     print(f'wrote Hugging Face T5EncoderModel folder {folder}:')
     _print_written(folder)
 
@@ -146,30 +188,30 @@ def t5dual_to_hf(args):
 def t5dual_to_t5x(args):
   config, params, step, _, _ = _restore(args)
   t5x.write_checkpoint(args.output, params, step)
-  for path, leaf in t5x.flatten(params).items():
+  for path, leaf in trees.flatten(params).items():
     print(f'  target/{path} {list(leaf.shape)}')
   print(f'wrote T5X checkpoint (format version {t5x.VERSION}) {args.output}')
 
 
 def t5x_to_hf(args):
   ckpt = t5x.open_checkpoint(args.checkpoint)
-  tree = t5x.to_numpy(ckpt.target)
+  tree = trees.to_numpy(ckpt.target)
   overrides = {'relative_attention_max_distance': args.max_distance} if args.max_distance else {}
-  skipped = list(t5x.flatten(ckpt.state))
+  skipped = list(trees.flatten(ckpt.state))
   if 'decoder' in tree:
     hf.save_encoder_decoder(args.output, tree, args.vocab, **overrides)
     kind = 'T5ForConditionalGeneration'
   elif 'encoder' in tree:
-    config = t5x.infer_t5_config(tree, **overrides)
+    config = mapping.infer_t5_config(tree, **overrides)
     known = {'token_embedder', 'encoder', 'projection_layer'}
     skipped += [k for k in tree if k not in known]
     hf.save_encoder(args.output, {k: v for k, v in tree.items() if k in known}, config,
                     args.vocab)
     kind = 'T5EncoderModel'
   else:
-    raise SystemExit(f'error: {args.checkpoint} has no encoder/ at the top level (found '
-                     f'{sorted(tree)}); convert two-tower models with t5x-to-t5dual, then '
-                     't5dual-to-hf')
+    raise cli.UserError(f'{args.checkpoint} has no encoder/ at the top level (found '
+                        f'{sorted(tree)}); convert two-tower models with t5x-to-t5dual, then '
+                        't5dual-to-hf')
   print(f'wrote Hugging Face {kind} folder {args.output}:')
   _print_written(args.output)
   print(f'skipped {len(skipped)} checkpoint entries:')
@@ -225,14 +267,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Runs one conversion; what the user can fix is raised as a one-line `cli.UserError`."""
   args = parser().parse_args(argv)
+  require_optional_packages(args)
   try:
     args.fn(args)
-  except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  except (ValueError, KeyError) as e:  # unreadable or mismatched checkpoints, named in `e`
+    raise cli.UserError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+  except ImportError as e:  # e.g. torch for a pytorch_model.bin
+    if (e.name or '').split('.')[0] not in OPTIONAL_MODULES:
+      raise
+    raise cli.UserError(f'{e}: {_install_hint()}') from e
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run_main(main)

@@ -1,6 +1,8 @@
 """Dual encoders built from T5 encoders, and the model object the trainer drives.
 
-Architectures (Dong et al. 2022, "Exploring Dual Encoder Architectures"):
+Architectures (Dong et al. 2022, "Exploring Dual Encoder Architectures") differ
+only in which parts of a tower the query and document sides share
+(`SHARED_PARTS`; `tower_paths` gives where each part sits in the parameter tree):
 
   sde      one tower shared by queries and documents. Parameter tree as in
            t5x_retrieval: token_embedder/, encoder/, projection_layer/.
@@ -9,7 +11,8 @@ Architectures (Dong et al. 2022, "Exploring Dual Encoder Architectures"):
   ade_spl  two towers sharing one projection: left_tower/{token_embedder,encoder}/,
            right_tower/{...}/, projection_layer/.
 
-"left" encodes queries (feature `inputs`), "right" documents (`targets`).
+The query side is the "left" tower (feature `inputs`), the document side the
+"right" one (`targets`); see `t5dual.sides.Side`.
 A tower: embed -> T5 encoder -> mean over non-padding tokens -> projection
 (no bias) -> L2 normalisation.
 """
@@ -17,7 +20,7 @@ A tower: embed -> T5 encoder -> mean over non-padding tokens -> projection
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -25,9 +28,19 @@ import jax.numpy as jnp
 
 from t5dual import losses as losses_lib
 from t5dual import t5
+from t5dual.sides import Side
 
 Array = jax.Array
-ARCHITECTURES = ('sde', 'ade', 'ade_spl')
+# The parts of a tower, named as in t5x_retrieval's parameter tree.
+TOWER_PARTS = ('token_embedder', 'encoder', 'projection_layer')
+# The parts both sides share (kept at the root of the tree); the others live in
+# left_tower/ (query side) and right_tower/ (document side).
+SHARED_PARTS = {
+    'sde': TOWER_PARTS,
+    'ade': (),
+    'ade_spl': ('projection_layer',),
+}
+ARCHITECTURES = tuple(SHARED_PARTS)
 LOSSES = ('softmax', 'samtone', 'pair')
 
 
@@ -41,6 +54,38 @@ class DualEncoderConfig:
     if self.architecture not in ARCHITECTURES:
       raise ValueError(f'architecture must be one of {ARCHITECTURES}, '
                        f'got {self.architecture!r}')
+
+
+def tower_paths(architecture: str, side: Side | str) -> dict[str, str]:
+  """Where one side's tower sits in the parameter tree of `architecture`.
+
+  The one statement of the SDE / ADE / ADE-SPL layouts that readers and writers
+  of other formats (T5X, Hugging Face, sentence-transformers) follow.
+
+  Args:
+    architecture: one of ARCHITECTURES.
+    side: a `Side`, or any of its names ('query', 'left', 'inputs', ...).
+  Returns:
+    {part: path} for every part in TOWER_PARTS, a path being the '/'-joined keys
+    of that part's subtree in `init_params`' output; e.g. ADE-SPL's document side
+    is {'token_embedder': 'right_tower/token_embedder', 'encoder':
+    'right_tower/encoder', 'projection_layer': 'projection_layer'}.
+  """
+  if architecture not in SHARED_PARTS:
+    raise ValueError(f'architecture must be one of {ARCHITECTURES}, got {architecture!r}')
+  tower = f'{Side.parse(side).tower}_tower/'
+  return {part: part if part in SHARED_PARTS[architecture] else tower + part
+          for part in TOWER_PARTS}
+
+
+def tower_params(params: Mapping, architecture: str, side: Side | str) -> dict:
+  """{token_embedder, encoder, projection_layer} subtrees of one side's tower of `params`."""
+  def subtree(path):
+    node = params
+    for key in path.split('/'):
+      node = node[key]
+    return node
+  return {part: subtree(path) for part, path in tower_paths(architecture, side).items()}
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:

@@ -2,14 +2,17 @@
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, models, t5
-from t5dual.interop import t5x
+from t5dual import checkpoints, cli, models, t5
+from t5dual.interop import t5x, trees
 from t5dual.vocab import train_sentencepiece
 from tree_utils import random_params as _random_params  # tests/helpers
 
@@ -34,7 +37,7 @@ def spm(tmp_path_factory):
 
 
 def _assert_params_equal(a, b):
-  fa, fb = t5x.flatten(a), t5x.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
@@ -48,7 +51,7 @@ def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
   assert convert.main(['t5x-to-t5dual', str(tmp_path / 'checkpoint_9'), str(tmp_path / 'sde'),
                        '--vocab', spm, '--dtype', 'float32']) == 0
   out = capsys.readouterr().out
-  assert f'mapped {len(t5x.flatten(params))} parameters:' in out
+  assert f'mapped {len(trees.flatten(params))} parameters:' in out
   assert '  projection_layer/kernel -> projection_layer/kernel [8, 6]' in out
   assert 'skipped 1 checkpoint entries:\n  state/step\n' in out
   assert 'initialised 0 parameters' in out
@@ -76,16 +79,15 @@ def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
   _assert_params_equal(from_st, params)
 
 
-def test_shape_mismatch_is_an_error_naming_the_parameter(tmp_path, convert, spm, capsys):
+def test_shape_mismatch_is_an_error_naming_the_parameter(tmp_path, convert, spm):
   config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
   t5x.write_checkpoint(str(tmp_path / 'ckpt'), _random_params(config))
   wider = dataclasses.replace(config, projection_dim=10)
   checkpoints.write_model_json(str(tmp_path / 'like'), checkpoints.model_description(
       models.DualEncoderModel(wider), spm, {'inputs': 8, 'targets': 8}))
-  assert convert.main(['t5x-to-t5dual', str(tmp_path / 'ckpt'), str(tmp_path / 'out'),
-                       '--vocab', spm, '--like', str(tmp_path / 'like')]) == 1
-  err = capsys.readouterr().err
-  assert 'shape mismatch for projection_layer/kernel' in err and '[8, 6]' in err
+  with pytest.raises(cli.UserError, match=r'shape mismatch for projection_layer/kernel.*\[8, 6\]'):
+    convert.main(['t5x-to-t5dual', str(tmp_path / 'ckpt'), str(tmp_path / 'out'),
+                  '--vocab', spm, '--like', str(tmp_path / 'like')])
   assert not (tmp_path / 'out').exists()
 
 
@@ -103,7 +105,7 @@ def test_t5x_encoder_decoder_to_hf(tmp_path, convert, capsys):
   tree['decoder'] = {'layers_0': layer, 'decoder_norm': {'scale': np.ones(8, np.float32)},
                      'relpos_bias': {'rel_embedding': rng.normal(size=(2, 8))},
                      'logits_dense': {'kernel': rng.normal(size=(8, 128))}}
-  tree = t5x.unflatten({k: np.asarray(v, np.float32) for k, v in t5x.flatten(tree).items()})
+  tree = trees.unflatten({k: np.asarray(v, np.float32) for k, v in trees.flatten(tree).items()})
   t5x.write_checkpoint(str(tmp_path / 'checkpoint_2'), tree, step=2)
   assert convert.main(['t5x-to-hf', str(tmp_path / 'checkpoint_2'), str(tmp_path / 'hf')]) == 0
   out = capsys.readouterr().out
@@ -114,3 +116,42 @@ def test_t5x_encoder_decoder_to_hf(tmp_path, convert, capsys):
   back = hf.t5x_tree_from_hf(hf.load_state_dict(str(tmp_path / 'hf')),
                              hf.load_hf_config(str(tmp_path / 'hf')))
   _assert_params_equal(back, tree)
+
+
+# ------------------------------------------------------------------------ without the torch extra
+
+@pytest.mark.parametrize('missing, command, needs', [
+    ('torch', 't5dual-to-st', 'PyTorch and sentence-transformers'),
+    ('transformers', 't5dual-to-hf', 'transformers (for the tokenizer files)'),
+    ('torch', 'hf-to-t5dual', None),  # a pytorch_model.bin, found while reading
+])
+def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, convert, spm, missing,
+                                                                 command, needs):
+  # A package of that name shadows the installed one and fails to import, as if absent.
+  fake = tmp_path / 'site' / missing
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text(f'raise ImportError("No module named {missing!r}")\n')
+  if command == 'hf-to-t5dual':
+    source = tmp_path / 'hf'
+    source.mkdir()
+    (source / 'pytorch_model.bin').write_bytes(b'not read without torch')
+    argv = [command, str(source), str(tmp_path / 'out'), '--vocab', spm]
+  else:
+    config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+    convert.save_model_dir(str(tmp_path / 'model'), config, _random_params(config), spm,
+                           {'inputs': 8, 'targets': 8})
+    argv = [command, str(tmp_path / 'model'), str(tmp_path / 'out')]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='ignore',
+             PYTHONPATH=os.pathsep.join([str(tmp_path / 'site'), str(SCRIPT.parents[1])]))
+  result = subprocess.run([sys.executable, str(SCRIPT)] + argv, cwd=SCRIPT.parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr
+  if needs:
+    assert errors[0].startswith(f"error: {command} needs {needs}: pip install -e '.[torch]' "
+                                f'(import {missing}: '), errors[0]
+  else:
+    assert 'pytorch_model.bin is a PyTorch pickle' in errors[0], errors[0]
+    assert errors[0].endswith(": pip install -e '.[torch]'"), errors[0]
+  assert not (tmp_path / 'out').exists()

@@ -14,9 +14,11 @@ pytest.importorskip('sentence_transformers')
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from t5dual import models, t5  # noqa: E402
+from t5dual.sides import Side  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
-from t5dual.interop import t5x  # noqa: E402
+from t5dual.interop import trees  # noqa: E402
 from t5dual.vocab import Tokenizer, train_sentencepiece  # noqa: E402
+import file_modes  # tests/helpers
 from tree_utils import random_params as _random_params  # tests/helpers
 
 TEXTS = ['what is a dual encoder?', 'Dual encoders embed queries and documents separately.',
@@ -93,8 +95,8 @@ def test_gtr_folder_converts_in(tmp_path, spm):
     json.dump({'word_embedding_dimension': 16, 'pooling_mode_cls_token': False,
                'pooling_mode_mean_tokens': True, 'pooling_mode_max_tokens': False}, f)
   same, _, _ = st.load_dual_encoder(str(legacy), dtype='float32')
-  for k, v in t5x.flatten(params).items():
-    np.testing.assert_array_equal(t5x.flatten(same)[k], v)
+  for k, v in trees.flatten(params).items():
+    np.testing.assert_array_equal(trees.flatten(same)[k], v)
 
   # What t5dual cannot represent is refused, naming the module.
   with open(legacy / '1_Pooling/config.json', 'w') as f:
@@ -113,20 +115,23 @@ def test_gtr_folder_converts_in(tmp_path, spm):
 def test_export_encodes_like_t5dual(tmp_path, spm, architecture):
   config = models.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
   params = _random_params(config, seed=1)
-  folders = st.save_dual_encoder(str(tmp_path / 'out'), params, config, spm,
-                                 {'left': 24, 'right': 40})
+  with file_modes.umask(0o027):
+    folders = st.save_sentence_transformers(str(tmp_path / 'out'), params, config, spm,
+                                            {Side.QUERY: 24, 'right': 40})  # any side name
+  assert file_modes.wrong_modes(str(tmp_path / 'out'), 0o027) == []  # safetensors writes 0600
   dual = models.DualEncoderModel(config)
   tok = Tokenizer(spm)
-  sides = ['left'] if architecture == 'sde' else ['left', 'right']
-  for side, folder, length in zip(sides, folders, (24, 40)):
+  # An SDE's one tower encodes documents too: it keeps the longer length.
+  lengths = [40] if architecture == 'sde' else [24, 40]
+  for side, folder, length in zip(Side, folders, lengths):
     exported = SentenceTransformer(folder, device='cpu')
     assert exported.max_seq_length == length
-    ours = np.asarray(dual.encode(params, jnp.asarray(tok.encode(TEXTS, length)), side))
+    ours = np.asarray(dual.encode(params, jnp.asarray(tok.encode(TEXTS, length)), side.tower))
     np.testing.assert_allclose(exported.encode(TEXTS), ours, atol=1e-5)
   if architecture == 'sde':  # and back, exactly
     again, again_config, report = st.load_dual_encoder(folders[0], dtype='float32')
     assert again_config == config and report.initialised == []
-    for k, v in t5x.flatten(params).items():
-      np.testing.assert_array_equal(t5x.flatten(again)[k], v, err_msg=k)
+    for k, v in trees.flatten(params).items():
+      np.testing.assert_array_equal(trees.flatten(again)[k], v, err_msg=k)
   else:
     assert folders == [str(tmp_path / 'out/query'), str(tmp_path / 'out/document')]

@@ -16,7 +16,7 @@ import pytest
 import tensorstore as ts
 
 from t5dual import models, t5
-from t5dual.interop import t5x
+from t5dual.interop import t5x, trees
 from tree_utils import random_params as _random_params  # tests/helpers
 
 FIXTURE = 'fixtures/t5x_retrieval_de_t5_tiny/checkpoint_1000'
@@ -26,7 +26,7 @@ TINY = t5.T5Config(vocab_size=64, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=12
 
 
 def _assert_trees_equal(a, b):
-  fa, fb = t5x.flatten(a), t5x.flatten(b)
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert sorted(fa) == sorted(fb)
   for k in fa:
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
@@ -63,7 +63,7 @@ def test_real_t5x_retrieval_checkpoint_loads_completely(shared_dir):
   assert config.t5.relative_attention_num_buckets == 4  # from the shapes, not the README
   # Every t5dual parameter comes from the checkpoint; only optimizer state is left out.
   assert report.initialised == []
-  assert len(report.mapped) == len(t5x.flatten(params)) == 20
+  assert len(report.mapped) == len(trees.flatten(params)) == 20
   assert report.skipped and all(s.startswith('state/') for s in report.skipped)
 
   # Values against an independent read: zarr with TensorStore, inline with plain msgpack.
@@ -222,13 +222,13 @@ def test_encoder_decoder_checkpoint_fills_every_architecture(tmp_path):
     assert sorted(s for s in report.skipped if s.startswith('decoder/')) == [
         'decoder/decoder_norm/scale', 'decoder/layers_0/self_attention/query/kernel',
         'decoder/logits_dense/kernel']
-    projections = [p for p in t5x.flatten(params) if 'projection_layer' in p]
+    projections = [p for p in trees.flatten(params) if 'projection_layer' in p]
     assert sorted(report.initialised) == sorted(projections)
     towers = [params] if arch == 'sde' else [params['left_tower'], params['right_tower']]
     for tower in towers:
       _assert_trees_equal({k: tower[k] for k in ('token_embedder', 'encoder')}, encoder)
     for p in projections:  # absent from the checkpoint: taken from init_params
-      np.testing.assert_array_equal(t5x.flatten(params)[p], t5x.flatten(init)[p])
+      np.testing.assert_array_equal(trees.flatten(params)[p], trees.flatten(init)[p])
 
 
 def test_mismatches_are_errors_naming_the_parameter(tmp_path):
@@ -254,7 +254,7 @@ SHARDED_SCRIPT = textwrap.dedent('''
   import jax, numpy as np
   import orbax.checkpoint as ocp
   from t5dual import models, partitioning, t5
-  from t5dual.interop import t5x
+  from t5dual.interop import lazy_arrays, t5x, trees
   assert jax.device_count() == 4
   cfg = models.DualEncoderConfig(t5=t5.T5Config(vocab_size=64, emb_dim=8, num_heads=2,
       head_dim=4, mlp_dim=12, num_layers=1, relative_attention_num_buckets=8), projection_dim=6)
@@ -268,19 +268,19 @@ SHARDED_SCRIPT = textwrap.dedent('''
   mesh = partitioning.make_mesh(model_parallel=2)
   shardings = partitioning.param_shardings(model.logical_axes(), mesh)
   reads = []
-  original = t5x.read_slice
+  original = lazy_arrays.read_slice
   def counting(array, index):
     out = original(array, index)
     reads.append((array.name, out.shape))
     return out
-  t5x.read_slice = counting
+  lazy_arrays.read_slice = counting
   for layout, given in (('msgpack', mesh), ('orbax', shardings)):
     reads.clear()
     loaded, _, report = t5x.load_dual_encoder(root + '/' + layout, cfg, shardings=given)
-    for path, leaf in t5x.flatten(loaded).items():
-      want = t5x.flatten(shardings)[path]
+    for path, leaf in trees.flatten(loaded).items():
+      want = trees.flatten(shardings)[path]
       assert isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(want, leaf.ndim), path
-      np.testing.assert_array_equal(np.asarray(leaf), t5x.flatten(params)[path], err_msg=path)
+      np.testing.assert_array_equal(np.asarray(leaf), trees.flatten(params)[path], err_msg=path)
     emb = [shape for name, shape in reads if name.endswith('token_embedder/embedding')]
     # vocab is split over 'model' (2): each read is half the table, once per distinct shard.
     assert emb == [(32, 8), (32, 8)], (layout, emb)

@@ -1,15 +1,21 @@
 """Dual-encoder architectures, pooling, logical axes, model sizes and the optimizer."""
 
+import dataclasses
 import math
+import pathlib
 
 import flax
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from t5dual import models, optim, t5
+from t5dual import gin_utils, models, optim, t5
+from t5dual.sides import Side
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _model(arch, **loss):
@@ -48,6 +54,60 @@ def test_every_parameter_has_logical_axes(arch):
   for name, spec in axes.items():
     assert len(spec) == params[name].ndim, name
     assert all(isinstance(a, str) for a in spec), name
+
+
+@pytest.mark.parametrize('arch', models.ARCHITECTURES)
+def test_layout_table_reproduces_the_parameter_tree(arch):
+  """models.tower_paths, which interop reads, against the tree the Flax module builds."""
+  params = _model(arch).init_params(jax.random.PRNGKey(0))
+  # An SDE's tree is exactly one tower: {token_embedder, encoder, projection_layer}.
+  one_tower = sorted(_flat(_model('sde').init_params(jax.random.PRNGKey(0))))
+  found = set()
+  for side in Side:
+    paths = models.tower_paths(arch, side)
+    assert sorted(paths) == sorted(models.TOWER_PARTS)
+    tower = models.tower_params(params, arch, side)
+    assert sorted(_flat(tower)) == one_tower
+    for part, path in paths.items():
+      found |= {f'{path}/{k}' for k in _flat(tower[part])}
+  assert found == set(_flat(params))  # every parameter, and nothing else
+  shared = {part for part in models.TOWER_PARTS
+            if models.tower_paths(arch, 'query')[part] == models.tower_paths(arch, 'right')[part]}
+  assert shared == {'sde': set(models.TOWER_PARTS), 'ade': set(),
+                    'ade_spl': {'projection_layer'}}[arch]
+  with pytest.raises(ValueError, match="architecture must be one of"):
+    models.tower_paths('dual', Side.QUERY)
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _gin_model(files, bindings=()):
+  gin.clear_config()
+  gin_utils.parse_gin(files, list(bindings))
+  return gin.get_configurable(models.DualEncoderModel)()
+
+
+@pytest.mark.usefixtures('clean_gin')
+def test_model_gin_files_share_one_file_and_differ_in_the_architecture(tmp_path, monkeypatch):
+  shared = _gin_model(['gin/models/dual_encoder.gin'])
+  for arch in models.ARCHITECTURES:
+    text = (REPO / 'gin/models' / f'{arch}.gin').read_text()
+    assert "include 'gin/models/dual_encoder.gin'" in text
+    model = _gin_model([f'gin/models/{arch}.gin', 'gin/sizes/tiny.gin'])
+    assert model.config.architecture == arch
+    assert model.config.t5 == t5.t5_config('tiny', vocab_size=32128, dropout_rate=0.1,
+                                           dtype='bfloat16')
+    assert dataclasses.replace(_gin_model([f'gin/models/{arch}.gin']).config,
+                               architecture='sde') == shared.config
+    assert model.loss == shared.loss
+  # The include resolves through gin_utils' search paths from any working directory.
+  monkeypatch.chdir(tmp_path)
+  assert _gin_model([str(REPO / 'gin/models/ade.gin')]).config.architecture == 'ade'
 
 
 def test_sde_shares_everything():

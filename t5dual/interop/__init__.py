@@ -1,4 +1,12 @@
-"""Checkpoint interop: Hugging Face / sentence-transformers and T5X formats."""
+"""Checkpoint interop: Hugging Face / sentence-transformers and T5X formats.
+
+  t5x                    T5X checkpoints read (msgpack or orbax) and written
+  hf                     Hugging Face T5 state dicts and folders
+  sentence_transformers  GTR / sentence-T5 folders
+  mapping                T5X-named trees into t5dual models, t5dual towers out
+  trees, lazy_arrays     nested parameter dicts; checkpoint arrays read on demand
+  storage, msgpack_io    local / gs:// files; flax's msgpack encoding
+"""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from t5dual import t5
-from t5dual.interop import t5x
+from t5dual.interop import mapping, trees
 
 
 def t5_config_from_hf(hf_config, **overrides) -> t5.T5Config:
@@ -109,8 +109,6 @@ HF_CONFIG = 'config.json'
 # The projection of an exported tower, in torch.nn.Linear layout [out, in].
 PROJECTION_FILE = 'projection.safetensors'
 PROJECTION_KEY = 'linear.weight'
-# Sub-folders of an exported ADE / ADE-SPL model: one per tower.
-TOWER_DIRS = {'left': 'query', 'right': 'document'}
 
 
 def _torch_load(path: str) -> dict:
@@ -118,7 +116,7 @@ def _torch_load(path: str) -> dict:
     import torch
   except ImportError as e:
     raise ImportError(f'{path} is a PyTorch pickle; reading it needs torch (or convert it to '
-                      'safetensors)') from e
+                      'safetensors)', name='torch') from e
   state = torch.load(path, map_location='cpu', weights_only=True)
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
           for k, v in state.items()}
@@ -255,7 +253,7 @@ def t5x_tree_from_hf(state: Mapping[str, np.ndarray], hf_config: Optional[Mappin
       # An untied head on the scaled output: fold d_model**-0.5 into logits_dense.
       decoder['logits_dense/kernel'] = (head * shared.shape[1] ** -0.5).T
     used.add('lm_head.weight')
-    tree['decoder'] = t5x.unflatten(decoder)
+    tree['decoder'] = trees.unflatten(decoder)
   unknown = sorted(set(state) - used)
   if unknown:
     raise ValueError(f'unrecognised Hugging Face T5 parameters: {unknown[:10]}'
@@ -265,11 +263,11 @@ def t5x_tree_from_hf(state: Mapping[str, np.ndarray], hf_config: Optional[Mappin
 
 def hf_from_t5x_tree(tree: Mapping) -> dict[str, np.ndarray]:
   """Inverse of `t5x_tree_from_hf`: the full HF state dict (tied copies included)."""
-  config = t5x.infer_t5_config({'token_embedder': tree['token_embedder'],
-                                'encoder': tree['encoder']})
+  config = mapping.infer_t5_config({'token_embedder': tree['token_embedder'],
+                                    'encoder': tree['encoder']})
   state = encoder_to_hf(tree, config)
   if 'decoder' in tree:
-    dec = t5x.flatten(tree['decoder'])
+    dec = trees.flatten(tree['decoder'])
     n_dec = len({p.split('/')[0] for p in dec if p.startswith('layers_')})
     for path, key, transpose in _decoder_table(n_dec, _mlp_names(config)):
       if path not in dec:
@@ -315,14 +313,41 @@ def hf_config_dict(config: t5.T5Config, architecture: str = 'T5EncoderModel',
   }
 
 
+def _new_file_mode() -> int:
+  """The mode `open()` gives a new file: 0o666 less the process umask."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+def follow_umask(folder: str) -> None:
+  """Gives the .safetensors files under `folder` the usual mode of new files.
+
+  safetensors writes through a temporary file (Rust's tempfile: mode 0600) renamed
+  into place, so its files, and those transformers and sentence-transformers
+  write with it, would otherwise be readable by their owner only.
+  """
+  mode = _new_file_mode()
+  for root, _, files in os.walk(folder):
+    for name in files:
+      if name.endswith('.safetensors'):
+        os.chmod(os.path.join(root, name), mode)
+
+
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """safetensors' save_file (PyTorch's 'pt' format tag), with the usual file mode."""
+  save_file(dict(tensors), path, metadata={'format': 'pt'})
+  os.chmod(path, _new_file_mode())
+
+
 def _save(folder: str, state: Mapping[str, np.ndarray], hf_config: dict) -> None:
   os.makedirs(folder, exist_ok=True)
   # Tied copies are left out, as transformers does; untied models keep every copy,
   # since transformers versions differ in what they re-tie when one is missing.
   tied = ({'encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight'}
           if hf_config['tie_word_embeddings'] else set())
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items() if k not in tied},
-            os.path.join(folder, HF_WEIGHTS), metadata={'format': 'pt'})
+  save_safetensors(os.path.join(folder, HF_WEIGHTS),
+                   {k: np.ascontiguousarray(v) for k, v in state.items() if k not in tied})
   with open(os.path.join(folder, HF_CONFIG), 'w') as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
 
@@ -347,16 +372,6 @@ def write_tokenizer(folder: str, spm_path: str, vocab_size: int,
   T5Tokenizer.from_pretrained(folder, extra_ids=extra_ids, **kwargs).save_pretrained(folder)
 
 
-def tower_params(params: Mapping, config, side: str = 'left') -> dict:
-  """{token_embedder, encoder, projection_layer} of one tower of a t5dual dual encoder."""
-  if config.architecture == 'sde':
-    return dict(params)
-  tower = dict(params[f'{side}_tower'])
-  if config.architecture == 'ade_spl':
-    tower['projection_layer'] = params['projection_layer']
-  return tower
-
-
 def save_encoder(folder: str, tower: Mapping, config: t5.T5Config,
                  spm_path: Optional[str] = None, max_length: Optional[int] = None) -> str:
   """A transformers T5EncoderModel folder of {token_embedder, encoder} (+ projection file).
@@ -368,8 +383,8 @@ def save_encoder(folder: str, tower: Mapping, config: t5.T5Config,
   _save(folder, state, hf_config_dict(config, 'T5EncoderModel'))
   if 'projection_layer' in tower:
     kernel = np.asarray(tower['projection_layer']['kernel'], np.float32)
-    save_file({PROJECTION_KEY: np.ascontiguousarray(kernel.T)},
-              os.path.join(folder, PROJECTION_FILE), metadata={'format': 'pt'})
+    save_safetensors(os.path.join(folder, PROJECTION_FILE),
+                     {PROJECTION_KEY: np.ascontiguousarray(kernel.T)})
   if spm_path:
     write_tokenizer(folder, spm_path, config.vocab_size, max_length=max_length)
   return folder
@@ -382,7 +397,7 @@ def save_encoder_decoder(folder: str, tree: Mapping, spm_path: Optional[str] = N
   T5X trees do not record relative_attention_max_distance, layer_norm_epsilon or
   dropout: pass them as T5Config overrides if they differ from the defaults.
   """
-  config = t5x.infer_t5_config(tree, **config_overrides)
+  config = mapping.infer_t5_config(tree, **config_overrides)
   n_dec = len([k for k in tree['decoder'] if k.startswith('layers_')])
   hf_config = hf_config_dict(config, 'T5ForConditionalGeneration', n_dec,
                              untied_head='logits_dense' in tree['decoder'])
@@ -392,21 +407,18 @@ def save_encoder_decoder(folder: str, tree: Mapping, spm_path: Optional[str] = N
   return folder
 
 
-def save_dual_encoder(folder: str, params: Mapping, config, spm_path: Optional[str] = None,
-                      max_lengths: Optional[Mapping[str, int]] = None) -> list[str]:
-  """Hugging Face folders of a t5dual dual encoder: `folder` for an SDE, else one per tower.
+def save_t5_encoders(folder: str, params: Mapping, config, spm_path: Optional[str] = None,
+                     max_lengths: Optional[Mapping] = None) -> list[str]:
+  """T5EncoderModel folders of a t5dual dual encoder (`save_encoder` for each tower).
 
-  ADE / ADE-SPL towers go to folder/query (left) and folder/document (right);
-  ADE-SPL's shared projection is copied into both. max_lengths: {'left': .., 'right': ..}.
+  `folder` for an SDE; ADE / ADE-SPL towers go to folder/query and
+  folder/document, ADE-SPL's shared projection into both (`mapping.save_towers`,
+  which also says what max_lengths holds). Returns the folders written.
   """
-  sides = ['left'] if config.architecture == 'sde' else ['left', 'right']
-  out = []
-  for side in sides:
-    target = folder if config.architecture == 'sde' else os.path.join(folder, TOWER_DIRS[side])
-    length = (max_lengths or {}).get(side)
-    out.append(save_encoder(target, tower_params(params, config, side), config.t5, spm_path,
-                            length))
-  return out
+  return mapping.save_towers(
+      folder, params, config.architecture,
+      lambda target, tower, length: save_encoder(target, tower, config.t5, spm_path, length),
+      max_lengths)
 
 
 # --------------------------------------------------------------------------- loading into t5dual
@@ -430,9 +442,9 @@ def load_dual_encoder(path: str, config=None, *, architecture: str = 'sde', **kw
   projection.safetensors when present, else is freshly initialised. The T5
   config comes from config.json (from the shapes without one). Other arguments,
   including T5Config overrides such as dtype='float32', as in
-  `t5x.dual_encoder_from_tree`.
+  `mapping.dual_encoder_from_tree`.
   """
   tree, hf_config = load_tree(path)
   t5_config = t5_config_from_hf(hf_config) if hf_config and config is None else None
-  return t5x.dual_encoder_from_tree(tree, config, architecture=architecture,
+  return mapping.dual_encoder_from_tree(tree, config, architecture=architecture,
                                     t5_config=t5_config, **kwargs)

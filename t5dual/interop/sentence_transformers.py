@@ -27,7 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from t5dual import models, t5
-from t5dual.interop import hf, t5x
+from t5dual.interop import hf, mapping
 
 MODULES_JSON = 'modules.json'
 IDENTITY = 'torch.nn.modules.linear.Identity'
@@ -145,7 +145,7 @@ def load_dual_encoder(path: str, config: Optional[models.DualEncoderConfig] = No
   """t5dual params of a GTR / sentence-T5 folder: (params, config, report).
 
   By default an SDE; other architectures get the same encoder and projection
-  in both towers. Other arguments as in `t5x.dual_encoder_from_tree`.
+  in both towers. Other arguments as in `mapping.dual_encoder_from_tree`.
   """
   folder = read_folder(path)
   tree, hf_config = hf.load_tree(folder.transformer_dir)
@@ -154,7 +154,7 @@ def load_dual_encoder(path: str, config: Optional[models.DualEncoderConfig] = No
   kernel = np.eye(emb, dtype=np.float32) if folder.dense_weight is None else folder.dense_weight.T
   tree['projection_layer'] = {'kernel': kernel}
   t5_config = hf.t5_config_from_hf(hf_config) if hf_config and config is None else None
-  params, config, report = t5x.dual_encoder_from_tree(
+  params, config, report = mapping.dual_encoder_from_tree(
       tree, config, architecture=architecture, t5_config=t5_config, **kwargs)
   report.notes += folder.notes
   return params, config, report
@@ -194,24 +194,20 @@ def save_tower(folder: str, tower: Mapping, t5_config: t5.T5Config, spm_path: st
         modules=[transformer, Pooling(kernel.shape[0], 'mean'), dense, Normalize()],
         device='cpu')
     model.save(folder)
+  hf.follow_umask(folder)
   shutil.copyfile(spm_path, os.path.join(folder, 'spiece.model'))
   return folder
 
 
-def save_dual_encoder(folder: str, params: Mapping, config: models.DualEncoderConfig,
-                      spm_path: str, max_lengths: Optional[Mapping[str, int]] = None
-                      ) -> list[str]:
-  """sentence-transformers folders of a t5dual model: `folder` for an SDE, else one per tower.
+def save_sentence_transformers(folder: str, params: Mapping, config: models.DualEncoderConfig,
+                               spm_path: str, max_lengths: Optional[Mapping] = None) -> list[str]:
+  """sentence-transformers folders of a t5dual dual encoder (`save_tower` for each tower).
 
-  ADE / ADE-SPL: folder/query (left tower, for queries) and folder/document
-  (right tower); ADE-SPL's shared projection goes into both.
-  max_lengths: {'left': query length, 'right': document length}.
+  `folder` for an SDE; ADE / ADE-SPL towers go to folder/query (for queries) and
+  folder/document, ADE-SPL's shared projection into both (`mapping.save_towers`,
+  which also says what max_lengths holds). Returns the folders written.
   """
-  sides = ['left'] if config.architecture == 'sde' else ['left', 'right']
-  out = []
-  for side in sides:
-    target = folder if config.architecture == 'sde' else os.path.join(folder,
-                                                                      hf.TOWER_DIRS[side])
-    out.append(save_tower(target, hf.tower_params(params, config, side), config.t5, spm_path,
-                          (max_lengths or {}).get(side)))
-  return out
+  return mapping.save_towers(
+      folder, params, config.architecture,
+      lambda target, tower, length: save_tower(target, tower, config.t5, spm_path, length),
+      max_lengths)

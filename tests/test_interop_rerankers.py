@@ -13,7 +13,7 @@ from hf_t5 import (VARIANTS, float32_tolerance, hf_logits, padded_ids, t5dual_co
                    t5dual_params, tiny_hf)  # tests/helpers
 from t5dual import partitioning, rerankers, t5  # noqa: E402
 from t5dual.interop import rerankers as interop  # noqa: E402
-from t5dual.interop import t5x  # noqa: E402
+from t5dual.interop import t5x, trees  # noqa: E402
 
 SCORING, YES, NO = 61, 11, 17
 
@@ -23,7 +23,7 @@ def _first_step_logits(model, ids):
 
 
 def _assert_trees_equal(got, want):
-  got, want = t5x.flatten(got), t5x.flatten(want)
+  got, want = trees.flatten(got), trees.flatten(want)
   assert sorted(got) == sorted(want)
   for k, v in want.items():
     np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from t5dual import partitioning, rerankers, t5
-from t5dual.interop import hf, t5x
+from t5dual.interop import hf, lazy_arrays, mapping, t5x, trees
 
 # What a checkpoint must provide for each scorer, and what may be freshly initialised.
 _SCOPES = {'encdec': ('token_embedder/', 'encoder/', 'decoder/'),
@@ -46,7 +46,7 @@ def decoder_fields(tree: Mapping, num_layers: Optional[int] = None) -> dict:
   num_decoder_layers is None when the decoder has as many layers as `num_layers`
   (the encoder's). Empty when the tree has no decoder.
   """
-  flat = t5x.flatten(tree)
+  flat = trees.flatten(tree)
   layers = sorted({int(m.group(1)) for p in flat
                    if (m := re.match(r'decoder/layers_(\d+)/', p))})
   if not layers:
@@ -58,8 +58,8 @@ def decoder_fields(tree: Mapping, num_layers: Optional[int] = None) -> dict:
 
 
 def infer_t5_config(tree: Mapping, **overrides) -> t5.T5Config:
-  """T5Config of a T5X-named encoder-decoder from its shapes (see `t5x.infer_t5_config`)."""
-  config = t5x.infer_t5_config({k: tree[k] for k in ('token_embedder', 'encoder') if k in tree})
+  """T5Config of a T5X-named encoder-decoder from its shapes (see `mapping.infer_t5_config`)."""
+  config = mapping.infer_t5_config({k: tree[k] for k in ('token_embedder', 'encoder') if k in tree})
   fields = decoder_fields(tree, config.num_layers)
   return dataclasses.replace(config, **{**fields, **overrides})
 
@@ -79,8 +79,8 @@ def _flat_shardings(shardings: ShardingsLike, config: rerankers.RerankerConfig
   if isinstance(shardings, jax.sharding.Mesh):
     shardings = partitioning.param_shardings(rerankers.logical_axes(config), shardings)
   if isinstance(shardings, jax.sharding.Sharding):
-    return {k: shardings for k in t5x.flatten(rerankers.logical_axes(config))}
-  return t5x.flatten(shardings)
+    return {k: shardings for k in trees.flatten(rerankers.logical_axes(config))}
+  return trees.flatten(shardings)
 
 
 def reranker_from_tree(
@@ -88,7 +88,7 @@ def reranker_from_tree(
     scorer: str = 'encdec', t5_config: Optional[t5.T5Config] = None,
     init_params: Optional[Mapping] = None, shardings: ShardingsLike = None,
     param_dtype: np.dtype = np.float32, seed: int = 0, **overrides
-) -> tuple[dict, rerankers.RerankerConfig, t5x.MappingReport]:
+) -> tuple[dict, rerankers.RerankerConfig, mapping.MappingReport]:
   """t5dual reranker params from a T5X-named tree (LazyArray, numpy or jax leaves).
 
   Args:
@@ -115,22 +115,22 @@ def reranker_from_tree(
     uses_decoder = scorer != 'enc'
     t5c = t5_config
     if t5c is None:
-      t5c = infer_t5_config(source) if uses_decoder else t5x.infer_t5_config(
+      t5c = infer_t5_config(source) if uses_decoder else mapping.infer_t5_config(
           {k: source[k] for k in ('token_embedder', 'encoder') if k in source})
     config = rerankers.RerankerConfig(t5=dataclasses.replace(t5c, **t5_overrides),
                                       scorer=scorer, **reranker_overrides)
   elif overrides or t5_config is not None:
     raise ValueError('pass either config or t5_config / config overrides, not both')
 
-  src = t5x.flatten(source)
+  src = trees.flatten(source)
   scopes = _SCOPES[config.scorer]
   if config.scorer != 'enc' and not any(p.startswith('decoder/') for p in src):
     raise ValueError(f'the {config.scorer!r} reranker needs an encoder-decoder checkpoint; this '
                      'one has no decoder/ (top-level entries: '
                      f'{sorted({p.split("/")[0] for p in src})})')
-  template = t5x.flatten(jax.eval_shape(lambda rng: rerankers.init_params(config, rng),
+  template = trees.flatten(jax.eval_shape(lambda rng: rerankers.init_params(config, rng),
                                         jax.random.PRNGKey(seed)))
-  report, errors, used = t5x.MappingReport(), [], set()
+  report, errors, used = mapping.MappingReport(), [], set()
   for path, leaf in template.items():
     if path not in src:
       if not path.startswith(_MAY_INITIALISE):
@@ -153,18 +153,18 @@ def reranker_from_tree(
 
   if report.initialised and init_params is None:
     init_params = rerankers.init_params(config, jax.random.PRNGKey(seed))
-  init_flat = t5x.flatten(init_params) if report.initialised else {}
+  init_flat = trees.flatten(init_params) if report.initialised else {}
   flat_shardings = _flat_shardings(shardings, config)
   out = {}
   for path in template:
     sharding = None if flat_shardings is None else flat_shardings[path]
     leaf = src[path] if path in used else init_flat[path]
-    out[path] = t5x.materialize(leaf, sharding, param_dtype)
-  return t5x.unflatten(out), config, report
+    out[path] = lazy_arrays.materialize(leaf, sharding, param_dtype)
+  return trees.unflatten(out), config, report
 
 
 def load_reranker(path: str, config: Optional[rerankers.RerankerConfig] = None, **kwargs
-                  ) -> tuple[dict, rerankers.RerankerConfig, t5x.MappingReport]:
+                  ) -> tuple[dict, rerankers.RerankerConfig, mapping.MappingReport]:
   """Reranker params from a Hugging Face or T5X checkpoint: (params, config, report).
 
   Hugging Face: a T5ForConditionalGeneration (or, for 'enc', T5EncoderModel)
@@ -182,7 +182,7 @@ def load_reranker(path: str, config: Optional[rerankers.RerankerConfig] = None, 
     return reranker_from_tree(tree, config, **kwargs)
   ckpt = t5x.open_checkpoint(path)
   params, config, report = reranker_from_tree(ckpt.target, config, **kwargs)
-  report.skipped += list(t5x.flatten(ckpt.state))
+  report.skipped += list(trees.flatten(ckpt.state))
   return params, config, report
 
 
@@ -208,7 +208,7 @@ def save_hf(folder: str, params: Mapping, config: rerankers.RerankerConfig,
   work = f'{folder.rstrip(os.sep)}.tmp-{os.getpid()}-{int(time.time())}'
   try:
     hf.save_encoder_decoder(
-        work, t5x.to_numpy(params, np.float32), spm_path,
+        work, trees.to_numpy(params, np.float32), spm_path,
         relative_attention_max_distance=config.t5.relative_attention_max_distance,
         layer_norm_epsilon=config.t5.layer_norm_epsilon, dropout_rate=config.t5.dropout_rate)
     if os.path.isdir(folder):

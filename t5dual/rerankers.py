@@ -234,8 +234,9 @@ def answer_token_id(tokenizer: Union[Tokenizer, str], word: str) -> int:
   Raises ValueError if the word takes several pieces or is unknown to the vocabulary.
   """
   tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-  pieces = int(tok.token_lengths([word], 1 << 20)[0]) - 1  # without the EOS
-  token = int(tok.encode([word], 2)[0, 0])
+  ids = tok.encode([word], 8)[0]  # 8 is plenty: only a single piece is accepted
+  pieces = int(np.count_nonzero(ids)) - 1  # without the EOS
+  token = int(ids[0])
   if pieces != 1 or tok.decode([token]) != word:
     raise ValueError(f'answer {word!r} is not a single piece of the vocabulary {tok.path} '
                      f'({pieces} pieces); choose a word the vocabulary has whole')

@@ -34,15 +34,17 @@ Inputs are ids [B, L] (scores [B]) or lists of candidates [B, list, L] (scores
 from __future__ import annotations
 
 import dataclasses
+import os
 import string
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import rax
 
-from t5dual import models, t5
+from t5dual import model_api, models, ranking_losses, t5
 from t5dual.vocab import Tokenizer
 
 Array = jax.Array
@@ -247,3 +249,129 @@ def yes_no_token_ids(tokenizer: Union[Tokenizer, str], yes: str = 'true',
                      no: str = 'false') -> tuple[int, int]:
   """(yes_token_id, no_token_id) of two answer words in a SentencePiece vocabulary."""
   return answer_token_id(tokenizer, yes), answer_token_id(tokenizer, no)
+
+
+# --------------------------------------------------------------------------- the trainable model
+
+@dataclasses.dataclass(frozen=True)
+class ListsConfig:
+  """Where a reranker's training lists come from (see data/lists.py).
+
+  These are data settings, kept with the model because the trainer builds the
+  batcher through the model (model_api.Model.make_batcher).
+  """
+
+  # A TREC run over the training split whose window supplies the negatives;
+  # None: BM25 (t5dual.bm25) over the training corpus, computed at start-up.
+  first_stage_run: Optional[str] = None
+  list_size: int = 8               # candidates per query, 2..100
+  num_positives: int = 1
+  min_rank: int = 1                # negatives are sampled from ranks [min_rank, max_rank]
+  max_rank: int = 100
+  # Teacher scores for distillation losses: a TREC run or JSONL (data/lists.read_teacher).
+  teacher: Optional[str] = None
+
+
+@model_api.register
+class RerankerModel:
+  """A reranker with its ranking loss: the `model_api.Model` of kind 'reranker'.
+
+  Batches (data/lists.ListBatcher): 'inputs' [B, list, L] int32, 'labels'
+  [B, list] float32, 'where' [B, list] bool, and for distillation
+  'teacher_scores' [B, list]. The loss is any function with the signature of
+  `ranking_losses` (bound in gin); distillation losses get the teacher scores.
+  """
+
+  kind = 'reranker'
+  feature_names = ('inputs',)
+  metric_names = ('loss', 'list_mrr', 'list_ndcg')
+  progress_metrics = ('loss', 'list_mrr')
+
+  def __init__(self, config: RerankerConfig,
+               loss_fn: Callable[..., Array] = ranking_losses.softmax_loss,
+               lists: ListsConfig = ListsConfig()):
+    self.config = config
+    self.loss = loss_fn
+    self.lists = lists
+    self.module = scorer_module(config)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.t5.vocab_size
+
+  @property
+  def name(self) -> str:
+    return f'{self.config.scorer} reranker'
+
+  def init_params(self, rng: Array):
+    return init_params(self.config, rng)
+
+  def logical_axes(self):
+    return logical_axes(self.config)
+
+  def score(self, params, ids: Array) -> Array:
+    """ids [N, L] or [B, list, L] -> float32 scores [N] or [B, list] (inference)."""
+    return self.module.apply({'params': params}, ids, True)
+
+  def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):
+    deterministic = dropout_rng is None
+    rngs = None if deterministic else {'dropout': dropout_rng}
+    scores = self.module.apply({'params': params}, batch['inputs'], deterministic, rngs=rngs)
+    labels, where = batch['labels'], batch['where']
+    extra = {}
+    if ranking_losses.takes_teacher_scores(self.loss):
+      if 'teacher_scores' not in batch:
+        raise ValueError(f'{_loss_name(self.loss)} distils from a teacher: set the teacher '
+                         'of ListsConfig (TEACHER in gin)')
+      extra['teacher_scores'] = batch['teacher_scores']
+    loss = self.loss(scores, labels, where=where, **extra)
+    metrics = {
+        'loss': loss,
+        'list_mrr': rax.mrr_metric(scores, labels, where=where),
+        'list_ndcg': rax.ndcg_metric(scores, labels, where=where),
+    }
+    return loss, metrics
+
+  def make_batcher(self, source: str, tokenizer: Tokenizer, batch_size: int,
+                   feature_lengths: dict, seed: int = 0, num_negatives: int = 0):
+    """Training lists of a BEIR split ('beir:<folder>[:<split>]' or a folder)."""
+    from t5dual.data import lists as lists_lib
+    from t5dual.data import sources
+    if num_negatives:
+      raise ValueError('NUM_NEGATIVES is for dual encoders; a reranker samples its negatives '
+                       'from the first-stage run (ListsConfig.list_size)')
+    kind, _, rest = source.partition(':')
+    folder, _, split = rest.partition(':') if kind == 'beir' else (source, '', '')
+    if not os.path.isdir(folder):
+      raise sources.DataError(f'reranker training data must be a BEIR folder '
+                              f"('beir:<folder>[:<split>]'), got {source!r}")
+    split = split or 'train'
+    cfg = self.lists
+    run = cfg.first_stage_run
+    if run is None:
+      from t5dual import bm25
+      run = bm25.beir_run(folder, split, k=cfg.max_rank)
+    examples = lists_lib.load_lists(folder, split, run, min_rank=cfg.min_rank,
+                                    max_rank=cfg.max_rank, teacher_path=cfg.teacher)
+    template = self.config.template
+    return lists_lib.ListBatcher(
+        examples, tokenizer, batch_size, list_size=cfg.list_size,
+        input_length=feature_lengths['inputs'], num_positives=cfg.num_positives,
+        input_fn=lambda q, d: template.format(query=q, document=d), seed=seed)
+
+  def describe(self) -> dict:
+    return {'config': dataclasses.asdict(self.config), 'loss': _loss_name(self.loss),
+            'lists': dataclasses.asdict(self.lists)}
+
+  @classmethod
+  def from_description(cls, desc: dict) -> 'RerankerModel':
+    cfg = dict(desc['config'])
+    t5_fields = dict(cfg.pop('t5'))
+    t5_fields['mlp_activations'] = tuple(t5_fields['mlp_activations'])
+    config = RerankerConfig(t5=t5.T5Config(**t5_fields), **cfg)
+    loss = getattr(ranking_losses, desc.get('loss', ''), ranking_losses.softmax_loss)
+    return cls(config, loss, ListsConfig(**desc.get('lists', {})))
+
+
+def _loss_name(fn: Callable) -> str:
+  return getattr(fn, '__name__', None) or getattr(getattr(fn, 'func', None), '__name__', repr(fn))

@@ -214,10 +214,15 @@ def build_lists(queries: Mapping[str, str], doc_ids: list[str], documents: list[
   return out
 
 
-def load_lists(beir: str, split: str, run_path: str, *, min_rank: int = 1,
+def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, float]]', *,
+               min_rank: int = 1,
                max_rank: int = 100, min_relevance: int = 1,
                teacher_path: Optional[str] = None) -> TrainingLists:
-  """Lists for the queries of <beir>/qrels/<split>.tsv and of the run file."""
+  """Lists for the queries of <beir>/qrels/<split>.tsv and of the first-stage run.
+
+  `run` is a TREC run file, or a run already in memory ({query id: {doc id:
+  score}}, e.g. `bm25.beir_run`), whose ids are then trusted.
+  """
   doc_ids, documents = sources.read_beir_corpus(beir)
   known_docs = set(doc_ids)
   queries = sources.read_beir_queries(beir)
@@ -231,11 +236,16 @@ def load_lists(beir: str, split: str, run_path: str, *, min_rank: int = 1,
       raise sources.DataError(f'{qrels_file}:{lineno}: corpus id {did!r} is not in '
                               'corpus.jsonl')
     qrels.setdefault(qid, {})[did] = score
-  run = read_run(run_path, queries, known_docs)
+  if isinstance(run, str):
+    run_name = run
+    run = read_run(run, queries, known_docs)
+  else:
+    run_name = 'first-stage run'
+    run = {q: sorted(docs.items(), key=lambda kv: -kv[1]) for q, docs in run.items()}
   teacher = None if teacher_path is None else read_teacher(teacher_path, queries, known_docs)
   return build_lists(queries, doc_ids, documents, qrels, run, min_rank=min_rank,
                      max_rank=max_rank, min_relevance=min_relevance, teacher=teacher,
-                     source=f'{run_path} + {qrels_file}')
+                     source=f'{run_name} + {qrels_file}')
 
 
 @dataclasses.dataclass

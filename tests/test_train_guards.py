@@ -382,7 +382,7 @@ def test_any_registered_kind_trains_and_reloads(demo_data, tmp_path, monkeypatch
 
 def test_metrics_must_be_the_ones_the_model_declares(tmp_path):
   with pytest.raises(TypeError, match=r"reports metrics \['loss'\] but declares metric_names "
-                                      r"\['loss', 'mse'\]"):
+                                      r"\['loss', 'mse'\] and progress_metrics \['mse'\]"):
     trainer.train(_ToyRegression(reports=('loss',)), _ToyBatcher(4, 8, 0), optax.sgd(0.1),
                   str(tmp_path / 'run'),
                   trainer.TrainerConfig(total_steps=1, progress_bar=False, tensorboard=False))

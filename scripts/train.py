@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Train a dual encoder from gin files (same command on CPU, GPU and TPU).
+"""Train a model from gin files (same command on CPU, GPU and TPU).
 
   python scripts/train.py \
     --gin_file=gin/models/sde.gin --gin_file=gin/sizes/base.gin \
     --gin_file=configs/runs/finetune.gin \
     --gin.MODEL_DIR="'/tmp/sde'" --gin.MIXTURE_OR_TASK_NAME="'beir:/data/medquad:train'" \
     --gin.VOCABULARY_PATH="'/path/to/spiece.model'"
+
+Every --gin.X / --gin_bindings binding must be used by the configuration, and
+every setting is checked before anything is written. The run holds
+MODEL_DIR/writer.lock while it trains; MODEL_DIR/config.gin keeps the
+configuration of the first start, config-<UTC time>.gin that of each later one.
+A mistake the user can fix ends with one `error: ...` line (exit status 2).
 
 Multi-host (GPU clusters, TPU pods): add --multihost (jax.distributed.initialize
 reads the coordinator from the environment) and run the same command on every host.
@@ -17,32 +23,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gin  # noqa: E402
 import jax  # noqa: E402
 
-from t5dual import gin_utils, train_lib  # noqa: E402
+from t5dual import cli, gin_utils, train_lib  # noqa: E402
 
 
 def main(argv):
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-file chatter
-  files, bindings, _ = gin_utils.parse_flags(
-      [a for a in argv if a != '--multihost'])
-  if '--multihost' in argv:
+  multihost = '--multihost' in argv
+  files, bindings, _ = gin_utils.parse_flags([a for a in argv if a != '--multihost'])
+  if multihost:
     jax.distributed.initialize()
   if not files:
-    raise SystemExit('no --gin_file given; see the module docstring')
+    raise cli.ConfigError('no --gin_file given; see the usage in scripts/train.py')
   gin_utils.parse_gin(files, bindings)
-  model_dir = gin.query_parameter('%MODEL_DIR')
-  os.makedirs(model_dir, exist_ok=True)
-  try:
-    result = gin_utils.call_configured(train_lib.run)
-  finally:
-    if jax.process_index() == 0:
-      with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-        f.write(gin.operative_config_str())
-  logging.info('finished at step %s: %s', result.get('step'), result)
+  gin_utils.check_bindings_used(bindings, train_lib.run)
+  result = gin_utils.call_configured(train_lib.run, run_config=gin_utils.operative_config)
+  shown = ', '.join(f'{k} {v:.4g}' for k, v in result.items() if k != 'step')
+  logging.info('finished at step %s: %s', result.get('step'), shown)
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run_main(main)

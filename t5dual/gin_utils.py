@@ -1,22 +1,36 @@
-"""gin at the edges: T5X-style command-line flags and running a configured function.
+"""gin at the edges: T5X-style command-line flags, checking them, running a configured function.
 
   --gin_file=gin/models/sde.gin        (repeatable; searched in --gin_search_paths,
                                         the repository root, gin/ and configs/)
   --gin.MODEL_DIR="'/tmp/run'"         (a binding: --gin.X=V becomes `X = V`)
   --gin_bindings="X = V"               (repeatable, as in T5X)
+
+gin accepts a binding of a macro that nothing references (`--gin.TRAIN_STEPSS=5`
+defines a new macro and the run trains the default number of steps), so
+`check_bindings_used` refuses every command-line binding that the configured
+function cannot reach. All errors are `cli.ConfigError`s with one-line messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import os
-from typing import Callable, Sequence
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import gin
+from gin import config as gin_config
+from gin import config_parser
+
+from t5dual import cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEARCH_PATHS = (os.getcwd(), REPO_ROOT, os.path.join(REPO_ROOT, 'gin'),
                         os.path.join(REPO_ROOT, 'configs'))
+MACRO = 'gin.macro'
+REQUIRED = ('gin.REQUIRED', 'gin.constant')  # the config key of %gin.REQUIRED
 
 
 def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], argparse.Namespace]:
@@ -30,12 +44,16 @@ def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], argparse.Nam
     if arg.startswith('--gin.'):
       name, sep, value = arg[len('--gin.'):].partition('=')
       if not sep:
-        raise SystemExit(f'{arg}: expected --gin.NAME=VALUE')
+        raise cli.ConfigError(f'{arg}: expected --gin.NAME=VALUE')
       bindings.append(f'{name} = {value}')
     else:
       rest.append(arg)
   args = parser.parse_args(rest)
   return args.gin_file, args.gin_bindings + bindings, args
+
+
+def _one_line(message: str) -> str:
+  return re.sub(r'\s*\n\s*', ' | ', message.strip())
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str],
@@ -45,11 +63,192 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
   except (ValueError, KeyError, IOError, SyntaxError, TypeError) as e:
-    # gin's messages already name the file/line or binding; add what was parsed.
-    raise SystemExit(f'gin configuration error: {e}\n(gin files: {list(files)}, '
-                     f'bindings: {list(bindings)})') from None
+    # gin's messages name the file/line or binding, over several lines.
+    raise cli.ConfigError(f'gin configuration: {_one_line(str(e))}{_suggestion(str(e))}'
+                          ) from None
+
+
+def _suggestion(gin_message: str) -> str:
+  """' (did you mean ...?)' for gin's unknown-configurable and unknown-parameter errors."""
+  unknown = re.match(r"No configurable matching '([^']+)'", gin_message)
+  if unknown:
+    name, known = unknown.group(1), sorted({
+        _short(selector) for _, selector in gin_config._CONFIG if selector != MACRO})
+  else:
+    unknown = re.match(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'",
+                       gin_message)
+    if not unknown:
+      return ''
+    try:
+      configurable = gin_config._parse_context().get_configurable(unknown.group(1))
+      known = list(inspect.signature(configurable.wrapped).parameters)
+    except (AttributeError, TypeError, ValueError):
+      return ''
+    name = unknown.group(2)
+  near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+  return f' (did you mean {" or ".join(near)}?)' if near else ''
+
+
+# --------------------------------------------------------------------------- bindings used
+
+def _references(value: Any) -> Iterator[gin_config.ConfigurableReference]:
+  """The configurable and macro references inside a bound value."""
+  if isinstance(value, gin_config.ConfigurableReference):
+    yield value
+  elif isinstance(value, (list, tuple, set, frozenset)):
+    for v in value:
+      yield from _references(v)
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      yield from _references(k)
+      yield from _references(v)
+
+
+def _selector(fn: Callable) -> str:
+  """The selector gin's dynamic registration gives `fn` (module.qualname)."""
+  return f'{fn.__module__}.{fn.__qualname__}'
+
+
+def _short(selector: str) -> str:
+  return selector.removeprefix('t5dual.')
+
+
+def _reachable(root: Callable) -> tuple[set, dict, list]:
+  """What calling the configured `root` may use, following gin's scoping rules.
+
+  Returns:
+    used: config keys (scope, selector) whose bindings apply somewhere; a macro
+      M is the key (M, 'gin.macro').
+    undefined: macros referenced but never defined, name -> who references it.
+    required: the bindings left at %gin.REQUIRED.
+  """
+  used, undefined, required, seen = set(), {}, set(), set()
+  stack = [((), _selector(root))]
+  while stack:
+    scope, selector = stack.pop()
+    if (scope, selector) in seen:
+      continue
+    seen.add((scope, selector))
+    # A configurable called in scope a/b takes the bindings of '', 'a' and 'a/b'.
+    for i in range(len(scope) + 1):
+      key = ('/'.join(scope[:i]), selector)
+      if key not in gin_config._CONFIG:
+        continue
+      used.add(key)
+      who = key[0] if selector == MACRO else _short(selector)
+      for param, value in gin_config._CONFIG[key].items():
+        for ref in _references(value):
+          # `@x/f` calls f in scope x (replacing the current one); `@f` keeps it.
+          ref_scope = tuple(ref.scopes) if ref.scopes else scope
+          ref_selector = ref.config_key[1]
+          if ref.config_key == REQUIRED:
+            required.add(who if selector == MACRO else f'{who}.{param}')
+            continue
+          if ref_selector == MACRO and (ref_scope[-1], MACRO) not in gin_config._CONFIG:
+            undefined.setdefault(ref_scope[-1], who)
+          stack.append((ref_scope, ref_selector))
+  return used, undefined, sorted(required)
+
+
+def _binding_keys(binding: str) -> list[tuple[str, str]]:
+  """The config keys (scope, selector) a binding string sets; macros are (name, MACRO)."""
+  keys = []
+  for statement in config_parser.ConfigParser(binding, gin_config.ParserDelegate(True)):
+    if not isinstance(statement, config_parser.BindingStatement):
+      continue
+    if not statement.arg_name:
+      name = f'{statement.scope}/{statement.selector}' if statement.scope else statement.selector
+      keys.append((name, MACRO))
+    else:
+      keys.append(gin_config.ParsedBindingKey.parse(
+          (statement.scope, statement.selector, statement.arg_name)).config_key)
+  return keys
+
+
+def check_bindings_used(bindings: Sequence[str], root: Callable) -> None:
+  """Refuses command-line bindings that calling the configured `root` would never use.
+
+  Call after `parse_gin` and before `call_configured(root)`. Also refuses what
+  would fail only once `root` runs: a macro it needs that nobody defined (a
+  misspelt `%NAME` in a binding) and a `%gin.REQUIRED` left unset.
+
+  Raises:
+    cli.ConfigError: naming the binding and the nearest names that are used.
+  """
+  used, undefined, required = _reachable(root)
+  macros_used = sorted(scope for scope, selector in used if selector == MACRO)
+  macros_defined = sorted(scope for scope, selector in gin_config._CONFIG if selector == MACRO)
+  configurables_used = sorted({_short(selector) for _, selector in used if selector != MACRO})
+  for binding in bindings:
+    for scope, selector in _binding_keys(binding):
+      if (scope, selector) in used:
+        continue
+      if selector == MACRO:
+        name, known = scope, macros_used
+      else:
+        name = f'{scope}/{_short(selector)}' if scope else _short(selector)
+        known = configurables_used
+      near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+      hint = f'did you mean {" or ".join(near)}?' if near else f'used: {", ".join(known)}'
+      raise cli.ConfigError(f'gin binding `{binding.strip()}`: nothing in the configuration '
+                            f'of {_short(_selector(root))} uses {name} ({hint})')
+  for name, who in sorted(undefined.items()):
+    near = difflib.get_close_matches(name, macros_defined, n=3, cutoff=0.6)
+    hint = f'; did you mean {" or ".join(near)}?' if near else ''
+    raise cli.ConfigError(f'macro %{name} (used by {who}) is never defined{hint}')
+  if required:
+    raise cli.ConfigError(f'{", ".join(required)} must be set, e.g. --gin.{required[0]}=...')
+
+
+# --------------------------------------------------------------------------- calling
+
+def _binding_name(owner: Callable, param: str) -> str:
+  """How the configuration sets `param` of `owner`: 'MACRO' or 'module.fn.param'."""
+  name = f'{_short(_selector(owner))}.{param}'
+  value = gin_config._CONFIG.get(('', _selector(owner)), {}).get(param)
+  macros = []
+  while (isinstance(value, gin_config.ConfigurableReference) and
+         value.config_key[1] == MACRO and value.scopes):
+    macros.append(value.scopes[-1])
+    value = gin_config._CONFIG.get((value.scopes[-1], MACRO), {}).get('value')
+  return f'{" = ".join(macros)} ({name})' if macros else name
+
+
+def _strip_gin_context(message: str) -> str:
+  """Drops the '  In call to configurable ...' lines gin appends to an exception."""
+  return message.split('\n  In call to configurable')[0].strip()
+
+
+def _innermost_configurable(message: str) -> Optional[str]:
+  found = re.findall(r"\n  In call to configurable '([^']+)'", message)
+  return found[0] if found else None
 
 
 def call_configured(fn: Callable, **kwargs):
-  """Calls the gin-configured version of `fn` (registered dynamically by the gin files)."""
-  return gin.get_configurable(fn)(**kwargs)
+  """Calls the gin-configured version of `fn` (registered dynamically by the gin files).
+
+  Errors the user can fix come out as one-line `cli.UserError`s: a
+  `trainer.ParameterError` names the gin binding (or macro) that set the bad
+  value, and a ValueError/TypeError raised while gin builds one of fn's
+  configured arguments (e.g. a config dataclass refusing a value) names that
+  configurable.
+  """
+  try:
+    return gin.get_configurable(fn)(**kwargs)
+  except cli.USER_ERRORS as e:
+    message = _strip_gin_context(str(e))
+    if getattr(e, 'param', None) and getattr(e, 'owner', None):
+      message = f'{_binding_name(e.owner, e.param)}: {e.message}'
+    error = cli.ConfigError if isinstance(e, cli.ConfigError) else cli.UserError
+    raise error(_one_line(message)) from e
+  except (ValueError, TypeError) as e:
+    built = _innermost_configurable(str(e))
+    if built is None or built == fn.__qualname__:
+      raise  # raised by fn itself: an internal failure, with its traceback
+    raise cli.ConfigError(
+        f'gin configuration of {built}: {_one_line(_strip_gin_context(str(e)))}') from e
+
+
+def operative_config() -> str:
+  """The configuration used so far (gin's operative config), as gin file text."""
+  return gin.operative_config_str()

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from t5dual import losses as losses_lib
-from t5dual import t5
+from t5dual import model_api, t5
+from t5dual.data import pipeline
 from t5dual.sides import Side
 
 Array = jax.Array
@@ -185,20 +186,56 @@ class LossConfig:
       raise ValueError(f'loss name must be one of {LOSSES}, got {self.name!r}')
 
 
+@model_api.register
 class DualEncoderModel:
-  """Glue between the Flax module, the loss and the trainer.
+  """A dual encoder with its contrastive loss: the `model_api.Model` of kind 'dual_encoder'.
 
-  The trainer only needs `init_params`, `loss_fn` and `logical_axes`; rerankers
-  implement the same three, so one trainer serves both.
   Batches are dicts of numpy arrays: 'inputs' [B, Lq], 'targets' [B, Ld], and
   optionally 'negative_targets' [B, N, Ld], 'query_ids' [B], 'doc_ids' [B],
-  'negative_ids' [B, N].
+  'negative_ids' [B, N] (see data/pipeline.PairBatcher).
   """
+
+  kind = 'dual_encoder'
+  progress_metrics = ('loss', 'p_at_1')
+  feature_names = tuple(side.feature for side in Side)  # query and document token ids
 
   def __init__(self, config: DualEncoderConfig, loss: LossConfig = LossConfig()):
     self.config = config
     self.loss = loss
     self.module = DualEncoder(config)
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    if self.loss.name == 'pair':
+      terms = ('query_centric', 'passage_centric')
+    else:
+      terms = ('query_to_doc',) + (('doc_to_query',) if self.loss.bidirectional else ())
+    return ('loss',) + tuple(f'loss/{t}' for t in terms) + ('p_at_1', 'mrr')
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.t5.vocab_size
+
+  @property
+  def name(self) -> str:
+    return f'{self.config.architecture} dual encoder'
+
+  def describe(self) -> dict:
+    return {'config': dataclasses.asdict(self.config), 'loss': dataclasses.asdict(self.loss)}
+
+  @classmethod
+  def from_description(cls, desc: dict) -> 'DualEncoderModel':
+    cfg = dict(desc['config'])
+    t5_fields = dict(cfg.pop('t5'))
+    t5_fields['mlp_activations'] = tuple(t5_fields['mlp_activations'])
+    config = DualEncoderConfig(t5=t5.T5Config(**t5_fields), **cfg)
+    return cls(config, LossConfig(**desc.get('loss', {})))
+
+  def make_batcher(self, source: str, tokenizer: Any, batch_size: int, feature_lengths: dict,
+                   seed: int = 0, num_negatives: int = 0) -> model_api.Batcher:
+    """Pairs (and hard negatives) from a BEIR folder, a JSONL file or a seqio task."""
+    return pipeline.make_batcher(source, tokenizer, batch_size, feature_lengths,
+                                 num_negatives, seed=seed)
 
   def _boxed_init(self, rng: Array, query_length: int, doc_length: int):
     q = jnp.ones((1, query_length), jnp.int32)
@@ -213,8 +250,10 @@ class DualEncoderModel:
     boxed = jax.eval_shape(lambda rng: self._boxed_init(rng, 8, 8), jax.random.PRNGKey(0))
     return nn.get_partition_spec(boxed)
 
-  def encode(self, params, ids: Array, side: str = 'left') -> Array:
-    method = DualEncoder.encode_left if side == 'left' else DualEncoder.encode_right
+  def encode(self, params, ids: Array, side: 'Side | str' = Side.QUERY) -> Array:
+    """L2-normalised embeddings of one side's ids [B, L] (any name of the side)."""
+    method = (DualEncoder.encode_left if Side.parse(side) is Side.QUERY
+              else DualEncoder.encode_right)
     return self.module.apply({'params': params}, ids, method=method)
 
   def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):

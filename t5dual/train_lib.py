@@ -2,6 +2,8 @@
 
 gin configures this function and the constructors it receives (models,
 optimizer, schedule) through dynamic registration; nothing below it reads gin.
+`run` knows the model only through `model_api.Model`, so any registered kind
+trains with it.
 """
 
 from __future__ import annotations
@@ -9,19 +11,21 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 from typing import Any, Callable, Optional
 
 import jax
 
-from t5dual import checkpoints, models, optim, trainer
-from t5dual.data import pipeline
+from t5dual import checkpoints, cli, model_api, optim, trainer
+from t5dual.data import pipeline, sources
+from t5dual.trainer import ParameterError, check_positive_int
 from t5dual.vocab import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def run(model_dir: str,
-        model: models.DualEncoderModel,
+        model: model_api.Model,
         mixture_or_task_name: str,
         vocabulary_path: str,
         batch_size: int = 512,
@@ -34,12 +38,17 @@ def run(model_dir: str,
         initial_checkpoint_path: Optional[str] = None,
         mixture_or_task_module: Optional[str] = None,
         trainer_config: trainer.TrainerConfig = trainer.TrainerConfig(),
-        optimizer_fn: Callable[..., Any] = optim.adafactor) -> dict:
+        optimizer_fn: Callable[..., Any] = optim.adafactor,
+        run_config: Optional[Callable[[], str]] = None) -> dict:
   """Trains `model` on a data source and writes everything to `model_dir`.
+
+  Every setting is checked before anything is read or written; then the
+  directory is locked for this run (checkpoints.exclusive_writer) before the
+  data is loaded.
 
   Args:
     model_dir: output directory (checkpoints, model.json, metrics, config.gin).
-    model: the dual encoder and its loss.
+    model: the model and its loss (a `model_api.Model`).
     mixture_or_task_name: 'beir:<folder>[:<split>]', 'jsonl:<path>', a path, or
       a registered seqio task (seqio extra).
     vocabulary_path: SentencePiece model file.
@@ -53,27 +62,83 @@ def run(model_dir: str,
       registers the seqio tasks named by mixture_or_task_name (T5X convention).
     trainer_config: loop settings; its total_steps is replaced by train_steps.
     optimizer_fn: called with the schedule as learning_rate.
+    run_config: returns this start's configuration text, kept in model_dir
+      (config.gin, then timestamped copies) once the run has started.
   Returns:
     The last logged metrics.
+  Raises:
+    cli.UserError (ConfigError, ...): a setting, the data or the directory is
+      unusable; the message names the parameter, file or line.
   """
-  if mixture_or_task_module:
-    importlib.import_module(mixture_or_task_module)
   lengths = dict(task_feature_lengths or pipeline.DEFAULT_FEATURE_LENGTHS)
-  tokenizer = Tokenizer(vocabulary_path)
-  vocab_rows = model.config.t5.vocab_size
-  if tokenizer.vocab_size > vocab_rows:
-    raise ValueError(f'vocabulary {vocabulary_path} has {tokenizer.vocab_size} pieces but '
-                     f'the model embeds only {vocab_rows} (T5Config.vocab_size)')
-  batcher = pipeline.make_batcher(mixture_or_task_name, tokenizer, batch_size, lengths,
-                                  num_negatives, seed=trainer_config.seed)
-  schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
+  _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
+                  num_negatives, trainer_config)
   config = dataclasses.replace(trainer_config, total_steps=train_steps)
-  initial = None
-  if initial_checkpoint_path:
-    from t5dual.interop import load_initial_params
-    initial = load_initial_params(initial_checkpoint_path, model)
-  description = checkpoints.model_description(model, vocabulary_path, lengths)
-  log.info('training %s on %s: %d steps of %d pairs on %d devices', model.config.architecture,
-           mixture_or_task_name, train_steps, batch_size, jax.device_count())
-  return trainer.train(model, batcher, optimizer_fn(learning_rate=schedule), model_dir,
-                       config, schedule, description, initial)
+  with checkpoints.exclusive_writer(model_dir):
+    if mixture_or_task_module:
+      importlib.import_module(mixture_or_task_module)
+    tokenizer = Tokenizer(vocabulary_path)
+    if tokenizer.vocab_size > model.vocab_size:
+      raise cli.ConfigError(
+          f'vocabulary {vocabulary_path} has {tokenizer.vocab_size} pieces but the model '
+          f'embeds only {model.vocab_size} (VOCAB_SIZE, T5Config.vocab_size)')
+    batcher = _make_batcher(model, mixture_or_task_name, tokenizer, batch_size, lengths,
+                            config.seed, num_negatives)
+    schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
+    initial = None
+    if initial_checkpoint_path:
+      from t5dual.interop import load_initial_params
+      initial = load_initial_params(initial_checkpoint_path, model)
+    description = checkpoints.model_description(model, vocabulary_path, lengths)
+    log.info('training %s on %s: %d steps of %d examples on %d devices, in %s', model.name,
+             mixture_or_task_name, train_steps, batch_size, jax.device_count(), model_dir)
+    return trainer.train(model, batcher, optimizer_fn(learning_rate=schedule), model_dir,
+                         config, schedule, description, initial, run_config)
+
+
+def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
+                    num_negatives, trainer_config) -> None:
+  """ParameterErrors for settings that cannot work, before anything runs."""
+  if set(lengths) != set(model.feature_names):
+    raise ParameterError(run, 'task_feature_lengths',
+                         f'a {model.name} needs the features {sorted(model.feature_names)}, '
+                         f'got {sorted(lengths)}')
+  check_positive_int(run, 'batch_size', batch_size)
+  check_positive_int(run, 'train_steps', train_steps)
+  if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
+      math.isfinite(learning_rate) and learning_rate > 0):
+    raise ParameterError(run, 'learning_rate',
+                         f'must be a positive finite number, got {learning_rate!r}')
+  for name, value in (('warmup_steps', warmup_steps), ('num_negatives', num_negatives)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ParameterError(run, name, f'must be an integer >= 0, got {value!r}')
+  for feature, length in lengths.items():
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+      raise ParameterError(run, 'task_feature_lengths',
+                           f'{feature!r} must be an integer >= 2 (room for one token and '
+                           f'EOS), got {length!r}')
+  devices, model_parallel = jax.device_count(), trainer_config.model_parallel
+  if devices % model_parallel:
+    raise ParameterError(trainer.TrainerConfig, 'model_parallel',
+                         f'{model_parallel} does not divide the {devices} devices')
+  data_parallel = devices // model_parallel
+  if batch_size % data_parallel:
+    raise ParameterError(run, 'batch_size',
+                         f'{batch_size} is not divisible by the data-parallel size '
+                         f'{data_parallel} ({devices} devices / model_parallel {model_parallel})')
+  if batch_size % jax.process_count():
+    raise ParameterError(run, 'batch_size', f'{batch_size} is not divisible by the '
+                         f'{jax.process_count()} processes')
+
+
+def _make_batcher(model, source, tokenizer, batch_size, lengths, seed, num_negatives):
+  """model.make_batcher, with problems in the data reported as user errors."""
+  try:
+    return model.make_batcher(source, tokenizer, batch_size, lengths, seed=seed,
+                              num_negatives=num_negatives)
+  except cli.USER_ERRORS:
+    raise
+  except sources.DataError as e:  # names the file and line already
+    raise cli.UserError(str(e)) from e
+  except (ValueError, LookupError) as e:  # e.g. too few pairs, an unknown source
+    raise cli.UserError(f'training data {source}: {e}') from e

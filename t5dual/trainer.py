@@ -1,11 +1,15 @@
-"""The training loop, shared by every model that offers `init_params`, `loss_fn`
-and `logical_axes` (dual encoders now, rerankers later).
+"""The training loop, shared by every model that implements `model_api.Model`
+(dual encoders now, rerankers later).
 
 One `jax.jit`-compiled step over a ('data', 'model') mesh: parameters are placed
 by their logical axis names, the batch is split over 'data'. Checkpoints are
-saved with orbax every `save_every` steps and the run resumes from the latest
-one; since batches are a pure function of the step (data/pipeline.py), a
-resumed run continues with exactly the same data.
+saved with orbax every `save_every` steps and at the last step, and the run
+resumes from the latest one; since batches are a pure function of the step
+(data/pipeline.py), a resumed run continues with exactly the same data.
+
+One process writes a model directory at a time (checkpoints.exclusive_writer),
+and no checkpoint is saved from a step whose loss, gradients or parameters are
+not finite (see `guarded_train_step`).
 """
 
 from __future__ import annotations
@@ -15,16 +19,34 @@ import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5dual import checkpoints, partitioning
+from t5dual import checkpoints, cli, model_api, partitioning
 
 log = logging.getLogger(__name__)
+
+
+class ParameterError(cli.ConfigError):
+  """A bad value of the parameter `param` of `owner` (a function or class gin may configure).
+
+  gin_utils.call_configured turns it into a message naming the gin binding or
+  macro that set the value.
+  """
+
+  def __init__(self, owner: Callable, param: str, message: str):
+    self.owner, self.param, self.message = owner, param, message
+    module = owner.__module__.removeprefix('t5dual.')
+    super().__init__(f'{module}.{owner.__qualname__}.{param}: {message}')
+
+
+def check_positive_int(owner: Callable, param: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ParameterError(owner, param, f'must be a positive integer, got {value!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +60,14 @@ class TrainerConfig:
   progress_bar: bool = True
   tensorboard: bool = True
 
+  def __post_init__(self):
+    for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints',
+                 'model_parallel'):
+      check_positive_int(TrainerConfig, name, getattr(self, name))
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+
+class NonFiniteLossError(cli.UserError, FloatingPointError):
+  """A step produced a non-finite loss, gradient or parameter; nothing of it was saved."""
 
 
 def train_step(model, optimizer, seed, params, opt_state, batch, step):
@@ -52,6 +79,46 @@ def train_step(model, optimizer, seed, params, opt_state, batch, step):
   params = optax.apply_updates(params, updates)
   metrics['grad_norm'] = optax.tree.norm(grads)
   return params, opt_state, metrics
+
+
+def guarded_train_step(model, optimizer, seed, params, opt_state, bad_step, batch, step):
+  """`train_step` that never lets a non-finite value into the parameters.
+
+  Why on device: checking the loss on the host every step would block
+  asynchronous dispatch (a device-to-host sync per step). Instead the step
+  itself checks that the loss, the gradients (through their norm, which is
+  non-finite if any gradient is) and the updated parameters are finite; if not,
+  it keeps the previous params and optimizer state and records the step in the
+  sticky flag `bad_step` (0 while all is well), after which every later step
+  also keeps them. The host reads that one scalar only where it syncs anyway:
+  at log steps and before each save, so no checkpoint ever holds a step that
+  failed the check, and the error names the first bad step. The price is one
+  elementwise select and one reduction over the parameters per step, small
+  next to the forward and backward passes.
+
+  Args:
+    bad_step: int32 scalar, 0 or the first (1-based) step that failed the check.
+    step: int32 scalar, the 0-based index of this step.
+  Returns:
+    (params, opt_state, bad_step, metrics).
+  """
+  new_params, new_opt_state, metrics = train_step(model, optimizer, seed, params, opt_state,
+                                                  batch, step)
+  reported = set(metrics) - {'grad_norm'}
+  if reported != set(model.metric_names) or not set(model.progress_metrics) <= reported:
+    # Checked once, when the step is traced.
+    raise TypeError(f'{type(model).__name__}.loss_fn reports metrics {sorted(reported)} '
+                    f'but declares metric_names {sorted(model.metric_names)} and '
+                    f'progress_metrics {sorted(model.progress_metrics)}')
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  for leaf in jax.tree.leaves(new_params):
+    finite &= jnp.all(jnp.isfinite(leaf))
+  ok = finite & (bad_step == 0)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  params = jax.tree.map(keep, new_params, params)
+  opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+  bad_step = jnp.where(ok | (bad_step > 0), bad_step, step + 1).astype(jnp.int32)
+  return params, opt_state, bad_step, metrics
 
 
 class _MetricsWriter:
@@ -68,6 +135,33 @@ class _MetricsWriter:
       except ImportError:
         log.warning('tensorboardX is not installed: no TensorBoard summaries')
 
+  def drop_after(self, step: int) -> None:
+    """Removes the lines past `step`, the checkpoint a run resumes from.
+
+    A run that stopped after its last checkpoint logged steps that the resumed
+    run logs again; without this they would appear twice. A line cut short by
+    a kill is dropped too. The file is replaced atomically.
+    """
+    if not self.active or not os.path.exists(self.path):
+      return
+    kept, dropped = [], 0
+    with open(self.path) as f:
+      for line in f:
+        try:
+          keep = json.loads(line)['step'] <= step
+        except (ValueError, KeyError, TypeError):
+          keep = False
+        if keep:
+          kept.append(line)
+        else:
+          dropped += 1
+    if dropped:
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+      log.info('dropped %d lines past step %d from %s', dropped, step, self.path)
+
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
       return
@@ -83,16 +177,18 @@ class _MetricsWriter:
       self.tb.close()
 
 
-def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
-          model_dir: str, config: TrainerConfig = TrainerConfig(),
+def train(model: model_api.Model, batcher: model_api.Batcher,
+          optimizer: optax.GradientTransformation, model_dir: str,
+          config: TrainerConfig = TrainerConfig(),
           schedule: Optional[optax.Schedule] = None,
           model_description: Optional[dict] = None,
-          initial_params: Optional[Any] = None) -> dict:
+          initial_params: Optional[Any] = None,
+          run_config: Optional[Callable[[], str]] = None) -> dict:
   """Trains `model` on `batcher.batch(step)` until `config.total_steps`.
 
   Args:
-    model: object with init_params(rng), loss_fn(params, batch, rng), logical_axes().
-    batcher: object with batch(step, process_index, process_count) -> dict of arrays.
+    model: a `model_api.Model`.
+    batcher: its batches, a pure function of the step.
     optimizer: an optax transformation (its schedule counts steps itself).
     model_dir: where checkpoints, metrics and model.json go.
     config: loop settings.
@@ -100,11 +196,24 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
     model_description: written to model_dir/model.json (see checkpoints.py).
     initial_params: start from these instead of a random init (ignored when
       the model directory already has a checkpoint to resume from).
+    run_config: returns the text of this start's configuration, kept as
+      config.gin (see checkpoints.keep_run_config) once the run has started.
   Returns:
     The last logged metrics, with 'step'.
+  Raises:
+    checkpoints.ModelDirBusyError: another process is writing model_dir.
+    checkpoints.DamagedCheckpointError: the checkpoint to resume from is unreadable.
+    NonFiniteLossError: a step failed the finiteness check (nothing of it saved).
   """
-  os.makedirs(model_dir, exist_ok=True)
-  if model_description is not None and jax.process_index() == 0:
+  with checkpoints.exclusive_writer(model_dir):
+    return _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
+                  initial_params, run_config)
+
+
+def _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
+           initial_params, run_config) -> dict:
+  primary = jax.process_index() == 0
+  if model_description is not None and primary:
     checkpoints.write_model_json(model_dir, model_description)
   mesh = partitioning.make_mesh(config.model_parallel)
   param_sh = partitioning.param_shardings(model.logical_axes(), mesh)
@@ -112,51 +221,58 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
 
   manager = checkpoints.checkpoint_manager(model_dir, config.save_every,
                                            config.keep_checkpoints)
-  start = manager.latest_step() or 0
-  with jax.set_mesh(mesh):
-    if initial_params is not None and not start:
-      params = jax.device_put(initial_params, param_sh)
-    else:
-      params = jax.jit(model.init_params, out_shardings=param_sh)(
-          jax.random.PRNGKey(config.seed))
-    opt_state = partitioning.onto_mesh(jax.jit(optimizer.init)(params), mesh)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    if start:
-      log.info('resuming from %s at step %d', model_dir, start)
-      as_abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-      restored = checkpoints.restore(manager, start, jax.tree.map(as_abstract, params),
-                                     jax.tree.map(as_abstract, opt_state))
-      params, opt_state = restored['params'], restored['opt_state']
+  writer, bar = None, None
+  try:
+    start = manager.latest_step() or 0
+    with jax.set_mesh(mesh):
+      if initial_params is not None and not start:
+        params = jax.device_put(initial_params, param_sh)
+      else:
+        params = jax.jit(model.init_params, out_shardings=param_sh)(
+            jax.random.PRNGKey(config.seed))
+      opt_state = partitioning.onto_mesh(jax.jit(optimizer.init)(params), mesh)
+      opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+      if start:
+        log.info('resuming from %s at step %d', model_dir, start)
+        as_abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        restored = checkpoints.restore(manager, start, jax.tree.map(as_abstract, params),
+                                       jax.tree.map(as_abstract, opt_state))
+        params, opt_state = restored['params'], restored['opt_state']
+      bad_step = jax.device_put(jnp.int32(0), repl)
 
-    step_fn = jax.jit(
-        lambda p, o, b, s: train_step(model, optimizer, config.seed, p, o, b, s),
-        out_shardings=(param_sh, opt_sh, repl), donate_argnums=(0, 1))
+      step_fn = jax.jit(
+          lambda p, o, f, b, s: guarded_train_step(model, optimizer, config.seed, p, o, f, b,
+                                                   s),
+          out_shardings=(param_sh, opt_sh, repl, repl), donate_argnums=(0, 1))
 
-    writer = _MetricsWriter(model_dir, config.tensorboard)
-    bar = None
-    if config.progress_bar and jax.process_index() == 0:
-      from tqdm import tqdm
-      bar = tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
-                 dynamic_ncols=True, mininterval=1.0)
-    pending, last, window_start, examples = [], {'step': start}, time.time(), 0
-    try:
+      writer = _MetricsWriter(model_dir, config.tensorboard)
+      writer.drop_after(start)
+      if run_config is not None and primary:
+        log.info('configuration of this start: %s',
+                 checkpoints.keep_run_config(model_dir, run_config()))
+      if config.progress_bar and primary:
+        from tqdm import tqdm
+        bar = tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
+                   dynamic_ncols=True, mininterval=1.0)
+      pending, last, window_start, examples = [], {'step': start}, time.time(), 0
       for step in range(start, config.total_steps):
         local = batcher.batch(step, jax.process_index(), jax.process_count())
         examples += len(next(iter(local.values()))) * jax.process_count()
         batch = partitioning.shard_batch(local, mesh)
-        params, opt_state, metrics = step_fn(params, opt_state, batch, jnp.int32(step))
+        params, opt_state, bad_step, metrics = step_fn(params, opt_state, bad_step, batch,
+                                                       jnp.int32(step))
         pending.append(metrics)
         done = step + 1
         is_last = done == config.total_steps
-        if done % config.log_every == 0 or is_last or manager.should_save(done):
-          summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                     for k in pending[0]}
+        save_now = is_last or manager.should_save(done)
+        if done % config.log_every == 0 or save_now:
+          pending, bad = jax.device_get((pending, bad_step))
+          if bad:
+            manager.wait_until_finished()
+            raise _non_finite_error(int(bad), pending[int(bad) - 1 - (done - len(pending))],
+                                    manager.latest_step(), model_dir)
+          summary = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
           pending = []
-          if not all(np.isfinite(v) for v in summary.values()):
-            raise NonFiniteLossError(
-                f'non-finite training metrics at step {done}: {summary}. Stopped without '
-                f'saving; the last good checkpoint is step {manager.latest_step()} '
-                f'in {model_dir}. Lower the learning rate or check the data.')
           now = time.time()
           summary['examples_per_second'] = examples / max(now - window_start, 1e-9)
           if schedule is not None:
@@ -165,15 +281,27 @@ def train(model: Any, batcher: Any, optimizer: optax.GradientTransformation,
           writer.write(done, summary)
           last = {'step': done, **summary}
           if bar is not None:
-            bar.set_postfix(loss=f"{summary['loss']:.4f}", p1=f"{summary['p_at_1']:.3f}",
+            bar.set_postfix({k: f'{summary[k]:.4f}' for k in model.progress_metrics},
                             refresh=False)
-        checkpoints.save(manager, done, params, opt_state, force=is_last)
+        if save_now:
+          checkpoints.save(manager, done, params, opt_state, force=True)
         if bar is not None:
           bar.update(1)
-    finally:
-      manager.wait_until_finished()
-      manager.close()
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    if writer is not None:
       writer.close()
-      if bar is not None:
-        bar.close()
+    if bar is not None:
+      bar.close()
   return last
+
+
+def _non_finite_error(bad_step: int, metrics: dict, last_good: Optional[int],
+                      model_dir: str) -> NonFiniteLossError:
+  shown = ', '.join(f'{k} {float(metrics[k]):.4g}' for k in ('loss', 'grad_norm'))
+  where = (f'the last good checkpoint is step {last_good} in {model_dir}'
+           if last_good is not None else f'{model_dir} has no checkpoint')
+  return NonFiniteLossError(
+      f'non-finite loss, gradients or parameters at step {bad_step} ({shown}); stopped '
+      f'without saving it; {where}. Lower the learning rate or check the data.')

@@ -36,12 +36,18 @@ def _setup(demo_data, arch='sde', loss='samtone', batch_size=32):
   return models.DualEncoderModel(cfg, models.LossConfig(name=loss)), batcher
 
 
+def _logged_steps(model_dir):
+  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['step'] for line in f]
+
+
 def _metrics(model_dir):
-  """Last logged metrics per step (a resumed run re-logs the steps it redoes)."""
+  """Logged metrics by step; a step logged twice is an error."""
   by_step = {}
   with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
     for line in f:
       rec = json.loads(line)
+      assert rec['step'] not in by_step, f'step {rec["step"]} logged twice'
       by_step[rec['step']] = rec
   return by_step
 
@@ -85,24 +91,44 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   with pytest.raises(_Interrupt):
     _train(model, _InterruptingBatcher(batcher, 7), resumed, 12, log_every=1, save_every=4)
   assert max(checkpoints.checkpoint_manager(resumed).all_steps()) == 4
+  assert _logged_steps(resumed) == list(range(1, 8))  # steps 5..7 past the checkpoint
   _train(model, batcher, resumed, 12, log_every=1, save_every=4)
+  # The resumed run dropped the lines of steps 5..7 before logging them again.
+  assert _logged_steps(straight) == _logged_steps(resumed) == list(range(1, 13))
   a, b = _metrics(straight), _metrics(resumed)
-  assert sorted(a) == sorted(b) == list(range(1, 13))
   for step in a:
     np.testing.assert_allclose(b[step]['loss'], a[step]['loss'], rtol=1e-6, err_msg=step)
 
 
-def test_non_finite_loss_stops_without_checkpoint(demo_data, tmp_path):
+def _all_params(model_dir):
+  import jax
+  _, params, step, _, _ = checkpoints.restore_for_inference(model_dir)
+  return step, [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_exploding_learning_rate_saves_nothing_past_the_last_good_step(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   desc = checkpoints.model_description(model, demo_data[1], LENGTHS)
-  _train(model, batcher, str(tmp_path), 2, description=desc, save_every=2)  # good, step 2
-  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint is step 2'):
-    _train(model, batcher, str(tmp_path), 6, lr=float('inf'), log_every=1, save_every=2)
-  assert sorted(checkpoints.checkpoint_manager(str(tmp_path)).all_steps()) == [1, 2]
-  _, params, step, _, _ = checkpoints.restore_for_inference(str(tmp_path))
+  # From scratch: with lr 1e9 step 1 multiplies the parameters by ~1e9 (still finite)
+  # and step 2's gradients are NaN. Orbax's default policy used to save step 1.
+  fresh = str(tmp_path / 'fresh')
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'at step 2 .*; .*fresh has no checkpoint'):
+    _train(model, batcher, fresh, 6, lr=1e9, description=desc, log_every=3, save_every=2)
+  assert checkpoints.checkpoint_manager(fresh).all_steps() == []
+  # After a good start the error names the good checkpoint, which stays as it was.
+  run = str(tmp_path / 'run')
+  _train(model, batcher, run, 2, description=desc, save_every=2)
+  step, good = _all_params(run)
+  assert step == 2 and all(np.isfinite(x).all() for x in good)
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'at step 4 .*the last good checkpoint is step 2 in'):
+    _train(model, batcher, run, 6, lr=1e9, log_every=1, save_every=2)
+  assert sorted(checkpoints.checkpoint_manager(run).all_steps()) == [2]
+  step, kept = _all_params(run)
   assert step == 2
-  import jax
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  for a, b in zip(good, kept):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_batches_are_a_pure_function_of_the_step(demo_data):
@@ -147,18 +173,25 @@ def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   killed_at = checkpoints.checkpoint_manager(model_dir).latest_step()
   assert killed_at is not None and killed_at >= 10
   total = killed_at + 5
-  subprocess.run(_train_cmd(model_dir, data, spm, total), cwd=REPO, env=env, check=True,
-                 capture_output=True)
+  resumed = subprocess.run(_train_cmd(model_dir, data, spm, total), cwd=REPO, env=env,
+                           check=True, capture_output=True)
   assert checkpoints.checkpoint_manager(model_dir).latest_step() == total
-  # The killed run may have logged a few steps past its last checkpoint (even past
-  # `total`); the resumed run re-logs every step after the checkpoint, up to `total`.
-  assert set(range(1, total + 1)) <= set(_metrics(model_dir))
-  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
-    resumed = [json.loads(line)['step'] for line in f][-(total - killed_at):]
-  assert resumed == list(range(killed_at + 1, total + 1))
+  # The killed run may have logged steps past its last checkpoint; the resumed run
+  # dropped them before logging them again, so each step appears once.
+  assert _logged_steps(model_dir) == list(range(1, total + 1))
+  log = resumed.stderr.decode()
+  assert f"training sde dual encoder on beir:{data}:train" in log
+  assert f'resuming from {model_dir} at step {killed_at}' in log
+  assert f'finished at step {total}' in log
+  # config.gin is the first start's (400 steps), the resumed start has its own copy.
+  configs = sorted(f for f in os.listdir(model_dir) if f.startswith('config'))
+  assert len(configs) == 2 and configs[0].startswith('config-'), configs
   with open(os.path.join(model_dir, 'config.gin')) as f:
-    operative = f.read()
-  assert "architecture = 'sde'" in operative and f'TRAIN_STEPS = {total}' in operative
+    first = f.read()
+  with open(os.path.join(model_dir, configs[0])) as f:
+    second = f.read()
+  assert "architecture = 'sde'" in first and 'TRAIN_STEPS = 400' in first
+  assert f'TRAIN_STEPS = {total}' in second
 
 
 def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):

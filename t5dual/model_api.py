@@ -1,0 +1,142 @@
+"""The contract between a model family and the code that trains, saves and reloads it.
+
+The trainer (trainer.py), the gin entry point (train_lib.py) and the model
+directories (checkpoints.py) know a model only through `Model`, as T5X's
+trainer knows only `BaseModel`. Dual encoders (models.DualEncoderModel)
+implement it now; rerankers implement the same contract, so one trainer,
+one `scripts/train.py` and one restore path serve both.
+
+A model directory's model.json records the model's `kind`; `from_description`
+looks the kind up in one registry and rebuilds the model, so restore, export,
+rerank and multi-stage chains reload whatever a directory holds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+
+from t5dual import cli
+
+Array = jax.Array
+Params = Any  # a pytree of arrays, as returned by init_params
+
+
+@runtime_checkable
+class Batcher(Protocol):
+  """Training batches as a pure function of the step (exact resume, no iterator state)."""
+
+  def batch(self, step: int, process_index: int = 0,
+            process_count: int = 1) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step` (leading axis = batch rows)."""
+
+
+@runtime_checkable
+class Model(Protocol):
+  """What the trainer and the model directories need from a model.
+
+  Attributes:
+    kind: the registry key written to model.json ('dual_encoder', ...).
+    metric_names: every name in the metrics dict `loss_fn` returns; the trainer
+      checks it when it traces the step.
+    progress_metrics: the few of them the progress bar shows.
+    vocab_size: rows of the token embedding (the tokenizer may not exceed it).
+    name: a short human-readable name for log lines ('sde dual encoder').
+    feature_names: the features its batches hold, keys of TASK_FEATURE_LENGTHS.
+  """
+
+  kind: ClassVar[str]
+
+  @property
+  def metric_names(self) -> tuple[str, ...]: ...
+
+  @property
+  def progress_metrics(self) -> tuple[str, ...]: ...
+
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def name(self) -> str: ...
+
+  @property
+  def feature_names(self) -> tuple[str, ...]: ...
+
+  def init_params(self, rng: Array) -> Params:
+    """Freshly initialised parameters (unboxed pytree)."""
+
+  def logical_axes(self) -> Any:
+    """Pytree of PartitionSpecs of logical axis names, matching `init_params`."""
+
+  def loss_fn(self, params: Params, batch: dict[str, Array],
+              dropout_rng: Optional[Array]) -> tuple[Array, dict[str, Array]]:
+    """(scalar loss, metrics named by `metric_names`); dropout on iff dropout_rng is given."""
+
+  def make_batcher(self, source: str, tokenizer: Any, batch_size: int,
+                   feature_lengths: dict, seed: int = 0,
+                   num_negatives: int = 0) -> Batcher:
+    """The batcher this model trains on, reading the data source spec `source`."""
+
+  def describe(self) -> dict:
+    """JSON-able description for model.json, without 'kind'.
+
+    Its 'config' entry is the architecture: a run may resume a model directory
+    only with an equal 'config'. Other entries (e.g. the loss) may change
+    between runs on one directory.
+    """
+
+  @classmethod
+  def from_description(cls, desc: dict) -> 'Model':
+    """The model that `describe()` described (desc may also hold model.json's other keys)."""
+
+
+class UnknownModelKindError(cli.UserError, ValueError):
+  """model.json names a kind no registered model implements."""
+
+
+_REGISTRY: dict[str, type] = {}
+
+# Modules that register the built-in kinds, imported on first use, so that
+# reading a model directory works without importing every model family first.
+BUILTIN_KINDS = {
+    'dual_encoder': 't5dual.models',
+    'reranker': 't5dual.rerankers',
+}
+
+
+def register(cls: type) -> type:
+  """Class decorator: makes `cls` (a `Model` with a `kind`) rebuildable from model.json."""
+  kind = getattr(cls, 'kind', None)
+  if not isinstance(kind, str) or not kind:
+    raise TypeError(f'{cls.__name__} needs a class attribute `kind` to be registered')
+  known = _REGISTRY.get(kind)
+  if known is not None and known.__qualname__ != cls.__qualname__:
+    raise ValueError(f'model kind {kind!r} is already registered by {known.__qualname__}')
+  _REGISTRY[kind] = cls
+  return cls
+
+
+def kinds() -> tuple[str, ...]:
+  """Every kind that can be rebuilt (registered or built in)."""
+  return tuple(sorted(set(_REGISTRY) | set(BUILTIN_KINDS)))
+
+
+def model_class(kind: str, source: str = 'model.json') -> type:
+  """The class registered for `kind`; `source` names the file the kind came from."""
+  if kind not in _REGISTRY and kind in BUILTIN_KINDS:
+    importlib.import_module(BUILTIN_KINDS[kind])
+  if kind not in _REGISTRY:
+    raise UnknownModelKindError(f'{source}: unknown model kind {kind!r}; known kinds: '
+                                f'{", ".join(kinds())}')
+  return _REGISTRY[kind]
+
+
+def from_description(desc: dict, source: str = 'model.json') -> Model:
+  """Rebuilds the model a model.json describes, whatever its kind."""
+  if 'kind' not in desc:
+    raise UnknownModelKindError(f'{source}: no "kind" entry; known kinds: '
+                                f'{", ".join(kinds())}')
+  return model_class(desc['kind'], source).from_description(desc)

@@ -35,7 +35,7 @@ def setup_logging(level: int = logging.INFO) -> None:
   """
   logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(message)s',
                       force=True)
-  for name in ('absl', 'orbax', 'jax._src.xla_bridge', 'jax._src.distributed'):
+  for name in ('absl', 'orbax', 'jax._src.xla_bridge', 'jax._src.distributed', 'bm25s'):
     # xla_bridge logs "Unable to initialize backend 'tpu'" at INFO on every
     # machine without a TPU; orbax/absl log every file they touch.
     logging.getLogger(name).setLevel(logging.WARNING)

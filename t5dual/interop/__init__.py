@@ -17,17 +17,26 @@ import os
 def load_initial_params(path: str, model, shardings=None):
   """Params for `model` from a T5X, Hugging Face, sentence-transformers or t5dual checkpoint.
 
-  What the checkpoint lacks (e.g. the projection of a pretrained T5) is freshly
-  initialised; the conversion report is logged parameter by parameter.
+  What the checkpoint lacks (e.g. the projection of a pretrained T5, the decoder
+  of a reranker started from a t5dual dual encoder) is freshly initialised; the
+  conversion report is logged parameter by parameter.
   """
   from t5dual import checkpoints
-  from t5dual.interop import hf, t5x
+  from t5dual.interop import hf, mapping, t5x
+  from t5dual.interop import rerankers as rerankers_interop
   from t5dual.interop import sentence_transformers as st
   if os.path.exists(os.path.join(path, checkpoints.MODEL_JSON)):
-    return checkpoints.restore_for_inference(path)[1]
-  loader = (st.load_dual_encoder if st.is_st_folder(path) else
-            hf.load_dual_encoder if hf.is_hf_checkpoint(path) else t5x.load_dual_encoder)
-  params, _, report = loader(path, model.config, shardings=shardings)
+    source, params = checkpoints.restore_for_inference(path)[:2]
+    if source.kind == model.kind and source.describe()['config'] == model.describe()['config']:
+      return params
+    params, report = mapping.graft(params, model)
+  elif getattr(model, 'kind', None) == 'reranker':
+    params, _, report = rerankers_interop.load_reranker(path, model.config,
+                                                        shardings=shardings)
+  else:
+    loader = (st.load_dual_encoder if st.is_st_folder(path) else
+              hf.load_dual_encoder if hf.is_hf_checkpoint(path) else t5x.load_dual_encoder)
+    params, _, report = loader(path, model.config, shardings=shardings)
   for line in report.lines():
     logging.info('initial checkpoint %s: %s', path, line)
   return params

@@ -262,3 +262,33 @@ def save_towers(folder: str, params: Mapping, architecture: str,
     written.append(save_tower(target, models.tower_params(params, architecture, sides[0]),
                               length))
   return written
+
+
+def graft(source: Mapping, model, seed: int = 0) -> tuple[dict, MappingReport]:
+  """Params for `model` that take every parameter of `source` found at the same path.
+
+  For starting one t5dual model from another kind, e.g. a reranker's
+  token_embedder/ and encoder/ from a trained SDE dual encoder; the rest (a
+  decoder, a scoring head) keeps `model`'s fresh initialisation from `seed`.
+  Raises ValueError when a shared path has another shape, or nothing is shared.
+  """
+  src = flatten(source)
+  fresh = flatten(model.init_params(jax.random.PRNGKey(seed)))
+  report, errors, out = MappingReport(), [], {}
+  for path, leaf in fresh.items():
+    if path in src and tuple(src[path].shape) == tuple(leaf.shape):
+      out[path] = src[path]
+      report.mapped.append((path, path, tuple(leaf.shape)))
+    else:
+      if path in src:
+        errors.append(f'shape mismatch for {path}: checkpoint {list(src[path].shape)}, '
+                      f'model {list(leaf.shape)}')
+      out[path] = leaf
+      report.initialised.append(path)
+  report.skipped = sorted(set(src) - set(fresh))
+  if errors:
+    raise ValueError('cannot start from that checkpoint:\n  ' + '\n  '.join(errors))
+  if not report.mapped:
+    raise ValueError(f'the checkpoint shares no parameter with the {model.name} '
+                     f'(its top-level entries: {sorted({p.split("/")[0] for p in src})})')
+  return unflatten(out), report

@@ -12,6 +12,7 @@ import pytest
 
 from t5dual import checkpoints, models, optim, t5, trainer, vocab
 from t5dual.data import demo, pipeline
+import tolerances  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
@@ -89,7 +90,10 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   a, b = _metrics(straight), _metrics(resumed)
   assert sorted(a) == sorted(b) == list(range(1, 13))
   for step in a:
-    np.testing.assert_allclose(b[step]['loss'], a[step]['loss'], rtol=1e-6, err_msg=step)
+    # Two float32 runs: logits up to 1 / temperature = 100 through 2 layers, head and loss
+    # (widest reduction the 128-wide MLP); each of the 12 steps adds a rounding to the weights.
+    tolerances.assert_close(b[step]['loss'], a[step]['loss'], magnitude=100, depth=4 + 12,
+                            width=128, both_sides=True, err_msg=f'step {step}')
 
 
 def test_non_finite_loss_stops_without_checkpoint(demo_data, tmp_path):

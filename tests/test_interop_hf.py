@@ -19,11 +19,12 @@ from tree_utils import random_params as _random_params  # tests/helpers
 TINY = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24, num_layers=2,
                    relative_attention_num_buckets=8, relative_attention_max_distance=20,
                    dtype='float32')
-# float32 error of these tiny encoders (2 layers, longest reduction: attention over 30 tokens).
-# Hidden states leave a final RMS norm with scales <= 1.5 over 16 features: |h| <= 1.5 * 4.
-HIDDEN = dict(magnitude=1.5 * 4, depth=2, width=30)
+# float32 error of these tiny encoders: 2 layers of 2 residual blocks, the longest reduction
+# attention over 30 tokens. Hidden states leave a final RMS norm with scales <= 1.5 over 16
+# features: |h| <= 1.5 * 4.
+HIDDEN = dict(magnitude=1.5 * 4, depth=4, width=30)
 # Embeddings are unit vectors; pooling and projection add one stage.
-EMBEDDING = dict(magnitude=1.0, depth=3, width=30)
+EMBEDDING = dict(magnitude=1.0, depth=5, width=30)
 
 
 def _hf_config(feed_forward_proj, untied=None, **kw):
@@ -151,7 +152,8 @@ def test_encoder_decoder_round_trips_through_t5x_names(tmp_path, untied):
                           ).logits.numpy()
     got = reloaded.double()(input_ids=ids, attention_mask=ids != 0, decoder_input_ids=dec
                             ).logits.numpy()
-  tolerances.assert_close(got, want, magnitude=np.abs(want).max(), depth=2 + 3, width=30,
+  # Residual blocks: 2 per encoder layer, 3 per decoder layer (self, cross attention, MLP).
+  tolerances.assert_close(got, want, magnitude=np.abs(want).max(), depth=2 * 2 + 3 * 3, width=30,
                           dtype=np.float64, both_sides=True)
 
 

@@ -26,9 +26,9 @@ CORPUS = TEXTS * 3 + [f'sentence {i} about retrieval, ranking and the {i}th docu
                       for i in range(60)]
 TINY = t5.T5Config(vocab_size=256, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                    num_layers=2, relative_attention_num_buckets=8, dtype='float32')
-# float32 error of these unit embeddings: 2 layers plus pooling and projection; the longest
-# reduction is attention over at most 40 tokens.
-EMBEDDING = dict(magnitude=1.0, depth=3, width=40)
+# float32 error of these unit embeddings: 2 layers (4 residual blocks) plus pooling and
+# projection; the longest reduction is attention over at most 40 tokens.
+EMBEDDING = dict(magnitude=1.0, depth=5, width=40)
 
 
 @pytest.fixture(scope='module')

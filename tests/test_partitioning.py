@@ -18,9 +18,10 @@ import sharded_train  # noqa: E402
 import tolerances  # noqa: E402
 
 # Other partitionings add in other orders: two float32 runs of the same training. Their losses
-# are logits of unit vectors (up to 1 / temperature = 100) through 2 layers, head and loss, the
-# widest reduction the 128-wide MLP; each of the 4 steps adds one rounding stage to the weights.
-LOSS_ERROR = dict(magnitude=100, depth=4 + 4, width=128, both_sides=True)
+# are logits of unit vectors (up to 1 / temperature = 100) through 2 layers (4 residual blocks),
+# head and loss, the widest reduction the 128-wide MLP; each of the 4 steps adds one rounding
+# stage to the weights.
+LOSS_ERROR = dict(magnitude=100, depth=6 + 4, width=128, both_sides=True)
 
 
 @pytest.fixture(scope='module')

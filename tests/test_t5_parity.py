@@ -54,7 +54,9 @@ def test_encoder_matches_transformers(proj):
   out = t5.Encoder(config).apply({'params': params['encoder']}, x, jnp.asarray(ids != 0))
   out = np.asarray(out)
   # Padding positions included: HF computes them the same way.
-  tolerances.assert_close(out, ref, magnitude=1.5 * np.sqrt(32), depth=3, width=150)
+  # Final RMS norm with scales <= 1.5 over 32 features; 3 layers of 2 residual blocks; the
+  # longest reduction is attention over 150 tokens.
+  tolerances.assert_close(out, ref, magnitude=1.5 * np.sqrt(32), depth=6, width=150)
 
 
 def test_relative_position_bucket_matches_transformers():
@@ -89,6 +91,6 @@ def test_bfloat16_activations_close_to_float32():
         {'params': params['encoder']}, x, jnp.asarray(ids != 0)), np.float32))
   mask = ids != 0
   rel = np.abs(outs[0] - outs[1])[mask].mean() / np.abs(outs[0])[mask].mean()
-  # Relative error: each of the 3 layers rounds its activations to bfloat16 (sums accumulate in
-  # float32); float32's own error is negligible beside it.
-  assert rel < tolerances.tolerance(1.0, depth=3, dtype=jnp.bfloat16)
+  # Relative error: each of the 6 residual blocks rounds its activations to bfloat16 (sums
+  # accumulate in float32); float32's own error is negligible beside it.
+  assert rel < tolerances.tolerance(1.0, depth=6, dtype=jnp.bfloat16)

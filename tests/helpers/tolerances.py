@@ -2,9 +2,10 @@
 
 Every numerical comparison in the suite checks what t5dual computes in float32 against an
 independent reference. Wherever the reference can run in float64 (NumPy float64, a torch model in
-`.double()`) it does, so that the only error left is the float32 rounding of the side under test.
-That error is bounded here from the computation (the size of its values, how many layers deep,
-how long its sums) and not from what one machine produced: machines differ in the order in which
+`.double()`) it does, so that the only error left is the float32 rounding of the side under test
+(Hugging Face's T5LayerNorm still takes its variance in float32 under `.double()`: a few u per
+norm, well inside the bound). That error is bounded here from the computation (the size of its
+values, how many stages deep, how long its sums) and not from what one machine produced: machines differ in the order in which
 they add (threads, SIMD width, fused multiply-adds), and the bound holds for every order.
 
 The rule. A float32 operation rounds with relative error at most u = eps / 2, eps = 2**-23 =
@@ -22,16 +23,17 @@ them and as tests/helpers/tree_utils.random_params draws them). So a float32 res
     LAMBDA * u * magnitude * depth * sqrt(width)  =  4 * eps * magnitude * depth * sqrt(width)
 
 of the exact value, `width` being the longest reduction on the way. For orientation: hidden
-states (size <= 6) of a 2-layer encoder attending over 30 tokens, 3.1e-5; its unit embeddings
-after one more stage, 7.8e-6; a contrastive loss built from logits up to 1 / 0.01 = 100 through
-8 stages 128 wide, compared between two float32 runs, 8.6e-3 (1e-4 of the logits).
+states (size <= 6) of a 2-layer encoder (4 stages) attending over 30 tokens, 6.3e-5; its unit
+embeddings after one more stage, 1.3e-5; a contrastive loss built from logits up to 1 / 0.01 =
+100 through 10 stages 128 wide, compared between two float32 runs, 1.1e-2 (1e-4 of the logits).
 
 The arguments, stated at each call site:
   magnitude: the size of the values compared, a bound from the computation where there is one
     (unit vectors: 1; the output of an RMS norm with scales <= s over d features: s * sqrt(d),
     since no entry exceeds sqrt(d) times the RMS of its vector; logits of unit vectors at
     temperature t: 1 / t), else the largest |value| of the float64 reference.
-  depth: the number of stages: layers of a network, or chained operations.
+  depth: the number of stages: a pre-norm residual block (a T5 encoder layer has two, attention
+    and MLP), the pooling and projection head, a loss, a training step, a chained operation.
   width: the longest reduction among them: the model width, the MLP width, the number of tokens
     attended over, the number of terms summed.
   both_sides: the reference is float32 too (two float32 programs compared, e.g. two partitionings

@@ -15,3 +15,11 @@ def shared_dir():
 # Shared helpers (tests/helpers/*.py) import as top-level modules.
 import sys  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / 'helpers'))
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+  """Models built with torch draw from its global generator: seed it before every test, so that
+  a test's weights do not depend on which tests ran before it."""
+  if 'torch' in sys.modules:
+    sys.modules['torch'].manual_seed(0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from t5dual import diagnostics, export
+import tolerances  # tests/helpers
 
 PNG = b'\x89PNG\r\n\x1a\n'
 
@@ -32,17 +33,20 @@ def test_top1_cosine_matches_brute_force():
   got = diagnostics.top1_cosines(queries, corpus, chunk_size=16)
   docs = np.concatenate(corpus).astype(np.float64)
   best = docs[np.argmax(queries @ docs.T, axis=1)]
-  want = np.sum(_unit(queries) * _unit(best), axis=1)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
+  want = np.sum(_unit(queries.astype(np.float64)) * _unit(best), axis=1)
+  # Both sides are float64 cosines of the same vectors (8 wide, after normalising).
+  tolerances.assert_close(got, want, magnitude=1.0, depth=2, width=8, dtype=np.float64)
 
 
 def test_qq_qp_ratio_and_mixing_by_hand():
   rng = np.random.default_rng(1)
   q = rng.normal(size=(30, 6))
-  # Positives equal to their queries: cos(q_i, q_j) / cos(q_i, p_j) is exactly 1.
-  np.testing.assert_allclose(diagnostics.qq_qp_ratios(q, q, 500), 1.0, rtol=1e-12)
-  # Positives scaled by 2 and negated: the ratio is -1 (cosine ignores the scale).
-  np.testing.assert_allclose(diagnostics.qq_qp_ratios(q, -2 * q, 500), -1.0, rtol=1e-12)
+  # Positives equal to their queries: cos(q_i, q_j) / cos(q_i, p_j) is exactly 1 (numerator and
+  # denominator are the same float64 operations on the same numbers).
+  np.testing.assert_array_equal(diagnostics.qq_qp_ratios(q, q, 500), 1.0)
+  # Positives scaled by 2 and negated: the ratio is -1 (cosine ignores the scale; scaling by a
+  # power of 2 and negating are exact, so the denominator is exactly minus the numerator).
+  np.testing.assert_array_equal(diagnostics.qq_qp_ratios(q, -2 * q, 500), -1.0)
   # By hand, with 2 queries q0 = (1, 0), q1 = (1, 1) and positives p0 = (0, 1), p1 = (1, 0):
   # (i, j) = (0, 1): cos(q0, q1) / cos(q0, p1) = 0.7071 / 1;  (1, 0): 0.7071 / 0.7071 = 1.
   ratios = diagnostics.qq_qp_ratios(np.array([[1.0, 0.0], [1.0, 1.0]]),
@@ -78,7 +82,7 @@ def test_pictures_side_by_side(tmp_path):
     assert two_wide[1] > 1.8 * one_wide[1] and two_wide[0] == one_wide[0]
   stats = json.load(open(paths['stats']))
   assert list(stats) == ['same space', 'separate spaces']
-  assert stats['separate spaces'] == pytest.approx(separate)
+  assert stats['separate spaces'] == separate  # JSON keeps float64 values exactly
 
 
 def test_query_positive_pairs_and_errors():
@@ -108,5 +112,7 @@ def test_compute_reads_an_export(tmp_path):
                                                 dtype='float32', progress=False))
   emb = export.open_embeddings(str(tmp_path))
   queries = _unit(rng.normal(size=(12, 8))).astype(np.float32)
-  np.testing.assert_allclose(diagnostics.top1_cosines(queries, emb, chunk_size=8),
-                             diagnostics.top1_cosines(queries, vectors), rtol=1e-6)
+  # Float64 cosines of the same float32 vectors (8 wide, after normalising).
+  tolerances.assert_close(diagnostics.top1_cosines(queries, emb, chunk_size=8),
+                          diagnostics.top1_cosines(queries, vectors), magnitude=1.0, depth=2,
+                          width=8, dtype=np.float64)

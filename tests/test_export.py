@@ -18,6 +18,9 @@ from t5dual.data import demo, sources
 from t5dual.sides import Side
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'tests' / 'helpers'))  # also when imported outside pytest
+import tolerances  # noqa: E402
+
 OPTIONS = dict(max_length=32, side='document', batch_size=8, shard_size=40, buckets=(8, 16, 32),
                progress=False)
 
@@ -80,7 +83,10 @@ def test_export_matches_direct_encoding_in_input_order(setup, tmp_path):
   tokens = setup['tok'].encode(setup['texts'], 32)
   direct = np.asarray(jax.jit(setup['model'].encode, static_argnames='side')(
       setup['params'], tokens, side='right'))
-  np.testing.assert_allclose(emb.to_numpy(), direct, atol=2e-6)
+  # Two float32 programs (bucketed and unbucketed padding) on unit vectors: 2 layers (4 residual
+  # blocks) + head, widest reduction the 128-wide MLP.
+  tolerances.assert_close(emb.to_numpy(), direct, magnitude=1.0, depth=5, width=128,
+                          both_sides=True)
 
   # Bucketing: each shard's texts are sorted by token length and every batch of 8
   # is padded to the smallest bucket that holds its longest text.

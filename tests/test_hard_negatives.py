@@ -5,6 +5,7 @@ import pytest
 
 from t5dual import export, hard_negatives as hn, retrieval
 from t5dual.data import sources
+import tolerances  # tests/helpers
 
 # q1: positives p1 (2) and p2 (1); n3 is judged non-relevant, which is still a negative.
 QRELS = {'q1': {'p1': 2, 'p2': 1, 'n3': 0}, 'q2': {'p9': 1}, 'q3': {'p5': 1}}
@@ -115,7 +116,10 @@ def test_mining_from_exported_embeddings(tmp_path):
   scores = hn.positive_scores_from_embeddings(q_emb, d_emb, qrels)
   assert len(scores) == 12
   for (q, d), s in scores.items():
-    assert s == pytest.approx(float(queries[int(q[1:])] @ docs[int(d[1:])]), rel=1e-6)
+    # A float32 dot product of 8 terms, |terms| summing to at most |q| |d|.
+    want = queries[int(q[1:])].astype(np.float64) @ docs[int(d[1:])].astype(np.float64)
+    tolerances.assert_close(s, want, width=8, magnitude=np.linalg.norm(queries, axis=1).max() *
+                            np.linalg.norm(docs, axis=1).max())
 
   run = retrieval.retrieve(q_emb, d_emb, 10, chunk_size=32)
   config = hn.MiningConfig(num_negatives=4, min_rank=2, max_rank=10, margin=0.5)

@@ -15,6 +15,13 @@ from t5dual.data import demo
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, 'helpers'))
 import sharded_train  # noqa: E402
+import tolerances  # noqa: E402
+
+# Other partitionings add in other orders: two float32 runs of the same training. Their losses
+# are logits of unit vectors (up to 1 / temperature = 100) through 2 layers (4 residual blocks),
+# head and loss, the widest reduction the 128-wide MLP; each of the 4 steps adds one rounding
+# stage to the weights.
+LOSS_ERROR = dict(magnitude=100, depth=6 + 4, width=128, both_sides=True)
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +57,7 @@ def test_eight_devices_data_and_model_parallel(data_dir, reference, tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert 'DEVICES 8' in out
-  np.testing.assert_allclose(_losses(out), reference, rtol=1e-5)
+  tolerances.assert_close(_losses(out), reference, **LOSS_ERROR)
 
 
 def test_two_processes(data_dir, reference, tmp_path):
@@ -62,7 +69,7 @@ def test_two_processes(data_dir, reference, tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert 'PROCESSES 2' in outs[0]
-  np.testing.assert_allclose(_losses(outs[0]), reference, rtol=1e-5)
+  tolerances.assert_close(_losses(outs[0]), reference, **LOSS_ERROR)
 
 
 def test_logical_axis_rules_place_parameters():

@@ -12,7 +12,7 @@ transformers = pytest.importorskip('transformers')
 from hf_t5 import (VARIANTS, double_copy, float32_tolerance, hf_logits, padded_ids,  # noqa: E402
                    t5dual_config, t5dual_params, tiny_hf)  # tests/helpers
 from t5dual import rerankers, t5  # noqa: E402
-from t5dual.interop import t5x  # noqa: E402
+from t5dual.interop import trees  # noqa: E402
 from t5dual.vocab import Tokenizer, train_sentencepiece  # noqa: E402
 
 # Token ids inside the tiny models' vocabulary of 70.
@@ -103,8 +103,8 @@ def test_parameter_trees_and_logical_axes():
   for scorer in rerankers.SCORERS:
     config = rerankers.RerankerConfig(t5=base, scorer=scorer, scoring_token_id=SCORING,
                                       yes_token_id=YES, no_token_id=NO)
-    params = t5x.flatten(rerankers.init_params(config, jax.random.PRNGKey(0)))
-    axes = t5x.flatten(rerankers.logical_axes(config))
+    params = trees.flatten(rerankers.init_params(config, jax.random.PRNGKey(0)))
+    axes = trees.flatten(rerankers.logical_axes(config))
     assert sorted(axes) == sorted(params)
     assert all(len(axes[k]) == v.ndim for k, v in params.items())
     tops = sorted({k.split('/')[0] for k in params})

@@ -19,7 +19,7 @@ import flax.linen as nn  # noqa: E402
 from hf_t5 import (VARIANTS, float32_tolerance, hf_logits, padded_ids, t5dual_config,  # noqa: E402
                    t5dual_params, tiny_hf)  # tests/helpers
 from t5dual import t5  # noqa: E402
-from t5dual.interop import t5x  # noqa: E402
+from t5dual.interop import trees  # noqa: E402
 
 
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
@@ -92,8 +92,8 @@ def test_remat_changes_nothing():
   plain = jax.grad(loss)(params, 'none')
   remat = jax.grad(loss)(params, 'full')
   # Same maths; XLA may fuse the recomputation differently, hence float32 rounding.
-  for k, v in t5x.flatten(plain).items():
-    np.testing.assert_allclose(t5x.flatten(remat)[k], v, rtol=0, atol=float32_tolerance(v),
+  for k, v in trees.flatten(plain).items():
+    np.testing.assert_allclose(trees.flatten(remat)[k], v, rtol=0, atol=float32_tolerance(v),
                                err_msg=k)
 
 
@@ -102,8 +102,8 @@ def test_parameter_tree_is_the_t5x_tree_of_the_hf_model(variant):
   cfg, model = tiny_hf(variant)
   shapes = jax.eval_shape(t5.EncoderDecoder(t5dual_config(cfg)).init, jax.random.PRNGKey(0),
                           jnp.ones((1, 5), jnp.int32), jnp.zeros((1, 1), jnp.int32))
-  ours = {k: v.shape for k, v in t5x.flatten(nn.unbox(shapes['params'])).items()}
-  theirs = {k: v.shape for k, v in t5x.flatten(t5dual_params(model)).items()}
+  ours = {k: v.shape for k, v in trees.flatten(nn.unbox(shapes['params'])).items()}
+  theirs = {k: v.shape for k, v in trees.flatten(t5dual_params(model)).items()}
   assert ours == theirs
   assert ('decoder/logits_dense/kernel' in ours) == (variant == 't5.1.1')
 

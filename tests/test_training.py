@@ -12,6 +12,7 @@ import pytest
 
 from t5dual import checkpoints, models, optim, t5, trainer, vocab
 from t5dual.data import demo, pipeline, sources
+import tolerances  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
@@ -97,7 +98,11 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   assert _logged_steps(straight) == _logged_steps(resumed) == list(range(1, 13))
   a, b = _metrics(straight), _metrics(resumed)
   for step in a:
-    np.testing.assert_allclose(b[step]['loss'], a[step]['loss'], rtol=1e-6, err_msg=step)
+    # Two float32 runs: logits up to 1 / temperature = 100 through 2 layers (4 residual blocks),
+    # head and loss (widest reduction the 128-wide MLP); each of the 12 steps adds a rounding to
+    # the weights.
+    tolerances.assert_close(b[step]['loss'], a[step]['loss'], magnitude=100, depth=6 + 12,
+                            width=128, both_sides=True, err_msg=f'step {step}')
 
 
 def _all_params(model_dir):

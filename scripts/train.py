@@ -13,6 +13,13 @@ MODEL_DIR/writer.lock while it trains; MODEL_DIR/config.gin keeps the
 configuration of the first start, config-<UTC time>.gin that of each later one.
 A mistake the user can fix ends with one `error: ...` line (exit status 2).
 
+Multi-stage fine-tuning: add a run file that configures multistage.run_chain,
+e.g. --gin_file=configs/runs/two_stage_rerank.gin after the reranker files. The
+same command then trains each stage in MODEL_DIR/stages/<i>-<name>/, each from
+the previous one's final checkpoint, evaluates each, records them in
+MODEL_DIR/stages.json, and, run again, resumes at the right stage and step
+(t5dual/multistage.py). The final model is MODEL_DIR/final.
+
 Multi-host (GPU clusters, TPU pods): add --multihost (jax.distributed.initialize
 reads the coordinator from the environment) and run the same command on every host.
 """
@@ -25,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from t5dual import cli, gin_utils, train_lib  # noqa: E402
+from t5dual import cli, gin_utils, multistage, train_lib  # noqa: E402
 
 
 def main(argv):
@@ -36,10 +43,15 @@ def main(argv):
   if not files:
     raise cli.ConfigError('no --gin_file given; see the usage in scripts/train.py')
   gin_utils.parse_gin(files, bindings)
-  gin_utils.check_bindings_used(bindings, train_lib.run)
-  result = gin_utils.call_configured(train_lib.run, run_config=gin_utils.operative_config)
-  shown = ', '.join(f'{k} {v:.4g}' for k, v in result.items() if k != 'step')
-  logging.info('finished at step %s: %s', result.get('step'), shown)
+  # A run file that configures multistage.run_chain (configs/runs/two_stage_rerank.gin)
+  # makes this a chain of stages; otherwise it is one train_lib.run.
+  chain = gin_utils.is_bound(multistage.run_chain)
+  root = multistage.run_chain if chain else train_lib.run
+  gin_utils.check_bindings_used(bindings, root)
+  result = gin_utils.call_configured(root, run_config=gin_utils.operative_config)
+  if not chain:
+    shown = ', '.join(f'{k} {v:.4g}' for k, v in result.items() if k != 'step')
+    logging.info('finished at step %s: %s', result.get('step'), shown)
 
 
 if __name__ == '__main__':

@@ -8,13 +8,21 @@
 gin accepts a binding of a macro that nothing references (`--gin.TRAIN_STEPSS=5`
 defines a new macro and the run trains the default number of steps), so
 `check_bindings_used` refuses every command-line binding that the configured
-function cannot reach. All errors are `cli.ConfigError`s with one-line messages.
+function cannot reach, or that a more specific scope overrides wherever it
+would apply, and every scoped binding of the gin files that no call sees. All
+errors are `cli.ConfigError`s with one-line messages.
+
+Scopes set up several calls of one function, T5X-style: the stages of a
+multistage chain (configs/runs/two_stage_rerank.gin) are `@stage/...`
+references, named by `scope_name` and trained by `in_scope(train_lib.run)`,
+so the chain itself (t5dual/multistage.py) needs no gin.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import inspect
 import os
 import re
@@ -116,11 +124,15 @@ def _short(selector: str) -> str:
 def _reachable(root: Callable) -> tuple[set, dict, list]:
   """What calling the configured `root` may use, following gin's scoping rules.
 
+  A configurable called in scope a/b takes each parameter from the most
+  specific of the bindings in '', 'a' and 'a/b'; the less specific ones are
+  overridden there, so only the effective binding and what it references count.
+
   Returns:
-    used: config keys (scope, selector) whose bindings apply somewhere; a macro
-      M is the key (M, 'gin.macro').
+    used: bindings that take effect somewhere, as (scope, selector, param); a
+      macro M is (M, 'gin.macro', 'value').
     undefined: macros referenced but never defined, name -> who references it.
-    required: the bindings left at %gin.REQUIRED.
+    required: the effective bindings left at %gin.REQUIRED.
   """
   used, undefined, required, seen = set(), {}, set(), set()
   stack = [((), _selector(root))]
@@ -129,69 +141,105 @@ def _reachable(root: Callable) -> tuple[set, dict, list]:
     if (scope, selector) in seen:
       continue
     seen.add((scope, selector))
-    # A configurable called in scope a/b takes the bindings of '', 'a' and 'a/b'.
+    effective = {}
     for i in range(len(scope) + 1):
       key = ('/'.join(scope[:i]), selector)
-      if key not in gin_config._CONFIG:
-        continue
-      used.add(key)
+      for param, value in gin_config._CONFIG.get(key, {}).items():
+        effective[param] = (key, value)
+    for param, (key, value) in effective.items():
+      used.add((*key, param))
       who = key[0] if selector == MACRO else _short(selector)
-      for param, value in gin_config._CONFIG[key].items():
-        for ref in _references(value):
-          # `@x/f` calls f in scope x (replacing the current one); `@f` keeps it.
-          ref_scope = tuple(ref.scopes) if ref.scopes else scope
-          ref_selector = ref.config_key[1]
-          if ref.config_key == REQUIRED:
-            required.add(who if selector == MACRO else f'{who}.{param}')
-            continue
-          if ref_selector == MACRO and (ref_scope[-1], MACRO) not in gin_config._CONFIG:
-            undefined.setdefault(ref_scope[-1], who)
-          stack.append((ref_scope, ref_selector))
+      for ref in _references(value):
+        # `@x/f` calls f in scope x (replacing the current one); `@f` keeps it.
+        ref_scope = tuple(ref.scopes) if ref.scopes else scope
+        ref_selector = ref.config_key[1]
+        if ref.config_key == REQUIRED:
+          required.add(who if selector == MACRO else f'{who}.{param}')
+          continue
+        macro_name = '/'.join(ref_scope)
+        if ref_selector == MACRO and (macro_name, MACRO) not in gin_config._CONFIG:
+          undefined.setdefault(macro_name, who)
+        stack.append((ref_scope, ref_selector))
   return used, undefined, sorted(required)
 
 
-def _binding_keys(binding: str) -> list[tuple[str, str]]:
-  """The config keys (scope, selector) a binding string sets; macros are (name, MACRO)."""
+def _binding_keys(binding: str) -> list[tuple[str, str, str]]:
+  """The bindings (scope, selector, param) a binding string sets; macro M: (M, MACRO, 'value')."""
   keys = []
   for statement in config_parser.ConfigParser(binding, gin_config.ParserDelegate(True)):
     if not isinstance(statement, config_parser.BindingStatement):
       continue
     if not statement.arg_name:
       name = f'{statement.scope}/{statement.selector}' if statement.scope else statement.selector
-      keys.append((name, MACRO))
+      keys.append((name, MACRO, 'value'))
     else:
-      keys.append(gin_config.ParsedBindingKey.parse(
-          (statement.scope, statement.selector, statement.arg_name)).config_key)
+      parsed = gin_config.ParsedBindingKey.parse(
+          (statement.scope, statement.selector, statement.arg_name))
+      keys.append((*parsed.config_key, parsed.arg_name))
   return keys
 
 
-def check_bindings_used(bindings: Sequence[str], root: Callable) -> None:
+def _shown_binding(scope: str, selector: str, param: str) -> str:
+  if selector == MACRO:
+    return scope
+  return f'{scope}/{_short(selector)}.{param}' if scope else f'{_short(selector)}.{param}'
+
+
+def _unused_binding_hint(scope: str, selector: str, param: str, used: set) -> tuple[str, str]:
+  """(what is unused, a hint naming what is used instead) for an unused binding."""
+  if selector == MACRO:
+    known = sorted(s for s, sel, _ in used if sel == MACRO)
+    name = scope
+  else:
+    elsewhere = sorted(_shown_binding(s, sel, p) for s, sel, p in used
+                       if (sel, p) == (selector, param) and s != scope)
+    if any(s == scope and sel == selector for s, sel, _ in used):
+      # The configurable runs in this scope, but the parameter is set more specifically.
+      name = _shown_binding(scope, selector, param)
+      if elsewhere:
+        return name, f'overridden by {", ".join(elsewhere)}'
+      known = sorted(p for s, sel, p in used if (s, sel) == (scope, selector))
+      near = difflib.get_close_matches(param, known, n=3, cutoff=0.6)
+      return name, f'did you mean {" or ".join(near)}?' if near else f'used: {", ".join(known)}'
+    name = f'{scope}/{_short(selector)}' if scope else _short(selector)
+    known = sorted({f'{s}/{_short(sel)}' if s else _short(sel)
+                    for s, sel, _ in used if sel != MACRO})
+  near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+  return name, f'did you mean {" or ".join(near)}?' if near else f'used: {", ".join(known)}'
+
+
+def check_bindings_used(bindings: Sequence[str], root: Callable,
+                        scoped_bindings: bool = True) -> None:
   """Refuses command-line bindings that calling the configured `root` would never use.
 
   Call after `parse_gin` and before `call_configured(root)`. Also refuses what
   would fail only once `root` runs: a macro it needs that nobody defined (a
-  misspelt `%NAME` in a binding) and a `%gin.REQUIRED` left unset.
+  misspelt `%NAME` in a binding) and a `%gin.REQUIRED` left unset. With
+  `scoped_bindings`, every scoped binding of the gin files (`stage/f.x = ...`,
+  `stage/MACRO = ...`) must take effect too: scopes are how one configuration
+  sets up several calls of one function (e.g. the stages of a multistage
+  chain), and a scoped binding that no call sees is a mistake (a misspelt
+  scope, or a value built from a macro, which gin evaluates outside every scope).
 
   Raises:
     cli.ConfigError: naming the binding and the nearest names that are used.
   """
   used, undefined, required = _reachable(root)
-  macros_used = sorted(scope for scope, selector in used if selector == MACRO)
   macros_defined = sorted(scope for scope, selector in gin_config._CONFIG if selector == MACRO)
-  configurables_used = sorted({_short(selector) for _, selector in used if selector != MACRO})
-  for binding in bindings:
-    for scope, selector in _binding_keys(binding):
-      if (scope, selector) in used:
-        continue
-      if selector == MACRO:
-        name, known = scope, macros_used
-      else:
-        name = f'{scope}/{_short(selector)}' if scope else _short(selector)
-        known = configurables_used
-      near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-      hint = f'did you mean {" or ".join(near)}?' if near else f'used: {", ".join(known)}'
-      raise cli.ConfigError(f'gin binding `{binding.strip()}`: nothing in the configuration '
-                            f'of {_short(_selector(root))} uses {name} ({hint})')
+  checked = [(b.strip(), key) for b in bindings for key in _binding_keys(b)]
+  if scoped_bindings:
+    for (scope, selector), params in gin_config._CONFIG.items():
+      if '/' in scope if selector == MACRO else scope:
+        checked += [(_shown_binding(scope, selector, p), (scope, selector, p)) for p in params]
+  for binding, key in checked:
+    if key in used:
+      continue
+    name, hint = _unused_binding_hint(*key, used)
+    if key[1] == MACRO and '/' in key[0]:
+      hint += ('; gin evaluates %MACRO outside every scope: bind the scoped configurable '
+               'instead (e.g. stage/rerankers.RerankerModel.loss_fn)')
+    raise cli.ConfigError(f'gin binding `{binding}`: nothing in the configuration '
+                          f'of {_short(_selector(root))} uses {name} ({hint})')
   for name, who in sorted(undefined.items()):
     near = difflib.get_close_matches(name, macros_defined, n=3, cutoff=0.6)
     hint = f'; did you mean {" or ".join(near)}?' if near else ''
@@ -200,17 +248,60 @@ def check_bindings_used(bindings: Sequence[str], root: Callable) -> None:
     raise cli.ConfigError(f'{", ".join(required)} must be set, e.g. --gin.{required[0]}=...')
 
 
+def is_bound(fn: Callable) -> bool:
+  """Whether the gin configuration binds any parameter of `fn` (outside any scope)."""
+  return ('', _selector(fn)) in gin_config._CONFIG
+
+
+# --------------------------------------------------------------------------- stage scopes
+
+def scope_name() -> str:
+  """The gin scope this is evaluated in ('' outside any), e.g. `name = @gin_utils.scope_name()`."""
+  return gin.current_scope_str()
+
+
+def in_scope(fn: Callable) -> Callable:
+  """`fn`, called later in the gin scope this is evaluated in.
+
+  gin passes an unscoped reference `@f` as f itself, which looks up its
+  bindings in whatever scope is active when it is finally called. Evaluated
+  in a stage's scope (`train = @gin_utils.in_scope()` with `in_scope.fn =
+  @train_lib.run`, inside `@stage/multistage.Stage()`), this returns a
+  function that re-enters that scope, so the caller needs no gin. A
+  `trainer.ParameterError` raised inside records the scope, so the error names
+  the scoped binding that set the bad value.
+  """
+  scope = gin.current_scope()
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    try:
+      with gin.config_scope(list(scope)):
+        return fn(*args, **kwargs)
+    except cli.UserError as e:
+      if getattr(e, 'param', None) and not getattr(e, 'scope', None):
+        e.scope = '/'.join(scope)
+      raise
+
+  return call
+
+
 # --------------------------------------------------------------------------- calling
 
-def _binding_name(owner: Callable, param: str) -> str:
-  """How the configuration sets `param` of `owner`: 'MACRO' or 'module.fn.param'."""
-  name = f'{_short(_selector(owner))}.{param}'
-  value = gin_config._CONFIG.get(('', _selector(owner)), {}).get(param)
+def _binding_name(owner: Callable, param: str, scope: str = '') -> str:
+  """How the configuration sets `param` of `owner` called in `scope`: 'MACRO' or
+  '[scope/]module.fn.param' (the most specific binding that applies)."""
+  parts = scope.split('/') if scope else []
+  bound = [s for s in ('/'.join(parts[:i]) for i in range(len(parts), -1, -1))
+           if param in gin_config._CONFIG.get((s, _selector(owner)), {})]
+  where = bound[0] if bound else ''
+  name = _shown_binding(where, _selector(owner), param)
+  value = gin_config._CONFIG.get((where, _selector(owner)), {}).get(param)
   macros = []
   while (isinstance(value, gin_config.ConfigurableReference) and
          value.config_key[1] == MACRO and value.scopes):
-    macros.append(value.scopes[-1])
-    value = gin_config._CONFIG.get((value.scopes[-1], MACRO), {}).get('value')
+    macros.append('/'.join(value.scopes))
+    value = gin_config._CONFIG.get((macros[-1], MACRO), {}).get('value')
   return f'{" = ".join(macros)} ({name})' if macros else name
 
 
@@ -238,7 +329,7 @@ def call_configured(fn: Callable, **kwargs):
   except cli.USER_ERRORS as e:
     message = _strip_gin_context(str(e))
     if getattr(e, 'param', None) and getattr(e, 'owner', None):
-      message = f'{_binding_name(e.owner, e.param)}: {e.message}'
+      message = f'{_binding_name(e.owner, e.param, getattr(e, "scope", ""))}: {e.message}'
     error = cli.ConfigError if isinstance(e, cli.ConfigError) else cli.UserError
     raise error(_one_line(message)) from e
   except (ValueError, TypeError) as e:

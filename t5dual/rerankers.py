@@ -336,16 +336,10 @@ class RerankerModel:
                    feature_lengths: dict, seed: int = 0, num_negatives: int = 0):
     """Training lists of a BEIR split ('beir:<folder>[:<split>]' or a folder)."""
     from t5dual.data import lists as lists_lib
-    from t5dual.data import sources
     if num_negatives:
       raise ValueError('NUM_NEGATIVES is for dual encoders; a reranker samples its negatives '
                        'from the first-stage run (ListsConfig.list_size)')
-    kind, _, rest = source.partition(':')
-    folder, _, split = rest.partition(':') if kind == 'beir' else (source, '', '')
-    if not os.path.isdir(folder):
-      raise sources.DataError(f'reranker training data must be a BEIR folder '
-                              f"('beir:<folder>[:<split>]'), got {source!r}")
-    split = split or 'train'
+    folder, split = beir_source(source)
     cfg = self.lists
     run = cfg.first_stage_run
     if run is None:
@@ -371,6 +365,20 @@ class RerankerModel:
     config = RerankerConfig(t5=t5.T5Config(**t5_fields), **cfg)
     loss = getattr(ranking_losses, desc.get('loss', ''), ranking_losses.softmax_loss)
     return cls(config, loss, ListsConfig(**desc.get('lists', {})))
+
+
+def beir_source(source: str) -> tuple[str, str]:
+  """(folder, split) of a reranker's training data: 'beir:<folder>[:<split>]' or a folder.
+
+  The split defaults to 'train'. Raises sources.DataError if the folder does not exist.
+  """
+  from t5dual.data import sources
+  kind, _, rest = source.partition(':')
+  folder, _, split = rest.partition(':') if kind == 'beir' else (source, '', '')
+  if not os.path.isdir(folder):
+    raise sources.DataError(f'reranker training data must be a BEIR folder '
+                            f"('beir:<folder>[:<split>]'), got {source!r}")
+  return folder, split or 'train'
 
 
 def _loss_name(fn: Callable) -> str:

@@ -39,7 +39,9 @@ def run(model_dir: str,
         mixture_or_task_module: Optional[str] = None,
         trainer_config: trainer.TrainerConfig = trainer.TrainerConfig(),
         optimizer_fn: Callable[..., Any] = optim.adafactor,
-        run_config: Optional[Callable[[], str]] = None) -> dict:
+        run_config: Optional[Callable[[], str]] = None,
+        prepare_model: Optional[Callable[[model_api.Model, str], model_api.Model]] = None,
+        check_only: bool = False) -> Any:
   """Trains `model` on a data source and writes everything to `model_dir`.
 
   Every setting is checked before anything is read or written; then the
@@ -64,8 +66,12 @@ def run(model_dir: str,
     optimizer_fn: called with the schedule as learning_rate.
     run_config: returns this start's configuration text, kept in model_dir
       (config.gin, then timestamped copies) once the run has started.
+    prepare_model: called with the model and mixture_or_task_name once
+      model_dir is locked, before the data is read; returns the model to train
+      (a multistage chain gives a distillation stage its teacher scores so).
+    check_only: only check the settings; nothing is read or written.
   Returns:
-    The last logged metrics.
+    The last logged metrics; with check_only, the model that would train.
   Raises:
     cli.UserError (ConfigError, ...): a setting, the data or the directory is
       unusable; the message names the parameter, file or line.
@@ -73,6 +79,8 @@ def run(model_dir: str,
   lengths = dict(task_feature_lengths or pipeline.DEFAULT_FEATURE_LENGTHS)
   _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
                   num_negatives, trainer_config)
+  if check_only:
+    return model
   config = dataclasses.replace(trainer_config, total_steps=train_steps)
   with checkpoints.exclusive_writer(model_dir):
     if mixture_or_task_module:
@@ -82,6 +90,8 @@ def run(model_dir: str,
       raise cli.ConfigError(
           f'vocabulary {vocabulary_path} has {tokenizer.vocab_size} pieces but the model '
           f'embeds only {model.vocab_size} (VOCAB_SIZE, T5Config.vocab_size)')
+    if prepare_model is not None:
+      model = prepare_model(model, mixture_or_task_name)
     batcher = _make_batcher(model, mixture_or_task_name, tokenizer, batch_size, lengths,
                             config.seed, num_negatives)
     schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)

@@ -1,0 +1,478 @@
+"""Multi-stage fine-tuning: a chain of training runs, each starting where the last one ended.
+
+A chain is a list of `Stage`s, each a configured call of `train_lib.run` with
+its own model and loss, data, learning rate, steps and batch size
+(configs/runs/two_stage_rerank.gin builds them from gin scopes, one scope per
+stage). `run_chain` trains them in order under one chain directory:
+
+  MODEL_DIR/
+    stages/<i>-<name>/   stage i: an ordinary model directory (model.json,
+                         checkpoints/, metrics.jsonl, config.gin, eval/, and
+                         teacher.trec for a stage taught by the previous one)
+    stages.json          the record of the chain (below)
+    final -> stages/<n>-<name>   made when the last stage is complete: use
+                         MODEL_DIR/final as --model_dir of scripts/rerank.py
+                         and scripts/eval.py
+    writer.lock          held while the chain runs (one chain per directory)
+
+Stage 1 starts from its configured INITIAL_CHECKPOINT_PATH (or a random
+initialisation); stage i > 1 starts from the final checkpoint of stage i-1
+(interop.load_initial_params: the parameters as they are for the same kind and
+configuration, mapping.graft otherwise). After training, a stage's optional
+evaluation runs (e.g. `rerank_evaluation`: rerank a BEIR split's first-stage
+run and measure nDCG@10 before and after), before the next stage starts.
+
+stages.json, rewritten atomically as the chain advances:
+
+  {"final_model_dir": "stages/2-distill" (null until the last stage is complete),
+   "stages": [{"index": 1, "name": "contrastive", "dir": "stages/1-contrastive",
+               "starts_from": null, "teacher": null, "status": "complete",
+               "step": 2000, "train_metrics": {...last line of metrics.jsonl...},
+               "evaluation": {...} or null}, ...]}
+
+  status 'trained': training ended at `step`; 'complete': evaluated too.
+  starts_from: the previous stage's directory (null: the configured initial
+  checkpoint). Paths are relative to MODEL_DIR.
+
+Running the same command again resumes the chain: a stage recorded as
+complete whose directory's latest checkpoint is its recorded step is skipped
+(its recorded evaluation is reused); a trained but unevaluated stage is only
+evaluated; an interrupted stage resumes from its latest checkpoint with the
+same data (trainer.py), then the chain goes on. A completed stage is never
+retrained, even if its settings change: a chain's stages are fixed once
+trained (changing them needs a new MODEL_DIR).
+
+Distillation from the previous stage (`Stage.previous_stage_teacher`): when
+the stage starts, the previous stage's reranker scores the stage's training
+candidates (the first-stage run over the training split in ranks [MIN_RANK,
+MAX_RANK], plus the judged positives) with t5dual.reranking; the scores are
+written once, atomically, to the stage directory's teacher.trec (reused on
+resume) and become the stage's TEACHER. An explicit TEACHER file (a TREC run
+or JSONL of scores) works in any stage without this.
+
+Multi-host runs (scripts/train.py --multihost): every process runs the chain;
+process 0 alone evaluates, writes stages.json and makes MODEL_DIR/final.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+
+from t5dual import checkpoints, cli
+from t5dual.trainer import ParameterError
+
+log = logging.getLogger(__name__)
+
+RECORD = 'stages.json'
+STAGES_DIR = 'stages'
+FINAL = 'final'
+TEACHER_FILE = 'teacher.trec'
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a chain.
+
+  Attributes:
+    name: names the stage and its directory stages/<i>-<name> (letters, digits,
+      '_', '.', '-'); in gin, the stage's scope (`@gin_utils.scope_name()`).
+    train: `train_lib.run` as the stage configures it; called with model_dir,
+      run_config, initial_checkpoint_path (after stage 1) and prepare_model,
+      or with check_only=True to check the stage's settings.
+    evaluate: called with the stage's model directory once it is trained;
+      returns a JSON-able summary whose 'metrics' maps a row name to
+      {measure: value} (e.g. `rerank_evaluation`). None: no evaluation.
+    previous_stage_teacher: distil from the previous stage (see the module
+      docstring); the stage's loss must take teacher scores.
+  """
+
+  name: str
+  train: Callable[..., Any]
+  evaluate: Optional[Callable[[str], dict]] = None
+  previous_stage_teacher: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+      raise ParameterError(Stage, 'name', f'must be letters, digits, "_", "." or "-", got '
+                           f'{self.name!r} (in gin, each stage is named after its scope: '
+                           '@<name>/multistage.Stage())')
+    if not callable(self.train):
+      raise ParameterError(Stage, 'train', f'must be callable, got {self.train!r}')
+    if self.evaluate is not None and not callable(self.evaluate):
+      raise ParameterError(Stage, 'evaluate', f'must be callable or None, got '
+                           f'{self.evaluate!r}')
+
+
+def stage_dir(model_dir: str, index: int, stage: Stage) -> str:
+  """Where stage `index` (1-based) of a chain in `model_dir` trains."""
+  return os.path.join(model_dir, STAGES_DIR, f'{index}-{stage.name}')
+
+
+def run_chain(model_dir: str, stages: Sequence[Stage],
+              run_config: Optional[Callable[[], str]] = None) -> dict:
+  """Trains and evaluates `stages` in order in `model_dir`, resuming where a previous run stopped.
+
+  Every stage still to train has its settings checked before anything is
+  trained. Returns the record of the chain (stages.json, see the module docstring).
+
+  Raises:
+    cli.UserError (ConfigError, ...): a stage's setting, data or directory is
+      unusable, or the configured stages differ from those already recorded.
+  """
+  stages = list(stages)
+  _check_stages(stages)
+  if os.path.exists(os.path.join(model_dir, checkpoints.MODEL_JSON)):
+    raise cli.ConfigError(f'{model_dir} holds a model ({checkpoints.MODEL_JSON}); a chain '
+                          'needs a MODEL_DIR of its own')
+  with checkpoints.exclusive_writer(model_dir):
+    # exclusive_writer makes (and probes) MODEL_DIR/checkpoints, which a chain has
+    # none of: an empty one would make MODEL_DIR look like a model directory.
+    with contextlib.suppress(OSError):
+      os.rmdir(os.path.join(model_dir, checkpoints.CHECKPOINTS))
+    record = _read_record(model_dir)
+    _check_record(model_dir, record, stages)
+    entries = record['stages']
+    done = [_is_trained(model_dir, e) for e in entries] + [False] * (len(stages) - len(entries))
+    _check_nothing_after_untrained(model_dir, stages, done)
+    for i, stage in enumerate(stages, 1):
+      if not done[i - 1]:
+        # Fails before any stage trains, rather than after hours of stage 1.
+        model = stage.train(model_dir=stage_dir(model_dir, i, stage), check_only=True)
+        if stage.previous_stage_teacher:
+          _check_teacher_stage(model, i, stage)
+    previous = None
+    for i, stage in enumerate(stages, 1):
+      directory = stage_dir(model_dir, i, stage)
+      where = f'stage {i}/{len(stages)} {stage.name!r}'
+      if done[i - 1]:
+        entry = entries[i - 1]
+        log.info('%s is trained (step %d in %s): not training it again', where, entry['step'],
+                 directory)
+      else:
+        entry = _train_stage(model_dir, i, stage, previous, run_config, where)
+        entries[i - 1:] = [entry]
+        _write_record(model_dir, record)
+      if entry['status'] != 'complete':
+        entry['evaluation'] = _evaluate(stage, directory, where)
+        entry['status'] = 'complete'
+        _write_record(model_dir, record)
+      elif entry.get('evaluation') is not None:
+        log.info('%s: evaluation recorded in %s', where, os.path.join(model_dir, RECORD))
+      _log_evaluation(where, entry.get('evaluation'))
+      previous = directory
+    record['final_model_dir'] = entries[len(stages) - 1]['dir']
+    _write_record(model_dir, record)
+    final = _link_final(model_dir, record['final_model_dir'])
+  log.info('chain of %d stages complete; final model: %s (%s)', len(stages), final,
+           os.path.join(model_dir, record['final_model_dir']))
+  summary = summary_table(record)
+  if summary:
+    log.info('evaluation of each stage:\n%s', summary)
+  return record
+
+
+def summary_table(record: dict) -> str:
+  """The stages' evaluations as one table, a row per stage and evaluated run ('' if none)."""
+  from t5dual import evaluation
+  rows = {}
+  for entry in record['stages']:
+    for row, metrics in ((entry.get('evaluation') or {}).get('metrics') or {}).items():
+      rows[f'{entry["index"]}-{entry["name"]}: {row}'] = metrics
+  return evaluation.format_table(rows) if rows else ''
+
+
+# --------------------------------------------------------------------------- checks
+
+def _check_stages(stages: Sequence[Stage]) -> None:
+  if not stages:
+    raise ParameterError(run_chain, 'stages', 'a chain needs at least one stage')
+  for stage in stages:
+    if not isinstance(stage, Stage):
+      raise ParameterError(run_chain, 'stages', f'must be multistage.Stage objects, got '
+                           f'{type(stage).__name__}')
+  names = [s.name for s in stages]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise ParameterError(run_chain, 'stages', f'stage names must differ; repeated: '
+                         f'{", ".join(repeated)}')
+  if stages[0].previous_stage_teacher:
+    raise cli.ConfigError(f'stage 1 {stages[0].name!r} sets previous_stage_teacher, but has '
+                          'no previous stage to learn from (give it a TEACHER file instead)')
+
+
+def _check_record(model_dir: str, record: dict, stages: Sequence[Stage]) -> None:
+  """The configured stages must begin with the recorded ones, in the same order."""
+  path = os.path.join(model_dir, RECORD)
+  entries = record['stages']
+  if len(entries) > len(stages):
+    raise cli.ConfigError(f'{path} records {len(entries)} stages but the configuration has '
+                          f'{len(stages)}; a chain\'s stages cannot change once trained: use '
+                          'a new MODEL_DIR')
+  for i, (entry, stage) in enumerate(zip(entries, stages), 1):
+    if entry.get('name') != stage.name or entry.get('index') != i:
+      raise cli.ConfigError(f'{path} records stage {i} as {entry.get("name")!r} but the '
+                            f'configuration names it {stage.name!r}; a chain\'s stages '
+                            'cannot change once trained: use a new MODEL_DIR')
+
+
+def _check_nothing_after_untrained(model_dir: str, stages: Sequence[Stage],
+                                   done: Sequence[bool]) -> None:
+  """A stage that trained from an earlier stage must not outlive a retraining of it."""
+  if False not in done:
+    return
+  todo = done.index(False) + 1  # the first stage to train, 1-based
+  for i in range(todo + 1, len(stages) + 1):
+    directory = stage_dir(model_dir, i, stages[i - 1])
+    if _latest_step(directory) is not None:
+      raise cli.ConfigError(
+          f'{directory} has checkpoints but stage {todo} before it is not trained (its '
+          f'directory {stage_dir(model_dir, todo, stages[todo - 1])} lost its final '
+          'checkpoint?); move the later stage directories away to retrain them')
+
+
+def _check_teacher_stage(model, index: int, stage: Stage) -> None:
+  from t5dual import ranking_losses
+  where = f'stage {index} {stage.name!r} learns from the previous stage'
+  lists = getattr(model, 'lists', None)
+  if lists is None:
+    raise cli.ConfigError(f'{where}, but its {model.name} has no training lists with '
+                          'teacher scores (only rerankers distil)')
+  if lists.teacher is not None:
+    raise cli.ConfigError(f'{where} and also has the TEACHER {lists.teacher!r}; choose one')
+  if not ranking_losses.takes_teacher_scores(model.loss):
+    raise cli.ConfigError(f'{where}, but its loss {getattr(model.loss, "__name__", model.loss)}'
+                          ' does not use teacher scores (e.g. kl_distillation_loss, '
+                          'teacher_rank_pairwise_loss, margin_mse_loss)')
+
+
+# --------------------------------------------------------------------------- one stage
+
+def _train_stage(model_dir, index, stage, previous, run_config, where) -> dict:
+  directory = stage_dir(model_dir, index, stage)
+  kwargs = {'model_dir': directory, 'run_config': run_config}
+  if previous is not None:
+    kwargs['initial_checkpoint_path'] = previous
+  teacher = None
+  if stage.previous_stage_teacher:
+    teacher = os.path.join(directory, TEACHER_FILE)
+    kwargs['prepare_model'] = lambda model, source: with_previous_stage_teacher(
+        model, source, previous, teacher)
+  log.info('%s: training in %s, starting from %s', where, directory,
+           previous or 'its configured initial checkpoint (if any)')
+  result = stage.train(**kwargs)
+  step = _latest_step(directory)
+  if step is None or step != result.get('step'):
+    raise RuntimeError(f'{where}: training returned at step {result.get("step")} but the '
+                       f'latest checkpoint in {directory} is {step}')
+  return {'index': index, 'name': stage.name, 'dir': _relative(model_dir, directory),
+          'starts_from': previous and _relative(model_dir, previous),
+          'teacher': teacher and _relative(model_dir, teacher), 'status': 'trained',
+          'step': step, 'train_metrics': _last_metrics(directory), 'evaluation': None}
+
+
+def _evaluate(stage: Stage, directory: str, where: str) -> Optional[dict]:
+  # On local devices (reranking.make_score_fn), once: by process 0 of a multi-host run.
+  if stage.evaluate is None or jax.process_index() != 0:
+    return None
+  log.info('%s: evaluating %s', where, directory)
+  return stage.evaluate(directory)
+
+
+def _log_evaluation(where: str, summary: Optional[dict]) -> None:
+  if not summary:
+    return
+  from t5dual import evaluation
+  shown = {k: v for k, v in summary.items() if k != 'metrics'}
+  log.info('%s evaluation (%s):\n%s', where, ', '.join(f'{k} {v}' for k, v in shown.items()),
+           evaluation.format_table(summary.get('metrics') or {}))
+
+
+def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_path: str):
+  """`model` with the previous stage's scores of its training candidates as its teacher.
+
+  Scores the candidates (see `training_candidates`) with the reranker in
+  `previous_dir` into `teacher_path`, written atomically; an existing file is
+  reused, so a resumed stage trains against the same teacher.
+  """
+  if os.path.exists(teacher_path):
+    log.info('teacher scores of %s: reusing %s', previous_dir, teacher_path)
+  else:
+    from t5dual import rerankers, reranking, retrieval
+    from t5dual.data import sources
+    folder, split = rerankers.beir_source(source)
+    candidates = training_candidates(folder, split, model.lists)
+    teacher, params, step, tokenizer, length = reranking.load_reranker(previous_dir)
+    doc_ids, doc_texts = sources.read_beir_corpus(folder)
+    log.info('teacher scores: the reranker in %s (step %d) scores %d candidates of %d '
+             '%s queries', previous_dir, step, sum(map(len, candidates.values())),
+             len(candidates), split)
+    scores = reranking.rerank(
+        reranking.make_score_fn(teacher, params), tokenizer, sources.read_beir_queries(folder),
+        dict(zip(doc_ids, doc_texts)), candidates, max(map(len, candidates.values())), length,
+        teacher.config.template)
+    # Every process of a multi-host run scores and writes the same file.
+    tmp = f'{teacher_path}.tmp{jax.process_index()}'
+    retrieval.write_trec_run(tmp, scores, tag='t5dual-teacher')
+    os.replace(tmp, teacher_path)
+    log.info('teacher scores written to %s', teacher_path)
+  taught = copy.copy(model)
+  taught.lists = dataclasses.replace(model.lists, teacher=teacher_path)
+  return taught
+
+
+def training_candidates(folder: str, split: str, lists) -> dict[str, dict[str, float]]:
+  """What a reranker's training lists can hold: per query of `split`, the first-stage
+  run's documents in ranks [min_rank, max_rank] and the judged positives.
+
+  `lists` is the model's rerankers.ListsConfig (first_stage_run None: BM25 of the
+  split, as RerankerModel.make_batcher computes it). Returns {query id: {doc id:
+  first-stage score}}; positives outside the window rank after it.
+  """
+  from t5dual.data import lists as lists_lib
+  from t5dual.data import sources
+  queries = sources.read_beir_queries(folder)
+  doc_ids = set(sources.read_beir_corpus(folder)[0])
+  qrels = sources.read_qrels(folder, split)
+  if lists.first_stage_run is None:
+    from t5dual import bm25
+    run = bm25.beir_run(folder, split, k=lists.max_rank)
+    ranked = {q: sorted(d.items(), key=lambda kv: -kv[1]) for q, d in run.items()}
+  else:
+    ranked = lists_lib.read_run(lists.first_stage_run, queries, doc_ids)
+  out = {}
+  for qid in dict.fromkeys(list(qrels) + list(ranked)):
+    window = dict(ranked.get(qid, [])[lists.min_rank - 1:lists.max_rank])
+    last = min(window.values(), default=0.0) - 1.0
+    for doc, relevance in qrels.get(qid, {}).items():
+      if relevance > 0 and doc in doc_ids:
+        window.setdefault(doc, last)
+    if window:
+      out[qid] = window
+  return out
+
+
+# --------------------------------------------------------------------------- evaluations
+
+def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
+                      run: Optional[str] = None, top_k: int = 100,
+                      measures: Sequence[str] = ('nDCG@10', 'RR@10', 'R@100'),
+                      batch_size: int = 64) -> dict:
+  """A stage's evaluation as a reranker: rerank `run`'s top_k of a BEIR split, measure both runs.
+
+  Args:
+    model_dir: the stage's (reranker) directory.
+    beir, split: the BEIR folder and the split whose qrels judge the runs.
+    run: the first-stage TREC run; None: BM25's top_k of the split, written
+      once to model_dir/eval/bm25-<folder>-<split>-top<k>.trec.
+  Returns:
+    {'beir', 'split', 'top_k', 'step', 'first_stage' (run path), 'run' (reranked
+    run path), 'metrics': {'first stage': {...}, 'reranked': {...}}}.
+  """
+  from t5dual import reranking
+  name = os.path.basename(os.path.normpath(beir))
+  eval_dir = os.path.join(model_dir, 'eval')
+  if run is None:
+    run = os.path.join(eval_dir, f'bm25-{name}-{split}-top{top_k}.trec')
+    if not os.path.exists(run):
+      from t5dual import bm25, retrieval
+      os.makedirs(eval_dir, exist_ok=True)
+      retrieval.write_trec_run(run + '.tmp', bm25.beir_run(beir, split, k=top_k), tag='bm25')
+      os.replace(run + '.tmp', run)
+  out = os.path.join(eval_dir, f'rerank-{name}-{split}-top{top_k}.trec')
+  result = reranking.rerank_beir(model_dir, beir, split, run, out, top_k=top_k,
+                                 measures=measures, batch_size=batch_size, progress=False)
+  return {'beir': beir, 'split': split, 'top_k': top_k, 'step': result['step'],
+          'first_stage': run, 'run': out, 'metrics': result['metrics']}
+
+
+def retrieval_evaluation(model_dir: str, beir: str, split: str = 'test',
+                         measures: Optional[Sequence[str]] = None) -> dict:
+  """A stage's evaluation as a dual encoder: retrieval on a BEIR split
+  (evaluation.evaluate_checkpoint_on_beir; exports under model_dir/eval/)."""
+  from t5dual import evaluation
+  summary = evaluation.evaluate_checkpoint_on_beir(
+      model_dir, beir, split, measures=measures or evaluation.DEFAULT_MEASURES)
+  return {'beir': beir, 'split': split, 'step': summary['step'], 'run': summary['run'],
+          'metrics': {'retrieval': summary['metrics']}}
+
+
+# --------------------------------------------------------------------------- the record
+
+def _read_record(model_dir: str) -> dict:
+  path = os.path.join(model_dir, RECORD)
+  if not os.path.exists(path):
+    return {'final_model_dir': None, 'stages': []}
+  with open(path) as f:
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise checkpoints.ModelDirError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
+  if not isinstance(record, dict) or not isinstance(record.get('stages'), list):
+    raise checkpoints.ModelDirError(f'{path}: not a record of stages (no "stages" list)')
+  return record
+
+
+def _write_record(model_dir: str, record: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(model_dir, RECORD)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def _is_trained(model_dir: str, entry: dict) -> bool:
+  """The stage ended its training at its recorded step, and that checkpoint is still there."""
+  return (entry.get('status') in ('trained', 'complete') and
+          _latest_step(os.path.join(model_dir, entry['dir'])) == entry.get('step'))
+
+
+def _latest_step(directory: str) -> Optional[int]:
+  if not os.path.isdir(os.path.join(directory, checkpoints.CHECKPOINTS)):
+    return None
+  manager = checkpoints.checkpoint_manager(directory)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def _last_metrics(directory: str) -> Optional[dict]:
+  path = os.path.join(directory, 'metrics.jsonl')
+  last = None
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          last = json.loads(line)
+  return last
+
+
+def _relative(model_dir: str, path: str) -> str:
+  return os.path.relpath(path, model_dir)
+
+
+def _link_final(model_dir: str, target: str) -> str:
+  """MODEL_DIR/final -> target (relative), replaced atomically; returns its path."""
+  link = os.path.join(model_dir, FINAL)
+  if jax.process_index() != 0:
+    return link
+  if os.path.exists(link) and not os.path.islink(link):
+    log.warning('%s exists and is not a link: not pointing it at the final stage', link)
+    return os.path.join(model_dir, target)
+  tmp = link + '.tmp'
+  if os.path.lexists(tmp):
+    os.remove(tmp)
+  os.symlink(target, tmp)
+  os.replace(tmp, link)
+  return link

@@ -1,0 +1,378 @@
+"""Multi-stage fine-tuning (t5dual/multistage.py, configs/runs/two_stage_rerank.gin): a
+two-stage reranker chain run by scripts/train.py, its record and evaluations, each stage
+starting from the previous one and reloading by kind, a re-run that trains nothing, kill -9
+in stage 2, and the gin checks of stage scopes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from t5dual import checkpoints, cli, gin_utils, multistage, vocab
+from t5dual.data import demo
+from t5dual.data import lists as lists_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAIN_FILES = ['gin/models/rankt5_encdec.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.gin',
+               'configs/runs/rerank.gin', 'configs/runs/two_stage_rerank.gin']
+STEPS = {'contrastive': 6, 'distill': 20}
+SAVE_EVERY = 5
+BATCH_SIZE, INPUT_LENGTH, MAX_RANK = 4, 32, 8
+
+
+@pytest.fixture(scope='module')
+def demo_data(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp('demo'))
+  data = os.path.join(folder, 'data')
+  demo.write_demo_beir(data, num_docs=200, num_concepts=30)
+  spm = vocab.train_sentencepiece(demo.demo_texts(data), os.path.join(folder, 'spm'),
+                                  vocab_size=256)
+  return data, spm
+
+
+def _bindings(model_dir, data, spm):
+  """A tiny float32 encdec reranker without dropout, so a stage's first loss can be recomputed."""
+  return [f"MODEL_DIR = '{model_dir}'", f"MIXTURE_OR_TASK_NAME = 'beir:{data}:train'",
+          f"VOCABULARY_PATH = '{spm}'", f"EVAL_BEIR = '{data}'", 'EVAL_TOP_K = 10',
+          'VOCAB_SIZE = 256', 'rerankers.RerankerConfig.scoring_token_id = 100',
+          f'INPUT_LENGTH = {INPUT_LENGTH}', f'BATCH_SIZE = {BATCH_SIZE}', 'LIST_SIZE = 4',
+          f'MAX_RANK = {MAX_RANK}', f'CONTRASTIVE_STEPS = {STEPS["contrastive"]}',
+          f'DISTILL_STEPS = {STEPS["distill"]}', 'CONTRASTIVE_LEARNING_RATE = 1e-2',
+          'DISTILL_LEARNING_RATE = 1e-2', 'DROPOUT_RATE = 0.0', "ACTIVATION_DTYPE = 'float32'",
+          'trainer.TrainerConfig.log_every = 1', f'trainer.TrainerConfig.save_every = {SAVE_EVERY}',
+          'trainer.TrainerConfig.progress_bar = False', 'trainer.TrainerConfig.tensorboard = False']
+
+
+def _chain_cmd(model_dir, data, spm):
+  return ([sys.executable, os.path.join(REPO, 'scripts', 'train.py')] +
+          [f'--gin_file={f}' for f in CHAIN_FILES] +
+          [f'--gin_bindings={b}' for b in _bindings(model_dir, data, spm)])
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  # The chains of this file compile the same steps; a persistent compilation cache
+  # lets the later ones skip it (the executables, hence the numbers, are the same).
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': cache,
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+
+
+@pytest.fixture(scope='module')
+def chain(demo_data, env, tmp_path_factory):
+  """An uninterrupted two-stage chain: (model_dir, its stderr)."""
+  data, spm = demo_data
+  model_dir = str(tmp_path_factory.mktemp('chain') / 'run')
+  done = subprocess.run(_chain_cmd(model_dir, data, spm), cwd=REPO, env=env,
+                        capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return model_dir, done.stderr
+
+
+def _record(model_dir):
+  with open(os.path.join(model_dir, multistage.RECORD)) as f:
+    return json.load(f)
+
+
+def _stage_dir(model_dir, i):
+  return os.path.join(model_dir, 'stages', f'{i}-{list(STEPS)[i - 1]}')
+
+
+def _metrics(directory):
+  """metrics.jsonl by step; a step logged twice is an error."""
+  by_step = {}
+  with open(os.path.join(directory, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      assert rec['step'] not in by_step, f'step {rec["step"]} logged twice'
+      by_step[rec['step']] = rec
+  return by_step
+
+
+def _read_run(path):
+  run = {}
+  with open(path) as f:
+    for line in f:
+      qid, _, doc, _, score, _ = line.split()
+      run.setdefault(qid, {})[doc] = float(score)
+  return run
+
+
+def _ndcg10(run, qrels):
+  """nDCG@10 straight from pytrec_eval, averaged over the judged queries (missing = 0)."""
+  import pytrec_eval
+  per_query = pytrec_eval.RelevanceEvaluator(qrels, {'ndcg_cut.10'}).evaluate(
+      {q: d for q, d in run.items() if q in qrels})
+  return sum(v['ndcg_cut_10'] for v in per_query.values()) / len(qrels)
+
+
+def _test_qrels(data):
+  qrels = {}
+  with open(os.path.join(data, 'qrels', 'test.tsv')) as f:
+    next(f)
+    for line in f:
+      qid, doc, rel = line.split()
+      qrels.setdefault(qid, {})[doc] = int(rel)
+  return qrels
+
+
+# --------------------------------------------------------------------------- a whole chain
+
+def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
+  model_dir, log = chain
+  data, _ = demo_data
+  record = _record(model_dir)
+  stages = record['stages']
+  assert [s['name'] for s in stages] == list(STEPS)
+  assert [s['status'] for s in stages] == ['complete', 'complete']
+  assert [s['step'] for s in stages] == list(STEPS.values())
+  assert [s['dir'] for s in stages] == ['stages/1-contrastive', 'stages/2-distill']
+  assert [s['starts_from'] for s in stages] == [None, 'stages/1-contrastive']
+  assert [s['teacher'] for s in stages] == [None, 'stages/2-distill/teacher.trec']
+  assert record['final_model_dir'] == 'stages/2-distill'
+  assert os.readlink(os.path.join(model_dir, 'final')) == 'stages/2-distill'
+  assert not os.path.exists(os.path.join(model_dir, 'checkpoints'))
+  qrels = _test_qrels(data)
+  for i, stage in enumerate(stages, 1):
+    assert stage['train_metrics'] == _metrics(_stage_dir(model_dir, i))[stage['step']]
+    evaluation = stage['evaluation']
+    assert evaluation['step'] == stage['step'] and evaluation['split'] == 'test'
+    # The recorded nDCG@10 of the first stage (BM25) and of the reranked run are those
+    # of the run files it names, as pytrec_eval measures them.
+    for row, path in (('first stage', evaluation['first_stage']),
+                      ('reranked', evaluation['run'])):
+      assert evaluation['metrics'][row]['nDCG@10'] == pytest.approx(
+          _ndcg10(_read_run(path), qrels), abs=1e-12)
+    reranked = _read_run(evaluation['run'])
+    assert all(len(docs) <= 10 for docs in reranked.values())
+    # ... and the table at the end of the log shows it.
+    value = evaluation['metrics']['reranked']['nDCG@10']
+    assert f'{i}-{stage["name"]}: reranked' in log and f'{value:.4f}' in log
+  assert 'final model: ' + os.path.join(model_dir, 'final') in log
+
+
+def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_data):
+  model_dir, _ = chain
+  data, _ = demo_data
+  first, params1, step1, tokenizer, _ = checkpoints.restore_for_inference(
+      _stage_dir(model_dir, 1))
+  second, params2, step2, _, lengths = checkpoints.restore_for_inference(
+      _stage_dir(model_dir, 2))
+  assert (first.kind, second.kind) == ('reranker', 'reranker')
+  assert (step1, step2) == tuple(STEPS.values())
+  assert first.loss.__name__ == 'lce_loss'
+  assert second.loss.__name__ == 'teacher_rank_pairwise_loss'
+  teacher_path = os.path.join(_stage_dir(model_dir, 2), multistage.TEACHER_FILE)
+  assert second.lists.teacher == teacher_path
+
+  # Stage 2's first logged loss (step 1, before its first update) is the loss of stage
+  # 1's final parameters on stage 2's first batch; and the teacher scores of that batch,
+  # read from teacher.trec, are stage 1's scores of its candidates.
+  batcher = second.make_batcher(f'beir:{data}:train', tokenizer, BATCH_SIZE, lengths, seed=0)
+  batch = batcher.batch(0)
+
+  @jax.jit
+  def loss_and_scores(params):
+    return second.loss_fn(params, batch, None)[0], first.score(params, batch['inputs'])
+
+  from_stage_1, scores = loss_and_scores(params1)
+  from_stage_2, _ = loss_and_scores(params2)
+  logged = _metrics(_stage_dir(model_dir, 2))[1]['loss']
+  # float32 losses of a 2-layer model computed by two compilations: ~1e-6 relative.
+  assert logged == pytest.approx(float(from_stage_1), rel=1e-4)
+  # Other parameters (stage 2's final ones) give another loss: the check can fail.
+  assert abs(float(from_stage_2) - logged) > 100 * 1e-4 * abs(logged)
+  where = batch['where']
+  assert where.sum() > BATCH_SIZE
+  np.testing.assert_allclose(batch['teacher_scores'][where], np.asarray(scores)[where],
+                             rtol=1e-5, atol=1e-5)
+  # ... of every candidate: no training list was lost for want of a teacher score.
+  from t5dual import bm25
+  bm25_run = bm25.beir_run(data, 'train', k=MAX_RANK)
+  plain = lists_lib.load_lists(data, 'train', bm25_run, max_rank=MAX_RANK)
+  assert batcher.lists.query_ids == plain.query_ids
+  assert batcher.lists.negatives == plain.negatives
+
+
+def _snapshot(model_dir):
+  """What a run that trains nothing leaves as it was."""
+  files = {}
+  for i in (1, 2):
+    directory = _stage_dir(model_dir, i)
+    files[i] = (sorted(os.listdir(directory)), sorted(os.listdir(
+        os.path.join(directory, 'checkpoints'))),
+        open(os.path.join(directory, 'metrics.jsonl')).read())
+  return files, _record(model_dir)
+
+
+def test_rerunning_a_complete_chain_trains_nothing(chain, demo_data, env):
+  model_dir, _ = chain
+  data, spm = demo_data
+  before = _snapshot(model_dir)
+  again = subprocess.run(_chain_cmd(model_dir, data, spm), cwd=REPO, env=env,
+                         capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert _snapshot(model_dir) == before  # no config-<time>.gin either: no stage started
+  for i, (name, steps) in enumerate(STEPS.items(), 1):
+    assert (f"stage {i}/2 {name!r} is trained (step {steps} in {_stage_dir(model_dir, i)}): "
+            'not training it again') in again.stderr
+  assert 'training encdec reranker' not in again.stderr
+  assert 'evaluating' not in again.stderr and 'evaluation recorded' in again.stderr
+
+
+def test_kill_9_in_stage_2_then_the_rerun_resumes_stage_2(chain, demo_data, env, tmp_path):
+  reference, _ = chain
+  data, spm = demo_data
+  model_dir = str(tmp_path / 'run')
+  proc = subprocess.Popen(_chain_cmd(model_dir, data, spm), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(_stage_dir(model_dir, 2), 'checkpoints')
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if any(s.isdigit() for s in (os.listdir(ckpt) if os.path.isdir(ckpt) else [])):
+        break
+      time.sleep(0.05)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  manager = checkpoints.checkpoint_manager(_stage_dir(model_dir, 2))
+  killed_at = manager.latest_step()
+  manager.close()
+  assert killed_at is not None and killed_at < STEPS['distill'], (
+      f'stage 2 was not killed midway (latest checkpoint {killed_at})')
+  assert [s['name'] for s in _record(model_dir)['stages']] == ['contrastive']
+
+  resumed = subprocess.run(_chain_cmd(model_dir, data, spm), cwd=REPO, env=env,
+                           capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  log = resumed.stderr
+  assert "stage 1/2 'contrastive' is trained" in log
+  assert f'resuming from {_stage_dir(model_dir, 2)} at step {killed_at}' in log
+  assert 'teacher scores of ' in log and 'reusing' in log
+  assert [f for f in os.listdir(_stage_dir(model_dir, 1)) if f.startswith('config')] == [
+      'config.gin']
+  record, expected = _record(model_dir), _record(reference)
+  assert [s['status'] for s in record['stages']] == ['complete', 'complete']
+  # The same losses, step by step, as the uninterrupted chain: same teacher, same
+  # starting point, same data after the resume. (Same executables on one machine: the
+  # values agree to float32 rounding; any other data or parameters would differ by far more.)
+  for i in (1, 2):
+    got, want = _metrics(_stage_dir(model_dir, i)), _metrics(_stage_dir(reference, i))
+    assert sorted(got) == sorted(want) == list(range(1, list(STEPS.values())[i - 1] + 1))
+    np.testing.assert_allclose([got[s]['loss'] for s in sorted(got)],
+                               [want[s]['loss'] for s in sorted(want)], rtol=1e-6)
+  teacher = lambda d: _read_run(os.path.join(_stage_dir(d, 2), multistage.TEACHER_FILE))
+  assert teacher(model_dir).keys() == teacher(reference).keys()
+  for row, metrics in expected['stages'][1]['evaluation']['metrics'].items():
+    assert record['stages'][1]['evaluation']['metrics'][row] == pytest.approx(metrics)
+
+
+# --------------------------------------------------------------------------- gin and checks
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def _parse(model_dir, *extra, files=CHAIN_FILES):
+  bindings = _bindings(model_dir, '/nonexistent', '/nonexistent.model')
+  gin_utils.parse_gin(files, bindings + list(extra))
+  return list(extra)
+
+
+def test_stage_scoped_bindings_that_take_effect_pass(clean_gin, tmp_path):
+  bindings = _parse(tmp_path, 'distill/rerankers.ListsConfig.list_size = 6',
+                    'distill/train_lib.run.batch_size = 8', 'CONTRASTIVE_STEPS = 3',
+                    'contrastive/trainer.TrainerConfig.save_every = 3')
+  gin_utils.check_bindings_used(bindings, multistage.run_chain)
+
+
+@pytest.mark.parametrize('binding,message', [
+    # A misspelt stage scope.
+    ('distil/train_lib.run.learning_rate = 1e-3',
+     r'uses distil/train_lib.run \(did you mean distill/train_lib.run or '),
+    # Both stages set their own: the unscoped binding and its macro would change nothing.
+    ('train_lib.run.learning_rate = 0.1',
+     r'uses train_lib.run.learning_rate \(overridden by contrastive/train_lib.run.'
+     r'learning_rate, distill/train_lib.run.learning_rate\)'),
+    ('TRAIN_STEPS = 5', r'nothing .* uses TRAIN_STEPS'),
+    # gin macros are not scoped.
+    ('distill/LOSS_FN = @ranking_losses.lce_loss',
+     r'uses distill/LOSS_FN .*bind the scoped configurable instead'),
+])
+def test_stage_scoped_bindings_that_change_nothing_are_refused(clean_gin, tmp_path, binding,
+                                                               message):
+  bindings = _parse(tmp_path, binding)
+  with pytest.raises(cli.ConfigError, match=message):
+    gin_utils.check_bindings_used(bindings, multistage.run_chain)
+
+
+def test_a_scoped_binding_in_a_file_that_no_stage_sees_is_refused(clean_gin, tmp_path):
+  # Building the model from the %MODEL macro would put it outside every stage's scope,
+  # so the stages' own losses would silently not apply.
+  extra = tmp_path / 'macro_model.gin'
+  extra.write_text('from __gin__ import dynamic_registration\n'
+                   'from t5dual import train_lib\n'
+                   'train_lib.run.model = %MODEL\n')
+  _parse(tmp_path, files=CHAIN_FILES + [str(extra)])
+  with pytest.raises(cli.ConfigError, match=r'`contrastive/rerankers.RerankerModel.loss_fn`'):
+    gin_utils.check_bindings_used([], multistage.run_chain)
+
+
+def test_the_reverse_chain_distils_from_a_teacher_file_first(clean_gin, tmp_path):
+  files = CHAIN_FILES[:-1] + ['configs/runs/two_stage_rerank_reverse.gin']
+  _parse(tmp_path, files=files)
+  with pytest.raises(cli.ConfigError, match=r'^TEACHER must be set'):
+    gin_utils.check_bindings_used([], multistage.run_chain)
+  gin.clear_config()
+  _parse(tmp_path, "TEACHER = '/data/teacher.trec'", files=files)
+  gin_utils.check_bindings_used([], multistage.run_chain)
+  stages = gin.query_parameter('multistage.run_chain.stages')
+  assert [s.scopes for s in stages] == [['distill'], ['contrastive']]
+
+
+@pytest.mark.parametrize('binding,message', [
+    ('DISTILL_LEARNING_RATE = -1.0',
+     r'^DISTILL_LEARNING_RATE \(distill/train_lib.run.learning_rate\): must be a positive'),
+    ('distill/rerankers.RerankerModel.loss_fn = @ranking_losses.softmax_loss',
+     r"stage 2 'distill' learns from the previous stage, but its loss softmax_loss does not "
+     r'use teacher scores'),
+    ('contrastive/multistage.Stage.previous_stage_teacher = True',
+     r"stage 1 'contrastive' sets previous_stage_teacher, but has no previous stage"),
+])
+def test_a_bad_stage_stops_the_chain_before_any_stage_trains(clean_gin, tmp_path, binding,
+                                                             message):
+  model_dir = tmp_path / 'run'
+  _parse(model_dir, binding)
+  with pytest.raises(cli.ConfigError, match=message):
+    gin_utils.call_configured(multistage.run_chain, run_config=gin_utils.operative_config)
+  assert not (model_dir / 'stages').exists()
+
+
+def test_stages_cannot_change_once_recorded(tmp_path):
+  def never(**kwargs):
+    raise AssertionError('nothing may train')
+  model_dir = tmp_path / 'run'
+  model_dir.mkdir()
+  (model_dir / multistage.RECORD).write_text(json.dumps({'final_model_dir': None, 'stages': [
+      {'index': 1, 'name': 'contrastive', 'dir': 'stages/1-contrastive', 'status': 'complete',
+       'step': 5}]}))
+  stages = [multistage.Stage('distill', never), multistage.Stage('contrastive', never)]
+  with pytest.raises(cli.ConfigError, match=r"records stage 1 as 'contrastive' but the "
+                     r"configuration names it 'distill'"):
+    multistage.run_chain(str(model_dir), stages)
+  with pytest.raises(cli.ConfigError, match=r'stage names must differ; repeated: a'):
+    multistage.run_chain(str(model_dir), [multistage.Stage('a', never)] * 2)
+  with pytest.raises(cli.ConfigError, match=r'multistage.Stage.name: must be letters'):
+    multistage.Stage('', never)

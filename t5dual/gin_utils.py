@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import functools
 import inspect
 import os
@@ -69,11 +70,36 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
   for path in list(search_paths) + list(DEFAULT_SEARCH_PATHS):
     gin.add_config_file_search_path(path)
   try:
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings(list(files), _with_imports(bindings),
+                                        finalize_config=False)
   except (ValueError, KeyError, IOError, SyntaxError, TypeError) as e:
     # gin's messages name the file/line or binding, over several lines.
     raise cli.ConfigError(f'gin configuration: {_one_line(str(e))}{_suggestion(str(e))}'
                           ) from None
+
+
+def _with_imports(bindings: Sequence[str]) -> list[str]:
+  """Command-line bindings that may reference any t5dual function (`@ranking_losses.X`).
+
+  With dynamic registration a reference resolves only through an import in the
+  same parse; gin files import what they use, but a command-line binding such as
+  --gin.LOSS_FN=@ranking_losses.margin_mse_loss names a module its own way.
+  """
+  if not any(re.search(r'@(?:\w+/)*\w+\.\w+', b) for b in bindings):
+    return list(bindings)
+  # In a dynamic-registration parse every configurable needs its import, the
+  # bindings' own keys (`rerankers.RerankerConfig.x = ...`) included.
+  modules = sorted({m for b in bindings for m in re.findall(r'\b(\w+)\.\w+', b)
+                    if _is_t5dual_module(m)})
+  return (['from __gin__ import dynamic_registration'] +
+          [f'from t5dual import {m}' for m in modules] + list(bindings))
+
+
+def _is_t5dual_module(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(f't5dual.{name}') is not None
+  except (ImportError, ValueError):
+    return False
 
 
 def _suggestion(gin_message: str) -> str:

@@ -222,3 +222,23 @@ def test_layout_errors_name_the_stack():
   with pytest.raises(ValueError, match='encoder/layers: .*leading'):
     layer_layout.scan_to_unrolled({'encoder': {'layers': {'a': np.zeros((2, 3)),
                                                           'b': np.zeros((3, 3))}}})
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_activations_carry_logical_constraints_only_under_rules(scan_layers):
+  module = t5.EncoderDecoder(_config(scan_layers=scan_layers))
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), IDS,
+                                   DECODER_IDS)['params'])
+  lower = lambda: jax.jit(lambda p: module.apply({'params': p}, IDS, DECODER_IDS)).lower(
+      shapes).as_text().count('sharding_constraint')
+  assert lower() == 0
+  rules = [('batch', 'data'), ('length', None), ('embed', None), ('heads', 'model'),
+           ('kv', None), ('mlp', 'model'), ('layers', None)]
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ('data', 'model'))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    count = lower()
+  # Encoder: embeddings + per layer q, k, v, attention heads, attention out, MLP
+  # hidden, MLP out, layer out. Decoder: embeddings, encoder output + per layer
+  # two attentions (5 each), MLP (2), layer out. A scan traces one layer per stack.
+  encoder_layers, decoder_layers = (1, 1) if scan_layers else (2, 2)
+  assert count == 1 + 8 * encoder_layers + 2 + 13 * decoder_layers

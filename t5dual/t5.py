@@ -331,13 +331,13 @@ class MultiHeadAttention(nn.Module):
     q_init = nn.initializers.variance_scaling(1.0 / math.sqrt(cfg.head_dim), 'fan_in', 'normal')
     kv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
-    def project(name, init, inputs):
+    def project(name, tag, init, inputs):
       y = DenseGeneral(joined, ('embed', 'joined_kv'), init, cfg.dtype, name=name)(inputs)
       y = y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
-      return checkpoint_name(nn.with_logical_constraint(y, HEADS_ACTIVATION), f'{name}_proj')
-    q = project('query', q_init, x)
-    k = project('key', kv_init, kv)
-    v = project('value', kv_init, kv)
+      return checkpoint_name(nn.with_logical_constraint(y, HEADS_ACTIVATION), tag)
+    q = project('query', QUERY_PROJ, q_init, x)
+    k = project('key', KEY_PROJ, kv_init, kv)
+    v = project('value', VALUE_PROJ, kv_init, kv)
     if not deterministic and cfg.dropout_rate > 0:
       # Attention-probability dropout needs the explicit softmax.
       out = xla_attention(q, k, v, bias, dropout=lambda w: nn.Dropout(cfg.dropout_rate)(

@@ -33,6 +33,10 @@ shared token_embedder:
 T5 1.0 (`logits_via_embedding=True`) has no logits_dense: the logits are the
 decoder output times the token embedding, divided by sqrt(emb_dim) (T5X's
 `Embed.attend`; Hugging Face's scale_decoder_outputs with the tied lm_head).
+
+With `T5Config.scan_layers` each stack's layers_{i} become one `layers` subtree
+whose parameters carry a leading [num_layers] axis (logical axis 'layers');
+`t5dual.layer_layout` converts exactly between the two layouts.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -74,8 +79,13 @@ class T5Config:
   dtype: str = 'bfloat16'
   # Name of an entry of ATTENTION_FNS; lets faster kernels slot in later.
   attention: str = 'xla'
-  # Rematerialise each layer in the backward pass ('none' or 'full').
+  # What each layer keeps for the backward pass: a name in REMAT_POLICIES ('none'
+  # keeps everything, 'full' recomputes the whole layer).
   remat: str = 'none'
+  # True: the layers are one `nn.scan`ned module whose parameters have a leading
+  # 'layers' axis (encoder/layers/... [num_layers, ...]); it compiles once per stack
+  # instead of once per layer. `layer_layout` converts to and from T5X's layers_{i}.
+  scan_layers: bool = False
   # Decoder (encoder-decoder models only). None: as many layers as the encoder.
   num_decoder_layers: Optional[int] = None
   # True for T5 1.0's head tied to the token embedding (rescaled by emb_dim**-0.5);
@@ -83,6 +93,9 @@ class T5Config:
   logits_via_embedding: bool = False
 
   def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'T5Config.remat must be one of {sorted(REMAT_POLICIES)}, got '
+                       f'{self.remat!r}')
     if self.num_decoder_layers is not None and self.num_decoder_layers < 1:
       raise ValueError(f'T5Config.num_decoder_layers must be None or >= 1, got '
                        f'{self.num_decoder_layers}')
@@ -91,6 +104,36 @@ class T5Config:
   def decoder_layers(self) -> int:
     """Number of decoder layers."""
     return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+
+# Names of intermediate values (`checkpoint_name` tags in the layers) that the
+# named remat policies below may keep.
+QUERY_PROJ, KEY_PROJ, VALUE_PROJ = 'query_proj', 'key_proj', 'value_proj'  # [B, L, heads, kv]
+ATTENTION_OUT = 'attention_out'  # [B, L, embed], after the output projection
+MLP_HIDDEN = 'mlp_hidden'        # [B, L, mlp], the (gated) activation
+
+# T5Config.remat: which values of a layer the backward pass keeps rather than
+# recomputes. None: no rematerialisation at all.
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names(
+        QUERY_PROJ, KEY_PROJ, VALUE_PROJ),
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+    'save_mlp_hidden': jax.checkpoint_policies.save_only_these_names(MLP_HIDDEN),
+    # Every projection's output: all that 'dots' keeps but the attention logits.
+    'save_projections': jax.checkpoint_policies.save_only_these_names(
+        QUERY_PROJ, KEY_PROJ, VALUE_PROJ, ATTENTION_OUT, MLP_HIDDEN),
+}
+
+# Logical axis names of activations (T5X's standard_logical_axis_rules name them
+# too); `nn.with_logical_constraint` is a no-op unless the partitioner has set
+# rules and a mesh, so single-device numerics do not depend on them.
+EMBED_ACTIVATION = ('batch', 'length', 'embed')
+HEADS_ACTIVATION = ('batch', 'length', 'heads', 'kv')
+MLP_ACTIVATION = ('batch', 'length', 'mlp')
 
 
 # T5.1.1 sizes (vocab 32,128). 'tiny' is for tests and the demo.
@@ -287,18 +330,24 @@ class MultiHeadAttention(nn.Module):
     # 1/sqrt(head_dim) is folded into the query initialisation, as in T5.
     q_init = nn.initializers.variance_scaling(1.0 / math.sqrt(cfg.head_dim), 'fan_in', 'normal')
     kv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
-    split = lambda y: y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
-    q = split(DenseGeneral(joined, ('embed', 'joined_kv'), q_init, cfg.dtype, name='query')(x))
-    k = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='key')(kv))
-    v = split(DenseGeneral(joined, ('embed', 'joined_kv'), kv_init, cfg.dtype, name='value')(kv))
+
+    def project(name, tag, init, inputs):
+      y = DenseGeneral(joined, ('embed', 'joined_kv'), init, cfg.dtype, name=name)(inputs)
+      y = y.reshape(y.shape[:-1] + (cfg.num_heads, cfg.head_dim))
+      return checkpoint_name(nn.with_logical_constraint(y, HEADS_ACTIVATION), tag)
+    q = project('query', QUERY_PROJ, q_init, x)
+    k = project('key', KEY_PROJ, kv_init, kv)
+    v = project('value', VALUE_PROJ, kv_init, kv)
     if not deterministic and cfg.dropout_rate > 0:
       # Attention-probability dropout needs the explicit softmax.
       out = xla_attention(q, k, v, bias, dropout=lambda w: nn.Dropout(cfg.dropout_rate)(
           w, deterministic=False))
     else:
       out = ATTENTION_FNS[cfg.attention](q, k, v, bias)
+    out = nn.with_logical_constraint(out, HEADS_ACTIVATION)
     out = out.reshape(out.shape[:-2] + (joined,))
-    return DenseGeneral(x.shape[-1], ('joined_kv', 'embed'), kv_init, cfg.dtype, name='out')(out)
+    out = DenseGeneral(x.shape[-1], ('joined_kv', 'embed'), kv_init, cfg.dtype, name='out')(out)
+    return checkpoint_name(nn.with_logical_constraint(out, EMBED_ACTIVATION), ATTENTION_OUT)
 
 
 class MlpBlock(nn.Module):
@@ -313,8 +362,11 @@ class MlpBlock(nn.Module):
       name = 'wi' if len(acts) == 1 else f'wi_{i}'
       h = _act(act)(DenseGeneral(cfg.mlp_dim, ('embed', 'mlp'), dtype=cfg.dtype, name=name)(x))
       hidden = h if hidden is None else hidden * h
+    hidden = checkpoint_name(nn.with_logical_constraint(hidden, MLP_ACTIVATION), MLP_HIDDEN)
     hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
-    return DenseGeneral(x.shape[-1], ('mlp', 'embed'), dtype=cfg.dtype, name='wo')(hidden)
+    out = DenseGeneral(x.shape[-1], ('mlp', 'embed'), dtype=cfg.dtype, name='wo')(hidden)
+    # No tag: the backward pass never needs the MLP output (only the residual sum).
+    return nn.with_logical_constraint(out, EMBED_ACTIVATION)
 
 
 class EncoderLayer(nn.Module):
@@ -328,7 +380,46 @@ class EncoderLayer(nn.Module):
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_attention_layer_norm')(x)
     x = x + drop(MultiHeadAttention(cfg, name='attention')(h, bias, deterministic))
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
-    return x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
+    x = x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
+    return nn.with_logical_constraint(x, EMBED_ACTIVATION)
+
+
+def apply_layers(config: T5Config, layer_cls: type[nn.Module], num_layers: int, x: Array,
+                 *args) -> Array:
+  """Runs `num_layers` layers `layer_cls(config)(x, *args) -> x` of the calling module.
+
+  Unrolled, layer i is the submodule layers_{i}; with `config.scan_layers` one
+  `nn.scan`ned submodule 'layers' holds every parameter with a leading
+  [num_layers] axis (logical axis 'layers'), and each layer gets its own dropout
+  rng. `config.remat` wraps each layer (inside the scan) in `nn.remat`.
+
+  Args:
+    config: the T5Config (remat, scan_layers).
+    layer_cls: EncoderLayer or DecoderLayer.
+    num_layers: how many layers.
+    x: [batch, length, embed] input of the first layer.
+    *args: the layer's other arguments, the same for every layer; the last one
+      is `deterministic` (a Python bool).
+  Returns:
+    [batch, length, embed] output of the last layer.
+  """
+  policy = REMAT_POLICIES[config.remat]
+  if config.remat != 'none':
+    # `deterministic` (a Python bool, after self, x and the other args) stays static.
+    # Inside a scan, the loop already keeps XLA from merging the recomputation
+    # with the forward pass, so CSE prevention would only cost speed.
+    layer_cls = nn.remat(layer_cls, policy=policy, static_argnums=(len(args) + 1,),
+                         prevent_cse=not config.scan_layers)
+  if not config.scan_layers:
+    for i in range(num_layers):
+      x = layer_cls(config, name=f'layers_{i}')(x, *args)
+    return x
+  scan = nn.scan(lambda layer, carry, *rest: (layer(carry, *rest), None),
+                 variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                 in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+  x, _ = scan(layer_cls(config, name='layers'), x, *args)
+  return x
 
 
 class Encoder(nn.Module):
@@ -355,11 +446,8 @@ class Encoder(nn.Module):
     bias = bias.astype(jnp.float32) + mask_bias(mask[:, None, None, :])
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         embedded.astype(cfg.dtype), deterministic=deterministic)
-    layer_cls = EncoderLayer
-    if cfg.remat == 'full':
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
+    x = apply_layers(cfg, EncoderLayer, cfg.num_layers, x, bias, deterministic)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -381,7 +469,8 @@ class DecoderLayer(nn.Module):
     x = x + drop(MultiHeadAttention(cfg, name='encoder_decoder_attention')(
         h, cross_bias, deterministic, inputs_kv=encoded))
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
-    return x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
+    x = x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
+    return nn.with_logical_constraint(x, EMBED_ACTIVATION)
 
 
 class Decoder(nn.Module):
@@ -424,12 +513,10 @@ class Decoder(nn.Module):
     drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
     x = drop(self.shared_embedding(decoder_input_ids).astype(cfg.dtype))
-    encoded = encoded.astype(cfg.dtype)
-    layer_cls = DecoderLayer
-    if cfg.remat == 'full':
-      layer_cls = nn.remat(DecoderLayer, static_argnums=(5,))
-    for i in range(cfg.decoder_layers):
-      x = layer_cls(cfg, name=f'layers_{i}')(x, encoded, self_bias, cross_bias, deterministic)
+    x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
+    encoded = nn.with_logical_constraint(encoded.astype(cfg.dtype), EMBED_ACTIVATION)
+    x = apply_layers(cfg, DecoderLayer, cfg.decoder_layers, x, encoded, self_bias, cross_bias,
+                     deterministic)
     x = drop(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='decoder_norm')(x))
     if cfg.logits_via_embedding:
       return self.shared_embedding.attend(x, vocab_ids) / math.sqrt(x.shape[-1])

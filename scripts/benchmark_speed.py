@@ -57,6 +57,7 @@ def main():
   p.add_argument('--dtype', default='bfloat16')
   p.add_argument('--remat', default='none')
   p.add_argument('--attention', default='xla')
+  p.add_argument('--num_partitions', type=int, default=1, help='model-parallel size')
   p.add_argument('--peak_tflops', type=float, default=989.0,
                  help='device peak for MFU (H100 bf16 dense: 989); 0 for none')
   p.add_argument('--output', default=os.path.join(os.path.dirname(os.path.dirname(
@@ -66,28 +67,28 @@ def main():
   cfg = t5.t5_config(a.size, dtype=a.dtype, remat=a.remat, attention=a.attention)
   model = models.DualEncoderModel(models.DualEncoderConfig(t5=cfg))
   tx = optim.adafactor(1e-3)
-  mesh = partitioning.make_mesh()
+  partitioner = partitioning.Partitioner(num_partitions=a.num_partitions)
   rng = np.random.default_rng(0)
-  ids = lambda n, length: jnp.asarray(rng.integers(2, 32000, size=(n, length)), jnp.int32)
-  batch = partitioning.shard_batch({'inputs': ids(a.batch, a.q_len),
-                                    'targets': ids(a.batch, a.d_len),
-                                    'query_ids': np.arange(a.batch, dtype=np.int32),
-                                    'doc_ids': np.arange(a.batch, dtype=np.int32)}, mesh)
-  param_sh = partitioning.param_shardings(model.logical_axes(), mesh)
-  with jax.set_mesh(mesh):
-    params = jax.jit(model.init_params, out_shardings=param_sh)(jax.random.PRNGKey(0))
-    opt_state = jax.jit(tx.init)(params)
-    step = jax.jit(lambda p, o, b: trainer.train_step(model, tx, 0, p, o, b, 0),
-                   donate_argnums=(0, 1))
-    state = [params, opt_state]
+  ids = lambda n, length: rng.integers(2, 32000, size=(n, length)).astype(np.int32)
+  batch = partitioner.shard_batch({'inputs': ids(a.batch, a.q_len),
+                                   'targets': ids(a.batch, a.d_len),
+                                   'query_ids': np.arange(a.batch, dtype=np.int32),
+                                   'doc_ids': np.arange(a.batch, dtype=np.int32)})
+  # The trainer's own step: same shardings, donation and finiteness guard.
+  step, layout = trainer.build_train_step(model, tx, partitioner, batch)
+  state = list(trainer.init_train_state(model, tx, partitioner, layout, seed=0))
+  bad_step = jax.device_put(jnp.int32(0), partitioner.replicated)
 
-    def train_once():
-      state[0], state[1], metrics = step(state[0], state[1], batch)
-      return metrics['loss']
-    t_train = _timed(train_once, a.steps)
-    docs = ids(a.encode_batch, a.d_len)
-    encode = jax.jit(lambda p, d: model.encode(p, d, Side.DOCUMENT.tower))
-    t_enc = _timed(lambda: encode(state[0], docs), a.steps)
+  def train_once():
+    state[0], state[1], _, metrics = step(state[0], state[1], bad_step, batch, jnp.int32(0))
+    return metrics['loss']
+  t_train = _timed(train_once, a.steps)
+  docs = jax.device_put(ids(a.encode_batch, a.d_len), partitioner.batch_sharding(2))
+  encode = partitioner.partition(
+      lambda p, d: model.encode(p, d, Side.DOCUMENT.tower),
+      in_shardings=(layout.param_shardings, partitioner.batch_sharding(2)),
+      out_shardings=partitioner.batch_sharding(2))
+  t_enc = _timed(lambda: encode(state[0], docs), a.steps)
 
   peak = a.peak_tflops * 1e12
   mfu = lambda flops, t: f'{100 * flops / t / peak:.1f}%' if peak > 0 else 'n/a'

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from t5dual import partitioning
 from t5dual.sides import Side
 from t5dual.t5 import EOS_ID, PAD_ID
 
@@ -96,38 +97,45 @@ def encode_texts(encode_fn: EncodeFn, tokenizer, texts: Sequence[str], max_lengt
 
 
 def make_encode_fn(model, params, side: 'Side | str',
-                   devices: Optional[Sequence[jax.Device]] = None) -> EncodeFn:
+                   devices: Optional[Sequence[jax.Device]] = None,
+                   partitioner: Optional['partitioning.Partitioner'] = None) -> EncodeFn:
   """numpy ids [B, L] -> numpy float32 [B, D] with `model.encode` of one side.
 
   `side` is a Side or any of its names (query/left/inputs, document/right/targets).
-  The batch is split over `devices` (default: this process's local devices);
-  `encode.batch_multiple` tells callers what the batch size must divide by.
+  Parameters are placed by their logical axes and the batch is split over the
+  'data' axis of `partitioner` (default: data-parallel over `devices`, or this
+  process's local devices; a given partitioner's mesh must hold only this
+  process's devices); `encode.batch_multiple` tells callers what the batch
+  size must divide by.
   """
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   side = Side.parse(side)
-  devices = list(devices or jax.local_devices())
-  mesh = Mesh(np.asarray(devices), ('batch',))
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('batch'))
-  params = jax.device_put(params, replicated)
-  fn = _jitted_encode(model, side, split)
+  partitioner = partitioner or partitioning.local_data_parallel(devices)
+  fn, param_sh = _jitted_encode(model, side, partitioner)
+  params = jax.device_put(params, param_sh)
+  split = partitioner.batch_sharding(2)
 
   def encode(ids: np.ndarray) -> np.ndarray:
     return np.asarray(fn(params, jax.device_put(np.asarray(ids, np.int32), split)),
                       np.float32)
 
-  encode.batch_multiple = len(devices)
+  encode.batch_multiple = partitioner.data_parallel
   return encode
 
 
 _ENCODERS: dict = {}
 
 
-def _jitted_encode(model, side: Side, out_sharding):
-  """One jitted encoder per (model class and config, side, sharding), so that every
-  `make_encode_fn` call reuses its compilations (e.g. evaluating before and after
-  training, or several restores of one model)."""
-  key = (type(model), model.config, side, out_sharding)
+def _jitted_encode(model, side: Side, partitioner: 'partitioning.Partitioner'):
+  """(jitted encoder, parameter shardings) per (model class and config, side,
+  partitioner), so that every `make_encode_fn` call reuses its compilations (e.g.
+  evaluating before and after training, or several restores of one model)."""
+  key = (type(model), model.config, side, partitioner)
   if key not in _ENCODERS:
-    _ENCODERS[key] = jax.jit(functools.partial(model.encode, side=side.tower),
-                             out_shardings=out_sharding)
+    logical = model.logical_axes()
+    param_sh = partitioner.param_shardings(
+        logical, jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
+    split = partitioner.batch_sharding(2)
+    _ENCODERS[key] = (partitioner.partition(
+        functools.partial(model.encode, side=side.tower), in_shardings=(param_sh, split),
+        out_shardings=split), param_sh)
   return _ENCODERS[key]

@@ -1,82 +1,351 @@
-"""The one place that knows about devices and meshes.
+"""The one place that knows about devices and meshes: the `Partitioner`.
 
-Parameters carry T5X logical axis names (see t5.py); `LOGICAL_AXIS_RULES`
-maps them to mesh axes ('data', 'model') as T5X's standard rules do, so the
+Parameters carry T5X logical axis names (see t5.py); logical-axis rules map
+them to the mesh axes 'data' and 'model' as T5X's standard rules do, so the
 same model runs data-parallel on one host or model-parallel on a pod by
-changing the mesh shape only.
+changing the partitioner only. One `Partitioner`, set in gin
+(`train_lib.run.partitioner = @partitioning.Partitioner()`), serves training,
+export, retrieval and reranking.
+
+Optimizer state is placed by the same rules (see `optimizer_state_shardings`),
+and every sharding is derived from abstract shapes, so a train state is laid
+out (and its divisibility checked) before anything is allocated.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# T5X's standard_logical_axis_rules (1-D parameter partitioning).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Optional[str]], ...] = (
-    ('batch', 'data'),
-    ('vocab', 'model'),
-    ('embed', None),
-    ('mlp', 'model'),
-    ('heads', 'model'),
-    ('kv', None),
-    ('joined_kv', 'model'),
-    ('relpos_buckets', None),
-    ('projection', None),
-    ('length', None),
-)
+from t5dual import cli
+
+MESH_AXES = ('data', 'model')
+LogicalAxisRules = tuple[tuple[str, Any], ...]
 
 
-def make_mesh(model_parallel: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A ('data', 'model') mesh over all devices (of all hosts)."""
-  devices = list(devices if devices is not None else jax.devices())
-  if len(devices) % model_parallel:
-    raise ValueError(f'{len(devices)} devices cannot be split into model_parallel='
-                     f'{model_parallel}')
-  grid = np.asarray(devices).reshape(len(devices) // model_parallel, model_parallel)
-  return Mesh(grid, ('data', 'model'))
+def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
+                                parameter_partitioning_dims: int = 1,
+                                additional_rules: Sequence[tuple[str, Any]] = ()
+                                ) -> LogicalAxisRules:
+  """T5X's standard rules: logical axis name -> mesh axis (or None: replicated).
+
+  1-D parameter partitioning splits the large dimensions (vocab, mlp, heads)
+  over 'model'; 2-D also splits 'embed' over 'data' (parameters and optimizer
+  state sharded over data-parallel replicas too, as ZeRO-3/FSDP do). 2-D
+  activation partitioning additionally splits activations' 'embed' over
+  'model'. A name with several rules takes the first mesh axis that the same
+  array does not use already (flax's logical_to_mesh semantics).
+
+  Args:
+    activation_partitioning_dims: 1 or 2.
+    parameter_partitioning_dims: 1 or 2.
+    additional_rules: appended after the standard rules.
+  """
+  dims = (activation_partitioning_dims, parameter_partitioning_dims)
+  if dims not in ((1, 1), (1, 2), (2, 1), (2, 2)):
+    raise cli.ConfigError(
+        f'partitioning: activation_partitioning_dims {activation_partitioning_dims} and '
+        f'parameter_partitioning_dims {parameter_partitioning_dims} must each be 1 or 2')
+  rules = [('batch', 'data'), ('vocab', 'model'), ('mlp', 'model'), ('heads', 'model'),
+           ('kv', None), ('joined_kv', 'model')]
+  if activation_partitioning_dims == 2:
+    rules.append(('embed', 'model'))
+  if parameter_partitioning_dims == 2:
+    rules.append(('embed', 'data'))
+  if dims == (1, 1):
+    rules.append(('embed', None))
+  # Names that are always replicated.
+  rules += [('relpos_buckets', None), ('abspos_buckets', None), ('length', None),
+            ('layers', None), ('stack', None), ('mlp_activations', None),
+            ('projection', None), ('score', None)]  # t5dual's dual-encoder / reranker heads
+  return tuple(rules) + tuple(tuple(r) for r in additional_rules)
 
 
-def param_shardings(logical_axes: Any, mesh: Mesh,
-                    rules=LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for a pytree of logical-axis PartitionSpecs."""
+LOGICAL_AXIS_RULES: LogicalAxisRules = standard_logical_axis_rules(1, 1)
+
+
+class PartitioningError(cli.ConfigError):
+  """A parameter's dimension cannot be split over the mesh axes the rules give it."""
+
+
+def _tuple_or_none(x):
+  return None if x is None else tuple(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+  """How arrays are laid out over devices (T5X's PjitPartitioner in spirit).
+
+  The mesh has axes ('data', 'model'). Its shape is either
+  (devices / num_partitions, num_partitions) over all devices, or given
+  explicitly: `ici_mesh_shape` within a slice (or node), times
+  `dcn_mesh_shape` across slices (or nodes) for multi-slice TPU and
+  multi-node GPU jobs (mesh_utils.create_hybrid_device_mesh), so that the
+  model axis stays on the fast interconnect.
+
+  Attributes:
+    num_partitions: model-parallel size (T5X's name); ignored when
+      ici_mesh_shape is set.
+    ici_mesh_shape: (data, model) within a slice / node.
+    dcn_mesh_shape: (data, model) across slices / nodes; needs ici_mesh_shape.
+    activation_partitioning_dims, parameter_partitioning_dims: 1 or 2, see
+      `standard_logical_axis_rules`.
+    logical_axis_rules: replaces the standard rules when set.
+    devices: the devices of the mesh (default: all devices of all processes);
+      not meant for gin: export passes this process's devices.
+  """
+  num_partitions: int = 1
+  ici_mesh_shape: Optional[tuple[int, int]] = None
+  dcn_mesh_shape: Optional[tuple[int, int]] = None
+  activation_partitioning_dims: int = 1
+  parameter_partitioning_dims: int = 1
+  logical_axis_rules: Optional[LogicalAxisRules] = None
+  devices: Optional[tuple] = None
+
+  def __post_init__(self):
+    # gin gives lists; tuples keep the partitioner hashable (it keys jit caches).
+    for name in ('ici_mesh_shape', 'dcn_mesh_shape', 'devices'):
+      object.__setattr__(self, name, _tuple_or_none(getattr(self, name)))
+    if self.logical_axis_rules is not None:
+      object.__setattr__(self, 'logical_axis_rules',
+                         tuple(tuple(r) for r in self.logical_axis_rules))
+    n = self.num_partitions
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise self._error('num_partitions', f'must be a positive integer, got {n!r}')
+    for name in ('ici_mesh_shape', 'dcn_mesh_shape'):
+      shape = getattr(self, name)
+      if shape is not None and (len(shape) != len(MESH_AXES) or any(
+          isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
+          for s in shape)):
+        raise self._error(name, f'must be {len(MESH_AXES)} positive integers '
+                          f'{MESH_AXES}, got {shape!r}')
+    if self.dcn_mesh_shape is not None and self.ici_mesh_shape is None:
+      raise self._error('dcn_mesh_shape', 'needs ici_mesh_shape too')
+    self.rules  # checks the partitioning dims
+
+  @staticmethod
+  def _error(param: str, message: str) -> cli.ConfigError:
+    return cli.ConfigError(f'partitioning.Partitioner.{param}: {message}')
+
+  # ------------------------------------------------------------------ the mesh
+
+  @property
+  def rules(self) -> LogicalAxisRules:
+    if self.logical_axis_rules is not None:
+      return self.logical_axis_rules
+    return standard_logical_axis_rules(self.activation_partitioning_dims,
+                                       self.parameter_partitioning_dims)
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices) if self.devices is not None else jax.device_count()
+
+  @property
+  def mesh_shape(self) -> tuple[int, int]:
+    """(data, model) sizes, checked against the number of devices; allocates nothing."""
+    n = self.num_devices
+    if self.ici_mesh_shape is not None:
+      shape = tuple(i * d for i, d in zip(self.ici_mesh_shape, self.dcn_mesh_shape or (1, 1)))
+      if math.prod(shape) != n:
+        what = (f'ici_mesh_shape {self.ici_mesh_shape} x dcn_mesh_shape '
+                f'{self.dcn_mesh_shape}' if self.dcn_mesh_shape else
+                f'ici_mesh_shape {self.ici_mesh_shape}')
+        raise self._error('ici_mesh_shape', f'{what} has {math.prod(shape)} devices, '
+                          f'but there are {n}')
+      return shape
+    if n % self.num_partitions:
+      raise self._error('num_partitions', f'{self.num_partitions} does not divide the {n} '
+                        'devices')
+    return (n // self.num_partitions, self.num_partitions)
+
+  @property
+  def data_parallel(self) -> int:
+    return self.mesh_shape[0]
+
+  @property
+  def model_parallel(self) -> int:
+    return self.mesh_shape[1]
+
+  @functools.cached_property
+  def mesh(self) -> Mesh:
+    """The ('data', 'model') mesh."""
+    shape = self.mesh_shape
+    devices = list(self.devices if self.devices is not None else jax.devices())
+    if self.dcn_mesh_shape is not None:
+      # TPU slices are the granules of a multi-slice job; elsewhere (GPU nodes)
+      # a process is.
+      grid = mesh_utils.create_hybrid_device_mesh(
+          self.ici_mesh_shape, self.dcn_mesh_shape, devices,
+          process_is_granule=not hasattr(devices[0], 'slice_index'))
+    else:
+      grid = mesh_utils.create_device_mesh(shape, devices)
+    return Mesh(grid, MESH_AXES)
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and the logical-axis rules, for tracing code with logical constraints."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def partition(self, fn: Callable, in_shardings=None, out_shardings=None,
+                donate_argnums=()) -> Callable:
+    """`jax.jit(fn, ...)` whose calls (and `.lower`) run inside `context()`."""
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                     donate_argnums=donate_argnums)
+    partitioner = self
+
+    class Partitioned:
+      def __call__(self, *args, **kwargs):
+        with partitioner.context():
+          return jitted(*args, **kwargs)
+
+      def lower(self, *args, **kwargs):
+        with partitioner.context():
+          return jitted.lower(*args, **kwargs)
+
+    return Partitioned()
+
+  # ------------------------------------------------------------------ shardings
+
+  def mesh_axes(self, logical_axes: Any) -> Any:
+    """Pytree of logical PartitionSpecs -> pytree of mesh PartitionSpecs."""
+    return nn.logical_to_mesh(logical_axes, self.rules)
+
+  def param_shardings(self, logical_axes: Any, shapes: Any = None) -> Any:
+    """NamedShardings for a pytree of logical-axis PartitionSpecs.
+
+    With `shapes` (a matching pytree of arrays or ShapeDtypeStructs, e.g.
+    `jax.eval_shape(model.init_params, rng)`), every split dimension is first
+    checked to divide (`check_divisible`).
+    """
+    if shapes is not None:
+      self.check_divisible(logical_axes, shapes)
+    return nn.logical_to_mesh_sharding(logical_axes, self.mesh, self.rules)
+
+  def batch_sharding(self, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension split over 'data', the rest replicated."""
+    return NamedSharding(self.mesh, P('data', *([None] * (ndim - 1))))
+
+  def batch_shardings(self, batch: Any) -> Any:
+    """`batch_sharding` of each leaf of a pytree of arrays or ShapeDtypeStructs."""
+    return jax.tree.map(lambda x: self.batch_sharding(len(x.shape)), batch)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def shard_batch(self, batch: dict) -> dict:
+    """Places this process's slice of a global batch onto the mesh.
+
+    Each process passes the rows it loaded (its contiguous slice of the global
+    batch); the result is a global jax.Array split over 'data'.
+    """
+    def put(x):
+      x = np.asarray(x)
+      sharding = self.batch_sharding(x.ndim)
+      if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+      global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+      return jax.make_array_from_process_local_data(sharding, x, global_shape)
+    return jax.tree.map(put, batch)
+
+  def optimizer_state_shardings(self, opt_state: Any, params: Any, logical_axes: Any) -> Any:
+    """NamedShardings for an optax state, derived from the parameters' logical axes.
+
+    The rule: optax states hold pytrees shaped like the parameters (Adam's mu
+    and nu, Adafactor's v_row / v_col / v). Every leaf of such a subtree is
+    laid out like its parameter when it has the parameter's shape; when it has
+    the parameter's shape with one dimension dropped (Adafactor's factored
+    moments: v_row drops the largest dimension, v_col the second largest), it
+    takes the parameter's spec with that dimension dropped; any other leaf
+    (step counts, the (1,) placeholders of unfactored moments) is replicated.
+
+    Args:
+      opt_state: the state, or its `jax.eval_shape`.
+      params: the parameters, or their `jax.eval_shape`.
+      logical_axes: the parameters' logical PartitionSpecs.
+    """
+    treedef = jax.tree.structure(params)
+    specs = jax.tree.leaves(self.mesh_axes(logical_axes), is_leaf=lambda x: isinstance(x, P))
+    shapes = [tuple(p.shape) for p in jax.tree.leaves(params)]
+    like_params = lambda x: jax.tree.structure(x) == treedef
+    parts, outer = jax.tree.flatten(opt_state, is_leaf=like_params)
+    out = []
+    for part in parts:
+      if like_params(part):
+        leaves = [NamedSharding(self.mesh, _state_spec(tuple(s.shape), shape, spec))
+                  for s, shape, spec in zip(jax.tree.leaves(part), shapes, specs)]
+        out.append(jax.tree.unflatten(treedef, leaves))
+      else:
+        out.append(self.replicated)
+    return jax.tree.unflatten(outer, out)
+
+  # ------------------------------------------------------------------ checks
+
+  def check_divisible(self, logical_axes: Any, shapes: Any) -> None:
+    """Raises PartitioningError naming the first parameter whose split dimension
+    does not divide by its mesh axes' size, with the model-parallel sizes that work."""
+    sizes = dict(zip(MESH_AXES, self.mesh_shape))
+    problem = _first_indivisible(self.mesh_axes(logical_axes), shapes, sizes)
+    if problem is None:
+      return
+    name, dim, axes, size, parts = problem
+    n = self.num_devices
+    working = [m for m in range(1, n + 1) if n % m == 0 and _first_indivisible(
+        self.mesh_axes(logical_axes), shapes, {'data': n // m, 'model': m}) is None]
+    raise PartitioningError(
+        f'parameter {name}: dimension {dim} of size {size} cannot be split over mesh axis '
+        f'{"x".join(axes)} of size {parts} (mesh data {sizes["data"]} x model '
+        f'{sizes["model"]}); model-parallel sizes that work with {n} devices: '
+        f'{", ".join(map(str, working)) or "none"}')
+
+
+def _state_spec(state_shape: tuple, param_shape: tuple, param_spec: P) -> P:
+  """The mesh spec of one optimizer-state leaf of a parameter (see optimizer_state_shardings)."""
+  spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
+  if state_shape == param_shape:
+    return P(*spec)
+  if len(state_shape) == len(param_shape) - 1:
+    candidates = {spec[:i] + spec[i + 1:] for i in range(len(param_shape))
+                  if param_shape[:i] + param_shape[i + 1:] == state_shape}
+    if len(candidates) == 1:  # equal neighbouring sizes may make the dropped dim ambiguous
+      return P(*candidates.pop())
+  return P()
+
+
+def _first_indivisible(mesh_specs: Any, shapes: Any, sizes: dict):
+  """(parameter path, dim, mesh axes, size, parts) of the first split that does not divide."""
+  flat_specs = jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, P))
+  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  for (path, leaf), spec in zip(flat_shapes, flat_specs):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else tuple(axes)
+      parts = math.prod(sizes[a] for a in axes)
+      if size % parts:
+        name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        return name, dim, axes, size, parts
+  return None
+
+
+# Thin helpers for code that holds a bare Mesh (interop's checkpoint readers).
+
+def param_shardings(logical_axes: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a pytree of logical-axis PartitionSpecs on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_axes, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) dimension split over 'data', the rest replicated."""
-  return NamedSharding(mesh, P('data', *([None] * (ndim - 1))))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def onto_mesh(tree: Any, mesh: Mesh) -> Any:
-  """Leaves already laid out on `mesh` stay; any other leaf (e.g. a step counter
-  XLA committed to one device) is replicated over the mesh."""
-  def put(x):
-    s = getattr(x, 'sharding', None)
-    if isinstance(s, NamedSharding) and s.mesh == mesh:
-      return x
-    return jax.device_put(x, replicated(mesh))
-  return jax.tree.map(put, tree)
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-  """Places this process's slice of a global batch onto the mesh.
-
-  Each process passes the rows it loaded (its contiguous slice of the global
-  batch); the result is a global jax.Array split over 'data'.
-  """
-  def put(x):
-    x = np.asarray(x)
-    sharding = batch_sharding(mesh, x.ndim)
-    if jax.process_count() == 1:
-      return jax.device_put(x, sharding)
-    global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sharding, x, global_shape)
-  return jax.tree.map(put, batch)
+def local_data_parallel(devices: Optional[Sequence[jax.Device]] = None) -> Partitioner:
+  """A data-parallel partitioner over `devices` (default: this process's devices):
+  what export, retrieval and reranking use unless given one."""
+  return Partitioner(devices=tuple(devices or jax.local_devices()))

@@ -20,37 +20,43 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from t5dual import cli, encoding, rerankers
+from t5dual import cli, encoding, partitioning, rerankers
 from t5dual.data.sources import Run
 
 log = logging.getLogger(__name__)
 
 
 def make_score_fn(model: 'rerankers.RerankerModel', params,
-                  devices: Optional[Sequence[jax.Device]] = None) -> encoding.BatchFn:
-  """numpy ids [B, L] -> numpy float32 scores [B], split over `devices` (default: local)."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  devices = list(devices or jax.local_devices())
-  mesh = Mesh(np.asarray(devices), ('batch',))
-  split = NamedSharding(mesh, P('batch'))
-  params = jax.device_put(params, NamedSharding(mesh, P()))
-  fn = _jitted_score(model, split)
+                  devices: Optional[Sequence[jax.Device]] = None,
+                  partitioner: Optional[partitioning.Partitioner] = None) -> encoding.BatchFn:
+  """numpy ids [B, L] -> numpy float32 scores [B]; parameters placed by their logical
+  axes, the batch split over the 'data' axis of `partitioner` (default:
+  data-parallel over `devices`, or this process's local devices)."""
+  partitioner = partitioner or partitioning.local_data_parallel(devices)
+  fn, param_sh = _jitted_score(model, partitioner)
+  params = jax.device_put(params, param_sh)
+  split = partitioner.batch_sharding(2)
 
   def score(ids: np.ndarray) -> np.ndarray:
     return np.asarray(fn(params, jax.device_put(np.asarray(ids, np.int32), split)), np.float32)
 
-  score.batch_multiple = len(devices)
+  score.batch_multiple = partitioner.data_parallel
   return score
 
 
 _SCORERS: dict = {}
 
 
-def _jitted_score(model, out_sharding):
-  """One jitted scorer per (config, sharding): repeated reranks reuse the compilations."""
-  key = (model.config, out_sharding)
+def _jitted_score(model, partitioner: partitioning.Partitioner):
+  """(jitted scorer, parameter shardings) per (config, partitioner): repeated reranks
+  reuse the compilations."""
+  key = (model.config, partitioner)
   if key not in _SCORERS:
-    _SCORERS[key] = jax.jit(model.score, out_shardings=out_sharding)
+    param_sh = partitioner.param_shardings(
+        model.logical_axes(), jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
+    _SCORERS[key] = (partitioner.partition(
+        model.score, in_shardings=(param_sh, partitioner.batch_sharding(2)),
+        out_shardings=partitioner.batch_sharding(1)), param_sh)
   return _SCORERS[key]
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5dual import cli
+from t5dual import cli, partitioning
 from t5dual.data import sources
 from t5dual.data.sources import Run
 from t5dual.encoding import round_up
@@ -59,17 +59,18 @@ def _merge_chunk(best_scores, best_index, queries, chunk, offset, valid, *, k: i
 
 
 def exact_search(queries: np.ndarray, corpus: Corpus, k: int, chunk_size: int = 32768,
-                 query_block: int = 4096, devices: Optional[Sequence[jax.Device]] = None
+                 query_block: int = 4096, devices: Optional[Sequence[jax.Device]] = None,
+                 partitioner: Optional[partitioning.Partitioner] = None
                  ) -> tuple[np.ndarray, np.ndarray]:
   """(scores float32 [Q, k'], corpus row indices int64 [Q, k']) with k' = min(k, corpus size).
 
   Rows are sorted by descending score; equal scores keep the lower row first
   (XLA's top_k on CPU; accelerators may order exact ties differently).
   Each corpus chunk is read from disk once; `query_block` queries (split over
-  the devices) are scored against it at a time, so device memory holds about
-  query_block x chunk_size float32 scores.
+  the 'data' axis of `partitioner`; default: data-parallel over `devices` or
+  this process's local devices) are scored against it at a time, so device
+  memory holds about query_block x chunk_size float32 scores.
   """
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   queries = np.asarray(queries)
   n = as_embeddings(corpus).count
   if queries.ndim != 2:
@@ -82,10 +83,9 @@ def exact_search(queries: np.ndarray, corpus: Corpus, k: int, chunk_size: int = 
   if k < 1:
     raise cli.ConfigError(f'k must be positive, got {k}')
   chunk_size = min(chunk_size, n)
-  devices = list(devices or jax.local_devices())
-  mesh = Mesh(np.asarray(devices), ('queries',))
-  split, replicated = NamedSharding(mesh, P('queries')), NamedSharding(mesh, P())
-  block = round_up(min(query_block, len(queries)), len(devices))
+  partitioner = partitioner or partitioning.local_data_parallel(devices)
+  split, replicated = partitioner.batch_sharding(2), partitioner.replicated
+  block = round_up(min(query_block, len(queries)), partitioner.data_parallel)
   padded = np.zeros((round_up(len(queries), block), queries.shape[1]), np.float32)
   padded[:len(queries)] = queries
   blocks = [jax.device_put(padded[i:i + block], split) for i in range(0, len(padded), block)]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from t5dual import checkpoints, cli, model_api, optim, trainer
+from t5dual import checkpoints, cli, model_api, optim, partitioning, trainer
 from t5dual.data import pipeline, sources
 from t5dual.trainer import ParameterError, check_positive_int
 from t5dual.vocab import Tokenizer
@@ -40,6 +40,7 @@ def run(model_dir: str,
         trainer_config: trainer.TrainerConfig = trainer.TrainerConfig(),
         optimizer_fn: Callable[..., Any] = optim.adafactor,
         run_config: Optional[Callable[[], str]] = None,
+        partitioner: Optional[partitioning.Partitioner] = None,
         prepare_model: Optional[Callable[[model_api.Model, str], model_api.Model]] = None,
         check_only: bool = False) -> Any:
   """Trains `model` on a data source and writes everything to `model_dir`.
@@ -66,6 +67,8 @@ def run(model_dir: str,
     optimizer_fn: called with the schedule as learning_rate.
     run_config: returns this start's configuration text, kept in model_dir
       (config.gin, then timestamped copies) once the run has started.
+    partitioner: the mesh and logical-axis rules (default: data-parallel over
+      all devices).
     prepare_model: called with the model and mixture_or_task_name once
       model_dir is locked, before the data is read; returns the model to train
       (a multistage chain gives a distillation stage its teacher scores so).
@@ -77,8 +80,9 @@ def run(model_dir: str,
       unusable; the message names the parameter, file or line.
   """
   lengths = dict(task_feature_lengths or pipeline.DEFAULT_FEATURE_LENGTHS)
+  partitioner = partitioner or partitioning.Partitioner()
   _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
-                  num_negatives, trainer_config)
+                  num_negatives, partitioner)
   if check_only:
     return model
   config = dataclasses.replace(trainer_config, total_steps=train_steps)
@@ -103,11 +107,11 @@ def run(model_dir: str,
     log.info('training %s on %s: %d steps of %d examples on %d devices, in %s', model.name,
              mixture_or_task_name, train_steps, batch_size, jax.device_count(), model_dir)
     return trainer.train(model, batcher, optimizer_fn(learning_rate=schedule), model_dir,
-                         config, schedule, description, initial, run_config)
+                         config, schedule, description, initial, run_config, partitioner)
 
 
 def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
-                    num_negatives, trainer_config) -> None:
+                    num_negatives, partitioner) -> None:
   """ParameterErrors for settings that cannot work, before anything runs."""
   if set(lengths) != set(model.feature_names):
     raise ParameterError(run, 'task_feature_lengths',
@@ -127,15 +131,15 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
       raise ParameterError(run, 'task_feature_lengths',
                            f'{feature!r} must be an integer >= 2 (room for one token and '
                            f'EOS), got {length!r}')
-  devices, model_parallel = jax.device_count(), trainer_config.model_parallel
-  if devices % model_parallel:
-    raise ParameterError(trainer.TrainerConfig, 'model_parallel',
-                         f'{model_parallel} does not divide the {devices} devices')
-  data_parallel = devices // model_parallel
+  data_parallel, model_parallel = partitioner.mesh_shape  # checks the mesh shape
   if batch_size % data_parallel:
     raise ParameterError(run, 'batch_size',
                          f'{batch_size} is not divisible by the data-parallel size '
-                         f'{data_parallel} ({devices} devices / model_parallel {model_parallel})')
+                         f'{data_parallel} ({partitioner.num_devices} devices / model_parallel '
+                         f'{model_parallel})')
+  # Before anything is allocated or written: every split parameter dimension divides.
+  partitioner.check_divisible(model.logical_axes(),
+                              jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
   if batch_size % jax.process_count():
     raise ParameterError(run, 'batch_size', f'{batch_size} is not divisible by the '
                          f'{jax.process_count()} processes')

@@ -1,8 +1,11 @@
 """The training loop, shared by every model that implements `model_api.Model`
 (dual encoders now, rerankers later).
 
-One `jax.jit`-compiled step over a ('data', 'model') mesh: parameters are placed
-by their logical axis names, the batch is split over 'data'. Checkpoints are
+One `jax.jit`-compiled step over the partitioner's ('data', 'model') mesh
+(`build_train_step`): parameters and optimizer state are placed by their
+logical axis names, the batch is split over 'data'. The train state is laid
+out from abstract shapes first, then created (or restored) straight into its
+shardings. Checkpoints are
 saved with orbax every `save_every` steps and at the last step, and the run
 resumes from the latest one; since batches are a pure function of the step
 (data/pipeline.py), a resumed run continues with exactly the same data.
@@ -15,6 +18,7 @@ not finite (see `guarded_train_step`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -56,13 +60,11 @@ class TrainerConfig:
   save_every: int = 1000
   keep_checkpoints: int = 3
   seed: int = 0
-  model_parallel: int = 1
   progress_bar: bool = True
   tensorboard: bool = True
 
   def __post_init__(self):
-    for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints',
-                 'model_parallel'):
+    for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints'):
       check_positive_int(TrainerConfig, name, getattr(self, name))
 
 
@@ -119,6 +121,95 @@ def guarded_train_step(model, optimizer, seed, params, opt_state, bad_step, batc
   opt_state = jax.tree.map(keep, new_opt_state, opt_state)
   bad_step = jnp.where(ok | (bad_step > 0), bad_step, step + 1).astype(jnp.int32)
   return params, opt_state, bad_step, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """The train state's abstract shapes and shardings, known before anything is allocated.
+
+  Attributes:
+    params, opt_state: pytrees of jax.ShapeDtypeStruct carrying their sharding
+      (what checkpoints.restore reads into).
+    param_shardings, opt_shardings: the NamedShardings alone.
+  """
+  params: Any
+  opt_state: Any
+  param_shardings: Any
+  opt_shardings: Any
+
+
+def state_layout(model: model_api.Model, optimizer: optax.GradientTransformation,
+                 partitioner: partitioning.Partitioner) -> StateLayout:
+  """Shardings of params (from their logical axes) and of the optimizer state (derived
+  from them, see Partitioner.optimizer_state_shardings), from `jax.eval_shape` only.
+
+  Raises:
+    partitioning.PartitioningError: a parameter does not split over the mesh.
+  """
+  logical = model.logical_axes()
+  params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+  param_sh = partitioner.param_shardings(logical, params)
+  opt_state = jax.eval_shape(optimizer.init, params)
+  opt_sh = partitioner.optimizer_state_shardings(opt_state, params, logical)
+  placed = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  return StateLayout(jax.tree.map(placed, params, param_sh),
+                     jax.tree.map(placed, opt_state, opt_sh), param_sh, opt_sh)
+
+
+def init_train_state(model: model_api.Model, optimizer: optax.GradientTransformation,
+                     partitioner: partitioning.Partitioner, layout: StateLayout, seed: int,
+                     initial_params: Optional[Any] = None) -> tuple[Any, Any]:
+  """(params, opt_state) created on device already in `layout`'s shardings.
+
+  A random init runs as one jitted function whose outputs are sharded, so no
+  device ever holds more than its shard; `initial_params` (host or device
+  arrays) are placed onto their shardings and the optimizer state is built
+  from them the same way.
+  """
+  if initial_params is None:
+    def init(rng):
+      params = model.init_params(rng)
+      return params, optimizer.init(params)
+    return partitioner.partition(init, out_shardings=(layout.param_shardings,
+                                                      layout.opt_shardings))(
+        jax.random.PRNGKey(seed))
+  params = jax.device_put(initial_params, layout.param_shardings)
+  opt_state = partitioner.partition(optimizer.init, in_shardings=(layout.param_shardings,),
+                                    out_shardings=layout.opt_shardings)(params)
+  return params, opt_state
+
+
+def build_train_step(model: model_api.Model, optimizer: optax.GradientTransformation,
+                     partitioner: partitioning.Partitioner, batch_spec: Any, seed: int = 0,
+                     layout: Optional[StateLayout] = None) -> tuple[Callable, StateLayout]:
+  """The jitted `guarded_train_step` with explicit in/out shardings and donation.
+
+  Args:
+    batch_spec: the global batch, a pytree of arrays or jax.ShapeDtypeStructs
+      (leading dimension: the global batch size, split over 'data').
+    seed: dropout seed.
+    layout: the state layout, computed here when not given.
+  Returns:
+    (step, layout): step(params, opt_state, bad_step, batch, step_index) ->
+    (params, opt_state, bad_step, metrics); params and opt_state are donated.
+  Raises:
+    partitioning.PartitioningError: a parameter or the batch does not split
+      over the mesh.
+  """
+  layout = layout or state_layout(model, optimizer, partitioner)
+  for leaf in jax.tree.leaves(batch_spec):
+    if leaf.shape[0] % partitioner.data_parallel:
+      raise partitioning.PartitioningError(
+          f'global batch size {leaf.shape[0]} is not divisible by the data-parallel size '
+          f'{partitioner.data_parallel}')
+  batch_sh = partitioner.batch_shardings(batch_spec)
+  repl = partitioner.replicated
+  step = partitioner.partition(
+      functools.partial(guarded_train_step, model, optimizer, seed),
+      in_shardings=(layout.param_shardings, layout.opt_shardings, repl, batch_sh, repl),
+      out_shardings=(layout.param_shardings, layout.opt_shardings, repl, repl),
+      donate_argnums=(0, 1))
+  return step, layout
 
 
 class _MetricsWriter:
@@ -183,7 +274,8 @@ def train(model: model_api.Model, batcher: model_api.Batcher,
           schedule: Optional[optax.Schedule] = None,
           model_description: Optional[dict] = None,
           initial_params: Optional[Any] = None,
-          run_config: Optional[Callable[[], str]] = None) -> dict:
+          run_config: Optional[Callable[[], str]] = None,
+          partitioner: Optional[partitioning.Partitioner] = None) -> dict:
   """Trains `model` on `batcher.batch(step)` until `config.total_steps`.
 
   Args:
@@ -198,52 +290,45 @@ def train(model: model_api.Model, batcher: model_api.Batcher,
       the model directory already has a checkpoint to resume from).
     run_config: returns the text of this start's configuration, kept as
       config.gin (see checkpoints.keep_run_config) once the run has started.
+    partitioner: the mesh and the logical-axis rules (default: data-parallel
+      over all devices).
   Returns:
     The last logged metrics, with 'step'.
   Raises:
     checkpoints.ModelDirBusyError: another process is writing model_dir.
     checkpoints.DamagedCheckpointError: the checkpoint to resume from is unreadable.
+    partitioning.PartitioningError: a parameter does not split over the mesh
+      (raised before anything is allocated or written).
     NonFiniteLossError: a step failed the finiteness check (nothing of it saved).
   """
   with checkpoints.exclusive_writer(model_dir):
     return _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
-                  initial_params, run_config)
+                  initial_params, run_config, partitioner or partitioning.Partitioner())
 
 
 def _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
-           initial_params, run_config) -> dict:
+           initial_params, run_config, partitioner) -> dict:
   primary = jax.process_index() == 0
+  layout = state_layout(model, optimizer, partitioner)  # checks divisibility first
   if model_description is not None and primary:
     checkpoints.write_model_json(model_dir, model_description)
-  mesh = partitioning.make_mesh(config.model_parallel)
-  param_sh = partitioning.param_shardings(model.logical_axes(), mesh)
-  repl = partitioning.replicated(mesh)
+  repl = partitioner.replicated
 
   manager = checkpoints.checkpoint_manager(model_dir, config.save_every,
                                            config.keep_checkpoints)
   writer, bar = None, None
   try:
     start = manager.latest_step() or 0
-    with jax.set_mesh(mesh):
-      if initial_params is not None and not start:
-        params = jax.device_put(initial_params, param_sh)
-      else:
-        params = jax.jit(model.init_params, out_shardings=param_sh)(
-            jax.random.PRNGKey(config.seed))
-      opt_state = partitioning.onto_mesh(jax.jit(optimizer.init)(params), mesh)
-      opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    with jax.set_mesh(partitioner.mesh):
       if start:
         log.info('resuming from %s at step %d', model_dir, start)
-        as_abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        restored = checkpoints.restore(manager, start, jax.tree.map(as_abstract, params),
-                                       jax.tree.map(as_abstract, opt_state))
+        restored = checkpoints.restore(manager, start, layout.params, layout.opt_state)
         params, opt_state = restored['params'], restored['opt_state']
+      else:
+        params, opt_state = init_train_state(model, optimizer, partitioner, layout,
+                                             config.seed, initial_params)
       bad_step = jax.device_put(jnp.int32(0), repl)
-
-      step_fn = jax.jit(
-          lambda p, o, f, b, s: guarded_train_step(model, optimizer, config.seed, p, o, f, b,
-                                                   s),
-          out_shardings=(param_sh, opt_sh, repl, repl), donate_argnums=(0, 1))
+      step_fn = None
 
       writer = _MetricsWriter(model_dir, config.tensorboard)
       writer.drop_after(start)
@@ -258,7 +343,10 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
       for step in range(start, config.total_steps):
         local = batcher.batch(step, jax.process_index(), jax.process_count())
         examples += len(next(iter(local.values()))) * jax.process_count()
-        batch = partitioning.shard_batch(local, mesh)
+        batch = partitioner.shard_batch(local)
+        if step_fn is None:
+          step_fn, _ = build_train_step(model, optimizer, partitioner, batch, config.seed,
+                                        layout)
         params, opt_state, bad_step, metrics = step_fn(params, opt_state, bad_step, batch,
                                                        jnp.int32(step))
         pending.append(metrics)

@@ -64,7 +64,7 @@ def test_t5x_checkpoint_loads_whole_into_a_yes_no_reranker(tmp_path):
   cfg, model = tiny_hf('t5.1.1', seed=1)
   tree = t5dual_params(model)
   t5x.write_checkpoint(str(tmp_path / 'checkpoint_7'), tree, step=7)
-  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+  mesh = partitioning.Partitioner(devices=jax.devices()[:1]).mesh
   # T5X checkpoints do not record max_distance; the tiny model's is 20.
   params, config, report = interop.load_reranker(
       str(tmp_path), scorer='yes_no', dtype='float32', relative_attention_max_distance=20,

@@ -274,7 +274,7 @@ SHARDED_SCRIPT = textwrap.dedent('''
   root = sys.argv[1]
   t5x.write_checkpoint(root + '/msgpack', params, tensorstore_min_bytes=1)
   ocp.PyTreeCheckpointer().save(root + '/orbax/state', {'target': params})
-  mesh = partitioning.make_mesh(model_parallel=2)
+  mesh = partitioning.Partitioner(num_partitions=2).mesh
   shardings = partitioning.param_shardings(model.logical_axes(), mesh)
   reads = []
   original = lazy_arrays.read_slice

@@ -19,7 +19,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from t5dual import checkpoints, cli, gin_utils, model_api, models, t5, train_lib, trainer, vocab
+from t5dual import (checkpoints, cli, gin_utils, model_api, models, partitioning, t5, train_lib,
+                    trainer, vocab)
 from t5dual.data import demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,16 +131,16 @@ def test_batch_size_must_split_over_the_data_parallel_devices(tmp_path, monkeypa
                      r'size 4 \(4 devices / model_parallel 1\)'):
     train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model', batch_size=6,
                   task_feature_lengths=LENGTHS)
-  with pytest.raises(trainer.ParameterError, match='model_parallel: 3 does not divide'):
+  with pytest.raises(cli.ConfigError, match='Partitioner.num_partitions: 3 does not divide'):
     train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model', batch_size=6,
                   task_feature_lengths=LENGTHS,
-                  trainer_config=trainer.TrainerConfig(model_parallel=3))
+                  partitioner=partitioning.Partitioner(num_partitions=3))
   assert not (tmp_path / 'a').exists()
   # 2 data-parallel groups of 2 devices: the settings pass, the vocabulary is next.
   with pytest.raises(FileNotFoundError, match='/no/spm.model'):
     train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model', batch_size=6,
                   task_feature_lengths=LENGTHS,
-                  trainer_config=trainer.TrainerConfig(model_parallel=2))
+                  partitioner=partitioning.Partitioner(num_partitions=2))
 
 
 # --------------------------------------------------------------------------- one writer

@@ -11,7 +11,7 @@ import jax
 
 
 def run(data_dir: str, model_dir: str, model_parallel: int) -> list:
-  from t5dual import models, optim, t5, trainer, vocab
+  from t5dual import models, optim, partitioning, t5, trainer, vocab
   from t5dual.data import pipeline, sources
   batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data_dir}:train'),
                                  vocab.Tokenizer(os.path.join(data_dir, 'spm.model')), 16,
@@ -23,8 +23,8 @@ def run(data_dir: str, model_dir: str, model_parallel: int) -> list:
   sched = optim.learning_rate_schedule(1e-2, 4)
   trainer.train(model, batcher, optim.adafactor(sched), model_dir,
                 trainer.TrainerConfig(total_steps=4, log_every=1, save_every=2,
-                                      model_parallel=model_parallel, progress_bar=False,
-                                      tensorboard=False), sched)
+                                      progress_bar=False, tensorboard=False), sched,
+                partitioner=partitioning.Partitioner(num_partitions=model_parallel))
   with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
     return [json.loads(line)['loss'] for line in f]
 

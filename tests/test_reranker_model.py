@@ -1,0 +1,133 @@
+"""A RankT5 reranker trained through the one trainer, reloaded by its kind, and used by
+scripts/rerank.py: training must improve the ranking, and the reranked run must hold
+exactly the model's scores."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from t5dual import checkpoints, evaluation, ranking_losses, reranking, rerankers, retrieval, t5
+from t5dual import train_lib, trainer
+from t5dual.data import demo, sources
+from t5dual.vocab import Tokenizer, train_sentencepiece
+import tolerances  # tests/helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENGTH = 40
+CANDIDATES = 20
+
+
+def _random_run(folder, split, seed):
+  """Each judged query's relevant documents among random others, with random scores:
+  a first stage that knows nothing, so any gain is the reranker's."""
+  rng = np.random.default_rng(seed)
+  doc_ids, _ = sources.read_beir_corpus(folder)
+  run = {}
+  for qid, judged in sources.read_qrels(folder, split).items():
+    docs = set(judged) | set(rng.choice(doc_ids, CANDIDATES, replace=False).tolist())
+    run[qid] = {d: float(rng.random()) for d in docs}
+  return run
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  work = tmp_path_factory.mktemp('reranker')
+  folder = str(work / 'data')
+  demo.write_demo_beir(folder, num_docs=300, num_concepts=30)
+  vocab = train_sentencepiece(demo.demo_texts(folder), str(work / 'spm'), vocab_size=400)
+  train_run = str(work / 'train.trec')
+  retrieval.write_trec_run(train_run, _random_run(folder, 'train', 0))
+  test_run = str(work / 'test.trec')
+  retrieval.write_trec_run(test_run, _random_run(folder, 'test', 1))
+  config = rerankers.RerankerConfig(
+      t5=t5.t5_config('tiny', vocab_size=400, dtype='float32', num_layers=2),
+      scorer='encdec', scoring_token_id=100, input_length=LENGTH)
+  model = rerankers.RerankerModel(config, ranking_losses.softmax_loss,
+                                  rerankers.ListsConfig(first_stage_run=train_run, list_size=8))
+  model_dir = str(work / 'model')
+  train_lib.run(model_dir, model, f'beir:{folder}:train', vocab, batch_size=8,
+                task_feature_lengths={'inputs': LENGTH}, train_steps=120, learning_rate=1e-2,
+                trainer_config=trainer.TrainerConfig(log_every=60, save_every=120,
+                                                     progress_bar=False, tensorboard=False))
+  return dict(folder=folder, vocab=vocab, model=model, model_dir=model_dir,
+              test_run=test_run, work=work)
+
+
+def test_training_improves_reranking_over_the_initial_model(trained):
+  folder, model = trained['folder'], trained['model']
+  qrels = evaluation.load_qrels(folder, 'test')
+  queries = sources.read_beir_queries(folder)
+  docs = dict(zip(*sources.read_beir_corpus(folder)))
+  first = retrieval.read_trec_run(trained['test_run'])
+  tok = Tokenizer(trained['vocab'])
+
+  def ndcg(params):
+    run = reranking.rerank(reranking.make_score_fn(model, params), tok, queries, docs, first,
+                           CANDIDATES + 5, LENGTH, model.config.template, progress=False)
+    return evaluation.evaluate(run, qrels, ['nDCG@10'])['nDCG@10']
+
+  initial = ndcg(model.init_params(jax.random.PRNGKey(0)))
+  restored, params, step, _, lengths = checkpoints.restore_for_inference(trained['model_dir'])
+  assert step == 120 and lengths == {'inputs': LENGTH}
+  after = ndcg(params)
+  random_order = evaluation.evaluate(first, qrels, ['nDCG@10'])['nDCG@10']
+  assert after > max(initial, random_order) + 0.1, (initial, random_order, after)
+
+
+def test_reloads_by_kind(trained):
+  model, _, _, _, _ = checkpoints.restore_for_inference(trained['model_dir'])
+  assert isinstance(model, rerankers.RerankerModel)
+  assert model.config == trained['model'].config
+  assert model.loss is ranking_losses.softmax_loss
+  assert model.lists == trained['model'].lists
+
+
+def test_rerank_cli_writes_the_models_own_scores(trained):
+  out = str(trained['work'] / 'reranked.trec')
+  proc = subprocess.run(
+      [sys.executable, 'scripts/rerank.py', f'--model_dir={trained["model_dir"]}',
+       f'--beir={trained["folder"]}', '--split=test', f'--run={trained["test_run"]}',
+       '--top_k=10', f'--out={out}', '--batch_size=16', '--no_progress'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'reranked top-10' in proc.stdout
+  reranked = retrieval.read_trec_run(out)
+  first = retrieval.read_trec_run(trained['test_run'])
+  pairs = reranking.top_k_pairs(first, 10)
+  assert sorted((q, d) for q, docs in reranked.items() for d in docs) == sorted(pairs)
+  # The same pairs scored directly, one fixed-shape batch, no length buckets.
+  model, params, _, tok, _ = checkpoints.restore_for_inference(trained['model_dir'])
+  queries = sources.read_beir_queries(trained['folder'])
+  docs = dict(zip(*sources.read_beir_corpus(trained['folder'])))
+  ids = rerankers.encode_pairs(tok, [queries[q] for q, _ in pairs], [docs[d] for _, d in pairs],
+                               model.config.template, LENGTH)
+  direct = np.asarray(jax.jit(model.score)(params, ids))
+  got = np.array([reranked[q][d] for q, d in pairs])
+  # Two float32 programs (bucketed widths vs full width): 2 encoder and 2 decoder layers
+  # (4 + 6 stages) and the head, reductions up to the MLP width 128.
+  tolerances.assert_close(got, direct, magnitude=float(np.abs(direct).max()), depth=11,
+                          width=128, both_sides=True)
+
+
+def test_rerank_cli_errors_are_one_line(trained, tmp_path):
+  bad_run = tmp_path / 'bad.trec'
+  bad_run.write_text('q1 Q0 d1 1 0.5 t\nq1 Q0 d2 2\n')
+  cases = [
+      ([f'--model_dir={tmp_path / "nothing"}', f'--run={trained["test_run"]}'],
+       'is not a t5dual model directory'),
+      ([f'--model_dir={trained["model_dir"]}', f'--run={bad_run}'], f'{bad_run}:2:'),
+  ]
+  for args, expected in cases:
+    proc = subprocess.run(
+        [sys.executable, 'scripts/rerank.py', f'--beir={trained["folder"]}',
+         f'--out={tmp_path / "out.trec"}', *args], cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
+    assert expected in lines[0], lines[0]
+  assert not (tmp_path / 'out.trec').exists()

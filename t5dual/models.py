@@ -226,9 +226,7 @@ class DualEncoderModel:
   @classmethod
   def from_description(cls, desc: dict) -> 'DualEncoderModel':
     cfg = dict(desc['config'])
-    t5_fields = dict(cfg.pop('t5'))
-    t5_fields['mlp_activations'] = tuple(t5_fields['mlp_activations'])
-    config = DualEncoderConfig(t5=t5.T5Config(**t5_fields), **cfg)
+    config = DualEncoderConfig(t5=t5.T5Config.from_dict(cfg.pop('t5')), **cfg)
     return cls(config, LossConfig(**desc.get('loss', {})))
 
   def make_batcher(self, source: str, tokenizer: Any, batch_size: int, feature_lengths: dict,

@@ -360,9 +360,7 @@ class RerankerModel:
   @classmethod
   def from_description(cls, desc: dict) -> 'RerankerModel':
     cfg = dict(desc['config'])
-    t5_fields = dict(cfg.pop('t5'))
-    t5_fields['mlp_activations'] = tuple(t5_fields['mlp_activations'])
-    config = RerankerConfig(t5=t5.T5Config(**t5_fields), **cfg)
+    config = RerankerConfig(t5=t5.T5Config.from_dict(cfg.pop('t5')), **cfg)
     loss = getattr(ranking_losses, desc.get('loss', ''), ranking_losses.softmax_loss)
     return cls(config, loss, ListsConfig(**desc.get('lists', {})))
 

@@ -105,6 +105,13 @@ class T5Config:
     """Number of decoder layers."""
     return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
+  @classmethod
+  def from_dict(cls, fields: dict) -> 'T5Config':
+    """The config `dataclasses.asdict` wrote to JSON (lists back to tuples)."""
+    fields = dict(fields)
+    fields['mlp_activations'] = tuple(fields['mlp_activations'])
+    return cls(**fields)
+
 
 # Names of intermediate values (`checkpoint_name` tags in the layers) that the
 # named remat policies below may keep.

@@ -7,7 +7,7 @@ appends it to BENCHMARKS.md.
       [--grid priority | --grid encdec/softmax/8,enc/softmax/8@de,encdec/softmax/8+kl]
       [--sample 400 --steps 300 --batch 16 --size cpu_small --input_length 160]
 
-A grid row is SCORER/LOSS/LIST[@de][+kl]:
+A grid row is SCORER/LOSS/LIST[@de][+kl][~NEG]:
   SCORER  encdec (RankT5-EncDec), enc (RankT5-Enc), yes_no (monoT5-style)
   LOSS    pointwise, pairwise, softmax, poly1 (t5dual.ranking_losses)
   LIST    candidates per training list (1 positive + BM25 negatives of ranks 1..100)
@@ -16,6 +16,10 @@ A grid row is SCORER/LOSS/LIST[@de][+kl]:
   +kl     a second stage: from the row's final checkpoint, KL distillation
           (ranking_losses.kl_distillation_loss) from the dual encoder's scores on
           its own top-100 of the training queries, for --stage2_steps steps.
+  ~NEG    where the training negatives come from: ~bm25 (the default) BM25's
+          top-100 of the training queries, ~de the dual encoder's, ~mix both
+          interleaved rank by rank (the reranker then sees the hard negatives of
+          both first stages it will rerank).
 
 Everything is cached in --workdir, so a re-run (or a larger grid) reuses it: the BM25
 runs (t5dual.bm25), the dual encoder (trained with scripts/train.py and
@@ -56,7 +60,9 @@ PRIORITY = ('encdec/softmax/8,encdec/pointwise/8,encdec/pairwise/8,encdec/poly1/
             'encdec/softmax/2,encdec/softmax/32,enc/softmax/8,yes_no/softmax/8,'
             'encdec/softmax/8+kl')
 MEASURES = ('nDCG@10', 'RR@10', 'R@100')
-SPEC = re.compile(r'^(?P<scorer>\w+)/(?P<loss>\w+)/(?P<list>\d+)(?P<init>@de)?(?P<kl>\+kl)?$')
+SPEC = re.compile(r'^(?P<scorer>\w+)/(?P<loss>\w+)/(?P<list>\d+)(?P<init>@de)?(?P<kl>\+kl)?'
+                  r'(?:~(?P<neg>bm25|de|mix))?$')
+NEGATIVES = {'bm25': 'BM25', 'de': 'SDE', 'mix': 'BM25 + SDE'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,24 +74,27 @@ class Row:
   list_size: int
   from_de: bool = False
   second_stage: bool = False
+  negatives: str = 'bm25'   # one of NEGATIVES
 
   @classmethod
   def parse(cls, spec: str) -> 'Row':
     m = SPEC.match(spec.strip())
     if not m:
-      raise SystemExit(f'--grid: {spec!r} is not SCORER/LOSS/LIST[@de][+kl]')
+      raise SystemExit(f'--grid: {spec!r} is not SCORER/LOSS/LIST[@de][+kl][~bm25|~de|~mix]')
     if m['scorer'] not in SCORER_GIN:
       raise SystemExit(f'--grid: {spec!r}: scorer must be one of {sorted(SCORER_GIN)}')
     if m['loss'] not in LOSSES:
       raise SystemExit(f'--grid: {spec!r}: loss must be one of {sorted(LOSSES)}')
     if not 2 <= int(m['list']) <= 100:
       raise SystemExit(f'--grid: {spec!r}: list size must be in [2, 100]')
-    return cls(m['scorer'], m['loss'], int(m['list']), bool(m['init']), bool(m['kl']))
+    return cls(m['scorer'], m['loss'], int(m['list']), bool(m['init']), bool(m['kl']),
+               m['neg'] or 'bm25')
 
   @property
   def spec(self) -> str:
     return (f'{self.scorer}/{self.loss}/{self.list_size}' + ('@de' if self.from_de else '')
-            + ('+kl' if self.second_stage else ''))
+            + ('+kl' if self.second_stage else '')
+            + ('' if self.negatives == 'bm25' else f'~{self.negatives}'))
 
   @property
   def stage1(self) -> 'Row':
@@ -188,6 +197,30 @@ def teacher_run(args, de: dict) -> str:
   return path
 
 
+def negatives_run(args, negatives: str, de: dict) -> str:
+  """The training-split run the reranker's negatives are sampled from (see ~NEG)."""
+  if negatives == 'bm25':
+    return bm25_run(args, 'train')
+  if negatives == 'de':
+    return de_run(args, de, 'train')
+  path = os.path.join(args.workdir, 'mix_train.trec')
+  if not os.path.exists(path):
+    runs = [retrieval.read_trec_run(bm25_run(args, 'train')),
+            retrieval.read_trec_run(de_run(args, de, 'train'))]
+    mixed = {}
+    for q in runs[0].keys() | runs[1].keys():
+      ranked = [sorted(r.get(q, {}), key=lambda d, r=r: -r[q][d]) for r in runs]
+      order = {}  # an ordered set
+      for pair in zip(*ranked):  # rank by rank: bm25's 1st, the SDE's 1st, bm25's 2nd, ...
+        order.update(dict.fromkeys(pair))
+      order = list(order)
+      # The run format needs scores: descending by interleaved rank.
+      mixed[q] = {d: float(len(order) - i) for i, d in enumerate(order[:args.top_k])}
+    retrieval.write_trec_run(path + '.tmp', mixed, tag='bm25+de')
+    os.replace(path + '.tmp', path)
+  return path
+
+
 def test_sample(args, qrels) -> list[str]:
   import numpy as np
   qids = sorted(qrels)
@@ -214,17 +247,19 @@ def train_settings(args, row: Row) -> dict:
   return {'scorer': row.scorer, 'loss': row.loss, 'list': row.list_size,
           'from_de': row.from_de, 'steps': args.steps, 'batch': lists_per_step(args, row),
           'lr': args.lr,
-          'size': args.size, 'input_length': args.input_length, 'seed': args.train_seed}
+          'size': args.size, 'input_length': args.input_length, 'seed': args.train_seed,
+          **({} if row.negatives == 'bm25' else {'negatives': row.negatives}),
+          **({'gin': args.gin} if args.gin else {})}
 
 
 def train_reranker(args, row: Row, de: dict) -> dict:
   """Trains (or finds) the row's reranker: {'dir', 'train_s', 'stage1_s', 'steps'}."""
   settings = train_settings(args, row.stage1)
   key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-  stage1_dir = os.path.join(args.workdir, 'rerankers',
-                            f'{row.stage1.spec.replace("/", "_").replace("@", "_")}-{key}')
+  name = row.stage1.spec.replace('/', '_').replace('@', '_').replace('~', '_')
+  stage1_dir = os.path.join(args.workdir, 'rerankers', f'{name}-{key}')
   extra = [f'--gin.LOSS_FN=@ranking_losses.{LOSSES[row.loss]}',
-           f"--gin.FIRST_STAGE_RUN='{bm25_run(args, 'train')}'"]
+           f"--gin.FIRST_STAGE_RUN='{negatives_run(args, row.negatives, de)}'"]
   if row.from_de:
     extra.append(f"--gin.INITIAL_CHECKPOINT_PATH='{de['dir']}'")
   stage1 = cached_json(stage1_dir + '.json', lambda: {
@@ -404,6 +439,8 @@ def write_table(args, device, num_queries, de, first_metrics, grid, rows, left_o
     b, d = r['bm25'], r['de']
     name = SCORER_NAME[row.scorer] + (' (encoder from SDE)' if row.from_de else '')
     stages = f'2 ({row.loss} → KL from SDE)' if row.second_stage else '1'
+    if row.negatives != 'bm25':
+      name += f', {NEGATIVES[row.negatives]} negatives'
     lines.append(f'| {name} | {row.loss} | {row.list_size} | {stages} | '
                  f'{args.size} ({r["params"] / 1e6:.1f}M) | {r["steps"]} × {r["lists_per_step"]} | '
                  f'{r["train_s"]:.0f} | {r["pairs_per_s"]:.0f} | {b["nDCG@10"]:.4f} | '

@@ -188,9 +188,12 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
   sub-directories 'corpus' and 'queries', so a second call resumes an
   interrupted export and reuses finished ones. The data is read and checked
   before the model is restored. Returns a summary with 'step', 'run' (path), 'k'
-  and 'metrics'; also written as metrics.json.
+  and 'metrics'; also written as metrics.json. In a multi-host job every process
+  exports its shards of both sides; process 0 alone then retrieves and writes
+  the run, and the others return 'metrics' None.
   """
   import json
+  import jax
   from t5dual import checkpoints, encoding, export, retrieval
   qrels = load_qrels(beir, split)
   texts = {Side.DOCUMENT: sources.read_beir_corpus(beir),
@@ -210,12 +213,15 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
                              side_texts, part, options, info, step,
                              name=os.path.join(beir, f'{side.beir_part}.jsonl'))
     embeddings[side] = export.open_embeddings(part)
+  run_path = os.path.join(out, 'run.trec')
+  summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,
+             'backend': backend, 'run': run_path, 'metrics': None}
+  if jax.process_index() != 0:  # multi-host: every host exported its shards; one searches
+    return summary
   run = retrieval.retrieve(embeddings[Side.QUERY], embeddings[Side.DOCUMENT], k, backend,
                            exclude_identical_ids, **(search_kwargs or {}))
-  run_path = os.path.join(out, 'run.trec')
   retrieval.write_trec_run(run_path, run, tag)
-  summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,
-             'backend': backend, 'run': run_path, 'metrics': evaluate(run, qrels, measures)}
+  summary['metrics'] = evaluate(run, qrels, measures)
   with open(os.path.join(out, 'metrics.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return summary

@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from t5dual import cli, encoding, partitioning, rerankers
+from t5dual import cli, distributed, encoding, partitioning, rerankers
 from t5dual.data.sources import Run
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
 
   Queries of the run without text in `queries` are an error, as are documents
   missing from `documents`. Pairs are tokenized and scored in chunks of
-  `chunk_pairs`, so memory stays bounded for long runs.
+  `chunk_pairs`, so memory stays bounded for long runs. In a multi-host job
+  each process scores its share of the pairs on its own devices and every
+  process returns all scores (`distributed.process_rows` / `gather_rows`).
   """
   if top_k < 1:
     raise cli.ConfigError(f'--top_k must be positive, got {top_k}')
@@ -90,15 +92,16 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
   if missing_d:
     raise cli.UserError(f'{len(missing_d)} documents of the run are not in the corpus, '
                         f'first: {missing_d[0]!r}')
+  mine = distributed.process_rows(len(pairs))
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=len(pairs), desc='rerank', unit='pair', dynamic_ncols=True,
+    bar = tqdm(total=len(mine), desc='rerank', unit='pair', dynamic_ncols=True,
                mininterval=1.0)
-  scores = np.empty(len(pairs), np.float32)
+  scores = np.empty(len(mine), np.float32)
   try:
-    for start in range(0, len(pairs), chunk_pairs):
-      chunk = pairs[start:start + chunk_pairs]
+    for start in range(0, len(mine), chunk_pairs):
+      chunk = [pairs[i] for i in mine[start:start + chunk_pairs]]
       ids = rerankers.encode_pairs(tokenizer, [queries[q] for q, _ in chunk],
                                    [documents[d] for _, d in chunk], template, input_length)
       scores[start:start + len(chunk)] = encoding.map_bucketed(
@@ -106,6 +109,7 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
   finally:
     if bar is not None:
       bar.close()
+  scores = distributed.gather_rows(scores, len(pairs))
   out: Run = {}
   for (qid, doc), s in zip(pairs, scores.tolist()):
     out.setdefault(qid, {})[doc] = s
@@ -154,8 +158,8 @@ def rerank_beir(model_dir: str, beir: str, split: str, run_path: str, out: str,
   reranked = rerank(make_score_fn(model, params), tokenizer, queries,
                     dict(zip(doc_ids, doc_texts)), first, top_k, length,
                     model.config.template, batch_size, progress)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  retrieval.write_trec_run(out, reranked, tag=f't5dual-{model.config.scorer}')
+  if jax.process_index() == 0:  # every process holds all scores; one writes them
+    retrieval.write_trec_run(out, reranked, tag=f't5dual-{model.config.scorer}')
   metrics = {'first stage': evaluation.evaluate(first, qrels, measures),
              'reranked': evaluation.evaluate(reranked, qrels, measures)}
   return {'step': step, 'run': out, 'pairs': sum(len(d) for d in reranked.values()),

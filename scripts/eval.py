@@ -62,7 +62,7 @@ def cmd_run(args) -> dict:
       exclude_identical_ids=args.exclude_identical_ids, search_kwargs=_search_kwargs(args),
       export_options=dict(batch_size=args.batch_size, shard_size=args.shard_size,
                           dtype=args.dtype, progress=not args.no_progress),
-      tag=args.tag)
+      tag=args.tag, partitioner=distributed.host_partitioner(args.model_parallel))
   if summary['metrics'] is None:  # a multi-host job's other processes
     return summary
   name = os.path.basename(os.path.normpath(args.beir))
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--shard_size', type=int, default=50_000)
   run.add_argument('--tag', default='t5dual')
   run.add_argument('--no_progress', action='store_true')
+  distributed.add_inference_flags(run)
   distributed.add_flags(run)
   run.set_defaults(fn=cmd_run)
 

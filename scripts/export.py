@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='comma-separated token lengths')
   parser.add_argument('--parquet', action='store_true', help='also write id + vector parquet')
   parser.add_argument('--no_progress', action='store_true')
+  distributed.add_inference_flags(parser)
   distributed.add_flags(parser)
   return parser
 
@@ -118,8 +119,9 @@ def main(argv=None) -> None:
   distributed.initialize_from_flags(args)
   from t5dual import checkpoints
   ids, texts, name = read_source(args)
+  partitioner = distributed.host_partitioner(args.model_parallel)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      args.model_dir, args.step)
+      args.model_dir, args.step, partitioner)
   options = export.ExportOptions(
       max_length=args.max_length or lengths[args.side.feature],
       side=args.side, batch_size=args.batch_size, shard_size=args.shard_size,
@@ -127,8 +129,9 @@ def main(argv=None) -> None:
       buckets=args.buckets,
       progress=not args.no_progress)
   manifest = export.export_embeddings(
-      encoding.make_encode_fn(model, params, args.side), tokenizer, ids, texts, args.out_dir,
-      options, model_info=checkpoints.read_model_json(args.model_dir), step=step, name=name)
+      encoding.make_encode_fn(model, params, args.side, partitioner=partitioner), tokenizer,
+      ids, texts, args.out_dir, options, model_info=checkpoints.read_model_json(args.model_dir),
+      step=step, name=name)
   if manifest is not None:
     log.info('%s: %d vectors of dimension %d (%s) in %d shards', args.out_dir,
              manifest['count'], manifest['dimension'], manifest['dtype'],

@@ -39,6 +39,7 @@ def main(argv) -> int:
                       help='tokens per pair (default: the training length)')
   parser.add_argument('--measures', default='nDCG@10,RR@10,R@100')
   parser.add_argument('--no_progress', action='store_true')
+  distributed.add_inference_flags(parser)
   distributed.add_flags(parser)
   args = parser.parse_args(argv)
   distributed.initialize_from_flags(args)
@@ -47,7 +48,8 @@ def main(argv) -> int:
   summary = reranking.rerank_beir(
       args.model_dir, args.beir, args.split, args.run, args.out, top_k=args.top_k,
       step=args.step, dtype=args.dtype, batch_size=args.batch_size,
-      input_length=args.input_length, measures=measures, progress=not args.no_progress)
+      input_length=args.input_length, measures=measures, progress=not args.no_progress,
+      partitioner=distributed.host_partitioner(args.model_parallel))
   if jax.process_index() != 0:
     return 0
   name = f'{os.path.basename(os.path.normpath(args.beir))}/{args.split}'

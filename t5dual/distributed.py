@@ -175,6 +175,10 @@ def initialize(cluster: Optional[Cluster]) -> None:
         f'reachable, or raise --init_timeout / {ENV_TIMEOUT}')
   if failure:
     e = failure[0]
+    if cluster.source == 'auto' and isinstance(e, ValueError) and 'defined' in str(e):
+      raise cli.ConfigError(  # jax's detection found no cluster
+          'multi-host start: --multihost / T5DUAL_MULTIHOST found no TPU pod, SLURM step or '
+          'MPI job to join; give --coordinator, --num_processes and --process_id') from e
     if isinstance(e, (ValueError, TypeError, RuntimeError)):
       raise cli.ConfigError(f'multi-host start ({cluster.source}): {e}'.splitlines()[0]
                             ) from e
@@ -228,6 +232,23 @@ def initialize_from_flags(args: argparse.Namespace) -> Optional[Cluster]:
                    args.init_timeout)
   initialize(cluster)
   return cluster
+
+
+def add_inference_flags(parser: argparse.ArgumentParser) -> None:
+  """--model_parallel, for the scripts that run a trained model on each host's devices."""
+  parser.add_argument('--model_parallel', type=int, default=1,
+                      help="split the model over this many of each host's devices (for "
+                      'models that do not fit one); the batch is split over the rest')
+
+
+def host_partitioner(model_parallel: int = 1):
+  """The layout of per-host inference (export, eval run, rerank): this process's devices,
+  (local devices / model_parallel) x model_parallel. Each host of a multi-host job encodes
+  or scores its own share on it, without waiting for the others."""
+  import jax
+  from t5dual import partitioning
+  return partitioning.Partitioner(num_partitions=model_parallel,
+                                  devices=tuple(jax.local_devices()))
 
 
 def parse_known_flags(argv) -> tuple[argparse.Namespace, list[str]]:

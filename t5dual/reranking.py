@@ -116,14 +116,16 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
   return out
 
 
-def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[str] = None):
+def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[str] = None,
+                  partitioner: Optional[partitioning.Partitioner] = None):
   """(model, params, step, tokenizer, input_length) of a reranker directory.
 
   `dtype` replaces the activation dtype the model was trained with (e.g.
   'float32' to score a bfloat16-trained model exactly); parameters are float32.
   """
   from t5dual import checkpoints
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir, step)
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
+      model_dir, step, partitioner)
   if getattr(model, 'kind', None) != rerankers.RerankerModel.kind:
     raise cli.UserError(f'{model_dir} holds a {getattr(model, "kind", "?")} model, not a '
                         'reranker (scripts/eval.py run evaluates dual encoders)')
@@ -138,8 +140,12 @@ def rerank_beir(model_dir: str, beir: str, split: str, run_path: str, out: str,
                 top_k: int = 100, step: Optional[int] = None, dtype: Optional[str] = None,
                 batch_size: int = 64, input_length: Optional[int] = None,
                 measures: Sequence[str] = ('nDCG@10', 'RR@10', 'R@100'),
-                progress: bool = True) -> dict:
+                progress: bool = True,
+                partitioner: Optional[partitioning.Partitioner] = None) -> dict:
   """Reranks a run of a BEIR split, writes `out` and evaluates both runs.
+
+  `partitioner` lays the model out on this process's devices (default: replicated,
+  pairs split over them; `distributed.host_partitioner` splits the model too).
 
   The data and the run are read and checked before the model is restored.
   Returns {'step', 'run', 'pairs', 'metrics': {'first stage': ..., 'reranked': ...}}.
@@ -153,9 +159,10 @@ def rerank_beir(model_dir: str, beir: str, split: str, run_path: str, out: str,
   first = {q: docs for q, docs in first.items() if q in qrels}
   if not first:
     raise cli.UserError(f'{run_path}: no query of the run has judgements in {beir} {split}')
-  model, params, step, tokenizer, trained_length = load_reranker(model_dir, step, dtype)
+  model, params, step, tokenizer, trained_length = load_reranker(model_dir, step, dtype,
+                                                                 partitioner)
   length = input_length or trained_length
-  reranked = rerank(make_score_fn(model, params), tokenizer, queries,
+  reranked = rerank(make_score_fn(model, params, partitioner=partitioner), tokenizer, queries,
                     dict(zip(doc_ids, doc_texts)), first, top_k, length,
                     model.config.template, batch_size, progress)
   if jax.process_index() == 0:  # every process holds all scores; one writes them

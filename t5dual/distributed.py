@@ -167,12 +167,12 @@ def initialize(cluster: Optional[Cluster]) -> None:
   if not done.wait(cluster.timeout):
     # JAX's service and client would block (or abort) at exit; nothing is left to clean up.
     atexit.register(_exit_now)
-    coordinator, count = _seen_layout(cluster)
+    coordinator, count, process = _seen_layout(cluster)
     raise PeersMissingError(
-        f'multi-host start ({cluster.source}): process {_or_unknown(cluster.process_id)} '
-        f'waited {cluster.timeout} s at coordinator {coordinator} for all {count} processes '
-        f'to join; start the same command on every host, check that the coordinator is '
-        f'reachable, or raise --init_timeout / {ENV_TIMEOUT}')
+        f'multi-host start ({cluster.source}): process {process} waited {cluster.timeout} s '
+        f'at coordinator {coordinator} for all {count} processes to join; start the same '
+        f'command on every host, check that the coordinator is reachable, or raise '
+        f'--init_timeout / {ENV_TIMEOUT}')
   if failure:
     e = failure[0]
     if cluster.source == 'auto' and isinstance(e, ValueError) and 'defined' in str(e):
@@ -192,12 +192,18 @@ def _or_unknown(value) -> str:
   return 'unknown' if value is None else str(value)
 
 
-def _seen_layout(cluster: Cluster) -> tuple[str, str]:
-  """(coordinator, process count) as given, else as jax detected them, for messages."""
-  from jax._src import distributed as jax_distributed  # what its detection found, if it ran
-  state = jax_distributed.global_state
-  return (cluster.coordinator or _or_unknown(getattr(state, 'coordinator_address', None)),
-          _or_unknown(cluster.num_processes or getattr(state, 'num_processes', None)))
+def _seen_layout(cluster: Cluster) -> tuple[str, str, str]:
+  """(coordinator, process count, process id) as given, else as jax's detection found them
+  (jax's private state, read only for this message), else 'unknown'."""
+  try:
+    from jax._src import distributed as jax_distributed
+    state = jax_distributed.global_state
+  except ImportError:
+    state = None
+  def pick(given, name):
+    return _or_unknown(given if given is not None else getattr(state, name, None))
+  return (pick(cluster.coordinator, 'coordinator_address'),
+          pick(cluster.num_processes, 'num_processes'), pick(cluster.process_id, 'process_id'))
 
 
 def _exit_now() -> None:

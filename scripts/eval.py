@@ -23,6 +23,10 @@ so running it again resumes an interrupted export and reuses finished ones. Empt
 queries and documents are encoded (as EOS only) with a warning; judgements citing
 documents missing from the corpus are scored as BEIR scores them, with a warning
 (`mine` skips them).
+
+`run` on a multi-host job (the flags of t5dual/distributed.py; the same command
+on every host): each host exports its shards of the corpus and the queries,
+then process 0 searches, writes the run and prints the table.
 """
 
 import argparse
@@ -33,7 +37,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from t5dual import cli, evaluation, export, hard_negatives, retrieval  # noqa: E402
+from t5dual import cli, distributed, evaluation, export, hard_negatives, retrieval  # noqa: E402
 from t5dual.sides import Side  # noqa: E402
 
 log = logging.getLogger('eval')
@@ -58,7 +62,9 @@ def cmd_run(args) -> dict:
       exclude_identical_ids=args.exclude_identical_ids, search_kwargs=_search_kwargs(args),
       export_options=dict(batch_size=args.batch_size, shard_size=args.shard_size,
                           dtype=args.dtype, progress=not args.no_progress),
-      tag=args.tag)
+      tag=args.tag, partitioner=distributed.host_partitioner(args.model_parallel))
+  if summary['metrics'] is None:  # a multi-host job's other processes
+    return summary
   name = os.path.basename(os.path.normpath(args.beir))
   print(evaluation.format_table({f'{name}/{args.split} step {summary["step"]}':
                                  summary['metrics']}))
@@ -188,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument('--shard_size', type=int, default=50_000)
   run.add_argument('--tag', default='t5dual')
   run.add_argument('--no_progress', action='store_true')
+  distributed.add_inference_flags(run)
+  distributed.add_flags(run)
   run.set_defaults(fn=cmd_run)
 
   score = sub.add_parser('score', help='run file(s) + qrels -> table')
@@ -244,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
   """Runs one command; returns what it computed (summary, table, stats or paths)."""
   args = build_parser().parse_args(argv)
+  if args.fn is cmd_run:
+    distributed.initialize_from_flags(args)
   return args.fn(args)
 
 

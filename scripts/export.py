@@ -11,9 +11,10 @@ or --seqio_task NAME --split SPLIT (TensorFlow extras; --id_field and
 --side=query encodes with the query side (the left tower), --side=document
 with the document side (the right tower); --tower=left/right says the same.
 Empty texts are encoded as EOS only, with one warning giving their count. Run
-the same command again to resume an interrupted export; with --multihost, run
-it on every host and each writes its own shards. See t5dual/export.py for the
-files.
+the same command again to resume an interrupted export. Multi-host (the flags
+of t5dual/distributed.py): run the same command on every host; each encodes
+and writes its own shards on its own devices, and process 0 writes the
+manifest once all are done. See t5dual/export.py for the files.
 """
 
 import argparse
@@ -23,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from t5dual import cli, corpus, encoding, export  # noqa: E402
+from t5dual import cli, corpus, distributed, encoding, export  # noqa: E402
 from t5dual.sides import Side  # noqa: E402
 
 log = logging.getLogger('export')
@@ -108,20 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help='comma-separated token lengths')
   parser.add_argument('--parquet', action='store_true', help='also write id + vector parquet')
   parser.add_argument('--no_progress', action='store_true')
-  parser.add_argument('--multihost', action='store_true',
-                      help='call jax.distributed.initialize() first')
+  distributed.add_inference_flags(parser)
+  distributed.add_flags(parser)
   return parser
 
 
 def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
-  if args.multihost:
-    import jax
-    jax.distributed.initialize()
+  distributed.initialize_from_flags(args)
   from t5dual import checkpoints
   ids, texts, name = read_source(args)
+  partitioner = distributed.host_partitioner(args.model_parallel)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      args.model_dir, args.step)
+      args.model_dir, args.step, partitioner)
   options = export.ExportOptions(
       max_length=args.max_length or lengths[args.side.feature],
       side=args.side, batch_size=args.batch_size, shard_size=args.shard_size,
@@ -129,8 +129,9 @@ def main(argv=None) -> None:
       buckets=args.buckets,
       progress=not args.no_progress)
   manifest = export.export_embeddings(
-      encoding.make_encode_fn(model, params, args.side), tokenizer, ids, texts, args.out_dir,
-      options, model_info=checkpoints.read_model_json(args.model_dir), step=step, name=name)
+      encoding.make_encode_fn(model, params, args.side, partitioner=partitioner), tokenizer,
+      ids, texts, args.out_dir, options, model_info=checkpoints.read_model_json(args.model_dir),
+      step=step, name=name)
   if manifest is not None:
     log.info('%s: %d vectors of dimension %d (%s) in %d shards', args.out_dir,
              manifest['count'], manifest['dimension'], manifest['dtype'],

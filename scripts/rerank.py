@@ -7,7 +7,9 @@
 The first stage is any TREC run (scripts/eval.py bm25, scripts/eval.py run, ...).
 Pairs are scored in length-bucketed batches on every local device; the output
 run holds the reranker's raw scores. Both runs are evaluated with the same
-code as scripts/eval.py.
+code as scripts/eval.py. Multi-host (the flags of t5dual/distributed.py; the
+same command on every host): each host scores its share of the pairs, process
+0 writes the run and prints the table.
 """
 
 import argparse
@@ -16,7 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from t5dual import cli, evaluation, reranking  # noqa: E402
+import jax  # noqa: E402
+
+from t5dual import cli, distributed, evaluation, reranking  # noqa: E402
 
 
 def main(argv) -> int:
@@ -35,13 +39,19 @@ def main(argv) -> int:
                       help='tokens per pair (default: the training length)')
   parser.add_argument('--measures', default='nDCG@10,RR@10,R@100')
   parser.add_argument('--no_progress', action='store_true')
+  distributed.add_inference_flags(parser)
+  distributed.add_flags(parser)
   args = parser.parse_args(argv)
+  distributed.initialize_from_flags(args)
   measures = [m.strip() for m in args.measures.split(',') if m.strip()]
   evaluation.parse_measures(measures)  # a typo fails before any work
   summary = reranking.rerank_beir(
       args.model_dir, args.beir, args.split, args.run, args.out, top_k=args.top_k,
       step=args.step, dtype=args.dtype, batch_size=args.batch_size,
-      input_length=args.input_length, measures=measures, progress=not args.no_progress)
+      input_length=args.input_length, measures=measures, progress=not args.no_progress,
+      partitioner=distributed.host_partitioner(args.model_parallel))
+  if jax.process_index() != 0:
+    return 0
   name = f'{os.path.basename(os.path.normpath(args.beir))}/{args.split}'
   m = summary['metrics']
   print(evaluation.format_table({

@@ -20,8 +20,12 @@ the previous one's final checkpoint, evaluates each, records them in
 MODEL_DIR/stages.json, and, run again, resumes at the right stage and step
 (t5dual/multistage.py). The final model is MODEL_DIR/final.
 
-Multi-host (GPU clusters, TPU pods): add --multihost (jax.distributed.initialize
-reads the coordinator from the environment) and run the same command on every host.
+Multi-host (TPU pods, GPU clusters): run the same command on every host, with
+--multihost on a TPU VM pod; SLURM steps and --coordinator=HOST:PORT
+--num_processes=N --process_id=I need no flag (t5dual/distributed.py;
+scripts/launch_tpu_pod.sh and scripts/launch_gpu_slurm.sh do this). Each host
+loads its own rows of every global batch; checkpoints are written by all hosts
+together into MODEL_DIR, which must be a path all hosts share (gs://, NFS).
 """
 
 import logging
@@ -30,16 +34,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-
-from t5dual import cli, gin_utils, multistage, train_lib  # noqa: E402
+from t5dual import cli, distributed, gin_utils, multistage, train_lib  # noqa: E402
 
 
 def main(argv):
-  multihost = '--multihost' in argv
-  files, bindings, _ = gin_utils.parse_flags([a for a in argv if a != '--multihost'])
-  if multihost:
-    jax.distributed.initialize()
+  multihost_flags, argv = distributed.parse_known_flags(argv)
+  files, bindings, _ = gin_utils.parse_flags(argv)
+  distributed.initialize_from_flags(multihost_flags)
   if not files:
     raise cli.ConfigError('no --gin_file given; see the usage in scripts/train.py')
   gin_utils.parse_gin(files, bindings)

@@ -292,14 +292,20 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
         f'({type(e).__name__}: {reason}); {hint}') from e
 
 
-def restore_for_inference(model_dir: str, step: Optional[int] = None):
+def restore_for_inference(model_dir: str, step: Optional[int] = None, partitioner=None):
   """(model, params, step, tokenizer, feature_lengths) of a trained model directory.
 
-  `step` defaults to the latest checkpoint.
+  `step` defaults to the latest checkpoint. The parameters are restored straight
+  into their layout on `partitioner` (default: replicated over this process's
+  devices, `partitioning.local_data_parallel`), so that each host of a
+  multi-host job reads a checkpoint written by the whole job onto its own
+  devices, without a second copy.
   """
+  from t5dual import partitioning
   from t5dual.vocab import Tokenizer
   desc = read_model_json(model_dir)
   model = model_from_description(desc, os.path.join(model_dir, MODEL_JSON))
+  partitioner = partitioner or partitioning.local_data_parallel()
   manager = checkpoint_manager(model_dir)
   try:
     step = manager.latest_step() if step is None else step
@@ -308,7 +314,10 @@ def restore_for_inference(model_dir: str, step: Optional[int] = None):
     if step not in manager.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {model_dir}; '
                               f'available: {sorted(manager.all_steps())}')
-    abstract = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    shardings = partitioner.param_shardings(model.logical_axes(), shapes)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            shapes, shardings)
     params = restore(manager, step, abstract)['params']
   finally:
     manager.close()

@@ -181,23 +181,29 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
                                 exclude_identical_ids: bool = False,
                                 search_kwargs: Optional[dict] = None,
                                 export_options: Optional[dict] = None,
-                                tag: str = 't5dual') -> dict:
+                                tag: str = 't5dual', partitioner=None) -> dict:
   """Export corpus and queries -> retrieve -> run.trec -> metrics, for a model directory.
 
   Exports go to `out_dir` (default MODEL_DIR/eval/<folder>-<split>-<step>), in
   sub-directories 'corpus' and 'queries', so a second call resumes an
   interrupted export and reuses finished ones. The data is read and checked
   before the model is restored. Returns a summary with 'step', 'run' (path), 'k'
-  and 'metrics'; also written as metrics.json.
+  and 'metrics'; also written as metrics.json. In a multi-host job every process
+  exports its shards of both sides; process 0 alone then retrieves and writes
+  the run, and the others return 'metrics' None. `partitioner` lays the model
+  out on this process's devices (default: replicated, the batch split over them;
+  `distributed.host_partitioner` splits the model too).
   """
   import json
+  import jax
   from t5dual import checkpoints, encoding, export, retrieval
   qrels = load_qrels(beir, split)
   texts = {Side.DOCUMENT: sources.read_beir_corpus(beir),
            Side.QUERY: beir_queries_with_qrels(beir, qrels)}
   warn_missing_documents(qrels, texts[Side.DOCUMENT][0], sources.qrels_path(beir, split))
   k = k or search_depth(measures)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir, step)
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
+      model_dir, step, partitioner)
   name = os.path.basename(os.path.normpath(beir))
   out = out_dir or os.path.join(model_dir, 'eval', f'{name}-{split}-{step}')
   info = checkpoints.read_model_json(model_dir)
@@ -206,16 +212,19 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
     options = export.ExportOptions(max_length=lengths[side.feature], side=side,
                                    **(export_options or {}))
     part = os.path.join(out, side.beir_part)
-    export.export_embeddings(encoding.make_encode_fn(model, params, side), tokenizer, ids,
-                             side_texts, part, options, info, step,
+    encode = encoding.make_encode_fn(model, params, side, partitioner=partitioner)
+    export.export_embeddings(encode, tokenizer, ids, side_texts, part, options, info, step,
                              name=os.path.join(beir, f'{side.beir_part}.jsonl'))
     embeddings[side] = export.open_embeddings(part)
+  run_path = os.path.join(out, 'run.trec')
+  summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,
+             'backend': backend, 'run': run_path, 'metrics': None}
+  if jax.process_index() != 0:  # multi-host: every host exported its shards; one searches
+    return summary
   run = retrieval.retrieve(embeddings[Side.QUERY], embeddings[Side.DOCUMENT], k, backend,
                            exclude_identical_ids, **(search_kwargs or {}))
-  run_path = os.path.join(out, 'run.trec')
   retrieval.write_trec_run(run_path, run, tag)
-  summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,
-             'backend': backend, 'run': run_path, 'metrics': evaluate(run, qrels, measures)}
+  summary['metrics'] = evaluate(run, qrels, measures)
   with open(os.path.join(out, 'metrics.json'), 'w') as f:
     json.dump(summary, f, indent=2)
   return summary

@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from t5dual import cli, encoding, partitioning, rerankers
+from t5dual import cli, distributed, encoding, partitioning, rerankers
 from t5dual.data.sources import Run
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
 
   Queries of the run without text in `queries` are an error, as are documents
   missing from `documents`. Pairs are tokenized and scored in chunks of
-  `chunk_pairs`, so memory stays bounded for long runs.
+  `chunk_pairs`, so memory stays bounded for long runs. In a multi-host job
+  each process scores its share of the pairs on its own devices and every
+  process returns all scores (`distributed.process_rows` / `gather_rows`).
   """
   if top_k < 1:
     raise cli.ConfigError(f'--top_k must be positive, got {top_k}')
@@ -90,15 +92,16 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
   if missing_d:
     raise cli.UserError(f'{len(missing_d)} documents of the run are not in the corpus, '
                         f'first: {missing_d[0]!r}')
+  mine = distributed.process_rows(len(pairs))
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=len(pairs), desc='rerank', unit='pair', dynamic_ncols=True,
+    bar = tqdm(total=len(mine), desc='rerank', unit='pair', dynamic_ncols=True,
                mininterval=1.0)
-  scores = np.empty(len(pairs), np.float32)
+  scores = np.empty(len(mine), np.float32)
   try:
-    for start in range(0, len(pairs), chunk_pairs):
-      chunk = pairs[start:start + chunk_pairs]
+    for start in range(0, len(mine), chunk_pairs):
+      chunk = [pairs[i] for i in mine[start:start + chunk_pairs]]
       ids = rerankers.encode_pairs(tokenizer, [queries[q] for q, _ in chunk],
                                    [documents[d] for _, d in chunk], template, input_length)
       scores[start:start + len(chunk)] = encoding.map_bucketed(
@@ -106,20 +109,23 @@ def rerank(score_fn: encoding.BatchFn, tokenizer, queries: Mapping[str, str],
   finally:
     if bar is not None:
       bar.close()
+  scores = distributed.gather_rows(scores, len(pairs))
   out: Run = {}
   for (qid, doc), s in zip(pairs, scores.tolist()):
     out.setdefault(qid, {})[doc] = s
   return out
 
 
-def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[str] = None):
+def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[str] = None,
+                  partitioner: Optional[partitioning.Partitioner] = None):
   """(model, params, step, tokenizer, input_length) of a reranker directory.
 
   `dtype` replaces the activation dtype the model was trained with (e.g.
   'float32' to score a bfloat16-trained model exactly); parameters are float32.
   """
   from t5dual import checkpoints
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir, step)
+  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
+      model_dir, step, partitioner)
   if getattr(model, 'kind', None) != rerankers.RerankerModel.kind:
     raise cli.UserError(f'{model_dir} holds a {getattr(model, "kind", "?")} model, not a '
                         'reranker (scripts/eval.py run evaluates dual encoders)')
@@ -134,8 +140,12 @@ def rerank_beir(model_dir: str, beir: str, split: str, run_path: str, out: str,
                 top_k: int = 100, step: Optional[int] = None, dtype: Optional[str] = None,
                 batch_size: int = 64, input_length: Optional[int] = None,
                 measures: Sequence[str] = ('nDCG@10', 'RR@10', 'R@100'),
-                progress: bool = True) -> dict:
+                progress: bool = True,
+                partitioner: Optional[partitioning.Partitioner] = None) -> dict:
   """Reranks a run of a BEIR split, writes `out` and evaluates both runs.
+
+  `partitioner` lays the model out on this process's devices (default: replicated,
+  pairs split over them; `distributed.host_partitioner` splits the model too).
 
   The data and the run are read and checked before the model is restored.
   Returns {'step', 'run', 'pairs', 'metrics': {'first stage': ..., 'reranked': ...}}.
@@ -149,13 +159,14 @@ def rerank_beir(model_dir: str, beir: str, split: str, run_path: str, out: str,
   first = {q: docs for q, docs in first.items() if q in qrels}
   if not first:
     raise cli.UserError(f'{run_path}: no query of the run has judgements in {beir} {split}')
-  model, params, step, tokenizer, trained_length = load_reranker(model_dir, step, dtype)
+  model, params, step, tokenizer, trained_length = load_reranker(model_dir, step, dtype,
+                                                                 partitioner)
   length = input_length or trained_length
-  reranked = rerank(make_score_fn(model, params), tokenizer, queries,
+  reranked = rerank(make_score_fn(model, params, partitioner=partitioner), tokenizer, queries,
                     dict(zip(doc_ids, doc_texts)), first, top_k, length,
                     model.config.template, batch_size, progress)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  retrieval.write_trec_run(out, reranked, tag=f't5dual-{model.config.scorer}')
+  if jax.process_index() == 0:  # every process holds all scores; one writes them
+    retrieval.write_trec_run(out, reranked, tag=f't5dual-{model.config.scorer}')
   metrics = {'first stage': evaluation.evaluate(first, qrels, measures),
              'reranked': evaluation.evaluate(reranked, qrels, measures)}
   return {'step': step, 'run': out, 'pairs': sum(len(d) for d in reranked.values()),

@@ -1,6 +1,10 @@
 """The Partitioner: the same training on 1 device, 8 devices (data x model parallel, 1-D and
-2-D rules) and 2 processes; parameters and optimizer state laid out as the rules say; clear
-errors for meshes and parameters that do not split."""
+2-D rules) and 2 processes (then each writes its own export shards); parameters and optimizer
+state laid out as the rules say; clear errors for meshes and parameters that do not split.
+
+Each process start pays for JAX's import and compilations, so there are two: one on 8
+simulated devices runs every single-process case (helpers/sharded_grads.py), and one
+2-process job (helpers/sharded_train.py)."""
 
 import json
 import os
@@ -35,58 +39,109 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def reference(data_dir, tmp_path_factory):
+def reference(data_dir, launched, tmp_path_factory):
+  # Computed here while the launched processes compile.
   return sharded_train.run(data_dir, str(tmp_path_factory.mktemp('one_device')), 1)
 
 
-def _launch(args, env_extra=None):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env_extra or {})}
-  return subprocess.Popen([sys.executable, os.path.join(HERE, 'helpers', 'sharded_train.py')]
+def _helper(name, args, env_extra):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **env_extra}
+  return subprocess.Popen([sys.executable, os.path.join(HERE, 'helpers', name)]
                           + [str(a) for a in args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _losses(output):
+def _lines(output, *keys):
+  """{key: rest of the first line that starts with `key `} for each key."""
+  found = {}
   for line in output.splitlines():
-    if line.startswith('LOSSES '):
-      return json.loads(line[len('LOSSES '):])
-  raise AssertionError(f'no losses in output:\n{output[-3000:]}')
-
-
-def test_eight_devices_data_and_model_parallel(data_dir, reference, tmp_path):
-  proc = _launch([data_dir, tmp_path / 'run', 2],
-                 {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out[-3000:]
-  assert 'DEVICES 8' in out
-  tolerances.assert_close(_losses(out), reference, **LOSS_ERROR)
-
-
-def test_two_processes(data_dir, reference, tmp_path):
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
-  procs = [_launch([data_dir, tmp_path / 'run', 1, i, 2, port]) for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  assert 'PROCESSES 2' in outs[0]
-  tolerances.assert_close(_losses(outs[0]), reference, **LOSS_ERROR)
+    key, _, rest = line.partition(' ')
+    if key in keys and key not in found:
+      found[key] = rest
+  missing = [k for k in keys if k not in found]
+  assert not missing, f'no {missing} in output:\n{output[-3000:]}'
+  return found
 
 
 @pytest.fixture(scope='module')
-def sharded_grads():
-  """Runs helpers/sharded_grads.py once on 8 simulated devices (all cases, one start-up)."""
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'helpers', 'sharded_grads.py')],
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu',
-                             'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:]
-  lines = dict(line.split(' ', 1) for line in proc.stdout.splitlines()
-               if line.startswith(('RESULT ', 'INDIVISIBLE ')))
-  results = {(tuple(r['mesh']), tuple(r['dims'])): r for r in json.loads(lines['RESULT'])}
-  return results, lines['INDIVISIBLE']
+def launched(data_dir, tmp_path_factory):
+  """Starts both jobs at once: helpers/sharded_grads.py on 8 simulated devices (every mesh
+  and rules case, the indivisible model, training model-parallel 2), and
+  helpers/sharded_train.py as 2 processes of 2 CPU devices each, joined by
+  t5dual.distributed from the T5DUAL_* variables (training over the global 4-device mesh,
+  data 2 x model 2, then each process exports its shards from the checkpoint)."""
+  folder = tmp_path_factory.mktemp('launched')
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  eight = _helper('sharded_grads.py', [data_dir, folder / 'eight'],
+                  {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  two = [_helper('sharded_train.py', [data_dir, folder / 'run', 2, folder / 'export'],
+                 {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+                  'T5DUAL_COORDINATOR': f'localhost:{port}', 'T5DUAL_NUM_PROCESSES': '2',
+                  'T5DUAL_PROCESS_ID': str(i), 'T5DUAL_INIT_TIMEOUT': '120'})
+         for i in range(2)]
+  yield {'eight': eight, 'two': two, 'folder': folder}
+  for p in [eight] + two:  # a failed test may leave them running
+    if p.poll() is None:
+      p.kill()
+      p.communicate()
+
+
+def _finish(proc, timeout=900):
+  out = proc.communicate(timeout=timeout)[0]
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+@pytest.fixture(scope='module')
+def eight_devices(launched):
+  return _lines(_finish(launched['eight']), 'RESULT', 'INDIVISIBLE', 'LOSSES')
+
+
+@pytest.fixture(scope='module')
+def sharded_grads(eight_devices):
+  results = {(tuple(r['mesh']), tuple(r['dims'])): r
+             for r in json.loads(eight_devices['RESULT'])}
+  return results, eight_devices['INDIVISIBLE']
+
+
+def test_eight_devices_data_and_model_parallel(eight_devices, reference):
+  tolerances.assert_close(json.loads(eight_devices['LOSSES']), reference, **LOSS_ERROR)
+
+
+@pytest.fixture(scope='module')
+def two_processes(launched):
+  outs = [_finish(p) for p in launched['two']]
+  folder = launched['folder']
+  return {**_lines(outs[0], 'LOSSES', 'DEVICES', 'MANIFEST', 'GATHER'),
+          'model_dir': str(folder / 'run'), 'export_dir': str(folder / 'export')}
+
+
+def test_two_processes_train_as_one(two_processes, reference):
+  assert two_processes['DEVICES'] == '4 PROCESSES 2'
+  tolerances.assert_close(json.loads(two_processes['LOSSES']), reference, **LOSS_ERROR)
+  assert two_processes['GATHER'] == 'ok'
+
+
+def test_two_processes_write_their_own_export_shards(two_processes, data_dir):
+  from t5dual import checkpoints, encoding, export
+  from t5dual.data import sources
+  manifest = json.loads(two_processes['MANIFEST'])
+  # 200 documents in shards of 64: shard n written by process n % 2.
+  assert [s['process_index'] for s in manifest['shards']] == [0, 1, 0, 1]
+  # The checkpoint the two processes wrote, read and encoded here by one process.
+  ids, texts = sources.read_beir_corpus(data_dir)
+  model, params, _, tokenizer, lengths = checkpoints.restore_for_inference(
+      two_processes['model_dir'])
+  want = encoding.encode_texts(encoding.make_encode_fn(model, params, 'document'), tokenizer,
+                               texts, lengths['targets'], 8)
+  got = export.open_embeddings(two_processes['export_dir'])
+  assert got.ids == list(ids)
+  # The same parameters and batches; only the split of a batch over devices differs (2
+  # local devices there, 1 here), which may change the order of float32 sums: unit
+  # vectors through 2 layers, a few eps of 1 at most.
+  np.testing.assert_allclose(got.to_numpy(), want, rtol=0, atol=1e-5)
 
 
 # (data, model) x (activation, parameter) partitioning dims; see helpers/sharded_grads.py.

@@ -1,11 +1,13 @@
 """Loss, gradients and one train step of a tiny ADE-SPL on several meshes, for test_partitioning.
 
-usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 sharded_grads.py
+usage: XLA_FLAGS=--xla_force_host_platform_device_count=8 sharded_grads.py [DATA_DIR MODEL_DIR]
 Prints one line `RESULT <json>` with, per (mesh, rules) case, the largest
 differences from one device (already divided by the tolerance of each array)
 and the partition specs and shard shapes of a parameter and its Adafactor
 moments; and `INDIVISIBLE <message>` for a model whose 12 heads do not split
-over model_parallel 8.
+over model_parallel 8. With DATA_DIR and MODEL_DIR it also trains as
+sharded_train.py does, model-parallel 2 over the 8 devices, and prints
+`LOSSES [...]` (one process start for every 8-device case).
 """
 import functools
 import json
@@ -128,6 +130,9 @@ def main():
     trainer.state_layout(tiny_model(num_heads=12), opt, partitioning.Partitioner(num_partitions=8))
   except partitioning.PartitioningError as e:
     print('INDIVISIBLE', e)
+  if len(sys.argv) > 2:
+    import sharded_train  # this folder is on the path of a script run from it
+    print('LOSSES', json.dumps(sharded_train.run(sys.argv[1], sys.argv[2], 2)))
   sys.stdout.flush()
 
 

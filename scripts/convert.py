@@ -11,6 +11,16 @@
   python scripts/convert.py t5dual-to-t5x /tmp/gtr /tmp/t5x/checkpoint_0
   # an encoder-decoder -> T5ForConditionalGeneration folder
   python scripts/convert.py t5x-to-hf /path/t5x/checkpoint_1000000 /tmp/t5_hf
+  # rerankers (RankT5-EncDec by default; --scorer yes_no for monoT5, enc for RankT5-Enc)
+  python scripts/convert.py hf-to-t5dual /path/t5-v1_1-base /tmp/rankt5 --scorer encdec
+  python scripts/convert.py t5x-to-t5dual /path/t5x/checkpoint_1000000 /tmp/monot5 \
+      --vocab /path/spiece.model --scorer yes_no
+  python scripts/convert.py t5dual-to-hf /tmp/rankt5 /tmp/rankt5_hf  # T5ForConditionalGeneration
+
+A t5dual model directory is converted out according to what it holds (model.json's
+kind): a dual encoder's towers as T5EncoderModel folders, an 'encdec' or 'yes_no'
+reranker as one T5ForConditionalGeneration folder whose first-step logit of the
+scoring token (or log-softmax over the two answer tokens) is the reranker's score.
 
 Conversions into t5dual print every parameter mapped, every checkpoint entry
 skipped (optimizer state, a decoder, ...) and every parameter initialised because
@@ -35,9 +45,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from t5dual import checkpoints, cli, models  # noqa: E402
+from t5dual import checkpoints, cli, models, rerankers  # noqa: E402
 from t5dual.data import pipeline  # noqa: E402
 from t5dual.interop import hf, mapping, t5x, trees  # noqa: E402
+from t5dual.interop import rerankers as reranker_interop  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
 from t5dual.sides import Side  # noqa: E402
 
@@ -76,12 +87,18 @@ def require_optional_packages(args) -> None:
 
 # --------------------------------------------------------------------------- t5dual model dirs
 
-def save_model_dir(model_dir: str, config: models.DualEncoderConfig, params, vocab_path: str,
+def save_model_dir(model_dir: str, config, params, vocab_path: str,
                    feature_lengths: dict, step: int = 0) -> None:
-  """A t5dual model directory (model.json + orbax 'params') that restore_for_inference reads."""
+  """A t5dual model directory (model.json + orbax 'params') that restore_for_inference reads.
+
+  `config` is a DualEncoderConfig or a RerankerConfig; model.json records the kind.
+  """
   if os.path.exists(os.path.join(model_dir, 'checkpoints')):
     raise FileExistsError(f'{model_dir} already holds checkpoints; choose a new directory')
-  model = models.DualEncoderModel(config)
+  if isinstance(config, rerankers.RerankerConfig):
+    model = rerankers.RerankerModel(config)
+  else:
+    model = models.DualEncoderModel(config)
   checkpoints.write_model_json(
       model_dir, checkpoints.model_description(model, vocab_path, feature_lengths))
   manager = checkpoints.checkpoint_manager(model_dir)
@@ -120,26 +137,68 @@ def _print_report(report) -> None:
 
 def _finish_import(args, params, config, report, vocab) -> None:
   _print_report(report)
-  lengths = {'inputs': args.query_length, 'targets': args.doc_length}
+  if isinstance(config, rerankers.RerankerConfig):
+    lengths = {'inputs': config.input_length}
+    what = f'{config.scorer} reranker'
+  else:
+    lengths = {'inputs': args.query_length, 'targets': args.doc_length}
+    what = config.architecture
   save_model_dir(args.output, config, params, vocab, lengths)
-  print(f'wrote t5dual {config.architecture} model to {args.output} '
-        f'(vocabulary {vocab})')
+  print(f'wrote t5dual {what} model to {args.output} (vocabulary {vocab})')
+
+
+def _reranker_target(args, vocab: str) -> dict:
+  """Keyword arguments of interop.rerankers.load_reranker from the command line."""
+  if args.like:
+    desc = checkpoints.read_model_json(args.like)
+    model = checkpoints.model_from_description(desc)
+    if getattr(model, 'kind', None) != rerankers.RerankerModel.kind:
+      raise cli.UserError(f'--like {args.like} holds a {desc.get("kind")} model; with --scorer '
+                          'it must name a reranker directory')
+    return {'config': model.config}
+  overrides = {'scorer': args.scorer, 'input_length': args.input_length}
+  if args.template:
+    overrides['template'] = args.template
+  if args.dtype:
+    overrides['dtype'] = args.dtype
+  if getattr(args, 'max_distance', None):
+    overrides['relative_attention_max_distance'] = args.max_distance
+  if args.scoring_token is not None:
+    overrides['scoring_token_id'] = args.scoring_token
+  if args.scorer == 'yes_no':
+    # The answer words are looked up in the model's own vocabulary: ids differ between
+    # vocabularies, words do not.
+    overrides['yes_token_id'], overrides['no_token_id'] = rerankers.yes_no_token_ids(
+        vocab, *args.answers.split(','))
+  return overrides
+
+
+def _import(args, load_dual_encoder, found_vocab=None):
+  """A checkpoint into a t5dual dual encoder, or a reranker when --scorer is given."""
+  vocab = _vocab(args, found_vocab)
+  if args.scorer:
+    params, config, report = reranker_interop.load_reranker(
+        args.checkpoint, **_reranker_target(args, vocab))
+  else:
+    params, config, report = load_dual_encoder(args.checkpoint, **_target(args))
+  _finish_import(args, params, config, report, vocab)
 
 
 # --------------------------------------------------------------------------- commands
 
 def t5x_to_t5dual(args):
-  params, config, report = t5x.load_dual_encoder(args.checkpoint, **_target(args))
-  _finish_import(args, params, config, report, _vocab(args))
+  _import(args, t5x.load_dual_encoder)
 
 
 def hf_to_t5dual(args):
-  params, config, report = hf.load_dual_encoder(args.checkpoint, **_target(args))
-  _finish_import(args, params, config, report, _vocab(args, st.find_vocab(
-      args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint))))
+  _import(args, hf.load_dual_encoder, st.find_vocab(
+      args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)))
 
 
 def st_to_t5dual(args):
+  if args.scorer:
+    raise cli.UserError('a sentence-transformers folder holds a dual encoder; convert it with '
+                        'st-to-t5dual (no --scorer), or a T5 checkpoint with hf-to-t5dual --scorer')
   params, config, report = st.load_dual_encoder(args.checkpoint, **_target(args))
   folder = st.read_folder(args.checkpoint)
   if folder.max_seq_length and args.doc_length == pipeline.DEFAULT_FEATURE_LENGTHS['targets']:
@@ -147,11 +206,17 @@ def st_to_t5dual(args):
   _finish_import(args, params, config, report, _vocab(args, st.find_vocab(args.checkpoint)))
 
 
-def _restore(args):
+def _restore(args, kinds=('dual_encoder',)):
+  """(config, params, step, vocab path, feature lengths) of a model dir of one of `kinds`."""
+  desc = checkpoints.read_model_json(args.model_dir)
+  kind = desc.get('kind', 'dual_encoder')
+  if kind not in kinds:
+    raise cli.UserError(f'{args.model_dir} holds a {kind} model; {args.command} converts '
+                        f'{" or ".join(k.replace("_", " ") for k in kinds)} models')
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       args.model_dir, args.step)
   params = jax.tree.map(np.asarray, params)
-  print(f'read {model.config.architecture} model {args.model_dir} at step {step}')
+  print(f'read {getattr(model, "name", kind)} model {args.model_dir} at step {step}')
   return model.config, params, step, tokenizer.path, lengths
 
 
@@ -179,14 +244,23 @@ def t5dual_to_st(args):
 
 
 def t5dual_to_hf(args):
-  config, params, _, vocab, lengths = _restore(args)
+  config, params, _, vocab, lengths = _restore(args, ('dual_encoder', 'reranker'))
+  if isinstance(config, rerankers.RerankerConfig):
+    reranker_interop.save_hf(args.output, params, config, vocab)
+    what = {'encdec': f'score: first-step logit of token {config.scoring_token_id}',
+            'yes_no': f'score: log-softmax of token {config.yes_token_id} over '
+                      f'{config.yes_token_id}, {config.no_token_id} at the first step'}
+    print(f'wrote Hugging Face T5ForConditionalGeneration folder {args.output} '
+          f'({what[config.scorer]}; input template {config.template!r}):')
+    _print_written(args.output)
+    return
   for folder in hf.save_t5_encoders(args.output, params, config, vocab, _max_lengths(lengths)):
     print(f'wrote Hugging Face T5EncoderModel folder {folder}:')
     _print_written(folder)
 
 
 def t5dual_to_t5x(args):
-  config, params, step, _, _ = _restore(args)
+  config, params, step, _, _ = _restore(args, ('dual_encoder', 'reranker'))
   t5x.write_checkpoint(args.output, params, step)
   for path, leaf in trees.flatten(params).items():
     print(f'  target/{path} {list(leaf.shape)}')
@@ -238,6 +312,19 @@ def parser() -> argparse.ArgumentParser:
                    default=pipeline.DEFAULT_FEATURE_LENGTHS['inputs'])
     q.add_argument('--doc-length', type=int,
                    default=pipeline.DEFAULT_FEATURE_LENGTHS['targets'])
+    r = q.add_argument_group('rerankers', 'with --scorer, the checkpoint becomes a reranker '
+                             '(an encoder-decoder for encdec / yes_no)')
+    r.add_argument('--scorer', choices=rerankers.SCORERS,
+                   help='make a reranker: encdec (RankT5-EncDec), yes_no (monoT5), '
+                        'enc (RankT5-Enc: encoder + a new score head)')
+    r.add_argument('--scoring-token', type=int, default=None,
+                   help=f'encdec: the scored logit (default {rerankers.EXTRA_ID_10}, '
+                        '<extra_id_10>)')
+    r.add_argument('--answers', default='true,false',
+                   help='yes_no: the answer words YES,NO (single pieces of the vocabulary)')
+    r.add_argument('--input-length', type=int, default=rerankers.DEFAULT_INPUT_LENGTH,
+                   help='reranker input tokens, EOS included')
+    r.add_argument('--template', help=f'input template (default {rerankers.DEFAULT_TEMPLATE!r})')
     q.set_defaults(fn=fn)
     return q
 
@@ -248,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
   importer('st-to-t5dual', st_to_t5dual, 'sentence-transformers GTR / sentence-T5 folder')
 
   for name, fn, what in (('t5dual-to-st', t5dual_to_st, 'sentence-transformers folder(s)'),
-                         ('t5dual-to-hf', t5dual_to_hf, 'Hugging Face T5EncoderModel folder(s)'),
+                         ('t5dual-to-hf', t5dual_to_hf, 'Hugging Face T5EncoderModel folder(s), '
+                          'or T5ForConditionalGeneration for a reranker'),
                          ('t5dual-to-t5x', t5dual_to_t5x, 'T5X checkpoint directory')):
     q = sub.add_parser(name, help=f't5dual model directory -> {what}')
     q.add_argument('model_dir')

@@ -123,3 +123,116 @@ def test_mismatched_checkpoints_are_errors(tmp_path):
     interop.reranker_from_tree(tree, dtype='float32', temprature=0.1)
   with pytest.raises(ValueError, match='either config or'):
     interop.reranker_from_tree(tree, tied, dtype='float32')
+
+
+# --------------------------------------------------------------------------- scripts/convert.py
+
+@pytest.fixture(scope='module')
+def convert():
+  import importlib.util
+  import pathlib
+  script = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert.py'
+  spec = importlib.util.spec_from_file_location('t5dual_convert_script_rerankers', script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def spm(tmp_path_factory):
+  from t5dual.vocab import train_sentencepiece
+  # Few distinct words, so that the unigram model keeps 'true' and 'false' whole.
+  words = 'true false passage query answers that is it or'.split()
+  rng = np.random.default_rng(0)
+  texts = [' '.join(rng.choice(words, 8)) for _ in range(200)]
+  return train_sentencepiece(texts, str(tmp_path_factory.mktemp('spm') / 'sp'), vocab_size=60)
+
+
+def _one_line(excinfo) -> str:
+  message = str(excinfo.value)
+  assert '\n' not in message, message
+  return message
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_convert_cli_hf_to_reranker_dir_and_back_is_exact(tmp_path, convert, spm, variant,
+                                                          capsys):
+  from t5dual import reranking
+  cfg, model = tiny_hf(variant, seed=4)
+  model.save_pretrained(tmp_path / 'in')
+  assert convert.main(['hf-to-t5dual', str(tmp_path / 'in'), str(tmp_path / 'rr'),
+                       '--scorer=encdec', f'--scoring-token={SCORING}', f'--vocab={spm}',
+                       '--dtype=float32', '--input-length=16']) == 0
+  assert 'wrote t5dual encdec reranker model' in capsys.readouterr().out
+  # The directory reloads by its kind, as scripts/rerank.py reads it.
+  reranker, params, _, _, length = reranking.load_reranker(str(tmp_path / 'rr'))
+  assert length == 16 and reranker.config.scoring_token_id == SCORING
+  assert reranker.config.t5 == t5dual_config(cfg)
+  _assert_trees_equal(params, t5dual_params(model))
+  ids = padded_ids(np.random.default_rng(4), 5, 16, cfg.vocab_size)
+  ref = _first_step_logits(model, ids)
+  np.testing.assert_allclose(reranker.score(params, ids), ref[:, SCORING], rtol=0,
+                             atol=float32_tolerance(ref))
+
+  assert convert.main(['t5dual-to-hf', str(tmp_path / 'rr'), str(tmp_path / 'out')]) == 0
+  assert 'T5ForConditionalGeneration' in capsys.readouterr().out
+  back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / 'out').eval()
+  want, got = model.state_dict(), back.state_dict()
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
+  assert (tmp_path / 'out' / 'spiece.model').exists()  # the tokenizer travels with it
+
+
+def test_convert_cli_t5x_to_yes_no_reranker_dir(tmp_path, convert, spm):
+  from t5dual import reranking
+  from t5dual.vocab import Tokenizer
+  cfg, model = tiny_hf('t5.1.1', seed=5)
+  t5x.write_checkpoint(str(tmp_path / 'checkpoint_3'), t5dual_params(model), step=3)
+  answers = ['true', 'false']
+  assert convert.main(['t5x-to-t5dual', str(tmp_path / 'checkpoint_3'), str(tmp_path / 'rr'),
+                       '--scorer=yes_no', f'--answers={",".join(answers)}', f'--vocab={spm}',
+                       '--dtype=float32', '--max-distance=20', '--input-length=12']) == 0
+  reranker, params, _, _, _ = reranking.load_reranker(str(tmp_path / 'rr'))
+  yes, no = rerankers.yes_no_token_ids(Tokenizer(spm), *answers)
+  assert (reranker.config.yes_token_id, reranker.config.no_token_id) == (yes, no)
+  _assert_trees_equal(params, t5dual_params(model))
+  ids = padded_ids(np.random.default_rng(5), 4, 12, cfg.vocab_size)
+  ref = _first_step_logits(model, ids)
+  want = ref[:, yes] - np.logaddexp(ref[:, yes], ref[:, no])
+  np.testing.assert_allclose(reranker.score(params, ids), want, rtol=0,
+                             atol=2 * float32_tolerance(ref))
+  # T5X out and back in again is exact too.
+  assert convert.main(['t5dual-to-t5x', str(tmp_path / 'rr'), str(tmp_path / 't5x_out')]) == 0
+  _assert_trees_equal(t5x.load_tree(str(tmp_path / 't5x_out')), t5dual_params(model))
+
+
+def test_convert_cli_reranker_errors_are_one_line(tmp_path, convert, spm):
+  from t5dual import cli
+  cfg, model = tiny_hf('t5.1.1', seed=6)
+  tree = t5dual_params(model)
+  t5x.write_checkpoint(str(tmp_path / 'enc_only'),
+                       {k: tree[k] for k in ('token_embedder', 'encoder')}, step=1)
+  with pytest.raises(cli.UserError) as e:
+    convert.main(['t5x-to-t5dual', str(tmp_path / 'enc_only'), str(tmp_path / 'a'),
+                  '--scorer=encdec', f'--scoring-token={SCORING}', f'--vocab={spm}'])
+  assert 'needs an encoder-decoder checkpoint' in _one_line(e)
+  with pytest.raises(cli.UserError) as e:  # the default <extra_id_10> is past a tiny vocabulary
+    convert.main(['t5x-to-t5dual', str(tmp_path / 'enc_only'), str(tmp_path / 'a'),
+                  '--scorer=encdec', f'--vocab={spm}'])
+  assert 'scoring_token_id must be a token id in [0, 70)' in _one_line(e)
+  with pytest.raises(cli.UserError) as e:
+    convert.main(['t5x-to-t5dual', str(tmp_path / 'enc_only'), str(tmp_path / 'b'),
+                  '--scorer=yes_no', '--answers=maybe,never', f'--vocab={spm}'])
+  assert "'maybe'" in _one_line(e)
+  # An 'enc' reranker has no T5ForConditionalGeneration, and a reranker no sentence-transformers.
+  assert convert.main(['t5x-to-t5dual', str(tmp_path / 'enc_only'), str(tmp_path / 'enc'),
+                       '--scorer=enc', f'--vocab={spm}', '--dtype=float32']) == 0
+  with pytest.raises(cli.UserError) as e:
+    convert.main(['t5dual-to-hf', str(tmp_path / 'enc'), str(tmp_path / 'c')])
+  assert "'enc' reranker has no decoder" in _one_line(e)
+  with pytest.raises(cli.UserError) as e:
+    convert.main(['t5dual-to-st', str(tmp_path / 'enc'), str(tmp_path / 'd')])
+  assert 'holds a reranker model' in _one_line(e)
+  assert not (tmp_path / 'a').exists() or not any((tmp_path / 'a').iterdir())
+  assert not (tmp_path / 'c').exists() and not (tmp_path / 'd').exists()

@@ -15,6 +15,7 @@ out (and its divisibility checked) before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -81,6 +82,26 @@ def _tuple_or_none(x):
   return None if x is None else tuple(x)
 
 
+# Devices of a target the process does not own (a TPU topology description), for
+# ahead-of-time compilation: see `target_devices`.
+_TARGET_DEVICES: contextvars.ContextVar = contextvars.ContextVar('t5dual_target_devices',
+                                                                default=None)
+
+
+@contextlib.contextmanager
+def target_devices(devices: Sequence):
+  """Partitioners without explicit devices build their meshes over `devices` inside.
+
+  scripts/plan.py compiles the real train step for a TPU pod from a CPU host so:
+  the gin-configured partitioner stays as configured, only its devices change.
+  """
+  token = _TARGET_DEVICES.set(tuple(devices))
+  try:
+    yield
+  finally:
+    _TARGET_DEVICES.reset(token)
+
+
 @dataclasses.dataclass(frozen=True)
 class Partitioner:
   """How arrays are laid out over devices (T5X's PjitPartitioner in spirit).
@@ -145,9 +166,15 @@ class Partitioner:
     return standard_logical_axis_rules(self.activation_partitioning_dims,
                                        self.parameter_partitioning_dims)
 
+  def _devices(self) -> Sequence:
+    if self.devices is not None:
+      return self.devices
+    target = _TARGET_DEVICES.get()
+    return target if target is not None else jax.devices()
+
   @property
   def num_devices(self) -> int:
-    return len(self.devices) if self.devices is not None else jax.device_count()
+    return len(self._devices())
 
   @property
   def mesh_shape(self) -> tuple[int, int]:
@@ -179,7 +206,7 @@ class Partitioner:
   def mesh(self) -> Mesh:
     """The ('data', 'model') mesh."""
     shape = self.mesh_shape
-    devices = list(self.devices if self.devices is not None else jax.devices())
+    devices = list(self._devices())
     if self.dcn_mesh_shape is not None:
       # TPU slices are the granules of a multi-slice job; elsewhere (GPU nodes)
       # a process is.
@@ -187,7 +214,9 @@ class Partitioner:
           self.ici_mesh_shape, self.dcn_mesh_shape, devices,
           process_is_granule=not hasattr(devices[0], 'slice_index'))
     else:
-      grid = mesh_utils.create_device_mesh(shape, devices)
+      # A TPU torus (e.g. 4x4x4) holds a (8, 8) mesh only by splitting a physical
+      # axis between 'data' and 'model'; elsewhere this changes nothing.
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
 
   @contextlib.contextmanager

@@ -42,7 +42,8 @@ def run(model_dir: str,
         run_config: Optional[Callable[[], str]] = None,
         partitioner: Optional[partitioning.Partitioner] = None,
         prepare_model: Optional[Callable[[model_api.Model, str], model_api.Model]] = None,
-        check_only: bool = False) -> Any:
+        check_only: bool = False,
+        plan_fn: Optional[Callable[..., Any]] = None) -> Any:
   """Trains `model` on a data source and writes everything to `model_dir`.
 
   Every setting is checked before anything is read or written; then the
@@ -73,8 +74,13 @@ def run(model_dir: str,
       model_dir is locked, before the data is read; returns the model to train
       (a multistage chain gives a distillation stage its teacher scores so).
     check_only: only check the settings; nothing is read or written.
+    plan_fn: instead of training, return plan_fn(model=, optimizer=,
+      partitioner=, batch_size=, feature_lengths=) once the settings are
+      checked (scripts/plan.py compiles the train step for a target so);
+      nothing is read or written.
   Returns:
-    The last logged metrics; with check_only, the model that would train.
+    The last logged metrics; with check_only, the model that would train;
+    with plan_fn, what it returns.
   Raises:
     cli.UserError (ConfigError, ...): a setting, the data or the directory is
       unusable; the message names the parameter, file or line.
@@ -85,6 +91,10 @@ def run(model_dir: str,
                   num_negatives, partitioner)
   if check_only:
     return model
+  if plan_fn is not None:
+    schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
+    return plan_fn(model=model, optimizer=optimizer_fn(learning_rate=schedule),
+                   partitioner=partitioner, batch_size=batch_size, feature_lengths=lengths)
   config = dataclasses.replace(trainer_config, total_steps=train_steps)
   with checkpoints.exclusive_writer(model_dir):
     if mixture_or_task_module:

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Compile the real train (and encode) step ahead of time for a target this host does not own.
+
+  python scripts/plan.py --gin_file=gin/models/sde.gin --gin_file=gin/sizes/xxl.gin \
+      --gin_file=configs/runs/finetune.gin --gin_file=configs/topologies/v4-128.gin \
+      --topology=v4:4x4x4 [--batch=512] [--encode] [--search] [--write=BENCHMARKS.md]
+
+The gin files are those of the training run (MODEL_DIR, data and vocabulary are
+not needed and not read). TPU topologies (v4:4x4x4, v5e:16x16, ...) need libtpu:
+pip install -e '.[tpu]'; 'cpu:N' compiles for N simulated CPU devices (this
+script sets XLA_FLAGS for it). Prints, per device, the closed-form bytes of
+parameters, optimizer state, gradients, batch and activations beside XLA's
+compiled memory analysis and cost-model FLOPs, and whether the step fits the
+target's HBM; with --search, a step that does not fit is retried with 'full'
+remat and then halved batches until one fits (t5dual/planning.py).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def _flags(argv):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--topology', required=True, help="e.g. v4:4x4x4, v5e:16x16, cpu:8")
+  p.add_argument('--batch', type=int, help='global batch (default: the gin BATCH_SIZE)')
+  p.add_argument('--encode', action='store_true', help='also compile the encode step')
+  p.add_argument('--encode_batch', type=int, default=1024)
+  p.add_argument('--search', action='store_true',
+                 help='if it does not fit: full remat, then halved batches')
+  p.add_argument('--hbm_gib', type=float, help="override the target's HBM per device")
+  p.add_argument('--write', help='append the report to this markdown file')
+  return p.parse_known_args(argv)
+
+
+def main(argv):
+  args, rest = _flags(argv)
+  # libtpu takes a lock file that any other JAX process on the host (a training run,
+  # the tests) may hold; a plan only compiles, so it may share libtpu.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  if args.topology.startswith('cpu:'):  # before JAX starts
+    count = 1
+    for s in args.topology[4:].split('x'):
+      count *= int(s) if s.isdigit() else 1
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={count}')
+  from t5dual import cli, gin_utils, partitioning, planning, train_lib
+
+  files, bindings, _ = gin_utils.parse_flags(rest)
+  if not files:
+    raise cli.ConfigError('no --gin_file given; see the usage in scripts/plan.py')
+  # A plan reads no data: placeholders for what only a real run needs.
+  defaults = ["MODEL_DIR = '/nonexistent/plan'", "MIXTURE_OR_TASK_NAME = 'plan'",
+              "VOCABULARY_PATH = 'plan.model'"]
+  gin_utils.parse_gin(files, defaults + list(bindings))
+  devices, acc = planning.target_devices(args.topology)
+  hbm = int(args.hbm_gib * planning.GiB) if args.hbm_gib else acc.hbm_bytes
+  overrides = {'batch_size': args.batch} if args.batch else {}
+  t_start = time.time()
+  rows = []
+
+  def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths):
+    def one(model, batch):
+      try:
+        p = planning.plan_train_step(model, optimizer, partitioner, batch, feature_lengths)
+      except Exception as e:  # a compile that fails is a finding, not a crash
+        p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200])
+      remat = model.config.t5.remat if hasattr(model.config, 't5') else '-'
+      rows.append((p, remat, partitioner))
+      print(_line(p, remat, partitioner, hbm), flush=True)
+      return p
+
+    p = one(model, batch_size)
+    if args.search and planning.fits(p, hbm) is False:
+      cfg = model.config
+      if hasattr(cfg, 't5') and cfg.t5.remat != 'full':
+        full = _with_remat(model, 'full')
+        p = one(full, batch_size)
+        model = full
+      for b in planning.smaller_batches(batch_size, partitioner.data_parallel):
+        if planning.fits(p, hbm) is not False:
+          break
+        p = one(model, b)
+    if args.encode and model.kind == 'dual_encoder':
+      try:
+        e = planning.plan_encode_step(model, partitioner, args.encode_batch,
+                                      feature_lengths['targets'])
+      except Exception as err:  # as for the train step: a finding
+        e = planning.StepPlan('encode document', args.encode_batch,
+                              error=(str(err).splitlines() or ['?'])[0][:200])
+      rows.append((e, model.config.t5.remat, partitioner))
+      print(_line(e, model.config.t5.remat, partitioner, hbm), flush=True)
+    return model
+
+  with partitioning.target_devices(devices):
+    model = gin_utils.call_configured(train_lib.run, plan_fn=plan_fn, **overrides)
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
+  table = _table(args, argv, model, rows, hbm, time.time() - t_start, peak_rss, acc)
+  print(table)
+  if args.write:
+    old = open(args.write).read() if os.path.exists(args.write) else '# Benchmarks\n'
+    with open(args.write, 'w') as f:
+      f.write(old.rstrip('\n') + '\n\n' + table)
+
+
+def _with_remat(model, remat):
+  """The same model with another T5Config.remat policy (rebuilt from its description)."""
+  cfg = model.config
+  new_cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, remat=remat))
+  return type(model).from_description({**model.describe(), 'config': dataclasses.asdict(new_cfg)})
+
+
+def _line(p, remat, partitioner, hbm):
+  from t5dual import planning
+  if p.error:
+    return f'{p.name} batch {p.batch} remat {remat}: did not compile: {p.error}'
+  fit = planning.fits(p, hbm)
+  return (f'{p.name} batch {p.batch} remat {remat} mesh {partitioner.mesh_shape}: closed form '
+          f'{planning.gib(p.closed_form_total)} GiB/device, compiled peak '
+          f'{planning.gib(p.compiled_peak)} GiB, {"fits" if fit else "does not fit" if fit is False else "no HBM limit"}'
+          f', compiled in {p.compile_s:.0f} s')
+
+
+def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
+  from t5dual import planning
+  date = datetime.date.today().isoformat()
+  cpu = platform.processor() or 'CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  cmd = 'python scripts/plan.py ' + ' '.join(shlex.quote(a) for a in argv)
+  head = (f'### Plan: {model.name}, {args.topology} ({date}; compiled on {cpu} x'
+          f'{os.cpu_count()} cores)\n\n`{cmd}`\n\nHBM per device: {planning.gib(hbm)} GiB. '
+          f'Whole command: {seconds:.0f} s, peak host RSS {peak_rss:.1f} GiB. Per device, GiB; '
+          'closed form = params + optimizer + gradients + batch + activation estimate; '
+          'compiled peak = XLA memory analysis, arguments + outputs - donated + temporaries; '
+          'TFLOP = XLA cost model, per device per step.\n\n')
+  lines = ['| step | batch | remat | mesh (data, model) | params | optimizer | grads | batch | '
+           'activations (est.) | closed form | compiled args | compiled temp | compiled peak | '
+           'fits | TFLOP | compile s |', '|' + '---|' * 16]
+  for p, remat, part in rows:
+    if p.error:
+      lines.append(f'| {p.name} | {p.batch} | {remat} | {part.mesh_shape} | did not compile: '
+                   f'{p.error} |' + ' |' * 11)
+      continue
+    fit = planning.fits(p, hbm)
+    lines.append(
+        f'| {p.name} | {p.batch} | {remat} | {part.mesh_shape} | {planning.gib(p.params)} | '
+        f'{planning.gib(p.opt_state)} | {planning.gib(p.grads)} | '
+        f'{planning.gib(p.batch_bytes)} | {planning.gib(p.activations)} | '
+        f'{planning.gib(p.closed_form_total)} | {planning.gib(p.compiled_arguments)} | '
+        f'{planning.gib(p.compiled_temp)} | {planning.gib(p.compiled_peak)} | '
+        f'{"yes" if fit else "no" if fit is False else "-"} | '
+        f'{"-" if p.flops is None else f"{p.flops / 1e12:,.1f}"} | {p.compile_s:.0f} |')
+  return head + '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+  from t5dual import cli
+  cli.run_main(main)

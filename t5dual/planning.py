@@ -1,0 +1,282 @@
+"""Ahead-of-time plans: compile the real train and encode steps for a target one does not own.
+
+`plan` lowers and compiles `trainer.build_train_step` (the step training runs)
+and the dual encoder's encode step with abstract shapes only
+(jax.ShapeDtypeStruct), for
+
+  TPU topologies  'v4:4x4x4', 'v5e:16x16', 'v5p:8x8x8', 'v6e:16x16' through
+                  jax.experimental.topologies.get_topology_desc, which works on
+                  a CPU host once libtpu is installed (setup.py's `tpu` extra);
+  CPU devices     'cpu:N' (N host devices; the process must start with
+                  XLA_FLAGS=--xla_force_host_platform_device_count>=N).
+
+Nothing is allocated on any device. The report gives, per device, the bytes of
+parameters, optimizer state, gradients and the batch in closed form (each
+array's shard shape under its sharding) and a closed-form activation estimate,
+beside XLA's compiled memory analysis (arguments, outputs, temporaries) and the
+FLOPs of XLA's cost model, and whether the step fits the target's HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5dual import cli, partitioning, t5, trainer
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  """What a device of a target generation has: HBM per JAX device, peak bf16 FLOP/s."""
+
+  platform: str
+  hbm_bytes: Optional[int]
+  peak_flops: Optional[float]
+  chip_config: Optional[str] = None  # get_topology_desc's chip_config_name
+
+
+# Per JAX device. v4 and v5p run megacore (one device per chip, both cores).
+ACCELERATORS = {
+    'v4': Accelerator('tpu', 32 * GiB, 275e12, 'megacore'),
+    'v5e': Accelerator('tpu', 16 * GiB, 197e12),
+    'v5p': Accelerator('tpu', 95 * GiB, 459e12, 'megacore'),
+    'v6e': Accelerator('tpu', 32 * GiB, 918e12),
+    'cpu': Accelerator('cpu', None, None),
+}
+_TOPOLOGY = re.compile(r'^(?P<gen>[a-z0-9]+):(?P<shape>\d+(?:x\d+)*)$')
+
+
+class PlanError(cli.UserError):
+  """A target or setting the planner cannot use."""
+
+
+def target_devices(topology: str) -> tuple[list, Accelerator]:
+  """(devices, accelerator) of a topology string such as 'v4:4x4x4' or 'cpu:8'."""
+  m = _TOPOLOGY.match(topology)
+  if not m or m['gen'] not in ACCELERATORS:
+    raise PlanError(f'--topology {topology!r}: expected GEN:AxBxC with GEN one of '
+                    f'{sorted(ACCELERATORS)} (e.g. v4:4x4x4, v5e:16x16, cpu:8)')
+  acc = ACCELERATORS[m['gen']]
+  if acc.platform == 'cpu':
+    count = math.prod(int(s) for s in m['shape'].split('x'))
+    devices = jax.devices('cpu')
+    if len(devices) < count:
+      raise PlanError(f'--topology {topology}: this process has {len(devices)} CPU devices; '
+                      f'start it with XLA_FLAGS=--xla_force_host_platform_device_count={count}')
+    return devices[:count], acc
+  try:
+    from jax.experimental import topologies
+    kwargs = {'chip_config_name': acc.chip_config} if acc.chip_config else {}
+    desc = topologies.get_topology_desc(topology, 'tpu', **kwargs)
+  except Exception as e:  # libtpu missing or the topology unknown to it
+    first = (str(e).splitlines() or [''])[0]
+    raise PlanError(f'--topology {topology}: no TPU topology description ({first}); install '
+                    "libtpu with pip install -e '.[tpu]'") from e
+  return list(desc.devices), acc
+
+
+# --------------------------------------------------------------------------- shapes
+
+def abstract_batch(model, batch_size: int, feature_lengths: dict,
+                   list_size: Optional[int] = None) -> dict:
+  """The global batch a model trains on, as jax.ShapeDtypeStructs (see its batcher).
+
+  Dual encoders (data/pipeline.PairBatcher): 'inputs' [B, Lq], 'targets' [B, Ld]
+  int32 and the duplicate-masking ids 'query_ids', 'doc_ids' [B] int32.
+  Rerankers (data/lists.ListBatcher): 'inputs' [B, list, L] int32, 'labels'
+  [B, list] float32, 'where' [B, list] bool.
+  """
+  s = jax.ShapeDtypeStruct
+  if model.kind == 'reranker':
+    n = list_size or model.lists.list_size
+    return {'inputs': s((batch_size, n, feature_lengths['inputs']), jnp.int32),
+            'labels': s((batch_size, n), jnp.float32),
+            'where': s((batch_size, n), jnp.bool_)}
+  return {'inputs': s((batch_size, feature_lengths['inputs']), jnp.int32),
+          'targets': s((batch_size, feature_lengths['targets']), jnp.int32),
+          'query_ids': s((batch_size,), jnp.int32), 'doc_ids': s((batch_size,), jnp.int32)}
+
+
+def shard_bytes(tree: Any, shardings: Any = None) -> int:
+  """Bytes one device holds of `tree` (ShapeDtypeStructs) under `shardings` (or their own)."""
+  leaves = jax.tree.leaves(tree)
+  shs = jax.tree.leaves(shardings) if shardings is not None else [x.sharding for x in leaves]
+  return sum(math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x, sh in zip(leaves, shs))
+
+
+def _t5_configs(model) -> list[t5.T5Config]:
+  cfg = model.config
+  return [cfg.t5] if hasattr(cfg, 't5') else []
+
+
+def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
+                     model_parallel: int, list_size: Optional[int] = None) -> int:
+  """Closed-form estimate of the activations one device keeps for the backward pass.
+
+  Per sequence of L tokens and layer: the layer input (L x d, activation dtype)
+  is always kept; without remat ('none') also its attention logits and
+  probabilities (heads/mp x L x L, float32), q, k, v, the attention output
+  (4 x L x heads/mp x head_dim) and the MLP's gated hidden units (3 x L x
+  mlp/mp). Under 'full' remat one layer's working set is live at a time in the
+  backward pass. Other policies keep some of these; they are counted as 'none'
+  (an upper bound). Decoder steps of a reranker (one token) are neglected.
+  """
+  cfgs = _t5_configs(model)
+  if not cfgs:
+    return 0
+  cfg = cfgs[0]
+  act = np.dtype(cfg.dtype).itemsize
+  heads = max(1, cfg.num_heads // model_parallel)
+  mlp = cfg.mlp_dim // model_parallel
+  if model.kind == 'reranker':
+    n = list_size or model.lists.list_size
+    seqs = [(batch_per_device * n, feature_lengths['inputs'])]
+  else:
+    seqs = [(batch_per_device, feature_lengths['inputs']),
+            (batch_per_device, feature_lengths['targets'])]
+  total = 0
+  for count, length in seqs:
+    kept = count * length * cfg.emb_dim * act
+    working = count * (2 * heads * length * length * 4
+                       + length * (4 * heads * cfg.head_dim + 3 * mlp) * act)
+    if cfg.remat == 'full':
+      total += cfg.num_layers * kept + working
+    else:
+      total += cfg.num_layers * (kept + working)
+  return total
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclasses.dataclass
+class StepPlan:
+  """What one compiled step needs per device (bytes) and costs (FLOPs)."""
+
+  name: str
+  batch: int
+  params: int = 0
+  opt_state: int = 0
+  grads: int = 0
+  batch_bytes: int = 0
+  activations: int = 0
+  compiled_arguments: Optional[int] = None
+  compiled_outputs: Optional[int] = None
+  compiled_temp: Optional[int] = None
+  compiled_alias: Optional[int] = None
+  flops: Optional[float] = None
+  compile_s: float = 0.0
+  error: Optional[str] = None
+
+  @property
+  def closed_form_total(self) -> int:
+    return self.params + self.opt_state + self.grads + self.batch_bytes + self.activations
+
+  @property
+  def compiled_peak(self) -> Optional[int]:
+    """Arguments + outputs - donated (aliased) + temporaries: XLA's live bytes at peak."""
+    if self.compiled_temp is None:
+      return None
+    return (self.compiled_arguments + self.compiled_outputs - (self.compiled_alias or 0)
+            + self.compiled_temp)
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {'compiled_arguments': int(m.argument_size_in_bytes),
+          'compiled_outputs': int(m.output_size_in_bytes),
+          'compiled_temp': int(m.temp_size_in_bytes),
+          'compiled_alias': int(m.alias_size_in_bytes)}
+
+
+def _flops(compiled) -> Optional[float]:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends have no cost model
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, batch_size: int,
+                    feature_lengths: dict, compile: bool = True) -> StepPlan:
+  """Closed-form bytes, and (compile=True) XLA's compiled memory and FLOPs, of one train step."""
+  plan = StepPlan('train', batch_size)
+  layout = trainer.state_layout(model, optimizer, partitioner)
+  plan.params = shard_bytes(layout.params)
+  plan.opt_state = shard_bytes(layout.opt_state)
+  plan.grads = plan.params  # float32 gradients laid out like the parameters
+  spec = abstract_batch(model, batch_size, feature_lengths)
+  batch_sh = partitioner.batch_shardings(spec)
+  plan.batch_bytes = shard_bytes(spec, batch_sh)
+  plan.activations = activation_bytes(model, batch_size // partitioner.data_parallel,
+                                      feature_lengths, partitioner.model_parallel)
+  if not compile:
+    return plan
+  step, layout = trainer.build_train_step(model, optimizer, partitioner, spec, layout=layout)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  t0 = time.time()
+  with partitioner.context():
+    compiled = step.lower(layout.params, layout.opt_state, scalar, spec, scalar).compile()
+  plan.compile_s = time.time() - t0
+  for k, v in _memory(compiled).items():
+    setattr(plan, k, v)
+  plan.flops = _flops(compiled)
+  return plan
+
+
+def plan_encode_step(model, partitioner: partitioning.Partitioner, batch_size: int,
+                     length: int, side: str = 'document') -> StepPlan:
+  """The dual encoder's encode step (export) for [batch_size, length] ids, compiled."""
+  from t5dual import encoding
+  from t5dual.sides import Side
+  plan = StepPlan(f'encode {side}', batch_size)
+  fn, param_sh = encoding._jitted_encode(model, Side.parse(side), partitioner)
+  shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, param_sh)
+  plan.params = shard_bytes(params)
+  ids = jax.ShapeDtypeStruct((batch_size, length), jnp.int32,
+                             sharding=partitioner.batch_sharding(2))
+  plan.batch_bytes = shard_bytes(ids)
+  t0 = time.time()
+  with partitioner.context():
+    compiled = fn.lower(params, ids).compile()
+  plan.compile_s = time.time() - t0
+  for k, v in _memory(compiled).items():
+    setattr(plan, k, v)
+  plan.flops = _flops(compiled)
+  return plan
+
+
+def fits(plan: StepPlan, hbm_bytes: Optional[int]) -> Optional[bool]:
+  """Whether the compiled step (or, uncompiled, the closed form) fits `hbm_bytes`."""
+  if hbm_bytes is None:
+    return None
+  need = plan.compiled_peak if plan.compiled_peak is not None else plan.closed_form_total
+  return need <= hbm_bytes
+
+
+def smaller_batches(batch_size: int, data_parallel: int) -> Sequence[int]:
+  """Batch sizes to try when one does not fit: halvings that still split over 'data'."""
+  out, b = [], batch_size // 2
+  while b >= data_parallel and b % data_parallel == 0:
+    out.append(b)
+    b //= 2
+  return out
+
+
+def gib(n: Optional[float]) -> str:
+  return '-' if n is None else f'{n / GiB:.2f}'

@@ -144,14 +144,27 @@ def main(argv):
   workdir, de_flags, rr_flags = _split_flags(argv)
   t0 = time.time()
   elapsed = lambda: f'{time.time() - t0:.0f} s'
+  data_dir, runs_dir = os.path.join(workdir, 'data'), os.path.join(workdir, 'runs')
+  de_dir, rr_dir = os.path.join(workdir, 'dual_encoder'), os.path.join(workdir, 'reranker')
+  spm_prefix = os.path.join(workdir, 'spm')
+  spm_path = spm_prefix + '.model'  # what vocab.train_sentencepiece writes
+  lists_run = os.path.join(runs_dir, 'train-negatives.trec')
+  configure_dual_encoder = lambda: _configure(DUAL_ENCODER_GIN, [
+      f"--gin.MODEL_DIR='{de_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='beir:{data_dir}:train'",
+      f"--gin.VOCABULARY_PATH='{spm_path}'"] + de_flags)
+  configure_reranker = lambda: _configure(RERANKER_GIN, [
+      f"--gin.MODEL_DIR='{rr_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='beir:{data_dir}:train'",
+      f"--gin.VOCABULARY_PATH='{spm_path}'", f"--gin.INITIAL_CHECKPOINT_PATH='{de_dir}'",
+      f"--gin.FIRST_STAGE_RUN='{lists_run}'"] + rr_flags)
+  # Both configurations are checked before anything is written or trained.
+  configure_reranker()
+  configure_dual_encoder()
   shutil.rmtree(workdir, ignore_errors=True)
-  data_dir = os.path.join(workdir, 'data')
-  runs_dir = os.path.join(workdir, 'runs')
   counts = demo.write_demo_beir(data_dir, **COLLECTION)
   # The reranker's template words go into the vocabulary too (no unknown pieces).
-  spm_path = vocab.train_sentencepiece(
+  vocab.train_sentencepiece(
       demo.demo_texts(data_dir) + [rerankers.DEFAULT_TEMPLATE.format(query='', document='')],
-      os.path.join(workdir, 'spm'), vocab_size=1024)
+      spm_prefix, vocab_size=1024)
   print(f'[demo] generated {counts} in {data_dir}; vocabulary {spm_path}', flush=True)
   qrels = evaluation.load_qrels(data_dir, 'test')
   corpus_ids, corpus_texts = sources.read_beir_corpus(data_dir)
@@ -164,10 +177,7 @@ def main(argv):
   rows['BM25'] = evaluation.evaluate(retrieval.read_trec_run(bm25_test), qrels, MEASURES)
 
   # ---------------------------------------------------------- first stage 2: dual encoder
-  de_dir = os.path.join(workdir, 'dual_encoder')
-  _configure(DUAL_ENCODER_GIN, [
-      f"--gin.MODEL_DIR='{de_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='beir:{data_dir}:train'",
-      f"--gin.VOCABULARY_PATH='{spm_path}'"] + de_flags)
+  configure_dual_encoder()
   # The untrained model: the configured model with the run's initial seed.
   de_model = gin.get_configurable(models.DualEncoderModel)()
   lengths = gin.query_parameter('%TASK_FEATURE_LENGTHS')
@@ -187,15 +197,9 @@ def main(argv):
   print(f'[demo] dual encoder trained ({de_test["step"]} steps), {elapsed()}', flush=True)
 
   # ---------------------------------------------------------- the reranker
-  rr_dir = os.path.join(workdir, 'reranker')
-  lists_run = _training_negatives(
-      data_dir, [bm25.beir_run(data_dir, 'train', k=DEPTH),
-                 retrieval.read_trec_run(de_train['run'])],
-      os.path.join(runs_dir, 'train-negatives.trec'))
-  _configure(RERANKER_GIN, [
-      f"--gin.MODEL_DIR='{rr_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='beir:{data_dir}:train'",
-      f"--gin.VOCABULARY_PATH='{spm_path}'", f"--gin.INITIAL_CHECKPOINT_PATH='{de_dir}'",
-      f"--gin.FIRST_STAGE_RUN='{lists_run}'"] + rr_flags)
+  _training_negatives(data_dir, [bm25.beir_run(data_dir, 'train', k=DEPTH),
+                                 retrieval.read_trec_run(de_train['run'])], lists_run)
+  configure_reranker()
   rr_result = _train()
   print(f'[demo] reranker trained ({rr_result.get("step")} steps), {elapsed()}', flush=True)
   first_stages = {'BM25': bm25_test, 'SDE dual encoder': de_test['run']}

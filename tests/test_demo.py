@@ -43,7 +43,7 @@ def _table(out):
 def test_demo_prints_every_stage_from_its_run_files(demo_script, tmp_path, capsys):
   work = tmp_path / 'demo'
   demo_script.main(['--workdir', str(work), '--gin.TRAIN_STEPS=150', '--gin.BATCH_SIZE=32',
-                    '--rerank_gin.TRAIN_STEPS=40', '--rerank_gin.BATCH_SIZE=16'])
+                    '--rerank_gin.TRAIN_STEPS=10', '--rerank_gin.BATCH_SIZE=8'])
   rows = _table(capsys.readouterr().out)
   assert tuple(rows) == STAGES
   qrels = evaluation.load_qrels(str(work / 'data'), 'test')

@@ -159,7 +159,12 @@ def main(argv):
   # Both configurations are checked before anything is written or trained.
   configure_reranker()
   configure_dual_encoder()
-  shutil.rmtree(workdir, ignore_errors=True)
+  # A demo starts afresh, but deletes only what an earlier demo left.
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if not os.path.isfile(os.path.join(data_dir, 'corpus.jsonl')):
+      raise cli.UserError(f'--workdir {workdir} is not empty and holds no earlier demo: '
+                          'choose a new directory')
+    shutil.rmtree(workdir)
   counts = demo.write_demo_beir(data_dir, **COLLECTION)
   # The reranker's template words go into the vocabulary too (no unknown pieces).
   vocab.train_sentencepiece(

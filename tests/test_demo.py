@@ -69,10 +69,17 @@ def test_demo_prints_every_stage_from_its_run_files(demo_script, tmp_path, capsy
     assert (work / model / 'config.gin').is_file()
 
 
-def test_demo_user_error_is_one_line(demo_script, tmp_path, capsys):
+@pytest.mark.parametrize('flag, expected', [
+    ('--rerank_gin.NO_SUCH_MACRO=1', 'NO_SUCH_MACRO'),
+    ('--gin.TRAIN_STEPS=100', 'is not empty and holds no earlier demo')])
+def test_demo_user_error_is_one_line_and_loses_nothing(demo_script, tmp_path, capsys, flag,
+                                                       expected):
+  work = tmp_path / 'demo'
+  work.mkdir()
+  (work / 'notes.txt').write_text('mine')
   with pytest.raises(SystemExit) as exit_info:
-    cli.run_main(demo_script.main, ['--workdir', str(tmp_path / 'demo'),
-                                    '--rerank_gin.NO_SUCH_MACRO=1'])
+    cli.run_main(demo_script.main, ['--workdir', str(work), flag])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith('error:') and 'NO_SUCH_MACRO' in err[0], err
+  assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err
+  assert sorted(p.name for p in work.iterdir()) == ['notes.txt']

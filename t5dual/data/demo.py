@@ -1,11 +1,19 @@
 """A generated retrieval collection for the demo and the tests (no downloads).
 
 Each document mentions a few "concepts", written with the concept's document
-word; its queries name some of the same concepts with a different, query-side
-word (an alias). Lexical matching therefore fails: an untrained dual encoder
-retrieves at chance, and a trained one must learn the aliases. Test queries
-belong to documents that no training pair contains, so the test measures
-whether the learnt aliases generalise.
+word; its queries name two of the same concepts, each with a different,
+query-side word (an alias). Lexical matching therefore fails: BM25 and an
+untrained dual encoder retrieve at chance, and a trained model must learn the
+aliases. Test queries belong to documents that no training pair contains, so
+the test measures whether the learnt aliases generalise.
+
+With `lexical_overlap` p > 0, each concept a query names is written with the
+document's own word with probability p instead: the vocabulary mismatch of
+real queries, where BM25 finds some of the right words. The demo uses 0.5:
+a query with both words literal is BM25's easy case, one with a single literal
+word is shared with the ~30 documents that mention that concept (BM25 recalls
+the answer but cannot rank it first; a model that knows the aliases can), one
+with none is lost to BM25 and found only through the aliases.
 """
 
 from __future__ import annotations
@@ -33,8 +41,15 @@ def _pseudo_words(rng: np.random.Generator, count: int) -> list[str]:
 
 def write_demo_beir(folder: str, num_docs: int = 2000, num_concepts: int = 300,
                     concepts_per_doc: int = 3, test_fraction: float = 0.15,
-                    seed: int = 0) -> dict:
-  """Writes corpus.jsonl, queries.jsonl, qrels/{train,test}.tsv; returns counts."""
+                    seed: int = 0, lexical_overlap: float = 0.0) -> dict:
+  """Writes corpus.jsonl, queries.jsonl, qrels/{train,test}.tsv; returns counts.
+
+  lexical_overlap: probability that a query names a concept with the
+  document's word rather than its alias (0: never; the collection is then the
+  same as before the option existed, for a given seed).
+  """
+  if not 0.0 <= lexical_overlap <= 1.0:
+    raise ValueError(f'lexical_overlap must be in [0, 1], got {lexical_overlap}')
   rng = np.random.default_rng(seed)
   words = list(rng.permutation(_pseudo_words(rng, 2 * num_concepts)))
   doc_word, query_word = words[:num_concepts], words[num_concepts:]
@@ -49,8 +64,10 @@ def write_demo_beir(folder: str, num_docs: int = 2000, num_concepts: int = 300,
     split = 'test' if d < num_test else 'train'
     for k in range(2):
       named = rng.choice(concepts, 2, replace=False)
-      text = ' '.join([str(rng.choice(_QUESTION))] +
-                      [query_word[c] for c in named] + list(rng.choice(_FILLERS, 2)))
+      # The draws for overlap happen only when it is on: seeds keep their collections.
+      said = [doc_word[c] if lexical_overlap and rng.random() < lexical_overlap
+              else query_word[c] for c in named]
+      text = ' '.join([str(rng.choice(_QUESTION))] + said + list(rng.choice(_FILLERS, 2)))
       qid = f'q{d}_{k}'
       queries.append({'_id': qid, 'text': text})
       qrels[split].append((qid, f'd{d}'))

@@ -52,6 +52,9 @@ setup(
         'torch': TEST[1:],
         'test': TEST,
         'demo': [],
+        # libtpu as jax[tpu]==0.10.2 pins it: TPU hosts, and scripts/plan.py compiling for
+        # TPU topologies from any host.
+        'tpu': ['libtpu==0.0.42.1'],
         'all': SEQIO + TEST,
     },
 )

@@ -75,7 +75,7 @@ def main(argv):
       except Exception as e:  # a compile that fails is a finding, not a crash
         p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200])
       remat = model.config.t5.remat if hasattr(model.config, 't5') else '-'
-      rows.append((p, remat, partitioner))
+      rows.append((p, remat, partitioner.mesh_shape))
       print(_line(p, remat, partitioner, hbm), flush=True)
       return p
 
@@ -97,7 +97,7 @@ def main(argv):
       except Exception as err:  # as for the train step: a finding
         e = planning.StepPlan('encode document', args.encode_batch,
                               error=(str(err).splitlines() or ['?'])[0][:200])
-      rows.append((e, model.config.t5.remat, partitioner))
+      rows.append((e, model.config.t5.remat, partitioner.mesh_shape))
       print(_line(e, model.config.t5.remat, partitioner, hbm), flush=True)
     return model
 
@@ -149,14 +149,14 @@ def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
   lines = ['| step | batch | remat | mesh (data, model) | params | optimizer | grads | batch | '
            'activations (est.) | closed form | compiled args | compiled temp | compiled peak | '
            'fits | TFLOP | compile s |', '|' + '---|' * 16]
-  for p, remat, part in rows:
+  for p, remat, mesh_shape in rows:
     if p.error:
-      lines.append(f'| {p.name} | {p.batch} | {remat} | {part.mesh_shape} | did not compile: '
+      lines.append(f'| {p.name} | {p.batch} | {remat} | {mesh_shape} | did not compile: '
                    f'{p.error} |' + ' |' * 11)
       continue
     fit = planning.fits(p, hbm)
     lines.append(
-        f'| {p.name} | {p.batch} | {remat} | {part.mesh_shape} | {planning.gib(p.params)} | '
+        f'| {p.name} | {p.batch} | {remat} | {mesh_shape} | {planning.gib(p.params)} | '
         f'{planning.gib(p.opt_state)} | {planning.gib(p.grads)} | '
         f'{planning.gib(p.batch_bytes)} | {planning.gib(p.activations)} | '
         f'{planning.gib(p.closed_form_total)} | {planning.gib(p.compiled_arguments)} | '

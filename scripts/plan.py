@@ -42,8 +42,26 @@ def _flags(argv):
   return p.parse_known_args(argv)
 
 
+def _with_large_thread_stacks(argv) -> None:
+  """Re-executes this script with the stack limit raised to the hard limit.
+
+  glibc sizes the default thread stack from RLIMIT_STACK at process start, and the
+  TPU compiler's threads recurse deeply on XXL models: with the usual 8 MiB the
+  compile of the T5.1.1-XXL step dies of a stack overflow (SIGSEGV in
+  MakeConvWindows), with an unlimited stack it compiles.
+  """
+  soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+  if soft == hard or os.environ.get('T5DUAL_PLAN_REEXEC'):
+    return
+  resource.setrlimit(resource.RLIMIT_STACK, (hard, hard))
+  os.environ['T5DUAL_PLAN_REEXEC'] = '1'
+  os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(argv))
+
+
 def main(argv):
   args, rest = _flags(argv)
+  if not args.topology.startswith('cpu:'):
+    _with_large_thread_stacks(argv)
   # libtpu takes a lock file that any other JAX process on the host (a training run,
   # the tests) may hold; a plan only compiles, so it may share libtpu.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')

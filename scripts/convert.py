@@ -33,6 +33,7 @@ stop with one line saying what to install.
 """
 
 import argparse
+import dataclasses
 import importlib
 import os
 import shutil
@@ -45,7 +46,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from t5dual import checkpoints, cli, models, rerankers  # noqa: E402
+from t5dual import checkpoints, cli, layer_layout, models, rerankers  # noqa: E402
 from t5dual.data import pipeline  # noqa: E402
 from t5dual.interop import hf, mapping, t5x, trees  # noqa: E402
 from t5dual.interop import rerankers as reranker_interop  # noqa: E402
@@ -176,11 +177,16 @@ def _reranker_target(args, vocab: str) -> dict:
 def _import(args, load_dual_encoder, found_vocab=None):
   """A checkpoint into a t5dual dual encoder, or a reranker when --scorer is given."""
   vocab = _vocab(args, found_vocab)
-  if args.scorer:
-    params, config, report = reranker_interop.load_reranker(
-        args.checkpoint, **_reranker_target(args, vocab))
-  else:
-    params, config, report = load_dual_encoder(args.checkpoint, **_target(args))
+  target = _reranker_target(args, vocab) if args.scorer else _target(args)
+  scanned = target.get('config') is not None and target['config'].t5.scan_layers
+  if scanned:  # --like a scanned model: checkpoints name layers layers_{i}
+    cfg = target['config']
+    target['config'] = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5,
+                                                                      scan_layers=False))
+  load = reranker_interop.load_reranker if args.scorer else load_dual_encoder
+  params, config, report = load(args.checkpoint, **target)
+  if scanned:
+    params, config = layer_layout.unrolled_to_scan(params), cfg
   _finish_import(args, params, config, report, vocab)
 
 
@@ -216,6 +222,10 @@ def _restore(args, kinds=('dual_encoder',)):
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       args.model_dir, args.step)
   params = jax.tree.map(np.asarray, params)
+  # Every format out names layers layers_{i}: a model trained with scanned layers
+  # is written unrolled (exactly: slices of the stacked arrays).
+  params = layer_layout.scan_to_unrolled(params)
+  model = layer_layout.unscanned_model(model)
   print(f'read {getattr(model, "name", kind)} model {args.model_dir} at step {step}')
   return model.config, params, step, tokenizer.path, lengths
 

@@ -112,3 +112,19 @@ def unrolled_to_scan(params: Mapping, _where: str = '') -> dict:
   out[SCANNED] = jax.tree.map(lambda *leaves: _stack(list(leaves)),
                               *[dict(layers[i]) for i in range(len(layers))])
   return out
+
+
+def unscanned_model(model):
+  """`model` rebuilt with `T5Config.scan_layers` off (itself if it is off already).
+
+  Checkpoint formats (T5X, Hugging Face, sentence-transformers) name layers
+  layers_{i}: interop maps into and out of the unrolled twin and converts with
+  the functions above, so scanned models read and write every format.
+  """
+  import dataclasses
+  cfg = model.config
+  if not getattr(getattr(cfg, 't5', None), 'scan_layers', False):
+    return model
+  twin = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, scan_layers=False))
+  return type(model).from_description({**model.describe(), 'config': dataclasses.asdict(twin)})
+

@@ -155,3 +155,42 @@ def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, conver
     assert 'pytorch_model.bin is a PyTorch pickle' in errors[0], errors[0]
     assert errors[0].endswith(": pip install -e '.[torch]'"), errors[0]
   assert not (tmp_path / 'out').exists()
+
+
+def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, convert, spm):
+  from t5dual import layer_layout
+  from t5dual.interop import load_initial_params
+  unrolled_cfg = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  scanned_cfg = models.DualEncoderConfig(t5=dataclasses.replace(TINY, scan_layers=True),
+                                         projection_dim=6)
+  params = _random_params(unrolled_cfg)
+  scanned = layer_layout.unrolled_to_scan(params)
+  lengths = {'inputs': 16, 'targets': 32}
+  convert.save_model_dir(str(tmp_path / 'scanned'), scanned_cfg, scanned, spm, lengths)
+  convert.save_model_dir(str(tmp_path / 'unrolled'), unrolled_cfg, params, spm, lengths)
+  assert 'layers' in checkpoints.restore_for_inference(str(tmp_path / 'scanned'))[1]['encoder']
+
+  # Out: the same T5X tree and the same Hugging Face files as the unrolled model.
+  assert convert.main(['t5dual-to-t5x', str(tmp_path / 'scanned'), str(tmp_path / 't5x')]) == 0
+  _assert_params_equal(t5x.load_tree(str(tmp_path / 't5x')), params)
+  for name in ('scanned', 'unrolled'):
+    assert convert.main(['t5dual-to-hf', str(tmp_path / name), str(tmp_path / f'hf_{name}')]) == 0
+  from safetensors.numpy import load_file
+  for f in sorted((tmp_path / 'hf_unrolled').rglob('*.safetensors')):
+    want, got = load_file(f), load_file(tmp_path / 'hf_scanned' / f.relative_to(
+        tmp_path / 'hf_unrolled'))
+    assert sorted(got) == sorted(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{f.name}: {k}')
+
+  # In: into a scanned model (--like, and as a training run's initial checkpoint).
+  assert convert.main(['hf-to-t5dual', str(tmp_path / 'hf_unrolled'), str(tmp_path / 'back'),
+                       '--like', str(tmp_path / 'scanned')]) == 0
+  model, back = checkpoints.restore_for_inference(str(tmp_path / 'back'))[:2]
+  assert model.config == scanned_cfg
+  _assert_params_equal(back, scanned)
+  scanned_model = models.DualEncoderModel(scanned_cfg)
+  for source in ('hf_unrolled', 'unrolled'):
+    _assert_params_equal(load_initial_params(str(tmp_path / source), scanned_model), scanned)
+  _assert_params_equal(load_initial_params(str(tmp_path / 'scanned'),
+                                           models.DualEncoderModel(unrolled_cfg)), params)

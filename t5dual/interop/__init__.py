@@ -21,15 +21,29 @@ def load_initial_params(path: str, model, shardings=None):
   of a reranker started from a t5dual dual encoder) is freshly initialised; the
   conversion report is logged parameter by parameter.
   """
-  from t5dual import checkpoints
-  from t5dual.interop import hf, mapping, t5x
-  from t5dual.interop import rerankers as rerankers_interop
-  from t5dual.interop import sentence_transformers as st
+  import jax
+  from t5dual import checkpoints, layer_layout
+  t5dual_params = None
   if os.path.exists(os.path.join(path, checkpoints.MODEL_JSON)):
     source, params = checkpoints.restore_for_inference(path)[:2]
     if source.kind == model.kind and source.describe()['config'] == model.describe()['config']:
       return params
-    params, report = mapping.graft(params, model)
+    t5dual_params = layer_layout.scan_to_unrolled(params)  # a scanned source: T5X's names
+  unrolled = layer_layout.unscanned_model(model)
+  if unrolled is model:
+    return _load_initial(path, model, shardings, t5dual_params)
+  # Checkpoints name layers layers_{i}: load into the unrolled twin, then stack.
+  params = layer_layout.unrolled_to_scan(_load_initial(path, unrolled, None, t5dual_params))
+  return params if shardings is None else jax.device_put(params, shardings)
+
+
+def _load_initial(path: str, model, shardings, t5dual_params):
+  """load_initial_params for an unrolled `model`; t5dual_params: a t5dual dir's, unrolled."""
+  from t5dual.interop import hf, mapping, t5x
+  from t5dual.interop import rerankers as rerankers_interop
+  from t5dual.interop import sentence_transformers as st
+  if t5dual_params is not None:
+    params, report = mapping.graft(t5dual_params, model)
   elif getattr(model, 'kind', None) == 'reranker':
     params, _, report = rerankers_interop.load_reranker(path, model.config,
                                                         shardings=shardings)

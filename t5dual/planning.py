@@ -262,7 +262,12 @@ def plan_encode_step(model, partitioner: partitioning.Partitioner, batch_size: i
 
 
 def fits(plan: StepPlan, hbm_bytes: Optional[int]) -> Optional[bool]:
-  """Whether the compiled step (or, uncompiled, the closed form) fits `hbm_bytes`."""
+  """Whether the compiled step (or, uncompiled, the closed form) fits `hbm_bytes`.
+
+  A compile the target's compiler refused for memory (RESOURCE_EXHAUSTED) does not.
+  """
+  if plan.error is not None:
+    return False if 'RESOURCE_EXHAUSTED' in plan.error else None
   if hbm_bytes is None:
     return None
   need = plan.compiled_peak if plan.compiled_peak is not None else plan.closed_form_total

@@ -174,6 +174,8 @@ class Partitioner:
 
   @property
   def num_devices(self) -> int:
+    if self.devices is None and _TARGET_DEVICES.get() is None:
+      return jax.device_count()  # without listing them: the devices may not exist yet
     return len(self._devices())
 
   @property

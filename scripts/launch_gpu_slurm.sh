@@ -26,14 +26,8 @@ usage() {
   sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
-# Shell quoting for what is printed and sent: a word as it is when it is safe, else in
-# single quotes ('\'' for a quote inside), so the printed command reads well and runs.
-q() {
-  if [[ -n "$1" && "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-words() { local sep=''; for w in "$@"; do printf '%s' "$sep"; q "$w"; sep=' '; done; }
-die() { echo "error: $*" >&2; exit 2; }
+# q (shell-quote a word), words, die
+source "$(dirname "${BASH_SOURCE[0]}")/launch_common.sh"
 positive() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "launch_gpu_slurm.sh: $1 must be a positive integer, got '$2'"; }
 
 nodes='' gpus=8 per=gpu partition='' account='' time_limit='' job_name=t5dual

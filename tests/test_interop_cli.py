@@ -1,7 +1,6 @@
 """scripts/convert.py: every direction on a tiny model, reports, and shape-mismatch errors."""
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 from t5dual import checkpoints, cli, models, t5
 from t5dual.interop import t5x, trees
 from t5dual.vocab import train_sentencepiece
+from script_modules import load_script  # tests/helpers
 from tree_utils import random_params as _random_params  # tests/helpers
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert.py'
@@ -23,10 +23,7 @@ TINY = t5.T5Config(vocab_size=128, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=1
 
 @pytest.fixture(scope='module')
 def convert():
-  spec = importlib.util.spec_from_file_location('t5dual_convert_script', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script('convert')
 
 
 @pytest.fixture(scope='module')

@@ -129,13 +129,8 @@ def test_mismatched_checkpoints_are_errors(tmp_path):
 
 @pytest.fixture(scope='module')
 def convert():
-  import importlib.util
-  import pathlib
-  script = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert.py'
-  spec = importlib.util.spec_from_file_location('t5dual_convert_script_rerankers', script)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from script_modules import load_script  # tests/helpers
+  return load_script('convert')
 
 
 @pytest.fixture(scope='module')

@@ -12,7 +12,11 @@ script sets XLA_FLAGS for it). Prints, per device, the closed-form bytes of
 parameters, optimizer state, gradients, batch and activations beside XLA's
 compiled memory analysis and cost-model FLOPs, and whether the step fits the
 target's HBM; with --search, a step that does not fit is retried with 'full'
-remat and then halved batches until one fits (t5dual/planning.py).
+remat, then with more microbatches (GradCache for dual encoders, accumulation
+for rerankers: the same gradient, fewer activations alive), then with halved
+batches, until one fits (t5dual/planning.py). The gradient strategy of the run
+(trainer.TrainerConfig.grad_strategy / num_microbatches in gin) is the first
+one tried.
 """
 
 import argparse
@@ -36,7 +40,7 @@ def _flags(argv):
   p.add_argument('--encode', action='store_true', help='also compile the encode step')
   p.add_argument('--encode_batch', type=int, default=1024)
   p.add_argument('--search', action='store_true',
-                 help='if it does not fit: full remat, then halved batches')
+                 help='if it does not fit: full remat, more microbatches, then halved batches')
   p.add_argument('--hbm_gib', type=float, help="override the target's HBM per device")
   p.add_argument('--write', help='append the report to this markdown file')
   return p.parse_known_args(argv)
@@ -71,7 +75,7 @@ def main(argv):
       count *= int(s) if s.isdigit() else 1
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={count}')
-  from t5dual import cli, gin_utils, partitioning, planning, train_lib
+  from t5dual import cli, gin_utils, model_api, partitioning, planning, train_lib
 
   files, bindings, _ = gin_utils.parse_flags(rest)
   if not files:
@@ -86,12 +90,16 @@ def main(argv):
   t_start = time.time()
   rows = []
 
-  def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths):
+  def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths, trainer_config):
+    strategy = [trainer_config.grad_strategy, trainer_config.num_microbatches]
+
     def one(model, batch):
       try:
-        p = planning.plan_train_step(model, optimizer, partitioner, batch, feature_lengths)
+        p = planning.plan_train_step(model, optimizer, partitioner, batch, feature_lengths,
+                                     grad_strategy=strategy[0], num_microbatches=strategy[1])
       except Exception as e:  # a compile that fails is a finding, not a crash
-        p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200])
+        p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200],
+                              grad_strategy=strategy[0], num_microbatches=strategy[1])
       remat = model.config.t5.remat if hasattr(model.config, 't5') else '-'
       rows.append((p, remat, partitioner.mesh_shape))
       print(_line(p, remat, partitioner, hbm), flush=True)
@@ -104,9 +112,22 @@ def main(argv):
         full = _with_remat(model, 'full')
         p = one(full, batch_size)
         model = full
+      # The same batch and gradient with fewer activations alive, before a smaller batch.
+      chunked = 'grad_cache' if isinstance(model, model_api.ContrastiveModel) else 'accumulate'
+      for m in planning.more_microbatches(batch_size, partitioner.data_parallel, strategy[1]):
+        if planning.fits(p, hbm) is not False:
+          break
+        strategy[:] = [chunked, m]
+        p = one(model, batch_size)
       for b in planning.smaller_batches(batch_size, partitioner.data_parallel):
         if planning.fits(p, hbm) is not False:
           break
+        # As many microbatches as the smaller batch still splits into.
+        per_device = b // partitioner.data_parallel
+        while strategy[1] > 1 and per_device % strategy[1]:
+          strategy[1] //= 2
+        if strategy[1] == 1:
+          strategy[0] = 'full'
         p = one(model, b)
     if args.encode and model.kind == 'dual_encoder':
       try:
@@ -140,9 +161,11 @@ def _with_remat(model, remat):
 def _line(p, remat, partitioner, hbm):
   from t5dual import planning
   if p.error:
-    return f'{p.name} batch {p.batch} remat {remat}: did not compile: {p.error}'
+    return (f'{p.name} batch {p.batch} remat {remat} gradients {p.gradients}: did not '
+            f'compile: {p.error}')
   fit = planning.fits(p, hbm)
-  return (f'{p.name} batch {p.batch} remat {remat} mesh {partitioner.mesh_shape}: closed form '
+  return (f'{p.name} batch {p.batch} remat {remat} gradients {p.gradients} mesh '
+          f'{partitioner.mesh_shape}: closed form '
           f'{planning.gib(p.closed_form_total)} GiB/device, compiled peak '
           f'{planning.gib(p.compiled_peak)} GiB, {"fits" if fit else "does not fit" if fit is False else "no HBM limit"}'
           f', compiled in {p.compile_s:.0f} s')
@@ -164,17 +187,18 @@ def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
           'closed form = params + optimizer + gradients + batch + activation estimate; '
           'compiled peak = XLA memory analysis, arguments + outputs - donated + temporaries; '
           'TFLOP = XLA cost model, per device per step.\n\n')
-  lines = ['| step | batch | remat | mesh (data, model) | params | optimizer | grads | batch | '
+  lines = ['| step | batch | remat | gradients | mesh (data, model) | params | optimizer | grads | batch | '
            'activations (est.) | closed form | compiled args | compiled temp | compiled peak | '
-           'fits | TFLOP | compile s |', '|' + '---|' * 16]
+           'fits | TFLOP | compile s |', '|' + '---|' * 17]
   for p, remat, mesh_shape in rows:
     if p.error:
-      lines.append(f'| {p.name} | {p.batch} | {remat} | {mesh_shape} | did not compile: '
-                   f'{p.error} |' + ' |' * 11)
+      lines.append(f'| {p.name} | {p.batch} | {remat} | {p.gradients} | {mesh_shape} | '
+                   f'did not compile: {p.error} |' + ' |' * 11)
       continue
     fit = planning.fits(p, hbm)
     lines.append(
-        f'| {p.name} | {p.batch} | {remat} | {mesh_shape} | {planning.gib(p.params)} | '
+        f'| {p.name} | {p.batch} | {remat} | {p.gradients} | {mesh_shape} | '
+        f'{planning.gib(p.params)} | '
         f'{planning.gib(p.opt_state)} | {planning.gib(p.grads)} | '
         f'{planning.gib(p.batch_bytes)} | {planning.gib(p.activations)} | '
         f'{planning.gib(p.closed_form_total)} | {planning.gib(p.compiled_arguments)} | '

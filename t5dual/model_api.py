@@ -73,7 +73,13 @@ class Model(Protocol):
 
   def loss_fn(self, params: Params, batch: dict[str, Array],
               dropout_rng: Optional[Array]) -> tuple[Array, dict[str, Array]]:
-    """(scalar loss, metrics named by `metric_names`); dropout on iff dropout_rng is given."""
+    """(scalar loss, metrics named by `metric_names`); dropout on iff dropout_rng is given.
+
+    Unless the model is a `ContrastiveModel`, the loss and the metrics are
+    means over the batch's independent examples (lists), so that gradient
+    accumulation over equal microbatches (trainer.TrainerConfig.grad_strategy
+    'accumulate') gives the full-batch gradient.
+    """
 
   def make_batcher(self, source: str, tokenizer: Any, batch_size: int,
                    feature_lengths: dict, seed: int = 0,
@@ -91,6 +97,33 @@ class Model(Protocol):
   @classmethod
   def from_description(cls, desc: dict) -> 'Model':
     """The model that `describe()` described (desc may also hold model.json's other keys)."""
+
+
+@runtime_checkable
+class ContrastiveModel(Model, Protocol):
+  """A `Model` whose examples meet only in the loss, through their embeddings.
+
+  The loss of a contrastive batch couples its examples (in-batch negatives),
+  so it is not a mean over microbatches; but each example's embeddings depend
+  on that example alone. That is what GradCache (Gao et al. 2021, "Scaling
+  deep contrastive learning batch size under memory limited setup") needs:
+  embed the batch in chunks without gradients, take the loss gradient with
+  respect to the embeddings, then back-propagate it chunk by chunk (see
+  t5dual/gradients.py). `loss_fn(params, batch, rng)` must equal
+  `loss_from_embeddings(embed(params, batch, rng), batch)`.
+  """
+
+  def embed(self, params: Params, batch: dict[str, Array],
+            dropout_rng: Optional[Array]) -> Any:
+    """A pytree of float32 embeddings, every leaf [B, ...] row-aligned with the batch.
+
+    Row i depends on row i of the batch (and the parameters) only; dropout is
+    on iff dropout_rng is given.
+    """
+
+  def loss_from_embeddings(self, embeddings: Any, batch: dict[str, Array]
+                           ) -> tuple[Array, dict[str, Array]]:
+    """(scalar loss, metrics) of `embed`'s output; the batch supplies ids and masks only."""
 
 
 class UnknownModelKindError(cli.UserError, ValueError):

@@ -254,22 +254,32 @@ class DualEncoderModel:
               else DualEncoder.encode_right)
     return self.module.apply({'params': params}, ids, method=method)
 
-  def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):
-    """Returns (loss, metrics) for one batch; dropout is on when dropout_rng is given."""
+  def embed(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]) -> dict:
+    """The batch's embeddings (model_api.ContrastiveModel); dropout is on when dropout_rng is given.
+
+    Returns:
+      {'query': [B, D], 'doc': [B, D]} and, when the batch has
+      'negative_targets' [B, N, Ld], 'negatives': [B, N, D]; float32, unit norm.
+    """
     deterministic = dropout_rng is None
     rngs = None if deterministic else {'dropout': dropout_rng}
     apply = lambda method, ids: self.module.apply(
         {'params': params}, ids, deterministic, method=method, rngs=rngs)
-    query = apply(DualEncoder.encode_left, batch['inputs'])
+    out = {'query': apply(DualEncoder.encode_left, batch['inputs'])}
     docs = batch['targets']
     negatives = batch.get('negative_targets')
     if negatives is not None:
       b, n, length = negatives.shape
       all_docs = apply(DualEncoder.encode_right,
                        jnp.concatenate([docs, negatives.reshape(b * n, length)], axis=0))
-      doc, neg = all_docs[:b], all_docs[b:].reshape(b, n, -1)
+      out['doc'], out['negatives'] = all_docs[:b], all_docs[b:].reshape(b, n, -1)
     else:
-      doc, neg = apply(DualEncoder.encode_right, docs), None
+      out['doc'] = apply(DualEncoder.encode_right, docs)
+    return out
+
+  def loss_from_embeddings(self, embeddings: dict, batch: dict[str, Array]):
+    """(loss, metrics) of `embed`'s output; `batch` supplies the ids of duplicates only."""
+    query, doc, neg = embeddings['query'], embeddings['doc'], embeddings.get('negatives')
     ids = {}
     if self.loss.mask_duplicates:
       ids = {k: batch[k] for k in ('query_ids', 'doc_ids', 'negative_ids') if k in batch}
@@ -286,3 +296,7 @@ class DualEncoderModel:
     metrics.update(losses_lib.in_batch_ranking_metrics(
         query, doc, ids.get('query_ids'), ids.get('doc_ids')))
     return loss, metrics
+
+  def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):
+    """Returns (loss, metrics) for one batch; dropout is on when dropout_rng is given."""
+    return self.loss_from_embeddings(self.embed(params, batch, dropout_rng), batch)

@@ -176,6 +176,15 @@ class StepPlan:
   flops: Optional[float] = None
   compile_s: float = 0.0
   error: Optional[str] = None
+  grad_strategy: str = 'full'
+  num_microbatches: int = 1
+
+  @property
+  def gradients(self) -> str:
+    """How the step gets its gradients, e.g. 'full' or 'grad_cache x4'."""
+    if self.grad_strategy == 'full':
+      return 'full'
+    return f'{self.grad_strategy} x{self.num_microbatches}'
 
   @property
   def closed_form_total(self) -> int:
@@ -211,9 +220,15 @@ def _flops(compiled) -> Optional[float]:
 
 
 def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, batch_size: int,
-                    feature_lengths: dict, compile: bool = True) -> StepPlan:
-  """Closed-form bytes, and (compile=True) XLA's compiled memory and FLOPs, of one train step."""
-  plan = StepPlan('train', batch_size)
+                    feature_lengths: dict, compile: bool = True, grad_strategy: str = 'full',
+                    num_microbatches: int = 1) -> StepPlan:
+  """Closed-form bytes, and (compile=True) XLA's compiled memory and FLOPs, of one train step.
+
+  With grad_strategy 'grad_cache' or 'accumulate' (t5dual/gradients.py) only one
+  microbatch's activations are alive at a time, which is what the estimate counts.
+  """
+  plan = StepPlan('train', batch_size, grad_strategy=grad_strategy,
+                  num_microbatches=num_microbatches)
   layout = trainer.state_layout(model, optimizer, partitioner)
   plan.params = shard_bytes(layout.params)
   plan.opt_state = shard_bytes(layout.opt_state)
@@ -221,11 +236,14 @@ def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, bat
   spec = abstract_batch(model, batch_size, feature_lengths)
   batch_sh = partitioner.batch_shardings(spec)
   plan.batch_bytes = shard_bytes(spec, batch_sh)
-  plan.activations = activation_bytes(model, batch_size // partitioner.data_parallel,
-                                      feature_lengths, partitioner.model_parallel)
+  plan.activations = activation_bytes(
+      model, batch_size // partitioner.data_parallel // num_microbatches, feature_lengths,
+      partitioner.model_parallel)
   if not compile:
     return plan
-  step, layout = trainer.build_train_step(model, optimizer, partitioner, spec, layout=layout)
+  step, layout = trainer.build_train_step(model, optimizer, partitioner, spec, layout=layout,
+                                          grad_strategy=grad_strategy,
+                                          num_microbatches=num_microbatches)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   t0 = time.time()
   with partitioner.context():
@@ -281,6 +299,13 @@ def smaller_batches(batch_size: int, data_parallel: int) -> Sequence[int]:
     out.append(b)
     b //= 2
   return out
+
+
+def more_microbatches(batch_size: int, data_parallel: int, num_microbatches: int
+                      ) -> Sequence[int]:
+  """Microbatch counts above `num_microbatches` to try, each splitting every device's rows."""
+  per_device = batch_size // data_parallel
+  return [m for m in (2, 4, 8, 16, 32, 64) if m > num_microbatches and per_device % m == 0]
 
 
 def gib(n: Optional[float]) -> str:

@@ -75,7 +75,7 @@ def run(model_dir: str,
       (a multistage chain gives a distillation stage its teacher scores so).
     check_only: only check the settings; nothing is read or written.
     plan_fn: instead of training, return plan_fn(model=, optimizer=,
-      partitioner=, batch_size=, feature_lengths=) once the settings are
+      partitioner=, batch_size=, feature_lengths=, trainer_config=) once the settings are
       checked (scripts/plan.py compiles the train step for a target so);
       nothing is read or written.
   Returns:
@@ -88,13 +88,14 @@ def run(model_dir: str,
   lengths = dict(task_feature_lengths or pipeline.DEFAULT_FEATURE_LENGTHS)
   partitioner = partitioner or partitioning.Partitioner()
   _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
-                  num_negatives, partitioner)
+                  num_negatives, partitioner, trainer_config)
   if check_only:
     return model
   if plan_fn is not None:
     schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
     return plan_fn(model=model, optimizer=optimizer_fn(learning_rate=schedule),
-                   partitioner=partitioner, batch_size=batch_size, feature_lengths=lengths)
+                   partitioner=partitioner, batch_size=batch_size, feature_lengths=lengths,
+                   trainer_config=trainer_config)
   config = dataclasses.replace(trainer_config, total_steps=train_steps)
   with checkpoints.exclusive_writer(model_dir):
     if mixture_or_task_module:
@@ -121,7 +122,7 @@ def run(model_dir: str,
 
 
 def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
-                    num_negatives, partitioner) -> None:
+                    num_negatives, partitioner, trainer_config) -> None:
   """ParameterErrors for settings that cannot work, before anything runs."""
   if set(lengths) != set(model.feature_names):
     raise ParameterError(run, 'task_feature_lengths',
@@ -147,6 +148,8 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
                          f'{batch_size} is not divisible by the data-parallel size '
                          f'{data_parallel} ({partitioner.num_devices} devices / model_parallel '
                          f'{model_parallel})')
+  trainer.check_grad_strategy(model, trainer_config.grad_strategy,
+                              trainer_config.num_microbatches, batch_size, data_parallel)
   # Before anything is allocated or written: every split parameter dimension divides.
   partitioner.check_divisible(model.logical_axes(),
                               jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5dual import checkpoints, cli, model_api, partitioning
+from t5dual import checkpoints, cli, gradients, model_api, partitioning
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ def check_positive_int(owner: Callable, param: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
+  """Loop settings, and how each step gets its gradients.
+
+  Attributes:
+    grad_strategy: 'full' (the whole batch at once), 'grad_cache' (contrastive
+      models: exactly the full-batch gradient with one chunk's activations in
+      memory) or 'accumulate' (rerankers: the mean over microbatches); see
+      t5dual/gradients.py.
+    num_microbatches: chunks per batch for 'grad_cache' and 'accumulate' (T5X's
+      name); the global batch must be a multiple of num_microbatches x the
+      data-parallel size. 1 with 'full'.
+  """
   total_steps: int = 1000
   log_every: int = 50
   save_every: int = 1000
@@ -62,28 +73,49 @@ class TrainerConfig:
   seed: int = 0
   progress_bar: bool = True
   tensorboard: bool = True
+  grad_strategy: str = 'full'
+  num_microbatches: int = 1
 
   def __post_init__(self):
-    for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints'):
+    for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints',
+                 'num_microbatches'):
       check_positive_int(TrainerConfig, name, getattr(self, name))
+    if self.grad_strategy not in gradients.STRATEGIES:
+      raise ParameterError(TrainerConfig, 'grad_strategy',
+                           f'must be one of {gradients.STRATEGIES}, got {self.grad_strategy!r}')
+
+
+def check_grad_strategy(model: model_api.Model, grad_strategy: str, num_microbatches: int,
+                        batch_size: Optional[int] = None, data_parallel: int = 1) -> None:
+  """Raises ParameterError (naming TrainerConfig.grad_strategy) when the strategy cannot
+  train `model` on a global batch of `batch_size` over `data_parallel` devices."""
+  problem = gradients.incompatibility(model, grad_strategy, num_microbatches, batch_size,
+                                      data_parallel)
+  if problem:
+    param = 'num_microbatches' if 'microbatches on each' in problem else 'grad_strategy'
+    raise ParameterError(TrainerConfig, param, problem)
 
 
 class NonFiniteLossError(cli.UserError, FloatingPointError):
   """A step produced a non-finite loss, gradient or parameter; nothing of it was saved."""
 
 
-def train_step(model, optimizer, seed, params, opt_state, batch, step):
-  """One optimizer step; dropout is keyed by (seed, step). Returns (params, opt_state, metrics)."""
+def train_step(model, optimizer, seed, params, opt_state, batch, step, loss_and_grad=None):
+  """One optimizer step; dropout is keyed by (seed, step). Returns (params, opt_state, metrics).
+
+  `loss_and_grad` is a gradients.py strategy (default: the full batch at once).
+  """
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-  (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-      params, batch, dropout_rng)
+  loss_and_grad = loss_and_grad or gradients.full_batch(model)
+  (_, metrics), grads = loss_and_grad(params, batch, dropout_rng)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   metrics['grad_norm'] = optax.tree.norm(grads)
   return params, opt_state, metrics
 
 
-def guarded_train_step(model, optimizer, seed, params, opt_state, bad_step, batch, step):
+def guarded_train_step(model, optimizer, seed, params, opt_state, bad_step, batch, step,
+                       loss_and_grad=None):
   """`train_step` that never lets a non-finite value into the parameters.
 
   Why on device: checking the loss on the host every step would block
@@ -105,7 +137,7 @@ def guarded_train_step(model, optimizer, seed, params, opt_state, bad_step, batc
     (params, opt_state, bad_step, metrics).
   """
   new_params, new_opt_state, metrics = train_step(model, optimizer, seed, params, opt_state,
-                                                  batch, step)
+                                                  batch, step, loss_and_grad)
   reported = set(metrics) - {'grad_norm'}
   if reported != set(model.metric_names) or not set(model.progress_metrics) <= reported:
     # Checked once, when the step is traced.
@@ -181,7 +213,8 @@ def init_train_state(model: model_api.Model, optimizer: optax.GradientTransforma
 
 def build_train_step(model: model_api.Model, optimizer: optax.GradientTransformation,
                      partitioner: partitioning.Partitioner, batch_spec: Any, seed: int = 0,
-                     layout: Optional[StateLayout] = None) -> tuple[Callable, StateLayout]:
+                     layout: Optional[StateLayout] = None, grad_strategy: str = 'full',
+                     num_microbatches: int = 1) -> tuple[Callable, StateLayout]:
   """The jitted `guarded_train_step` with explicit in/out shardings and donation.
 
   Args:
@@ -189,12 +222,15 @@ def build_train_step(model: model_api.Model, optimizer: optax.GradientTransforma
       (leading dimension: the global batch size, split over 'data').
     seed: dropout seed.
     layout: the state layout, computed here when not given.
+    grad_strategy, num_microbatches: how the gradients are computed (see
+      TrainerConfig and gradients.py).
   Returns:
     (step, layout): step(params, opt_state, bad_step, batch, step_index) ->
     (params, opt_state, bad_step, metrics); params and opt_state are donated.
   Raises:
     partitioning.PartitioningError: a parameter or the batch does not split
       over the mesh.
+    ParameterError: grad_strategy cannot train the model on this batch.
   """
   layout = layout or state_layout(model, optimizer, partitioner)
   for leaf in jax.tree.leaves(batch_spec):
@@ -202,10 +238,15 @@ def build_train_step(model: model_api.Model, optimizer: optax.GradientTransforma
       raise partitioning.PartitioningError(
           f'global batch size {leaf.shape[0]} is not divisible by the data-parallel size '
           f'{partitioner.data_parallel}')
+  batch_size = jax.tree.leaves(batch_spec)[0].shape[0]
+  check_grad_strategy(model, grad_strategy, num_microbatches, batch_size,
+                      partitioner.data_parallel)
+  loss_and_grad = gradients.loss_and_grad_fn(model, grad_strategy, num_microbatches)
   batch_sh = partitioner.batch_shardings(batch_spec)
   repl = partitioner.replicated
   step = partitioner.partition(
-      functools.partial(guarded_train_step, model, optimizer, seed),
+      functools.partial(guarded_train_step, model, optimizer, seed,
+                        loss_and_grad=loss_and_grad),
       in_shardings=(layout.param_shardings, layout.opt_shardings, repl, batch_sh, repl),
       out_shardings=(layout.param_shardings, layout.opt_shardings, repl, repl),
       donate_argnums=(0, 1))
@@ -346,7 +387,8 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
         batch = partitioner.shard_batch(local)
         if step_fn is None:
           step_fn, _ = build_train_step(model, optimizer, partitioner, batch, config.seed,
-                                        layout)
+                                        layout, config.grad_strategy,
+                                        config.num_microbatches)
         params, opt_state, bad_step, metrics = step_fn(params, opt_state, bad_step, batch,
                                                        jnp.int32(step))
         pending.append(metrics)

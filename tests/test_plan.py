@@ -20,13 +20,15 @@ def _one_device():
   return partitioning.Partitioner(devices=tuple(jax.devices()[:1]))
 
 
-@pytest.mark.parametrize('remat', ['none', 'full'])
-def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat):
+@pytest.mark.parametrize('remat,microbatches', [('none', 1), ('full', 1), ('none', 4)])
+def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microbatches):
   import dataclasses
   model = models.DualEncoderModel(models.DualEncoderConfig(
       t5=dataclasses.replace(TINY, remat=remat), architecture='sde', projection_dim=16))
-  plan = planning.plan_train_step(model, optim.adafactor(learning_rate=1e-3), _one_device(),
-                                  8, {'inputs': 16, 'targets': 32})
+  plan = planning.plan_train_step(
+      model, optim.adafactor(learning_rate=1e-3), _one_device(), 8,
+      {'inputs': 16, 'targets': 32}, grad_strategy='grad_cache' if microbatches > 1 else 'full',
+      num_microbatches=microbatches)
   # The step's arguments are the parameters, the Adafactor state, the batch and two int32
   # scalars (bad_step, step): the closed form is exact there.
   assert plan.compiled_arguments == plan.params + plan.opt_state + plan.batch_bytes + 8
@@ -39,6 +41,21 @@ def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat):
   assert estimate <= plan.compiled_temp <= 3 * estimate, (plan.compiled_temp, estimate)
   assert plan.flops and plan.flops > 0
   assert planning.fits(plan, 1 << 30) and not planning.fits(plan, 1 << 10)
+
+
+def test_grad_cache_holds_one_chunks_activations():
+  # Batch 32, 4 chunks of 8: XLA's temporaries shrink with the chunk (the closed form's
+  # activations by 4x exactly), the arguments stay the same.
+  model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  plans = [planning.plan_train_step(model, optim.adafactor(learning_rate=1e-3), _one_device(),
+                                    32, {'inputs': 16, 'targets': 32}, grad_strategy=strategy,
+                                    num_microbatches=m)
+           for strategy, m in (('full', 1), ('grad_cache', 4))]
+  full, cached = plans
+  assert cached.activations * 4 == full.activations
+  assert cached.compiled_arguments == full.compiled_arguments
+  assert cached.compiled_temp < 0.5 * full.compiled_temp, (cached, full)
+  assert cached.gradients == 'grad_cache x4' and full.gradients == 'full'
 
 
 def test_reranker_batch_and_bytes():

@@ -114,6 +114,10 @@ def test_gin_typos_suggest_the_known_name(clean_gin):
     ('LEARNING_RATE = -0.1', r'^LEARNING_RATE \(train_lib.run.learning_rate\): '),
     ("TASK_FEATURE_LENGTHS = {'inputs': 8}", r"^TASK_FEATURE_LENGTHS .*'inputs', 'targets'"),
     ('trainer.TrainerConfig.save_every = 0', r'^trainer.TrainerConfig.save_every: must be a '),
+    ('trainer.TrainerConfig.num_microbatches = 2',
+     r"^trainer.TrainerConfig.grad_strategy: 'full' takes the batch at once; "),
+    ("trainer.TrainerConfig.grad_strategy = 'accumulate'",
+     r"^trainer.TrainerConfig.grad_strategy: 'accumulate' would shrink"),
 ])
 def test_settings_that_cannot_work_stop_before_anything_runs(clean_gin, tmp_path, binding,
                                                              message):

@@ -105,6 +105,36 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
                             width=128, both_sides=True, err_msg=f'step {step}')
 
 
+def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
+  """GradCache through the trainer: the same losses and parameters as the whole batch at once
+  (without dropout, whose masks would differ), step after step."""
+  data, spm = demo_data
+  batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data}:train'),
+                                 vocab.Tokenizer(spm), 16, LENGTHS)
+  cfg = models.DualEncoderConfig(
+      t5=t5.t5_config('tiny', vocab_size=512, dtype='float32', dropout_rate=0.0),
+      architecture='sde', projection_dim=32)
+  model = models.DualEncoderModel(cfg, models.LossConfig(name='samtone'))
+  desc = checkpoints.model_description(model, spm, LENGTHS)
+  full, cached = str(tmp_path / 'full'), str(tmp_path / 'cached')
+  _train(model, batcher, full, 4, description=desc, log_every=1, save_every=4)
+  _train(model, batcher, cached, 4, description=desc, log_every=1, save_every=4,
+         grad_strategy='grad_cache', num_microbatches=4)
+  a, b = _metrics(full), _metrics(cached)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  for step in a:
+    # As for resuming: two float32 runs, logits up to 100 through 2 layers, head and loss.
+    tolerances.assert_close(b[step]['loss'], a[step]['loss'], magnitude=100, depth=6 + 4,
+                            width=128, both_sides=True, err_msg=f'step {step}')
+  (_, pa), (_, pb) = _all_params(full), _all_params(cached)
+  for x, y in zip(pa, pb):
+    # Adafactor divides each gradient by its running RMS, so the gradients' relative
+    # rounding error reaches the updates (at most the learning rate, 1e-2, each) as a
+    # relative one, and each of the 4 steps rounds the parameters once more.
+    tolerances.assert_close(y, x, magnitude=np.max(np.abs(x)), depth=6 + 4, width=128,
+                            both_sides=True)
+
+
 def _all_params(model_dir):
   import jax
   _, params, step, _, _ = checkpoints.restore_for_inference(model_dir)

@@ -171,6 +171,12 @@ def _line(p, remat, partitioner, hbm):
           f', compiled in {p.compile_s:.0f} s')
 
 
+def _at_peak(p, acc):
+  if not acc.peak_flops or not p.model_flops:
+    return '-'
+  return f'{1e3 * p.model_flops / acc.peak_flops:,.0f}'
+
+
 def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
   from t5dual import planning
   date = datetime.date.today().isoformat()
@@ -186,14 +192,16 @@ def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
           f'Whole command: {seconds:.0f} s, peak host RSS {peak_rss:.1f} GiB. Per device, GiB; '
           'closed form = params + optimizer + gradients + batch + activation estimate; '
           'compiled peak = XLA memory analysis, arguments + outputs - donated + temporaries; '
-          'TFLOP = XLA cost model, per device per step.\n\n')
+          'model TFLOP = 3 x the encoders\' forward in closed form (planning.train_model_flops), '
+          'per device per step, and at the accelerator\'s peak the step time it bounds; cost-model '
+          'TFLOP = XLA\'s count, which counts a scanned loop\'s body once.\n\n')
   lines = ['| step | batch | remat | gradients | mesh (data, model) | params | optimizer | grads | batch | '
            'activations (est.) | closed form | compiled args | compiled temp | compiled peak | '
-           'fits | TFLOP | compile s |', '|' + '---|' * 17]
+           'fits | model TFLOP | step at peak (ms) | cost-model TFLOP | compile s |', '|' + '---|' * 19]
   for p, remat, mesh_shape in rows:
     if p.error:
       lines.append(f'| {p.name} | {p.batch} | {remat} | {p.gradients} | {mesh_shape} | '
-                   f'did not compile: {p.error} |' + ' |' * 11)
+                   f'did not compile: {p.error} |' + ' |' * 13)
       continue
     fit = planning.fits(p, hbm)
     lines.append(
@@ -204,6 +212,7 @@ def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
         f'{planning.gib(p.closed_form_total)} | {planning.gib(p.compiled_arguments)} | '
         f'{planning.gib(p.compiled_temp)} | {planning.gib(p.compiled_peak)} | '
         f'{"yes" if fit else "no" if fit is False else "-"} | '
+        f'{p.model_flops / 1e12:,.1f} | {_at_peak(p, acc)} | '
         f'{"-" if p.flops is None else f"{p.flops / 1e12:,.1f}"} | {p.compile_s:.0f} |')
   return head + '\n'.join(lines) + '\n'
 

@@ -13,8 +13,10 @@ and the dual encoder's encode step with abstract shapes only
 Nothing is allocated on any device. The report gives, per device, the bytes of
 parameters, optimizer state, gradients and the batch in closed form (each
 array's shard shape under its sharding) and a closed-form activation estimate,
-beside XLA's compiled memory analysis (arguments, outputs, temporaries) and the
-FLOPs of XLA's cost model, and whether the step fits the target's HBM.
+beside XLA's compiled memory analysis (arguments, outputs, temporaries), the
+model FLOPs in closed form beside those of XLA's cost model (which counts the
+body of a scanned loop once: with scanned layers or microbatches it is far
+below the real count), and whether the step fits the target's HBM.
 """
 
 from __future__ import annotations
@@ -156,6 +158,44 @@ def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
   return total
 
 
+# --------------------------------------------------------------------------- FLOPs
+
+def encoder_flops_per_token(cfg: t5.T5Config, length: int) -> float:
+  """Forward FLOPs per token of a T5 encoder over `length`-token sequences.
+
+  The dense matmuls (q, k, v, o and the MLP's matrices: two for ReLU, three
+  for gated-GELU), 2 FLOPs per multiply-add, plus QK^T and AV. The count of
+  ../shared/bench/peer_torch_t5.py, so that MFUs compare.
+  """
+  mlp_matrices = len(cfg.mlp_activations) + 1
+  dense = 2 * (4 * cfg.emb_dim * cfg.num_heads * cfg.head_dim
+               + mlp_matrices * cfg.emb_dim * cfg.mlp_dim)
+  attention = 2 * 2 * length * cfg.num_heads * cfg.head_dim
+  return cfg.num_layers * (dense + attention)
+
+
+def train_model_flops(model, batch_size: int, feature_lengths: dict,
+                      list_size: Optional[int] = None) -> float:
+  """Model FLOPs of one train step over the global batch: 3 x the encoders' forward.
+
+  As in MFU's convention, recomputation (remat, GradCache's first pass) is not
+  counted: it is the hardware's extra work, not the model's. The projection
+  head, the loss and a reranker's single decoder step are left out (under 1% of
+  the total at the benchmark shapes), as the peer leaves them out.
+  """
+  cfgs = _t5_configs(model)
+  if not cfgs:
+    return 0.0
+  cfg = cfgs[0]
+  if model.kind == 'reranker':
+    length = feature_lengths['inputs']
+    tokens = [(batch_size * (list_size or model.lists.list_size) * length, length)]
+  else:
+    tokens = [(batch_size * feature_lengths[f], feature_lengths[f])
+              for f in ('inputs', 'targets')]
+  return 3 * sum(n * encoder_flops_per_token(cfg, length) for n, length in tokens)
+
+
 # --------------------------------------------------------------------------- the plan
 
 @dataclasses.dataclass
@@ -173,7 +213,8 @@ class StepPlan:
   compiled_outputs: Optional[int] = None
   compiled_temp: Optional[int] = None
   compiled_alias: Optional[int] = None
-  flops: Optional[float] = None
+  flops: Optional[float] = None  # XLA's cost model, per device
+  model_flops: float = 0.0  # train_model_flops / devices
   compile_s: float = 0.0
   error: Optional[str] = None
   grad_strategy: str = 'full'
@@ -239,6 +280,7 @@ def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, bat
   plan.activations = activation_bytes(
       model, batch_size // partitioner.data_parallel // num_microbatches, feature_lengths,
       partitioner.model_parallel)
+  plan.model_flops = train_model_flops(model, batch_size, feature_lengths) / partitioner.num_devices
   if not compile:
     return plan
   step, layout = trainer.build_train_step(model, optimizer, partitioner, spec, layout=layout,
@@ -269,6 +311,8 @@ def plan_encode_step(model, partitioner: partitioning.Partitioner, batch_size: i
   ids = jax.ShapeDtypeStruct((batch_size, length), jnp.int32,
                              sharding=partitioner.batch_sharding(2))
   plan.batch_bytes = shard_bytes(ids)
+  plan.model_flops = (batch_size * length * encoder_flops_per_token(model.config.t5, length)
+                      / partitioner.num_devices)
   t0 = time.time()
   with partitioner.context():
     compiled = fn.lower(params, ids).compile()

@@ -58,6 +58,19 @@ def test_grad_cache_holds_one_chunks_activations():
   assert cached.gradients == 'grad_cache x4' and full.gradients == 'full'
 
 
+def test_model_flops_count_every_matmul_of_the_encoders():
+  # By hand for TINY (16 wide, 2 heads of 8, gated MLP 32, 2 layers): per token and layer
+  # q, k, v, o 4 x 16 x 16 and wi_0, wi_1, wo 3 x 16 x 32 multiply-adds, plus QK^T and AV
+  # 2 x L x 16; 2 FLOPs each; x3 for forward and backward.
+  per_token = lambda length: 2 * 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * length * 16)
+  model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  assert planning.train_model_flops(model, 8, {'inputs': 16, 'targets': 32}) == 3 * 8 * (
+      16 * per_token(16) + 32 * per_token(32))
+  reranker = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5),
+                                     lists=rerankers.ListsConfig(list_size=4))
+  assert planning.train_model_flops(reranker, 2, {'inputs': 12}) == 3 * 2 * 4 * 12 * per_token(12)
+
+
 def test_reranker_batch_and_bytes():
   model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5),
                                   lists=rerankers.ListsConfig(list_size=4))

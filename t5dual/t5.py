@@ -77,7 +77,9 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   # Activations and matmuls run in `dtype`; parameters are stored in float32.
   dtype: str = 'bfloat16'
-  # Name of an entry of ATTENTION_FNS; lets faster kernels slot in later.
+  # Name of an entry of ATTENTION_FNS: 'xla' (plain ops, the reference), 'jax_nn'
+  # (jax.nn.dot_product_attention), 'cudnn' (cuDNN fused attention on GPUs; needs
+  # dtype bfloat16 or float16).
   attention: str = 'xla'
   # What each layer keeps for the backward pass: a name in REMAT_POLICIES ('none'
   # keeps everything, 'full' recomputes the whole layer).
@@ -93,6 +95,12 @@ class T5Config:
   logits_via_embedding: bool = False
 
   def __post_init__(self):
+    if self.attention not in ATTENTION_FNS:
+      raise ValueError(f'T5Config.attention must be one of {sorted(ATTENTION_FNS)}, got '
+                       f'{self.attention!r}')
+    if self.attention == 'cudnn' and self.dtype not in CUDNN_DTYPES:
+      raise ValueError(f"T5Config.attention 'cudnn' needs dtype one of {CUDNN_DTYPES} "
+                       f'(cuDNN fused attention has no float32 kernel), got {self.dtype!r}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'T5Config.remat must be one of {sorted(REMAT_POLICIES)}, got '
                        f'{self.remat!r}')
@@ -178,34 +186,102 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes):
 
 # --------------------------------------------------------------------------- attention kernels
 
-def xla_attention(query: Array, key: Array, value: Array, bias: Array,
+def _logit_bias(bias: Optional[Array], kv_mask: Optional[Array], causal: bool,
+                q_length: int, kv_length: int) -> Array:
+  """The additive float32 bias of `xla_attention`: bias + padding mask + causal mask."""
+  total = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  if kv_mask is not None:
+    total = total + mask_bias(kv_mask[:, None, None, :])
+  if causal:
+    total = total + mask_bias(np.tril(np.ones((q_length, kv_length), bool))[None, None])
+  return total
+
+
+def xla_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
+                  kv_mask: Optional[Array] = None, causal: bool = False,
                   dropout: Optional[Callable[[Array], Array]] = None) -> Array:
-  """Unscaled dot-product attention, T5 style.
+  """Unscaled dot-product attention, T5 style, in plain XLA ops (the reference).
+
+  Every attention function of ATTENTION_FNS takes the same arguments.
 
   Args:
     query, key, value: [batch, length, heads, head_dim].
-    bias: [batch or 1, heads, q_length, kv_length], added to the logits
-      (relative position bias plus -inf-like padding mask).
+    bias: [1, heads, q_length, kv_length], the relative position bias (the same
+      for every row), or None (attention to the encoder has none).
+    kv_mask: [batch, kv_length] bool, True for real keys, or None. t5dual's
+      sequences are right-padded (pad id 0 only after the last real token),
+      which 'cudnn' relies on; 'xla' and 'jax_nn' take any pattern.
+    causal: position t attends to positions <= t only (decoder self-attention).
     dropout: optional function applied to the attention weights (training).
   Returns:
-    [batch, q_length, heads, head_dim] in the dtype of `value`.
+    [batch, q_length, heads, head_dim] in the dtype of `value`. A row whose keys
+    are all masked (a padding row) gets finite values: it attends uniformly.
   """
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1)
+  bias = _logit_bias(bias, kv_mask, causal, query.shape[1], key.shape[1])
+  weights = jax.nn.softmax(logits + bias, axis=-1)
   if dropout is not None:
     weights = dropout(weights)
   return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(value.dtype), value)
 
 
-def jax_nn_attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
-  """`jax.nn.dot_product_attention` (picks cuDNN fused attention on GPUs when it can)."""
+def jax_nn_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
+                     kv_mask: Optional[Array] = None, causal: bool = False) -> Array:
+  """`jax.nn.dot_product_attention` (XLA) with the bias, mask and causality kept apart."""
   return jax.nn.dot_product_attention(
-      query, key, value, bias=bias.astype(query.dtype), scale=1.0)
+      query, key, value, bias=None if bias is None else bias.astype(query.dtype),
+      mask=None if kv_mask is None else kv_mask[:, None, None, :], is_causal=causal,
+      scale=1.0)
+
+
+# cuDNN's fused attention (jax 0.10-0.11): bf16 / fp16 only, head_dim a multiple of 8 and
+# at most 128 (256 from Hopper on), and with a bias in training, even lengths.
+CUDNN_DTYPES = ('bfloat16', 'float16')
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def cudnn_shapes_ok(query: Array, key: Array, bias: Optional[Array]) -> bool:
+  """Whether cuDNN's fused kernel takes these shapes (else `cudnn_attention` uses XLA)."""
+  head_dim = query.shape[-1]
+  even = query.shape[1] % 2 == 0 and key.shape[1] % 2 == 0
+  return (jnp.dtype(query.dtype).name in CUDNN_DTYPES and head_dim % 8 == 0
+          and head_dim <= CUDNN_MAX_HEAD_DIM and (bias is None or even))
+
+
+def seq_length_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
+                         kv_mask: Optional[Array] = None, causal: bool = False,
+                         implementation: Optional[str] = None) -> Array:
+  """`jax.nn.dot_product_attention` with padding given as key lengths, not as a mask.
+
+  This is the form cuDNN's fused (flash) attention runs: the [1, heads, Lq, Lk]
+  relative position bias stays broadcast over the batch, and the padding is a
+  length per row, so no [batch, heads, Lq, Lk] bias is ever built. It relies on
+  right padding: the length is the count of real keys. A row without any real
+  key gets length 1 (cuDNN's result for 0 is undefined); such padding rows come
+  out finite and are masked downstream.
+  """
+  lengths = None
+  if kv_mask is not None:
+    lengths = jnp.maximum(jnp.sum(kv_mask, axis=-1, dtype=jnp.int32), 1)
+  return jax.nn.dot_product_attention(
+      query, key, value, bias=None if bias is None else bias.astype(query.dtype),
+      key_value_seq_lengths=lengths, is_causal=causal, scale=1.0,
+      implementation=implementation)
+
+
+def cudnn_attention(query: Array, key: Array, value: Array, bias: Optional[Array] = None,
+                    kv_mask: Optional[Array] = None, causal: bool = False) -> Array:
+  """cuDNN fused attention where it takes the shapes, XLA elsewhere (e.g. a reranker's
+  one-step decoder self-attention: length 1 with a bias)."""
+  if cudnn_shapes_ok(query, key, bias):
+    return seq_length_attention(query, key, value, bias, kv_mask, causal, 'cudnn')
+  return jax_nn_attention(query, key, value, bias, kv_mask, causal)
 
 
 ATTENTION_FNS: dict[str, Callable[..., Array]] = {
     'xla': xla_attention,
     'jax_nn': jax_nn_attention,
+    'cudnn': cudnn_attention,
 }
 
 
@@ -328,9 +404,15 @@ class MultiHeadAttention(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool,
-               inputs_kv: Optional[Array] = None) -> Array:
-    """x [B, Lq, embed], inputs_kv [B, Lk, embed] (default x), bias [B or 1, heads or 1, Lq, Lk]."""
+  def __call__(self, x: Array, bias: Optional[Array], kv_mask: Optional[Array],
+               deterministic: bool, inputs_kv: Optional[Array] = None,
+               causal: bool = False) -> Array:
+    """Attention from x [B, Lq, embed] to inputs_kv [B, Lk, embed] (default x).
+
+    The pieces of the logits' bias stay apart so that fused kernels can take
+    them (see xla_attention): bias [1, heads, Lq, Lk] or None, kv_mask [B, Lk]
+    bool (True: a real key) or None, causal.
+    """
     cfg = self.config
     kv = x if inputs_kv is None else inputs_kv
     joined = cfg.num_heads * cfg.head_dim
@@ -347,10 +429,10 @@ class MultiHeadAttention(nn.Module):
     v = project('value', VALUE_PROJ, kv_init, kv)
     if not deterministic and cfg.dropout_rate > 0:
       # Attention-probability dropout needs the explicit softmax.
-      out = xla_attention(q, k, v, bias, dropout=lambda w: nn.Dropout(cfg.dropout_rate)(
-          w, deterministic=False))
+      out = xla_attention(q, k, v, bias, kv_mask, causal,
+                          dropout=lambda w: nn.Dropout(cfg.dropout_rate)(w, deterministic=False))
     else:
-      out = ATTENTION_FNS[cfg.attention](q, k, v, bias)
+      out = ATTENTION_FNS[cfg.attention](q, k, v, bias, kv_mask, causal)
     out = nn.with_logical_constraint(out, HEADS_ACTIVATION)
     out = out.reshape(out.shape[:-2] + (joined,))
     out = DenseGeneral(x.shape[-1], ('joined_kv', 'embed'), kv_init, cfg.dtype, name='out')(out)
@@ -380,12 +462,12 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, bias: Array, mask: Array, deterministic: bool) -> Array:
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_attention_layer_norm')(x)
-    x = x + drop(MultiHeadAttention(cfg, name='attention')(h, bias, deterministic))
+    x = x + drop(MultiHeadAttention(cfg, name='attention')(h, bias, mask, deterministic))
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
     x = x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
     return nn.with_logical_constraint(x, EMBED_ACTIVATION)
@@ -450,11 +532,10 @@ class Encoder(nn.Module):
     bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
                                   cfg.relative_attention_max_distance, cfg.num_heads,
                                   cfg.dtype, name='relpos_bias')(length, length)
-    bias = bias.astype(jnp.float32) + mask_bias(mask[:, None, None, :])
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         embedded.astype(cfg.dtype), deterministic=deterministic)
     x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
-    x = apply_layers(cfg, EncoderLayer, cfg.num_layers, x, bias, deterministic)
+    x = apply_layers(cfg, EncoderLayer, cfg.num_layers, x, bias, mask, deterministic)
     x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -465,16 +546,18 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, encoder_mask: Array,
                deterministic: bool) -> Array:
     cfg = self.config
     drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_self_attention_layer_norm')(x)
-    x = x + drop(MultiHeadAttention(cfg, name='self_attention')(h, self_bias, deterministic))
+    x = x + drop(MultiHeadAttention(cfg, name='self_attention')(
+        h, self_bias, None, deterministic, causal=True))
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_cross_attention_layer_norm')(x)
+    # Attention to the encoder has no position bias, only the padding mask.
     x = x + drop(MultiHeadAttention(cfg, name='encoder_decoder_attention')(
-        h, cross_bias, deterministic, inputs_kv=encoded))
+        h, None, encoder_mask, deterministic, inputs_kv=encoded))
     h = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='pre_mlp_layer_norm')(x)
     x = x + drop(MlpBlock(cfg, name='mlp')(h, deterministic))
     return nn.with_logical_constraint(x, EMBED_ACTIVATION)
@@ -513,17 +596,13 @@ class Decoder(nn.Module):
     self_bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance, cfg.num_heads,
                                        cfg.dtype, name='relpos_bias')(steps, steps, False)
-    causal = np.tril(np.ones((steps, steps), bool))[None, None]
-    self_bias = self_bias.astype(jnp.float32) + mask_bias(causal)
-    # Attention to the encoder has no position bias, only the padding mask.
-    cross_bias = mask_bias(encoder_mask[:, None, None, :])
     drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         y, deterministic=deterministic)
     x = drop(self.shared_embedding(decoder_input_ids).astype(cfg.dtype))
     x = nn.with_logical_constraint(x, EMBED_ACTIVATION)
     encoded = nn.with_logical_constraint(encoded.astype(cfg.dtype), EMBED_ACTIVATION)
-    x = apply_layers(cfg, DecoderLayer, cfg.decoder_layers, x, encoded, self_bias, cross_bias,
-                     deterministic)
+    x = apply_layers(cfg, DecoderLayer, cfg.decoder_layers, x, encoded, self_bias,
+                     encoder_mask, deterministic)
     x = drop(LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name='decoder_norm')(x))
     if cfg.logits_via_embedding:
       return self.shared_embedding.attend(x, vocab_ids) / math.sqrt(x.shape[-1])

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5dual import checkpoints, cli, gradients, model_api, partitioning
+from t5dual import checkpoints, cli, gradients, model_api, partitioning, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class TrainerConfig:
     num_microbatches: chunks per batch for 'grad_cache' and 'accumulate' (T5X's
       name); the global batch must be a multiple of num_microbatches x the
       data-parallel size. 1 with 'full'.
+    prefetch: batches made and copied to the devices ahead of the step, on a
+      background thread (t5dual/prefetch.py); 0 makes each when it is needed.
   """
   total_steps: int = 1000
   log_every: int = 50
@@ -75,11 +77,15 @@ class TrainerConfig:
   tensorboard: bool = True
   grad_strategy: str = 'full'
   num_microbatches: int = 1
+  prefetch: int = 2
 
   def __post_init__(self):
     for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints',
                  'num_microbatches'):
       check_positive_int(TrainerConfig, name, getattr(self, name))
+    if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
+      raise ParameterError(TrainerConfig, 'prefetch',
+                           f'must be a non-negative integer, got {self.prefetch!r}')
     if self.grad_strategy not in gradients.STRATEGIES:
       raise ParameterError(TrainerConfig, 'grad_strategy',
                            f'must be one of {gradients.STRATEGIES}, got {self.grad_strategy!r}')
@@ -381,10 +387,13 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
         bar = tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
                    dynamic_ncols=True, mininterval=1.0)
       pending, last, window_start, examples = [], {'step': start}, time.time(), 0
-      for step in range(start, config.total_steps):
+      def device_batch(step):
         local = batcher.batch(step, jax.process_index(), jax.process_count())
-        examples += len(next(iter(local.values()))) * jax.process_count()
-        batch = partitioner.shard_batch(local)
+        return len(next(iter(local.values()))), partitioner.shard_batch(local)
+
+      for step, (local_size, batch) in prefetch.prefetch(
+          device_batch, range(start, config.total_steps), config.prefetch):
+        examples += local_size * jax.process_count()
         if step_fn is None:
           step_fn, _ = build_train_step(model, optimizer, partitioner, batch, config.seed,
                                         layout, config.grad_strategy,

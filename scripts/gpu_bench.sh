@@ -58,6 +58,10 @@ case "$part" in
     bench part1 --workloads W1,W2,W2b,W3 --size base --attention cudnn --timeout 240 \
       --corpus shared/data/medquad --vocab shared/vocab/t5_spiece.model \
       --peer shared/bench/peer_torch_t5.py
+    # Finer buckets than the export's powers of two: closer to the bound, more compiles.
+    bench part1 --workloads W2b --size base --attention cudnn --timeout 150 \
+      --corpus shared/data/medquad --vocab shared/vocab/t5_spiece.model \
+      --buckets 16,32,64,96,128,160,192,224,256
     ;;
   part2)
     for attention in xla cudnn; do

@@ -12,7 +12,8 @@ script sets XLA_FLAGS for it). Prints, per device, the closed-form bytes of
 parameters, optimizer state, gradients, batch and activations beside XLA's
 compiled memory analysis and cost-model FLOPs, and whether the step fits the
 target's HBM; with --search, a step that does not fit is retried with 'full'
-remat, then with more microbatches (GradCache for dual encoders, accumulation
+remat, then on meshes with 2x, 4x, ... the model-parallel size (the same devices;
+parameters that would not split are skipped), then with more microbatches (GradCache for dual encoders, accumulation
 for rerankers: the same gradient, fewer activations alive), then with halved
 batches, until one fits (t5dual/planning.py). The gradient strategy of the run
 (trainer.TrainerConfig.grad_strategy / num_microbatches in gin) is the first
@@ -40,7 +41,10 @@ def _flags(argv):
   p.add_argument('--encode', action='store_true', help='also compile the encode step')
   p.add_argument('--encode_batch', type=int, default=1024)
   p.add_argument('--search', action='store_true',
-                 help='if it does not fit: full remat, more microbatches, then halved batches')
+                 help='if it does not fit: full remat, wider model-parallel meshes, more '
+                 'microbatches, then halved batches')
+  p.add_argument('--max_meshes', type=int, default=2,
+                 help='--search: how many wider model-parallel meshes to try (x2, x4, ...)')
   p.add_argument('--hbm_gib', type=float, help="override the target's HBM per device")
   p.add_argument('--write', help='append the report to this markdown file')
   return p.parse_known_args(argv)
@@ -92,38 +96,47 @@ def main(argv):
 
   def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths, trainer_config):
     strategy = [trainer_config.grad_strategy, trainer_config.num_microbatches]
+    mesh = [partitioner]  # the partitioner the search has reached
 
     def one(model, batch):
       try:
-        p = planning.plan_train_step(model, optimizer, partitioner, batch, feature_lengths,
+        p = planning.plan_train_step(model, optimizer, mesh[0], batch, feature_lengths,
                                      grad_strategy=strategy[0], num_microbatches=strategy[1])
       except Exception as e:  # a compile that fails is a finding, not a crash
         p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200],
                               grad_strategy=strategy[0], num_microbatches=strategy[1])
       remat = model.config.t5.remat if hasattr(model.config, 't5') else '-'
-      rows.append((p, remat, partitioner.mesh_shape))
-      print(_line(p, remat, partitioner, hbm), flush=True)
+      rows.append((p, remat, mesh[0].mesh_shape))
+      print(_line(p, remat, mesh[0], hbm), flush=True)
       return p
 
     p = one(model, batch_size)
     if args.search and planning.fits(p, hbm) is False:
+      # Cheapest first, keeping the batch (every in-batch negative) as long as possible:
+      # full remat, then more model parallelism, then microbatches, then smaller batches.
       cfg = model.config
       if hasattr(cfg, 't5') and cfg.t5.remat != 'full':
         full = _with_remat(model, 'full')
         p = one(full, batch_size)
         model = full
-      # The same batch and gradient with fewer activations alive, before a smaller batch.
+      for wider in planning.wider_meshes(mesh[0], model, batch_size, args.max_meshes):
+        if planning.fits(p, hbm) is not False:
+          break
+        previous, mesh[0] = mesh[0], wider
+        p = one(model, batch_size)
+        if planning.fits(p, hbm) is False and p.error and 'RESOURCE_EXHAUSTED' not in p.error:
+          mesh[0] = previous  # did not compile for another reason: stay where it did
       chunked = 'grad_cache' if isinstance(model, model_api.ContrastiveModel) else 'accumulate'
-      for m in planning.more_microbatches(batch_size, partitioner.data_parallel, strategy[1]):
+      for m in planning.more_microbatches(batch_size, mesh[0].data_parallel, strategy[1]):
         if planning.fits(p, hbm) is not False:
           break
         strategy[:] = [chunked, m]
         p = one(model, batch_size)
-      for b in planning.smaller_batches(batch_size, partitioner.data_parallel):
+      for b in planning.smaller_batches(batch_size, mesh[0].data_parallel):
         if planning.fits(p, hbm) is not False:
           break
         # As many microbatches as the smaller batch still splits into.
-        per_device = b // partitioner.data_parallel
+        per_device = b // mesh[0].data_parallel
         while strategy[1] > 1 and per_device % strategy[1]:
           strategy[1] //= 2
         if strategy[1] == 1:
@@ -131,13 +144,13 @@ def main(argv):
         p = one(model, b)
     if args.encode and model.kind == 'dual_encoder':
       try:
-        e = planning.plan_encode_step(model, partitioner, args.encode_batch,
+        e = planning.plan_encode_step(model, mesh[0], args.encode_batch,
                                       feature_lengths['targets'])
       except Exception as err:  # as for the train step: a finding
         e = planning.StepPlan('encode document', args.encode_batch,
                               error=(str(err).splitlines() or ['?'])[0][:200])
-      rows.append((e, model.config.t5.remat, partitioner.mesh_shape))
-      print(_line(e, model.config.t5.remat, partitioner, hbm), flush=True)
+      rows.append((e, model.config.t5.remat, mesh[0].mesh_shape))
+      print(_line(e, model.config.t5.remat, mesh[0], hbm), flush=True)
     return model
 
   with partitioning.target_devices(devices):

@@ -345,6 +345,31 @@ def smaller_batches(batch_size: int, data_parallel: int) -> Sequence[int]:
   return out
 
 
+def wider_meshes(partitioner: partitioning.Partitioner, model, batch_size: int,
+                 limit: int = 2) -> list[partitioning.Partitioner]:
+  """Up to `limit` partitioners on the same devices with 2x, 4x, ... the model axis.
+
+  Only meshes whose data axis still divides the batch and over which every
+  parameter splits (partitioner.check_divisible) are offered; the model axis
+  grows inside a slice (ici_mesh_shape), never across slices.
+  """
+  data, model_size = partitioner.ici_mesh_shape or partitioner.mesh_shape
+  shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+  out, k = [], 2
+  while len(out) < limit and data % k == 0:
+    ici = (data // k, model_size * k)
+    wider = dataclasses.replace(partitioner, ici_mesh_shape=ici, num_partitions=1)
+    k *= 2
+    if batch_size % wider.data_parallel:
+      continue
+    try:
+      wider.check_divisible(model.logical_axes(), shapes)
+    except partitioning.PartitioningError:
+      continue
+    out.append(wider)
+  return out
+
+
 def more_microbatches(batch_size: int, data_parallel: int, num_microbatches: int
                       ) -> Sequence[int]:
   """Microbatch counts above `num_microbatches` to try, each splitting every device's rows."""

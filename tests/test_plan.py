@@ -82,6 +82,22 @@ def test_reranker_batch_and_bytes():
   assert plan.compiled_arguments == plan.params + plan.opt_state + plan.batch_bytes + 8
 
 
+def test_wider_meshes_keep_the_devices_and_split_every_parameter():
+  import dataclasses
+  eight = partitioning.Partitioner(ici_mesh_shape=(8, 1), devices=tuple(range(8)))
+  shapes = lambda ps: [p.mesh_shape for p in ps]
+  two_heads = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  # 2 heads split over at most 2: (2, 4) and (1, 8) are skipped.
+  assert shapes(planning.wider_meshes(eight, two_heads, 16)) == [(4, 2)]
+  eight_heads = models.DualEncoderModel(models.DualEncoderConfig(
+      t5=dataclasses.replace(TINY, num_heads=8), projection_dim=16))
+  assert shapes(planning.wider_meshes(eight, eight_heads, 16)) == [(4, 2), (2, 4)]
+  assert shapes(planning.wider_meshes(eight, eight_heads, 16, limit=3)) == [
+      (4, 2), (2, 4), (1, 8)]
+  # The data axis must still divide the batch: 6 splits over 2 and 1, not over 4.
+  assert shapes(planning.wider_meshes(eight, eight_heads, 6, limit=3)) == [(2, 4), (1, 8)]
+
+
 def test_batch_sizes_to_try_split_over_data():
   assert planning.smaller_batches(512, 64) == [256, 128, 64]
   assert planning.smaller_batches(48, 16) == []

@@ -32,13 +32,14 @@ SEQIO = [
     'tensorflow-text==2.21.1',
     'tensorflow-datasets==4.9.10',
 ]
-# Independent references the tests compare against, and PyTorch interop.
-TEST = [
-    'pytest==9.2.0',
+# PyTorch interop, and the independent references the tests compare against.
+TORCH = [
     'torch==2.13.0',
     'transformers==5.23.0',
     'sentence-transformers==6.2.0',
 ]
+# The suite runs in 2 worker processes (pytest-xdist), a test file per worker.
+TEST = ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'execnet==2.1.2'] + TORCH
 
 setup(
     name='t5dual',
@@ -49,7 +50,7 @@ setup(
     install_requires=CORE,
     extras_require={
         'seqio': SEQIO,
-        'torch': TEST[1:],
+        'torch': TORCH,
         'test': TEST,
         'demo': [],
         # libtpu as jax[tpu]==0.10.2 pins it: TPU hosts, and scripts/plan.py compiling for

@@ -29,7 +29,9 @@ fi
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONWARNINGS=ignore
 case "$job" in
   demo) exec python scripts/demo.py "$@" ;;
-  test) exec python -m pytest -q tests "$@" ;;
+  # Two workers, each test file on one (its module fixtures start their processes once);
+  # T5DUAL_TEST_WORKERS=0 runs in this process, and flags given here come after these.
+  test) exec python -m pytest -q tests -n "${T5DUAL_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   train|eval|export|convert|rerank|plan)
     [ -f "scripts/$job.py" ] || { echo "scripts/$job.py does not exist" >&2; exit 2; }
     exec python "scripts/$job.py" "$@" ;;

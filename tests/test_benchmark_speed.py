@@ -1,5 +1,7 @@
 """scripts/benchmark_speed.py end to end on CPU: every workload runs through the trainer's step
-and the export's encoder, and the peer's rows come back with the ratios."""
+and the export's encoder, and the peer's rows come back with the ratios. The workloads run as
+on the GPU host, without TensorFlow, seqio, bm25s or the trec_eval bindings
+(helpers/gpu_host.py)."""
 
 import json
 import os
@@ -9,6 +11,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, 'helpers'))
+import gpu_host  # noqa: E402
 import script_modules  # noqa: E402
 
 FAKE_PEER = '''
@@ -30,8 +33,11 @@ elif not a.encode_only:
 '''
 
 
-def test_workloads_and_peer_ratios(tmp_path, shared_dir):
+def test_workloads_and_peer_ratios(tmp_path, shared_dir, monkeypatch):
   bench = script_modules.load_script('benchmark_speed')
+  # Each workload runs in a child process with this environment.
+  for key, value in gpu_host.env(tmp_path).items():
+    monkeypatch.setenv(key, value)
   peer = tmp_path / 'peer.py'
   peer.write_text(FAKE_PEER)
   rows_file, md = tmp_path / 'rows.jsonl', tmp_path / 'BENCH.md'

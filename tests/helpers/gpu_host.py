@@ -28,4 +28,4 @@ def env(folder):
   with open(os.path.join(site, 'sitecustomize.py'), 'w') as f:
     f.write(SITECUSTOMIZE)
   return {**os.environ, 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu'),
-          'PYTHONPATH': os.pathsep.join([site, REPO, os.environ.get('PYTHONPATH', '')])}
+          'PYTHONPATH': os.pathsep.join(filter(None, [site, REPO, os.environ.get('PYTHONPATH')]))}

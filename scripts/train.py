@@ -24,8 +24,13 @@ Multi-host (TPU pods, GPU clusters): run the same command on every host, with
 --multihost on a TPU VM pod; SLURM steps and --coordinator=HOST:PORT
 --num_processes=N --process_id=I need no flag (t5dual/distributed.py;
 scripts/launch_tpu_pod.sh and scripts/launch_gpu_slurm.sh do this). Each host
-loads its own rows of every global batch; checkpoints are written by all hosts
-together into MODEL_DIR, which must be a path all hosts share (gs://, NFS).
+loads the rows of every global batch that its devices hold (hosts sharing a data
+shard load the same rows: partitioning.DataLayout); checkpoints are written by all
+hosts together into MODEL_DIR, which must be a path all hosts share (gs://, NFS).
+
+SIGTERM (preemption) saves a checkpoint at the next step boundary, the same step on
+every host, and ends the run with exit status 75 (preemption.PREEMPTED_EXIT_STATUS):
+run the same command again to resume.
 """
 
 import logging

@@ -53,4 +53,10 @@ def run_main(main: Callable[[Sequence[str]], Optional[int]],
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # a run stopped on purpose (preemption.PreemptedError) has a status
+    status = getattr(type(e), 'exit_status', None)
+    if status is None:
+      raise
+    print(f'stopped: {str(e).splitlines()[0]}', file=sys.stderr)  # gin appends context lines
+    sys.exit(status)
   sys.exit(code or 0)

@@ -29,9 +29,11 @@ Params = Any  # a pytree of arrays, as returned by init_params
 class Batcher(Protocol):
   """Training batches as a pure function of the step (exact resume, no iterator state)."""
 
-  def batch(self, step: int, process_index: int = 0,
-            process_count: int = 1) -> dict[str, np.ndarray]:
-    """This process's rows of global batch `step` (leading axis = batch rows)."""
+  def batch(self, step: int, shard_index: int = 0,
+            num_shards: int = 1) -> dict[str, np.ndarray]:
+    """Slice `shard_index` of `num_shards` equal slices of global batch `step` (leading
+    axis = batch rows): the rows one data shard of the mesh loads
+    (partitioning.DataLayout)."""
 
 
 @runtime_checkable

@@ -210,11 +210,9 @@ class Partitioner:
     shape = self.mesh_shape
     devices = list(self._devices())
     if self.dcn_mesh_shape is not None:
-      # TPU slices are the granules of a multi-slice job; elsewhere (GPU nodes)
-      # a process is.
       grid = mesh_utils.create_hybrid_device_mesh(
           self.ici_mesh_shape, self.dcn_mesh_shape, devices,
-          process_is_granule=not hasattr(devices[0], 'slice_index'))
+          process_is_granule=_process_is_granule(devices, math.prod(self.dcn_mesh_shape)))
     else:
       # A TPU torus (e.g. 4x4x4) holds a (8, 8) mesh only by splitting a physical
       # axis between 'data' and 'model'; elsewhere this changes nothing.
@@ -274,18 +272,25 @@ class Partitioner:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
-  def shard_batch(self, batch: dict) -> dict:
-    """Places this process's slice of a global batch onto the mesh.
+  @functools.cached_property
+  def data_layout(self) -> 'DataLayout':
+    """Which rows of each global batch this process loads (see `DataLayout`)."""
+    return data_layout(self.mesh, jax.process_index())
 
-    Each process passes the rows it loaded (its contiguous slice of the global
-    batch); the result is a global jax.Array split over 'data'.
+  def shard_batch(self, batch: dict) -> dict:
+    """Places this process's rows of a global batch onto the mesh.
+
+    Each process passes the rows of its data shard (`data_layout`: processes
+    whose devices hold the same rows pass the same rows); the result is a
+    global jax.Array split over 'data'.
     """
+    num_shards = self.data_layout.num_shards
     def put(x):
       x = np.asarray(x)
       sharding = self.batch_sharding(x.ndim)
       if jax.process_count() == 1:
         return jax.device_put(x, sharding)
-      global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+      global_shape = (x.shape[0] * num_shards,) + x.shape[1:]
       return jax.make_array_from_process_local_data(sharding, x, global_shape)
     return jax.tree.map(put, batch)
 
@@ -338,6 +343,71 @@ class Partitioner:
         f'{"x".join(axes)} of size {parts} (mesh data {sizes["data"]} x model '
         f'{sizes["model"]}); model-parallel sizes that work with {n} devices: '
         f'{", ".join(map(str, working)) or "none"}')
+
+
+def _process_is_granule(devices: Sequence, granules: int) -> bool:
+  """Whether the dcn axis runs across processes rather than across TPU slices.
+
+  TPU slices are the granules of a multi-slice job; elsewhere (GPU nodes, CPU
+  processes) a process is. Other platforms' devices may carry a `slice_index`
+  too (all 0), so count the slices rather than look for the attribute.
+  """
+  slices = {getattr(d, 'slice_index', None) for d in devices}
+  return None in slices or len(slices) != granules
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLayout:
+  """How a global batch is split into the slices that processes load (T5X's DataLayout).
+
+  A pod is not one process per data shard: on a v4-128 with model-parallel 8,
+  each host has 4 chips, so every data shard (a row of the mesh) spans two
+  hosts, and both must load the same rows; with model-parallel 1 each host's
+  4 chips hold 4 shards, one contiguous slice of rows. The slices follow from
+  the data-axis indices of each process's devices in the mesh: the global
+  batch is cut into `num_shards` equal slices, and this process loads slice
+  `shard_index`. Batchers are pure functions of (seed, step, shard), so the
+  processes of one shard load identical rows without talking to each other.
+
+  Attributes:
+    num_shards: slices of the global batch (data-parallel size / data rows of
+      the mesh one process holds).
+    shard_index: the slice this process loads.
+  """
+  num_shards: int = 1
+  shard_index: int = 0
+
+  def rows(self, batch_size: int) -> range:
+    """The rows of a global batch of `batch_size` that this process loads."""
+    per_shard = batch_size // self.num_shards
+    return range(self.shard_index * per_shard, (self.shard_index + 1) * per_shard)
+
+
+def data_layout(mesh: Mesh, process_index: int) -> DataLayout:
+  """The `DataLayout` of process `process_index` on `mesh` ('data' its first axis).
+
+  Raises ConfigError (naming partitioning.Partitioner) for meshes no batch can
+  follow: a process whose devices hold non-contiguous data rows, or processes
+  holding different numbers of them (a mesh laid over the processes unevenly).
+  """
+  rows_of: dict[int, set] = {}
+  for (row, _), device in np.ndenumerate(mesh.devices):
+    rows_of.setdefault(device.process_index, set()).add(row)
+  if process_index not in rows_of:
+    raise cli.ConfigError(f'partitioning.Partitioner: process {process_index} holds no '
+                          f'device of the mesh {dict(mesh.shape)}')
+  counts = {len(rows) for rows in rows_of.values()}
+  for process, rows in sorted(rows_of.items()):
+    first = min(rows)
+    if len(counts) > 1 or rows != set(range(first, first + len(rows))) or first % len(rows):
+      shown = {p: sorted(r) for p, r in sorted(rows_of.items())}
+      raise cli.ConfigError(
+          f'partitioning.Partitioner: the mesh {dict(mesh.shape)} gives processes uneven or '
+          f'non-contiguous data rows ({shown}); choose num_partitions / ici_mesh_shape so '
+          'that each process holds whole, equal blocks of data rows')
+  per_process = counts.pop()
+  mine = min(rows_of[process_index])
+  return DataLayout(mesh.shape['data'] // per_process, mine // per_process)
 
 
 def _state_spec(state_shape: tuple, param_shape: tuple, param_spec: P) -> P:

@@ -153,9 +153,7 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
   # Before anything is allocated or written: every split parameter dimension divides.
   partitioner.check_divisible(model.logical_axes(),
                               jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
-  if batch_size % jax.process_count():
-    raise ParameterError(run, 'batch_size', f'{batch_size} is not divisible by the '
-                         f'{jax.process_count()} processes')
+  partitioner.data_layout  # each process holds whole, equal blocks of the mesh's data rows
 
 
 def _make_batcher(model, source, tokenizer, batch_size, lengths, seed, num_negatives):

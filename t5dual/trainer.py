@@ -1,5 +1,5 @@
 """The training loop, shared by every model that implements `model_api.Model`
-(dual encoders now, rerankers later).
+(dual encoders and rerankers).
 
 One `jax.jit`-compiled step over the partitioner's ('data', 'model') mesh
 (`build_train_step`): parameters and optimizer state are placed by their
@@ -17,6 +17,7 @@ not finite (see `guarded_train_step`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5dual import checkpoints, cli, gradients, model_api, partitioning, prefetch
+from t5dual import checkpoints, cli, gradients, model_api, partitioning, preemption, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +212,24 @@ def init_train_state(model: model_api.Model, optimizer: optax.GradientTransforma
     return partitioner.partition(init, out_shardings=(layout.param_shardings,
                                                       layout.opt_shardings))(
         jax.random.PRNGKey(seed))
-  params = jax.device_put(initial_params, layout.param_shardings)
+  params = jax.tree.map(place, initial_params, layout.param_shardings)
   opt_state = partitioner.partition(optimizer.init, in_shardings=(layout.param_shardings,),
                                     out_shardings=layout.opt_shardings)(params)
   return params, opt_state
+
+
+def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` (a host array, or a jax.Array) as a jax.Array in `sharding`.
+
+  On a mesh that spans processes jax.device_put cannot take a host array
+  (it would be a cross-host transfer): each process builds its own devices'
+  slices from its copy instead, so no device ever holds more than its shard.
+  """
+  if sharding.is_fully_addressable or (isinstance(value, jax.Array) and
+                                       not value.is_fully_addressable):
+    return jax.device_put(value, sharding)  # within a process, or between global layouts
+  value = np.asarray(value)  # a host array, or one on this process's devices only
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def build_train_step(model: model_api.Model, optimizer: optax.GradientTransformation,
@@ -347,6 +362,7 @@ def train(model: model_api.Model, batcher: model_api.Batcher,
     partitioning.PartitioningError: a parameter does not split over the mesh
       (raised before anything is allocated or written).
     NonFiniteLossError: a step failed the finiteness check (nothing of it saved).
+    preemption.PreemptedError: SIGTERM arrived; the step every process reached was saved.
   """
   with checkpoints.exclusive_writer(model_dir):
     return _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
@@ -364,6 +380,7 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
   manager = checkpoints.checkpoint_manager(model_dir, config.save_every,
                                            config.keep_checkpoints)
   writer, bar = None, None
+  stack = contextlib.ExitStack()
   try:
     start = manager.latest_step() or 0
     with jax.set_mesh(partitioner.mesh):
@@ -387,13 +404,15 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
         bar = tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
                    dynamic_ncols=True, mininterval=1.0)
       pending, last, window_start, examples = [], {'step': start}, time.time(), 0
+      data = partitioner.data_layout  # the rows of each batch this process loads
       def device_batch(step):
-        local = batcher.batch(step, jax.process_index(), jax.process_count())
+        local = batcher.batch(step, data.shard_index, data.num_shards)
         return len(next(iter(local.values()))), partitioner.shard_batch(local)
 
+      watcher = stack.enter_context(preemption.Watcher())
       for step, (local_size, batch) in prefetch.prefetch(
           device_batch, range(start, config.total_steps), config.prefetch):
-        examples += local_size * jax.process_count()
+        examples += local_size * data.num_shards
         if step_fn is None:
           step_fn, _ = build_train_step(model, optimizer, partitioner, batch, config.seed,
                                         layout, config.grad_strategy,
@@ -403,7 +422,8 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
         pending.append(metrics)
         done = step + 1
         is_last = done == config.total_steps
-        save_now = is_last or manager.should_save(done)
+        preempted = watcher.reached(done) and not is_last  # the same step on every process
+        save_now = is_last or preempted or manager.should_save(done)
         if done % config.log_every == 0 or save_now:
           pending, bad = jax.device_get((pending, bad_step))
           if bad:
@@ -426,7 +446,13 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
           checkpoints.save(manager, done, params, opt_state, force=True)
         if bar is not None:
           bar.update(1)
+        if preempted:
+          manager.wait_until_finished()
+          raise preemption.PreemptedError(
+              f'SIGTERM: saved step {done} of {config.total_steps} in {model_dir}; run the '
+              'same command again to resume from it')
   finally:
+    stack.close()
     manager.wait_until_finished()
     manager.close()
     if writer is not None:

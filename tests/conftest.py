@@ -23,3 +23,10 @@ def _seed_torch():
   a test's weights do not depend on which tests ran before it."""
   if 'torch' in sys.modules:
     sys.modules['torch'].manual_seed(0)
+
+
+def pytest_configure(config):
+  # Tiers: `pytest -m "not slow"` for everyday work; the README's test command runs all.
+  config.addinivalue_line('markers', 'slow: minutes of work (multi-process jobs, training runs)')
+  config.addinivalue_line('markers', 'multiprocess: starts several processes joined by '
+                          'jax.distributed')

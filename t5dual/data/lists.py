@@ -28,8 +28,9 @@ the file and line.
 `pipeline.PairBatcher`: batch s holds stream positions s*B .. s*B+B-1 of an
 endless stream in which epoch e visits the queries in `permutation(seed, e)`,
 and the list at position p is sampled with a generator seeded by (seed, p).
-A resumed run sees the same batches, and each process's slice
-[process_index * B / process_count, ...) is exactly its rows of the global batch.
+A resumed run sees the same batches, and slice k of n, rows [k * B / n, (k + 1) * B / n)
+of the global batch, is what the processes of data shard k load
+(partitioning.DataLayout).
 """
 
 from __future__ import annotations
@@ -290,19 +291,20 @@ class ListBatcher:
           len(self.lists))
     return self._perms[epoch]
 
-  def positions(self, step: int, process_index: int = 0, process_count: int = 1
+  def positions(self, step: int, shard_index: int = 0, num_shards: int = 1
                 ) -> np.ndarray:
-    """Stream positions of global batch `step`, this process's slice."""
-    if self.batch_size % process_count:
-      raise ValueError(f'batch size {self.batch_size} not divisible by {process_count} hosts')
-    per_host = self.batch_size // process_count
-    start = step * self.batch_size + process_index * per_host
-    return np.arange(start, start + per_host)
+    """Stream positions of global batch `step`, slice `shard_index` of `num_shards`."""
+    if self.batch_size % num_shards:
+      raise ValueError(f'batch size {self.batch_size} is not divisible by the {num_shards} '
+                       'data shards of the mesh')
+    per_shard = self.batch_size // num_shards
+    start = step * self.batch_size + shard_index * per_shard
+    return np.arange(start, start + per_shard)
 
-  def list_indices(self, step: int, process_index: int = 0, process_count: int = 1
+  def list_indices(self, step: int, shard_index: int = 0, num_shards: int = 1
                    ) -> np.ndarray:
-    """Which query each row of this process's slice of batch `step` holds."""
-    positions = self.positions(step, process_index, process_count)
+    """Which query each row of slice `shard_index` of batch `step` holds."""
+    positions = self.positions(step, shard_index, num_shards)
     n = len(self.lists)
     epochs = positions // n
     out = np.empty(len(positions), np.int64)
@@ -322,9 +324,9 @@ class ListBatcher:
     picked = [picked[i] for i in rng.permutation(len(picked))]  # no position carries the label
     return [r for r, _ in picked], [y for _, y in picked]
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-    positions = self.positions(step, process_index, process_count)
-    queries = self.list_indices(step, process_index, process_count)
+  def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
+    positions = self.positions(step, shard_index, num_shards)
+    queries = self.list_indices(step, shard_index, num_shards)
     rows, size = len(positions), self.list_size
     labels = np.zeros((rows, size), np.float32)
     where = np.zeros((rows, size), bool)

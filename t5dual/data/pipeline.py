@@ -57,25 +57,35 @@ class PairBatcher:
       self._perms[epoch] = rng.permutation(len(self.examples))
     return self._perms[epoch]
 
-  def example_indices(self, step: int, process_index: int = 0,
-                      process_count: int = 1) -> np.ndarray:
-    """Indices of the examples of global batch `step`, this process's slice."""
-    if self.batch_size % process_count:
-      raise cli.ConfigError(f'batch size {self.batch_size} not divisible by {process_count} '
-                            'hosts')
-    per_host = self.batch_size // process_count
+  def example_indices(self, step: int, shard_index: int = 0,
+                      num_shards: int = 1) -> np.ndarray:
+    """Indices of the examples of global batch `step`, slice `shard_index` of `num_shards`
+    (partitioning.DataLayout: the rows one data shard of the mesh loads)."""
+    per_shard = _rows_per_shard(self.batch_size, num_shards)
     n = len(self.examples)
-    start = step * self.batch_size + process_index * per_host
-    positions = np.arange(start, start + per_host)
+    start = step * self.batch_size + shard_index * per_shard
+    positions = np.arange(start, start + per_shard)
     epochs = positions // n
-    out = np.empty(per_host, np.int64)
+    out = np.empty(per_shard, np.int64)
     for epoch in np.unique(epochs):  # a batch spans one epoch, or two at a boundary
       rows = epochs == epoch
       out[rows] = self._permutation(int(epoch))[positions[rows] % n]
     return out
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
-    idx = self.example_indices(step, process_index, process_count)
+  def _negative_picks(self, step: int, shard_index: int, num_shards: int) -> list:
+    """Which negatives each row of the slice takes: drawn for the whole global batch from
+    one generator keyed by (seed, step), then sliced, so that a row's negatives are the
+    same whatever the number of shards (one process or a pod)."""
+    ex = self.examples
+    rng = np.random.default_rng([self.seed, step, 0, 1])
+    picks = [rng.choice(len(ex.negatives[i]), self.num_negatives,
+                        replace=len(ex.negatives[i]) < self.num_negatives)
+             for i in self.example_indices(step)]
+    per_shard = self.batch_size // num_shards
+    return picks[shard_index * per_shard:(shard_index + 1) * per_shard]
+
+  def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
+    idx = self.example_indices(step, shard_index, num_shards)
     ex = self.examples
     lq, ld = self.feature_lengths['inputs'], self.feature_lengths['targets']
     out = {
@@ -85,15 +95,20 @@ class PairBatcher:
         'doc_ids': np.asarray([ex.doc_ids[i] for i in idx], np.int32),
     }
     if self.num_negatives:
-      rng = np.random.default_rng([self.seed, step, process_index, 1])
-      picks = [rng.choice(len(ex.negatives[i]), self.num_negatives,
-                          replace=len(ex.negatives[i]) < self.num_negatives) for i in idx]
+      picks = self._negative_picks(step, shard_index, num_shards)
       texts = [ex.negatives[i][k] for i, ks in zip(idx, picks) for k in ks]
       out['negative_targets'] = self.tokenizer.encode(texts, ld).reshape(
           len(idx), self.num_negatives, ld)
       out['negative_ids'] = np.asarray(
           [[ex.negative_ids[i][k] for k in ks] for i, ks in zip(idx, picks)], np.int32)
     return out
+
+
+def _rows_per_shard(batch_size: int, num_shards: int) -> int:
+  if batch_size % num_shards:
+    raise cli.ConfigError(f'batch size {batch_size} is not divisible by the {num_shards} data '
+                          'shards of the mesh')
+  return batch_size // num_shards
 
 
 def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,

@@ -97,19 +97,19 @@ class SeqioBatcher:
     self.seed, self.shuffle = seed, shuffle
     self._iter, self._next = None, None
 
-  def _dataset(self, start: int, process_index: int, process_count: int):
-    per_host = self.batch_size // process_count
+  def _dataset(self, start: int, shard_index: int, num_shards: int):
+    per_host = self.batch_size // num_shards
     ds = self.task.get_dataset(
         self.lengths, split='train', shuffle=self.shuffle, seed=self.seed, num_epochs=None,
-        shard_info=seqio.ShardInfo(process_index, process_count), use_cached=False)
+        shard_info=seqio.ShardInfo(shard_index, num_shards), use_cached=False)
     shapes = {'inputs': [self.lengths['inputs']], 'targets': [self.lengths['targets']],
               'query_ids': [], 'doc_ids': []}
     ds = ds.map(lambda ex: {k: ex[k] for k in shapes})
     ds = ds.padded_batch(per_host, padded_shapes=shapes, drop_remainder=True)
     return ds.skip(start).prefetch(2).as_numpy_iterator()
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+  def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     if self._iter is None or step != self._next:
-      self._iter = self._dataset(step, process_index, process_count)
+      self._iter = self._dataset(step, shard_index, num_shards)
     self._next = step + 1
     return {k: np.asarray(v, np.int32) for k, v in next(self._iter).items()}

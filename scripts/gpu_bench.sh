@@ -9,6 +9,7 @@
 #   bash scripts/gpu_bench.sh part1   # W1, W2, W2b, W3 (t5dual at the gin defaults) + the peer
 #   bash scripts/gpu_bench.sh part2   # levers (W1): dropout, cuDNN attention, remat policies
 #   bash scripts/gpu_bench.sh part3   # W4: large, xl, xxl (full remat; xxl with GradCache)
+#   bash scripts/gpu_bench.sh part4   # W3 levers: attention xla vs cudnn (dropout 0)
 # Every run takes the model gin files' defaults (DROPOUT_RATE 0.1, attention 'xla') unless it
 # names a lever: cuDNN attention has no dropout, so its rows run with --dropout_rate 0.
 # A part exits non-zero when any of its runs failed (the table keeps each error's line).
@@ -20,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-part="${1:?usage: gpu_bench.sh prepare|part1|part2|part3 [benchmark_speed flags]}"
+part="${1:?usage: gpu_bench.sh prepare|part1|part2|part3|part4 [benchmark_speed flags]}"
 shift
 # Extra flags go after each part's own (argparse: the last value wins), e.g. a CPU check:
 #   bash scripts/gpu_bench.sh part1 --size tiny --dtype float32 --attention xla --batch 8 ...
@@ -79,8 +80,15 @@ case "$part" in
   part3)
     bench part3 --workloads W4 --w4_sizes large,xl,xxl --w4_microbatches 8 --timeout 280
     ;;
+  part4)
+    # The reranker's train step with cuDNN: its one-step decoder runs XLA (odd lengths).
+    for attention in xla cudnn; do
+      bench part4 --workloads W3 --size base --attention "$attention" --dropout_rate 0 \
+        --timeout 200
+    done
+    ;;
   *)
-    echo "unknown part $part (prepare, part1, part2, part3)" >&2; exit 2 ;;
+    echo "unknown part $part (prepare, part1, part2, part3, part4)" >&2; exit 2 ;;
 esac
 sed -n '/^### Speed/,$p' BENCHMARKS.md | tail -40 > "$OUT/$part.md"
 exit "$status"

@@ -229,6 +229,7 @@ def xla_attention(query: Array, key: Array, value: Array, bias: Optional[Array] 
     [batch, q_length, heads, head_dim] in the dtype of `value`. A row whose keys
     are all masked (a padding row) gets finite values: it attends uniformly.
   """
+  del training  # any shape
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
   bias = _logit_bias(bias, kv_mask, causal, query.shape[1], key.shape[1])
   weights = jax.nn.softmax(logits + bias, axis=-1)
@@ -241,6 +242,7 @@ def jax_nn_attention(query: Array, key: Array, value: Array, bias: Optional[Arra
                      kv_mask: Optional[Array] = None, causal: bool = False,
                      training: bool = True) -> Array:
   """`jax.nn.dot_product_attention` (XLA) with the bias, mask and causality kept apart."""
+  del training  # any shape
   return jax.nn.dot_product_attention(
       query, key, value, bias=None if bias is None else bias.astype(query.dtype),
       mask=None if kv_mask is None else kv_mask[:, None, None, :], is_causal=causal,

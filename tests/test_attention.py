@@ -6,6 +6,7 @@ cuDNN itself needs a GPU; on CPU its exact call (`seq_length_attention`: padding
 lengths, the bias broadcast over the batch) runs through jax's XLA implementation."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -294,3 +295,32 @@ def test_rankt5_encdec_scores_match_xla(seq_lengths_attention, attention):
   # Logits of the 50-token head (size < 10) after 2 encoder and 2 decoder layers.
   tolerances.assert_close(scores[1], scores[0], magnitude=10, depth=12, width=128,
                           both_sides=True)
+
+
+@pytest.mark.parametrize('bindings,message', [
+    # The gin default DROPOUT_RATE (0.1) with cuDNN: refused, naming both keys.
+    ([], "error: gin configuration of t5_config: T5Config.attention 'cudnn' has no attention "
+         "dropout, but dropout_rate is 0.1: set DROPOUT_RATE = 0.0 "
+         "(t5.t5_config.dropout_rate) or t5.t5_config.attention = 'xla'"),
+    # Without dropout, on this machine without cuDNN: one line, before anything is written.
+    (['--gin.DROPOUT_RATE=0.0'],
+     "error: T5Config.attention 'cudnn' needs cuDNN, which this process lacks (JAX's backend "
+     "is 'cpu', not a CUDA GPU): set t5.t5_config.attention = 'xla'"),
+])
+def test_train_script_refuses_cudnn_it_cannot_run(tmp_path, bindings, message):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  model_dir = tmp_path / 'model'
+  result = subprocess.run(
+      [sys.executable, os.path.join(repo, 'scripts', 'train.py'),
+       '--gin_file=gin/models/sde.gin', '--gin_file=gin/sizes/tiny.gin',
+       '--gin_file=configs/runs/finetune.gin', "--gin.t5.t5_config.attention='cudnn'",
+       f"--gin.MODEL_DIR='{model_dir}'", f"--gin.MIXTURE_OR_TASK_NAME='jsonl:{tmp_path}/x'",
+       f"--gin.VOCABULARY_PATH='{tmp_path}/spm.model'"] + bindings,
+      cwd=repo, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': repo})
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.strip().splitlines() if ' INFO JAX backend ' not in l]
+  assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-3000:]
+  assert not model_dir.exists()

@@ -4,6 +4,7 @@ device files, an nvidia-smi on PATH that lists GPUs or fails. No real accelerato
 
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -34,11 +35,14 @@ def machine(tmp_path):
       path = root / 'bin' / 'nvidia-smi'
       path.write_text(f'#!/bin/bash\n{smi}\n')
       path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    # PATH: the fake bin, then only what bash and python need (no real nvidia-smi).
-    path = os.pathsep.join([str(root / 'bin'), os.path.dirname(sys.executable), '/usr/bin',
-                            '/bin'])
+    # PATH: the fake bin alone, so that a real nvidia-smi is never found; it holds what
+    # run.sh calls (python3: this interpreter, dirname).
+    python3 = root / 'bin' / 'python3'
+    python3.write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    python3.chmod(python3.stat().st_mode | stat.S_IEXEC)
+    os.symlink(shutil.which('dirname'), root / 'bin' / 'dirname')
     env = {k: v for k, v in os.environ.items() if k not in (accelerator.ENV, 'JAX_PLATFORMS')}
-    env.update(PATH=path, **{accelerator.ENV_DEV: str(root / 'dev')}, **variables)
+    env.update(PATH=str(root / 'bin'), **{accelerator.ENV_DEV: str(root / 'dev')}, **variables)
     return env
   return make
 
@@ -77,7 +81,7 @@ def test_forced_wins_over_the_machine(machine):
 
 
 def _extras(env, job=None):
-  return subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'run.sh'), 'extras']
+  return subprocess.run(['/bin/bash', os.path.join(ROOT, 'scripts', 'run.sh'), 'extras']
                         + ([job] if job else []), env=env, capture_output=True, text=True,
                         timeout=60)
 

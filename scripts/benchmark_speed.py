@@ -25,13 +25,19 @@ command for the same workloads, and the table puts the ratios beside it.
   python scripts/benchmark_speed.py --workloads W1,W2,W3 --size base \
       --attention cudnn --peer ../shared/bench/peer_torch_t5.py [--json out.jsonl]
 
-Prints a table and appends it to BENCHMARKS.md (--output; '' for none).
+The models are the gin files' (gin/models/dual_encoder.gin, reranker.gin): DROPOUT_RATE
+as they set it (0.1) unless --dropout_rate says otherwise. attention='cudnn' has no
+attention dropout, so it needs --dropout_rate 0 (T5Config refuses it otherwise).
+
+Prints a table and appends it to BENCHMARKS.md (--output; '' for none). A workload that
+fails gets a row with its error's own line, and the command exits with status 1.
 """
 
 import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -64,6 +70,8 @@ def _flags(argv=None):
   p.add_argument('--dtype', default='bfloat16')
   p.add_argument('--remat', default='none')
   p.add_argument('--attention', default='xla', help='T5Config.attention: xla, jax_nn, cudnn')
+  p.add_argument('--dropout_rate', type=float, default=None,
+                 help="T5Config.dropout_rate (default: the model gin file's DROPOUT_RATE)")
   p.add_argument('--grad_strategy', default='full')
   p.add_argument('--num_microbatches', type=int, default=1)
   p.add_argument('--w4_sizes', default='large,xl,xxl')
@@ -85,6 +93,20 @@ def _flags(argv=None):
 
 
 # --------------------------------------------------------------------------- one workload
+
+# The gin file whose defaults each workload's model takes.
+MODEL_GIN = {'W1': 'dual_encoder.gin', 'W2': 'dual_encoder.gin', 'W2b': 'dual_encoder.gin',
+             'W3': 'reranker.gin', 'W4': 'dual_encoder.gin'}
+
+
+def gin_default(workload, macro='DROPOUT_RATE'):
+  """A macro's value in the workload's model gin file (`MACRO = value`), as a float."""
+  path = os.path.join(REPO, 'gin', 'models', MODEL_GIN[workload])
+  found = re.search(rf'^{macro}\s*=\s*([^\s#]+)', open(path).read(), re.M)
+  if not found:
+    raise SystemExit(f'{path}: no {macro} = ... line')
+  return float(found.group(1))
+
 
 def _timed(fn, steps):
   """Seconds per call of fn (after one compiling call), and the last output."""
@@ -132,8 +154,14 @@ def run_one(a):
   from t5dual import models, planning, rerankers, t5
   rng = np.random.default_rng(0)
   ids = lambda *shape: rng.integers(2, 32000, size=shape).astype(np.int32)
-  cfg = t5.t5_config(a.size, dtype=a.dtype, remat=a.remat, attention=a.attention)
   name = a.one
+  if name not in WORKLOADS:
+    raise ValueError(f'unknown workload {name}')
+  dropout = gin_default(name) if a.dropout_rate is None else a.dropout_rate
+  cfg = t5.t5_config(a.size, dtype=a.dtype, remat=a.remat, attention=a.attention,
+                     dropout_rate=dropout)
+  settings = dict(size=a.size, dtype=a.dtype, remat=a.remat, attention=a.attention,
+                  dropout=dropout)
   if name in ('W1', 'W4'):
     model = models.DualEncoderModel(models.DualEncoderConfig(t5=cfg))
     batch = {'inputs': ids(a.batch, a.q_len), 'targets': ids(a.batch, a.d_len),
@@ -162,13 +190,9 @@ def run_one(a):
     row = _encode_row(a, cfg, ids)
     if isinstance(row, list):  # W2b: documents and queries
       for r in row:
-        r.update(size=a.size, dtype=a.dtype, remat=a.remat, attention=a.attention,
-                 impl='t5dual')
+        r.update(settings, impl='t5dual')
       return row
-  else:
-    raise ValueError(f'unknown workload {name}')
-  row.update(size=a.size, dtype=a.dtype, remat=a.remat, attention=a.attention,
-             peak_gib=_peak_memory_gib(), impl='t5dual')
+  row.update(settings, peak_gib=_peak_memory_gib(), impl='t5dual')
   if 'strategy' in row:  # a train step
     strategy = row.pop('strategy')
     row['gradients'] = (strategy if strategy == 'full'
@@ -223,6 +247,20 @@ def _encode_row(a, cfg, ids):
 
 # --------------------------------------------------------------------------- the table
 
+# The line that names an exception ("XlaRuntimeError: RESOURCE_EXHAUSTED: ...",
+# "ValueError: ..."): a traceback's last line is often jax's note about its filtered frames.
+ERROR_LINE = re.compile(r'^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)'
+                        r'(?::|$)')
+
+
+def error_line(output, returncode):
+  """The error's own line in a failed command's output: the last line naming an exception,
+  else the last line, else the exit status."""
+  lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+  named = [line for line in lines if ERROR_LINE.match(line)]
+  return (named or lines or [f'exit {returncode}'])[-1]
+
+
 def _subprocess_rows(cmd, timeout):
   """JSON rows a command prints (lines starting with '{'), or one error row."""
   try:
@@ -237,8 +275,7 @@ def _subprocess_rows(cmd, timeout):
       except json.JSONDecodeError:
         pass
   if proc.returncode != 0 or not rows:
-    tail = (proc.stderr or proc.stdout).strip().splitlines()
-    rows.append(dict(error=(tail[-1] if tail else f'exit {proc.returncode}')[:160]))
+    rows.append(dict(error=error_line(proc.stderr or proc.stdout, proc.returncode)[:300]))
   return rows
 
 
@@ -299,7 +336,7 @@ def table(rows, a, device, date, command):
   lines = [f'### Speed ({date}, {device}; MFU against {a.peak_tflops} TFLOP/s, model FLOPs '
            '= 3 x forward for a train step (planning.train_model_flops, the peer\'s count))',
            '', f'`{command}`', '',
-           '| workload | impl | size | shape | dtype / remat / attention / gradients | '
+           '| workload | impl | size | shape | dtype / remat / attention / dropout / gradients | '
            'throughput | step | MFU % | peak GiB | loss | × best peer |', '|' + '---|' * 11]
   for r in rows:
     if 'error' in r:
@@ -309,8 +346,8 @@ def table(rows, a, device, date, command):
     mfu = r.get('mfu')
     if mfu is None and r.get('flops') and a.peak_tflops:
       mfu = r['flops'] / r['seconds'] / (a.peak_tflops * 1e12)
-    settings = ' / '.join(str(r[k]) for k in ('dtype', 'remat', 'attention', 'gradients')
-                          if k in r) or 'peer'
+    settings = ' / '.join(str(r[k]) for k in ('dtype', 'remat', 'attention', 'dropout',
+                                              'gradients') if k in r) or 'peer'
     ratio = ''
     if r['impl'] == 't5dual' and r['workload'] in best_peer:
       ratio = f'{r["throughput"] / best_peer[r["workload"]]:.2f}'
@@ -328,13 +365,14 @@ def table(rows, a, device, date, command):
 
 
 def main(argv=None):
+  """Runs the workloads; returns 1 when any failed (its row has the error), else 0."""
   argv = list(sys.argv[1:] if argv is None else argv)
   a = _flags(argv)
   if a.one:
     got = run_one(a)
     for row in got if isinstance(got, list) else [got]:
       print(json.dumps(row), flush=True)
-    return
+    return 0
   import jax
   device = f'{jax.devices()[0].device_kind} x{jax.device_count()}'
   rows = []
@@ -362,7 +400,13 @@ def main(argv=None):
     old = open(a.output).read() if os.path.exists(a.output) else '# Benchmarks\n'
     with open(a.output, 'w') as f:
       f.write(old.rstrip('\n') + '\n\n' + text)
+  failed = [f'{r.get("workload", "?")} ({r.get("impl", "?")}): {r["error"]}'
+            for r in rows if 'error' in r]
+  if failed:
+    print(f'{len(failed)} run(s) failed: ' + '; '.join(failed), file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gin  # noqa: E402
 import jax  # noqa: E402
 
-from t5dual import (bm25, cli, evaluation, gin_utils, models, reranking,  # noqa: E402
-                    rerankers, retrieval, train_lib, vocab)
+from t5dual import (bm25, cli, distributed, evaluation, gin_utils, models,  # noqa: E402
+                    reranking, rerankers, retrieval, train_lib, vocab)
 from t5dual.data import demo, sources  # noqa: E402
 
 DUAL_ENCODER_GIN = ['gin/models/sde.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.gin',
@@ -142,6 +142,7 @@ def _print_table(rows):
 
 def main(argv):
   workdir, de_flags, rr_flags = _split_flags(argv)
+  distributed.check_backend()  # the start-up line; an accelerator JAX cannot see stops here
   t0 = time.time()
   elapsed = lambda: f'{time.time() - t0:.0f} s'
   data_dir, runs_dir = os.path.join(workdir, 'data'), os.path.join(workdir, 'runs')

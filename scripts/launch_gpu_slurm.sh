@@ -17,7 +17,9 @@
 # JAX_LOCAL_DEVICE_IDS). t5dual/distributed.py finds the coordinator (the first
 # node; port from the job id, JAX_COORDINATOR_PORT overrides), the process count
 # and index in SLURM's variables. --srun runs the step directly, inside an
-# allocation you already hold (salloc). DIR (default: this repository) and
+# allocation you already hold (salloc). Every task gets T5DUAL_ACCELERATOR=cuda, so
+# that scripts/run.sh installs the 'cuda' extra (jax's CUDA plugin and cuDNN) whatever
+# the node's nvidia-smi says. DIR (default: this repository) and
 # every path the job writes must be on a filesystem all nodes share.
 # --dry-run prints the exact command (and the batch script) instead.
 set -euo pipefail
@@ -64,7 +66,7 @@ esac
 task="cd $(q "$workdir") && $(words "$@")"
 step=(srun --kill-on-bad-exit=1 "--nodes=$nodes" "--ntasks-per-node=$tasks_per_node"
       bash -c "$task")
-env_lines=()
+env_lines=("export T5DUAL_ACCELERATOR=cuda")
 if [[ $per == node ]]; then
   # Otherwise jax gives each process only the GPU of its SLURM_LOCALID (0).
   env_lines+=("export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))")

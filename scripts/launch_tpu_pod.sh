@@ -13,7 +13,8 @@
 # The same command runs on all workers at once (gcloud ... ssh --worker=all), in
 # DIR (default: t5dual under the worker's home, where the repository must be; run
 # `-- git clone URL t5dual` through this script first), with T5DUAL_MULTIHOST=1
-# so that t5dual/distributed.py joins the job through jax's TPU detection. Paths
+# so that t5dual/distributed.py joins the job through jax's TPU detection, and
+# T5DUAL_ACCELERATOR=tpu, so that scripts/run.sh installs the 'tpu' extra (libtpu). Paths
 # the job writes (MODEL_DIR, export directories) must be shared by the workers:
 # a gs:// bucket or a shared disk. --dry-run prints the exact command instead of
 # running it.
@@ -45,7 +46,7 @@ done
 [[ $# -gt 0 ]] || die 'launch_tpu_pod.sh: no command given after --'
 
 # The worker's shell receives one string: quote every word so it arrives intact.
-remote="cd $(q "$workdir") && export T5DUAL_MULTIHOST=1 && $(words "$@")"
+remote="cd $(q "$workdir") && export T5DUAL_MULTIHOST=1 T5DUAL_ACCELERATOR=tpu && $(words "$@")"
 cmd=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone")
 [[ -n "$project" ]] && cmd+=("--project=$project")
 cmd+=(--worker=all "--command=$remote")

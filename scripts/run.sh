@@ -7,21 +7,37 @@
 #                                               scripts/<job>.py with the same set-up
 # Conversions to Hugging Face / sentence-transformers need PyTorch: the `test`
 # job installs it, or set T5DUAL_EXTRAS=torch for the others.
+# The accelerator's JAX comes with it: the 'tpu' extra on a TPU VM, 'cuda' on an NVIDIA GPU
+# host, detected by t5dual/accelerator.py or forced with T5DUAL_ACCELERATOR=cpu|cuda|tpu
+# (the launchers set it).
+#   bash scripts/run.sh extras [JOB]            prints the extras JOB would install here
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-demo}"; shift || true
 PY="${PYTHON:-python3}"
+extras_for() {  # extras_for JOB: the job's extras, then the accelerator's
+  local base accel
+  case "$1" in
+    test) base="all" ;;   # seqio/TF for the seqio tests, torch/transformers references
+    demo) base="demo" ;;
+    *) base="${T5DUAL_EXTRAS:-demo}" ;;
+  esac
+  accel="$("$PY" t5dual/accelerator.py)" || exit 2   # one line when unsure
+  echo "$base${accel:+,$accel}"
+}
+if [ "$job" = extras ]; then
+  extras_for "${1:-demo}"
+  exit 0
+fi
+extras="$(extras_for "$job")"
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-case "$job" in
-  test) extras="all" ;;   # seqio/TF for the seqio tests, torch/transformers references
-  demo) extras="demo" ;;
-  *) extras="${T5DUAL_EXTRAS:-demo}" ;;
-esac
-stamp=".venv/.t5dual-installed-$extras-$(sha1sum setup.py | cut -c1-12)"
-if [ ! -f "$stamp" ] && ! ls .venv/.t5dual-installed-all-"$(sha1sum setup.py | cut -c1-12)" >/dev/null 2>&1; then
+sha="$(sha1sum setup.py | cut -c1-12)"
+stamp=".venv/.t5dual-installed-$extras-$sha"
+all=".venv/.t5dual-installed-all${extras#"${extras%%,*}"}-$sha"   # 'all' + the same accelerator
+if [ ! -f "$stamp" ] && [ ! -f "$all" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -e ".[$extras]"
   touch "$stamp"
@@ -35,6 +51,6 @@ case "$job" in
   train|eval|export|convert|rerank|plan)
     [ -f "scripts/$job.py" ] || { echo "scripts/$job.py does not exist" >&2; exit 2; }
     exec python "scripts/$job.py" "$@" ;;
-  *) echo "usage: bash scripts/run.sh demo|test|train|eval|export|convert|rerank|plan [args]" >&2
+  *) echo "usage: bash scripts/run.sh demo|test|train|eval|export|convert|rerank|plan|extras [args]" >&2
      exit 2 ;;
 esac

@@ -233,11 +233,49 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def initialize_from_flags(args: argparse.Namespace) -> Optional[Cluster]:
-  """`initialize(detect(...))` from the flags of `add_flags`; returns the cluster."""
+  """`initialize(detect(...))` from the flags of `add_flags`, then `check_backend`;
+  returns the cluster."""
   cluster = detect(args.multihost, args.coordinator, args.num_processes, args.process_id,
                    args.init_timeout)
   initialize(cluster)
+  check_backend()
   return cluster
+
+
+# --------------------------------------------------------------------------- the backend
+
+class AcceleratorUnusedError(cli.UserError):
+  """An accelerator is here but JAX runs on the CPU."""
+
+
+def check_backend(env: Optional[Mapping[str, str]] = None) -> str:
+  """Logs (process 0) and returns the start-up line naming JAX's backend and devices;
+  refuses in one line to run on the CPU when an accelerator is here (see
+  t5dual/accelerator.py), unless T5DUAL_ACCELERATOR=cpu or JAX_PLATFORMS=cpu say so."""
+  import jax
+  from t5dual import accelerator
+  env = os.environ if env is None else env
+  backend = jax.default_backend()
+  kinds = sorted({d.device_kind for d in jax.devices()})
+  line = (f'JAX backend {backend}: {jax.device_count()} device(s) ({", ".join(kinds)}), '
+          f'{jax.local_device_count()} on each of {jax.process_count()} process(es); '
+          f'jax {jax.__version__}')
+  if jax.process_index() == 0:
+    log.info('%s', line)
+  if backend != 'cpu' or env.get('JAX_PLATFORMS', '').strip().lower() == 'cpu':
+    return line
+  try:
+    kind, why = accelerator.detect(env)
+  except accelerator.Unsure:
+    return line  # run.sh has said what to set; nothing here to refuse with confidence
+  if kind != 'cpu':
+    extra = accelerator.EXTRAS[kind]
+    raise AcceleratorUnusedError(
+        f'{why}, but JAX (jax {jax.__version__}) sees only the CPU: install the {extra!r} '
+        f"extra (bash scripts/run.sh does: it detects the machine; or pip install -e "
+        f"'.[{extra}]' in the project's .venv), or set {accelerator.ENV}=cpu to run on the "
+        f'CPU')
+  return line
 
 
 def add_inference_flags(parser: argparse.ArgumentParser) -> None:

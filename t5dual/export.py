@@ -97,12 +97,20 @@ def _read_json(path: str) -> dict:
     raise ExportError(f'{path}: not valid JSON ({e.msg})') from None
 
 
-def _write_parquet(path: str, ids: Sequence[str], vectors: np.ndarray) -> None:
+def _import_pyarrow():
+  """(pyarrow, pyarrow.parquet); a one-line UserError where it is missing."""
   try:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow
+    import pyarrow.parquet
   except ImportError:
-    raise cli.UserError('parquet output needs pyarrow: pip install pyarrow') from None
+    raise cli.UserError("parquet output needs pyarrow, which t5dual's set-up installs "
+                        "(setup.py pins it): bash scripts/run.sh export ... , or pip install "
+                        "-e . in the project's .venv") from None
+  return pyarrow, pyarrow.parquet
+
+
+def _write_parquet(path: str, ids: Sequence[str], vectors: np.ndarray) -> None:
+  pa, pq = _import_pyarrow()
   values = pa.array(vectors.reshape(-1))
   table = pa.table({'id': pa.array(list(ids), pa.string()),
                     'vector': pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
@@ -154,6 +162,8 @@ class ExportOptions:
     if self.batch_size < 1 or self.max_length < 1:
       raise ExportError(f'batch_size and max_length must be positive, got {self.batch_size} '
                         f'and {self.max_length}')
+    if self.parquet:
+      _import_pyarrow()  # before any shard is written
 
 
 def make_plan(ids: Sequence[str], texts: Sequence[str], options: ExportOptions,

@@ -5,6 +5,7 @@ on the GPU host, without TensorFlow, seqio, bm25s or the trec_eval bindings
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -66,3 +67,48 @@ def test_workloads_and_peer_ratios(tmp_path, shared_dir, monkeypatch):
   w1 = next(line for line in text.splitlines() if line.startswith('| W1 | t5dual'))
   assert w1.rstrip(' |').endswith(f'{own["W1"]["throughput"] / 4.0:.2f}')
   assert '| W1 | torch-hf-sdpa |' in text and '| W3 | torch-hf-eager-gc |' in text
+  assert own['W1']['dropout'] == 0.1 and own['W3']['dropout'] == 0.1  # the gin files' default
+  assert '| float32 / none / xla / 0.1 / grad_cache x2 |' in w1
+
+
+# What a failed JAX workload prints: the error's own line, then jax's note as the last line.
+JAX_STDERR = '''Traceback (most recent call last):
+  File "scripts/benchmark_speed.py", line 120, in once
+    state[0], state[1], _, metrics = step(state[0], state[1], bad_step, batch, jnp.int32(0))
+jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB.
+--------------------
+For simplicity, JAX has removed its internal frames from the traceback of the following exception. Set JAX_TRACEBACK_FILTERING=off to include these.
+'''
+
+
+def test_error_line_is_the_errors_own():
+  bench = script_modules.load_script('benchmark_speed')
+  assert bench.error_line(JAX_STDERR, 1) == (
+      'jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to '
+      'allocate 81.2GiB.')
+  assert bench.error_line('W2b needs --corpus\n', 1) == 'W2b needs --corpus'  # SystemExit
+  assert bench.error_line('', -9) == 'exit -9'
+
+
+def test_failed_workloads_keep_their_error_and_exit_1(tmp_path, monkeypatch):
+  """attention='cudnn' as the GPU host would get it wrong on the gin defaults (dropout 0.1),
+  and on a machine without cuDNN (this one): each row says why, the command exits 1."""
+  for key, value in gpu_host.env(tmp_path).items():
+    monkeypatch.setenv(key, value)
+  flags = ['--workloads', 'W1', '--size', 'tiny', '--batch', '4', '--q_len', '8',
+           '--d_len', '8', '--steps', '1', '--attention', 'cudnn', '--output', '']
+  cmd = [sys.executable, os.path.join(gpu_host.REPO, 'scripts', 'benchmark_speed.py')]
+  errors = {}
+  for dropout in ([], ['--dropout_rate', '0']):
+    proc = subprocess.run(cmd + flags + dropout, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [row] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    errors[bool(dropout)] = row['error']
+    assert proc.stderr.strip().splitlines()[-1].startswith('1 run(s) failed: W1 (t5dual): ')
+  assert errors[False] == (
+      "ValueError: T5Config.attention 'cudnn' has no attention dropout, but dropout_rate is "
+      "0.1: set DROPOUT_RATE = 0.0 (t5.t5_config.dropout_rate) or t5.t5_config.attention = "
+      "'xla'")
+  assert errors[True].startswith(
+      "t5dual.cli.ConfigError: T5Config.attention 'cudnn' needs cuDNN, which this process "
+      "lacks (JAX's backend is 'cpu', not a CUDA GPU)"), errors[True]

@@ -113,7 +113,7 @@ def test_export_matches_direct_encoding_in_input_order(setup, tmp_path):
 
 
 def test_float16_and_parquet(setup, tmp_path):
-  pq = pytest.importorskip('pyarrow.parquet')
+  import pyarrow.parquet as pq  # a core requirement (setup.py): never skipped
   encode = numpy_encoder(setup['tok'].vocab_size)
   full = export.export_embeddings(encode, setup['tok'], setup['ids'], setup['texts'],
                                   str(tmp_path / 'f32'), export.ExportOptions(

@@ -3,7 +3,9 @@ bm25s and the trec_eval bindings, which that host lacks (helpers/gpu_host.py): e
 module but the seqio tasks. (scripts/benchmark_speed.py's workloads run that way in
 test_benchmark_speed.py.)"""
 
+import os
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -35,3 +37,19 @@ def test_library_imports_without_tensorflow_or_seqio(tmp_path):
                         capture_output=True, text=True, timeout=600, cwd=gpu_host.REPO)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert f'imported {len(modules)}' in proc.stdout
+
+
+def test_constraints_are_setup_pys_python_312_pins():
+  """constraints/gpu-host.txt (the GPU host's versions, scripts/check_gpu_host_versions.sh)
+  and setup.py's pins for Python >= 3.12 are the same versions."""
+  text = open(os.path.join(gpu_host.REPO, 'constraints', 'gpu-host.txt')).read()
+  constraints = dict(re.findall(r'^([\w-]+)==(\S+)$', text, re.M))
+  kwargs = gpu_host.setup_kwargs()
+  extras = kwargs['extras_require']
+  setup_pins = {}
+  for requirements in [kwargs['install_requires'], extras['torch'], extras['cuda']]:
+    setup_pins.update(gpu_host.pins(requirements, '3.12'))
+  assert constraints == {name: setup_pins[name] for name in constraints}, (constraints,
+                                                                          setup_pins)
+  assert constraints['jax'] == constraints['jaxlib'] == '0.11.2'
+  assert gpu_host.pins(kwargs['install_requires'], '3.11')['jax'] == '0.10.2'  # the default

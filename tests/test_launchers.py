@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Words a shell would break or expand if the launcher quoted them wrong.
 TRICKY = ['a b', "--gin.MODEL_DIR='gs://bucket/run 1'", '$HOME', '*', 'it"s']
 PROBE = ('import json, os, sys; print("PROBE", json.dumps([os.getcwd(), sys.argv[1:], '
-         'os.environ.get("T5DUAL_MULTIHOST"), os.environ.get("JAX_LOCAL_DEVICE_IDS")]))')
+         'os.environ.get("T5DUAL_MULTIHOST"), os.environ.get("JAX_LOCAL_DEVICE_IDS"), '
+         'os.environ.get("T5DUAL_ACCELERATOR")]))')
 
 FAKES = {
     'gcloud': '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_LOG"\n'
@@ -41,7 +42,7 @@ def fakes(tmp_path):
   work = tmp_path / 'work dir'
   work.mkdir()
   env = {k: v for k, v in os.environ.items()
-         if k not in ('T5DUAL_MULTIHOST', 'JAX_LOCAL_DEVICE_IDS')}
+         if k not in ('T5DUAL_MULTIHOST', 'JAX_LOCAL_DEVICE_IDS', 'T5DUAL_ACCELERATOR')}
   env.update(PATH=f'{bin_dir}:{env["PATH"]}', FAKE_LOG=str(tmp_path / 'log'))
   return env, str(work), tmp_path / 'log'
 
@@ -69,11 +70,12 @@ def test_tpu_pod_runs_the_same_command_on_all_workers(fakes):
 
   real = _launch('launch_tpu_pod.sh', args, env)
   assert real.returncode == 0, real.stderr
-  assert _probe(real.stdout) == [work, TRICKY, '1', None]
+  assert _probe(real.stdout) == [work, TRICKY, '1', None, 'tpu']  # run.sh: the 'tpu' extra
+  assert 'export T5DUAL_MULTIHOST=1 T5DUAL_ACCELERATOR=tpu && ' in line
   sent = log.read_text()
   # The printed line, run by a shell, makes the same call.
   replay = subprocess.run(['bash', '-c', line], env=env, capture_output=True, text=True)
-  assert _probe(replay.stdout) == [work, TRICKY, '1', None]
+  assert _probe(replay.stdout) == [work, TRICKY, '1', None, 'tpu']
   assert log.read_text() == sent
   assert sent.splitlines()[:8] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'pod-1',
                                    '--zone=us-central2-b', '--project=p', '--worker=all']
@@ -87,10 +89,11 @@ def test_slurm_job_has_one_task_per_gpu_or_node(fakes, per, tasks, device_ids):
   dry = _launch('launch_gpu_slurm.sh', ['--dry-run'] + args, env)
   assert dry.returncode == 0, dry.stderr
   lines = dry.stdout.splitlines()
-  assert lines[:9] == [
+  assert lines[:10] == [
       "sbatch <<'SBATCH'", '#!/bin/bash', '#SBATCH --job-name=t5dual', '#SBATCH --nodes=2',
       f'#SBATCH --ntasks-per-node={tasks}', '#SBATCH --gpus-per-node=8',
-      '#SBATCH --output=t5dual-%j.out', '#SBATCH --partition=h100', '#SBATCH --time=01:00:00']
+      '#SBATCH --output=t5dual-%j.out', '#SBATCH --partition=h100', '#SBATCH --time=01:00:00',
+      'export T5DUAL_ACCELERATOR=cuda']  # run.sh: the 'cuda' extra
   assert lines[-1] == 'SBATCH'
   assert lines[-2].startswith(f'srun --kill-on-bad-exit=1 --nodes=2 --ntasks-per-node={tasks} '
                               'bash -c ')
@@ -98,17 +101,18 @@ def test_slurm_job_has_one_task_per_gpu_or_node(fakes, per, tasks, device_ids):
 
   real = _launch('launch_gpu_slurm.sh', args, env)
   assert real.returncode == 0, real.stderr
-  assert _probe(real.stdout) == [work, TRICKY, None, device_ids]
+  assert _probe(real.stdout) == [work, TRICKY, None, device_ids, 'cuda']
   script = log.read_text()
   assert script.strip() == '\n'.join(lines[1:-1])  # the batch script printed is the one sent
   replay = subprocess.run(['bash', '-c', dry.stdout], env=env, capture_output=True, text=True)
-  assert _probe(replay.stdout) == [work, TRICKY, None, device_ids]
+  assert _probe(replay.stdout) == [work, TRICKY, None, device_ids, 'cuda']
 
   # Inside an allocation: the srun step alone.
   dry = _launch('launch_gpu_slurm.sh', ['--srun', '--dry-run'] + args, env)
+  assert dry.stdout.splitlines()[0] == 'export T5DUAL_ACCELERATOR=cuda'
   assert dry.stdout.splitlines()[-1] == lines[-2]
   real = _launch('launch_gpu_slurm.sh', ['--srun'] + args, env)
-  assert _probe(real.stdout) == [work, TRICKY, None, device_ids]
+  assert _probe(real.stdout) == [work, TRICKY, None, device_ids, 'cuda']
 
 
 @pytest.mark.parametrize('script,args,message', [

@@ -29,3 +29,32 @@ def env(folder):
     f.write(SITECUSTOMIZE)
   return {**os.environ, 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu'),
           'PYTHONPATH': os.pathsep.join(filter(None, [site, REPO, os.environ.get('PYTHONPATH')]))}
+
+
+def setup_kwargs():
+  """What setup.py passes to setuptools.setup (install_requires, extras_require, ...)."""
+  import importlib.util
+  import setuptools
+  captured = {}
+  spec = importlib.util.spec_from_file_location('t5dual_setup', os.path.join(REPO, 'setup.py'))
+  module = importlib.util.module_from_spec(spec)
+  real_setup = setuptools.setup
+  setuptools.setup = lambda **kwargs: captured.update(kwargs)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    setuptools.setup = real_setup
+  return captured
+
+
+def pins(requirements, python):
+  """{name: version} of `name==version; marker` requirements that apply on `python` ('3.12')."""
+  from packaging.markers import Marker
+  from packaging.requirements import Requirement
+  out = {}
+  for text in requirements:
+    req = Requirement(text)
+    if req.marker is None or req.marker.evaluate({'python_version': python}):
+      [spec] = req.specifier
+      out[req.name] = spec.version
+  return out

@@ -65,7 +65,7 @@ setup(
         'test': TEST,
         'demo': [],
         # The accelerator's runtime for the pinned jax, as jax[tpu] / jax[cuda12] pin them;
-        # scripts/run.sh and the launchers choose one (scripts/accelerator.sh).
+        # scripts/run.sh and the launchers choose one (t5dual/accelerator.py).
         # libtpu: TPU VMs, and scripts/plan.py compiling for TPU topologies from any host.
         'tpu': by_python('libtpu', {PY311: '0.0.42.1', PY312: '0.0.48.1'}),
         # jax's CUDA 12 plugin and PJRT runtime with the NVIDIA wheels (cuDNN, cuBLAS, ...).

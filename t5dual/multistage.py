@@ -281,8 +281,10 @@ def _train_stage(model_dir, index, stage, previous, run_config, where) -> dict:
 
 
 def _evaluate(stage: Stage, directory: str, where: str) -> Optional[dict]:
-  # On local devices (reranking.make_score_fn), once: by process 0 of a multi-host run.
-  if stage.evaluate is None or jax.process_index() != 0:
+  # By every process of a multi-host run: the evaluations split their work over the
+  # processes and gather it (reranking.rerank, export), so one process alone would wait
+  # for the others forever; process 0 writes the runs and the record.
+  if stage.evaluate is None:
     return None
   log.info('%s: evaluating %s', where, directory)
   return stage.evaluate(directory)
@@ -386,8 +388,9 @@ def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
     if not os.path.exists(run):
       from t5dual import bm25, retrieval
       os.makedirs(eval_dir, exist_ok=True)
-      retrieval.write_trec_run(run + '.tmp', bm25.beir_run(beir, split, k=top_k), tag='bm25')
-      os.replace(run + '.tmp', run)
+      tmp = f'{run}.tmp{jax.process_index()}'  # every process writes the same run
+      retrieval.write_trec_run(tmp, bm25.beir_run(beir, split, k=top_k), tag='bm25')
+      os.replace(tmp, run)
   out = os.path.join(eval_dir, f'rerank-{name}-{split}-top{top_k}.trec')
   result = reranking.rerank_beir(model_dir, beir, split, run, out, top_k=top_k,
                                  measures=measures, batch_size=batch_size, progress=False)

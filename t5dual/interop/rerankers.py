@@ -149,12 +149,14 @@ def reranker_from_tree(
     else:
       report.skipped.append(path)
   if errors:
-    raise ValueError('cannot map the checkpoint into the reranker:\n  ' + '\n  '.join(errors))
+    raise mapping.MappingError('cannot map the checkpoint into the reranker', errors)
 
-  if report.initialised and init_params is None:
-    init_params = rerankers.init_params(config, jax.random.PRNGKey(seed))
-  init_flat = trees.flatten(init_params) if report.initialised else {}
   flat_shardings = _flat_shardings(shardings, config)
+  if report.initialised and init_params is None:
+    init_params = mapping.init_params_in(
+        lambda rng: rerankers.init_params(config, rng), jax.random.PRNGKey(seed),
+        None if flat_shardings is None else trees.unflatten(flat_shardings))
+  init_flat = trees.flatten(init_params) if report.initialised else {}
   out = {}
   for path in template:
     sharding = None if flat_shardings is None else flat_shardings[path]

@@ -5,8 +5,9 @@
       [--write=BENCHMARKS.md]
 
 Writes once (kept in --work) a random T5.1.1-shaped SDE dual encoder as a T5X
-checkpoint (TensorStore zarr arrays) and as a t5dual model directory (orbax),
-then restores each, in a fresh process with 8 simulated CPU devices, into
+checkpoint (TensorStore zarr arrays), a Hugging Face folder (safetensors, with
+t5dual's projection file) and a t5dual model directory (orbax), then restores
+each, in a fresh process with 8 simulated CPU devices, into
 
   model-parallel 8   mesh (1, 8): the layout's shardings passed to load_initial_params;
   replicated         mesh (8, 1): every device a whole copy (what data parallelism asks);
@@ -62,6 +63,7 @@ def _write(size, work):
   from t5dual.interop import t5x
   model = _model(size)
   paths = {'T5X (zarr)': os.path.join(work, f'{size}_t5x', 'checkpoint_0'),
+           'Hugging Face (safetensors)': os.path.join(work, f'{size}_hf'),
            't5dual (orbax)': os.path.join(work, f'{size}_t5dual')}
   if all(os.path.exists(p) for p in paths.values()):
     return paths
@@ -70,6 +72,9 @@ def _write(size, work):
   params = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32), shapes)
   if not os.path.exists(paths['T5X (zarr)']):
     t5x.write_checkpoint(paths['T5X (zarr)'], params)
+  if not os.path.exists(paths['Hugging Face (safetensors)']):
+    from t5dual.interop import hf
+    hf.save_encoder(paths['Hugging Face (safetensors)'], params, model.config.t5)
   if not os.path.exists(paths['t5dual (orbax)']):
     import orbax.checkpoint as ocp
     directory = paths['t5dual (orbax)']

@@ -175,7 +175,7 @@ def load_reranker(path: str, config: Optional[rerankers.RerankerConfig] = None, 
   report lists it as skipped). Other arguments as in `reranker_from_tree`.
   """
   if hf.is_hf_checkpoint(path):
-    tree, hf_config = hf.load_tree(path)
+    tree, hf_config = hf.load_tree(path, lazy=True)
     if config is None and kwargs.get('t5_config') is None and hf_config:
       t5c = hf.t5_config_from_hf(hf_config)
       if kwargs.get('scorer', 'encdec') != 'enc':

@@ -191,6 +191,20 @@ def _plan(args, tmp_path):
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+def test_without_the_run_file_is_one_line_and_help_names_gin_file(tmp_path):
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'scripts' / 'plan.py'), '--gin_file=gin/models/sde.gin',
+       '--gin_file=gin/sizes/tiny.gin', '--topology=cpu:1'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'configs/runs/finetune.gin' in lines[0], result.stderr
+  usage = subprocess.run([sys.executable, str(REPO / 'scripts' / 'plan.py'), '--help'],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert usage.returncode == 0 and '--gin_file=FILE' in usage.stdout, usage.stdout
+
+
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                     reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_tiny_model_compiles_for_a_tpu_topology(tmp_path):

@@ -170,8 +170,12 @@ def _load_initial_checkpoint(path, model, optimizer, partitioner):
     more = f' (and {len(e.problems) - 1} more)' if len(e.problems) > 1 else ''
     raise ParameterError(run, 'initial_checkpoint_path', f'{path}: {e.problems[0]}{more}'
                          ) from None
-  except FileNotFoundError as e:
-    raise ParameterError(run, 'initial_checkpoint_path', str(e).splitlines()[0]) from None
+  except cli.UserError:
+    raise
+  except (ValueError, KeyError, FileNotFoundError) as e:  # e.g. no checkpoint, no encoder
+    first = (str(e.args[0] if e.args else e).splitlines() or [type(e).__name__])[0]
+    raise ParameterError(run, 'initial_checkpoint_path',
+                         first if path in first else f'{path}: {first}') from None
 
 
 def _make_batcher(model, source, tokenizer, batch_size, lengths, seed, num_negatives):

@@ -57,6 +57,12 @@ def test_a_checkpoint_of_another_shape_is_one_line_before_anything_is_written(tm
                             'for encoder/layers_0/mlp/wi_0/kernel'), message
   assert '[16, 32]' in message and '[16, 48]' in message and 'more)' in message
   assert not model_dir.exists()  # the data was never read, nothing was written
+  with pytest.raises(trainer.ParameterError, match=r'^train_lib.run.initial_checkpoint_path: '
+                     r'no T5X checkpoint at \S+/missing [^\n]*$'):
+    train_lib.run(str(model_dir), wide, f'beir:{tmp_path}/no-data', str(tmp_path / 'none.model'),
+                  batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
+                  train_steps=1, initial_checkpoint_path=str(tmp_path / 'missing'))
+  assert not model_dir.exists()
 
 
 def test_training_starts_from_hf_checkpoint(tmp_path):

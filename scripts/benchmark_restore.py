@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Host memory of reading an initial checkpoint into a training layout (interop.load_initial_params).
+"""Host memory of reading an initial checkpoint into a training layout (load_initial_params).
 
   python scripts/benchmark_restore.py [--size=large] [--work=/tmp/t5dual_restore_bench]
       [--write=BENCHMARKS.md]

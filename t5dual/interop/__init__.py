@@ -25,11 +25,14 @@ def load_initial_params(path: str, model, shardings=None):
     shardings: where the params go, a tree of jax.sharding.Sharding like them
       (trainer.StateLayout.param_shardings, Partitioner.param_shardings). The
       params then come back as jax.Arrays already in it, and no device ever
-      holds more of a parameter than its shard: T5X TensorStore arrays and
-      t5dual (orbax) checkpoints are read slice by slice, each device reading
-      its own, fresh parameters are created sharded, layers of a scanned model
-      are read into their slice of the stack. Without, host numpy arrays (a
-      t5dual checkpoint: on this process's devices).
+      holds more of a parameter than its shard: T5X TensorStore arrays,
+      safetensors files (Hugging Face, sentence-transformers) and t5dual (orbax)
+      checkpoints are read slice by slice, each device reading its own; fresh
+      parameters are created sharded; layers of a scanned model are read into
+      their slice of the stack. A t5dual checkpoint of another kind or layout is
+      read in its own layout on the same mesh (the standard logical axis rules)
+      and grafted. Without, host numpy arrays (a t5dual checkpoint: on this
+      process's devices).
   Raises:
     mapping.MappingError: parameters of another shape (one line each, in
       `.problems`), or that have no place in the model.

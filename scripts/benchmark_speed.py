@@ -126,11 +126,17 @@ def _peak_memory_gib():
   return None if peak is None else peak / (1 << 30)
 
 
-def _train_step_row(a, model, batch_np, name, unit, per_step, grad_strategy):
-  """Times the trainer's own step (shardings, donation, guard, gradient strategy)."""
+def _train_step_row(a, model, batch_np, lengths, name, unit, per_step, grad_strategy):
+  """Times the trainer's own step (shardings, donation, guard, gradient strategy) on a
+  batch shaped as the model's batcher shapes them (model.batch_spec)."""
   import jax
   import jax.numpy as jnp
+  import numpy as np
   from t5dual import optim, partitioning, trainer
+  rows = len(next(iter(batch_np.values())))
+  spec = {k: (v.shape, np.dtype(v.dtype)) for k, v in model.batch_spec(rows, lengths).items()}
+  if {k: (v.shape, v.dtype) for k, v in batch_np.items()} != spec:
+    raise ValueError(f'{name}: the synthetic batch is not shaped as {model.name} batches: {spec}')
   tx = optim.adafactor(1e-3)
   partitioner = partitioning.Partitioner(num_partitions=a.num_partitions)
   batch = partitioner.shard_batch(batch_np)
@@ -167,9 +173,9 @@ def run_one(a):
     batch = {'inputs': ids(a.batch, a.q_len), 'targets': ids(a.batch, a.d_len),
              'query_ids': np.arange(a.batch, dtype=np.int32),
              'doc_ids': np.arange(a.batch, dtype=np.int32)}
-    row = _train_step_row(a, model, batch, name, 'pairs/s', a.batch, a.grad_strategy)
-    row['flops'] = planning.train_model_flops(model, a.batch,
-                                              {'inputs': a.q_len, 'targets': a.d_len})
+    lengths = {'inputs': a.q_len, 'targets': a.d_len}
+    row = _train_step_row(a, model, batch, lengths, name, 'pairs/s', a.batch, a.grad_strategy)
+    row['flops'] = planning.train_model_flops(model, a.batch, lengths)
     row['shape'] = f'{a.batch} x {a.q_len}/{a.d_len}'
   elif name == 'W3':
     model = rerankers.RerankerModel(
@@ -181,10 +187,9 @@ def run_one(a):
              'where': np.ones((a.queries, a.list_size), bool)}
     # A reranker's microbatches are accumulated (exact for its per-list losses).
     strategy = 'accumulate' if a.grad_strategy == 'grad_cache' else a.grad_strategy
-    row = _train_step_row(a, model, batch, name, 'sequences/s', a.queries * a.list_size,
-                          strategy)
-    row['flops'] = planning.train_model_flops(model, a.queries, {'inputs': a.in_len},
-                                              a.list_size)
+    row = _train_step_row(a, model, batch, {'inputs': a.in_len}, name, 'sequences/s',
+                          a.queries * a.list_size, strategy)
+    row['flops'] = planning.train_model_flops(model, a.queries, {'inputs': a.in_len})
     row['shape'] = f'{a.queries} x {a.list_size} x {a.in_len}'
   elif name in ('W2', 'W2b'):
     row = _encode_row(a, cfg, ids)

@@ -35,7 +35,12 @@ sys.path.insert(0, REPO)
 
 
 def _flags(argv):
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      epilog='gin flags, as for scripts/train.py: --gin_file=FILE (repeated) for the gin files '
+      'of the training run: a model (gin/models/*.gin), a size (gin/sizes/*.gin) and the run '
+      'file (configs/runs/*.gin, e.g. finetune.gin or rerank.gin); --gin.NAME=VALUE overrides '
+      'one binding (e.g. --gin.BATCH_SIZE=256).')
   p.add_argument('--topology', required=True, help="e.g. v4:4x4x4, v5e:16x16, cpu:8")
   p.add_argument('--batch', type=int, help='global batch (default: the gin BATCH_SIZE)')
   p.add_argument('--encode', action='store_true', help='also compile the encode step')
@@ -88,20 +93,27 @@ def main(argv):
   defaults = ["MODEL_DIR = '/nonexistent/plan'", "MIXTURE_OR_TASK_NAME = 'plan'",
               "VOCABULARY_PATH = 'plan.model'"]
   gin_utils.parse_gin(files, defaults + list(bindings))
+  if 'model_dir' not in gin_utils.bound_parameters(train_lib.run):
+    raise cli.ConfigError(
+        'no run file among the --gin_file flags (nothing configures train_lib.run): add the '
+        "training run's, e.g. --gin_file=configs/runs/finetune.gin for a dual encoder or "
+        '--gin_file=configs/runs/rerank.gin for a reranker')
   devices, acc = planning.target_devices(args.topology)
   hbm = int(args.hbm_gib * planning.GiB) if args.hbm_gib else acc.hbm_bytes
   overrides = {'batch_size': args.batch} if args.batch else {}
   t_start = time.time()
   rows = []
 
-  def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths, trainer_config):
+  def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths, trainer_config,
+              num_negatives):
     strategy = [trainer_config.grad_strategy, trainer_config.num_microbatches]
     mesh = [partitioner]  # the partitioner the search has reached
 
     def one(model, batch):
       try:
         p = planning.plan_train_step(model, optimizer, mesh[0], batch, feature_lengths,
-                                     grad_strategy=strategy[0], num_microbatches=strategy[1])
+                                     grad_strategy=strategy[0], num_microbatches=strategy[1],
+                                     num_negatives=num_negatives)
       except Exception as e:  # a compile that fails is a finding, not a crash
         p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200],
                               grad_strategy=strategy[0], num_microbatches=strategy[1])

@@ -292,17 +292,31 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
         f'({type(e).__name__}: {reason}); {hint}') from e
 
 
-def restore_for_inference(model_dir: str, step: Optional[int] = None, partitioner=None):
+def restore_for_inference(model_dir: str, step: Optional[int] = None, partitioner=None,
+                          shardings: Optional[Any] = None):
   """(model, params, step, tokenizer, feature_lengths) of a trained model directory.
 
+  The parameters as `restore_params` restores them.
+  """
+  from t5dual.vocab import Tokenizer
+  desc = read_model_json(model_dir)
+  model, params, step = restore_params(model_dir, step, partitioner, shardings)
+  return model, params, step, Tokenizer(desc['vocab_path']), desc['feature_lengths']
+
+
+def restore_params(model_dir: str, step: Optional[int] = None, partitioner=None,
+                   shardings: Optional[Any] = None):
+  """(model, params, step) of a model directory, without its vocabulary.
+
   `step` defaults to the latest checkpoint. The parameters are restored straight
-  into their layout on `partitioner` (default: replicated over this process's
-  devices, `partitioning.local_data_parallel`), so that each host of a
-  multi-host job reads a checkpoint written by the whole job onto its own
-  devices, without a second copy.
+  into their layout: `shardings` (a tree of jax.sharding.Sharding like the
+  params, e.g. trainer.StateLayout.param_shardings) when given, else their
+  layout on `partitioner` (default: replicated over this process's devices,
+  `partitioning.local_data_parallel`). Orbax then reads each device's slice
+  only, so each host of a multi-host job reads its own slices, without a
+  second copy, and no device holds more of a parameter than its layout gives it.
   """
   from t5dual import partitioning
-  from t5dual.vocab import Tokenizer
   desc = read_model_json(model_dir)
   model = model_from_description(desc, os.path.join(model_dir, MODEL_JSON))
   partitioner = partitioner or partitioning.local_data_parallel()
@@ -315,10 +329,11 @@ def restore_for_inference(model_dir: str, step: Optional[int] = None, partitione
       raise FileNotFoundError(f'no checkpoint for step {step} in {model_dir}; '
                               f'available: {sorted(manager.all_steps())}')
     shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
-    shardings = partitioner.param_shardings(model.logical_axes(), shapes)
+    if shardings is None:
+      shardings = partitioner.param_shardings(model.logical_axes(), shapes)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, shardings)
     params = restore(manager, step, abstract)['params']
   finally:
     manager.close()
-  return model, params, step, Tokenizer(desc['vocab_path']), desc['feature_lengths']
+  return model, params, step

@@ -279,6 +279,11 @@ def is_bound(fn: Callable) -> bool:
   return ('', _selector(fn)) in gin_config._CONFIG
 
 
+def bound_parameters(fn: Callable) -> set[str]:
+  """The parameters of `fn` the gin configuration binds (outside any scope)."""
+  return set(gin_config._CONFIG.get(('', _selector(fn)), {}))
+
+
 # --------------------------------------------------------------------------- stage scopes
 
 def scope_name() -> str:

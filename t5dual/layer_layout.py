@@ -31,8 +31,17 @@ _UNROLLED = re.compile(r'layers_(\d+)$')
 
 def _take(leaf: Any, i: int) -> Any:
   if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=_layer_sharding(leaf))
   return leaf[i]
+
+
+def _layer_sharding(stacked: jax.ShapeDtypeStruct) -> Any:
+  """One layer's NamedSharding: the stack's with its leading [num_layers] entry dropped."""
+  sharding = getattr(stacked, 'sharding', None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (len(stacked.shape) - len(sharding.spec))
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
 
 
 def _stack(leaves: list[Any]) -> Any:

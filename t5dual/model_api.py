@@ -48,6 +48,8 @@ class Model(Protocol):
     vocab_size: rows of the token embedding (the tokenizer may not exceed it).
     name: a short human-readable name for log lines ('sde dual encoder').
     feature_names: the features its batches hold, keys of TASK_FEATURE_LENGTHS.
+    token_features: the batch entries holding token ids, which its encoders run
+      over (the planner counts activations and FLOPs from their shapes).
   """
 
   kind: ClassVar[str]
@@ -87,6 +89,11 @@ class Model(Protocol):
                    feature_lengths: dict, seed: int = 0,
                    num_negatives: int = 0) -> Batcher:
     """The batcher this model trains on, reading the data source spec `source`."""
+
+  def batch_spec(self, batch_size: int, feature_lengths: dict,
+                 num_negatives: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `batch_size` rows that `make_batcher`'s batches make up, as
+    jax.ShapeDtypeStructs: what the planner and the benchmarks compile for."""
 
   def describe(self) -> dict:
     """JSON-able description for model.json, without 'kind'.

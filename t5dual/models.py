@@ -235,6 +235,12 @@ class DualEncoderModel:
     return pipeline.make_batcher(source, tokenizer, batch_size, feature_lengths,
                                  num_negatives, seed=seed)
 
+  token_features = pipeline.PAIR_TOKEN_FEATURES
+
+  def batch_spec(self, batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:
+    """The global batch `make_batcher`'s batches make up, as jax.ShapeDtypeStructs."""
+    return pipeline.pair_batch_spec(batch_size, feature_lengths, num_negatives)
+
   def _boxed_init(self, rng: Array, query_length: int, doc_length: int):
     q = jnp.ones((1, query_length), jnp.int32)
     d = jnp.ones((1, doc_length), jnp.int32)

@@ -89,23 +89,19 @@ def target_devices(topology: str) -> tuple[list, Accelerator]:
 # --------------------------------------------------------------------------- shapes
 
 def abstract_batch(model, batch_size: int, feature_lengths: dict,
-                   list_size: Optional[int] = None) -> dict:
-  """The global batch a model trains on, as jax.ShapeDtypeStructs (see its batcher).
+                   num_negatives: int = 0) -> dict:
+  """The global batch a model trains on, as jax.ShapeDtypeStructs: the model's own
+  description (`model.batch_spec`), the one its batcher's batches are held to; hard
+  negatives (NUM_NEGATIVES) included."""
+  return model.batch_spec(batch_size, feature_lengths, num_negatives=num_negatives)
 
-  Dual encoders (data/pipeline.PairBatcher): 'inputs' [B, Lq], 'targets' [B, Ld]
-  int32 and the duplicate-masking ids 'query_ids', 'doc_ids' [B] int32.
-  Rerankers (data/lists.ListBatcher): 'inputs' [B, list, L] int32, 'labels'
-  [B, list] float32, 'where' [B, list] bool.
-  """
-  s = jax.ShapeDtypeStruct
-  if model.kind == 'reranker':
-    n = list_size or model.lists.list_size
-    return {'inputs': s((batch_size, n, feature_lengths['inputs']), jnp.int32),
-            'labels': s((batch_size, n), jnp.float32),
-            'where': s((batch_size, n), jnp.bool_)}
-  return {'inputs': s((batch_size, feature_lengths['inputs']), jnp.int32),
-          'targets': s((batch_size, feature_lengths['targets']), jnp.int32),
-          'query_ids': s((batch_size,), jnp.int32), 'doc_ids': s((batch_size,), jnp.int32)}
+
+def _sequences(model, batch_size: int, feature_lengths: dict, num_negatives: int
+               ) -> list[tuple[int, int]]:
+  """(sequences, tokens each) that the encoders run over in a batch of `batch_size` rows."""
+  spec = abstract_batch(model, batch_size, feature_lengths, num_negatives)
+  return [(math.prod(spec[k].shape[:-1]), spec[k].shape[-1])
+          for k in model.token_features if k in spec]
 
 
 def shard_bytes(tree: Any, shardings: Any = None) -> int:
@@ -122,7 +118,7 @@ def _t5_configs(model) -> list[t5.T5Config]:
 
 
 def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
-                     model_parallel: int, list_size: Optional[int] = None) -> int:
+                     model_parallel: int, num_negatives: int = 0) -> int:
   """Closed-form estimate of the activations one device keeps for the backward pass.
 
   Per sequence of L tokens and layer: the layer input (L x d, activation dtype)
@@ -140,12 +136,7 @@ def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
   act = np.dtype(cfg.dtype).itemsize
   heads = max(1, cfg.num_heads // model_parallel)
   mlp = cfg.mlp_dim // model_parallel
-  if model.kind == 'reranker':
-    n = list_size or model.lists.list_size
-    seqs = [(batch_per_device * n, feature_lengths['inputs'])]
-  else:
-    seqs = [(batch_per_device, feature_lengths['inputs']),
-            (batch_per_device, feature_lengths['targets'])]
+  seqs = _sequences(model, batch_per_device, feature_lengths, num_negatives)
   total = 0
   for count, length in seqs:
     kept = count * length * cfg.emb_dim * act
@@ -175,7 +166,7 @@ def encoder_flops_per_token(cfg: t5.T5Config, length: int) -> float:
 
 
 def train_model_flops(model, batch_size: int, feature_lengths: dict,
-                      list_size: Optional[int] = None) -> float:
+                      num_negatives: int = 0) -> float:
   """Model FLOPs of one train step over the global batch: 3 x the encoders' forward.
 
   As in MFU's convention, recomputation (remat, GradCache's first pass) is not
@@ -187,13 +178,9 @@ def train_model_flops(model, batch_size: int, feature_lengths: dict,
   if not cfgs:
     return 0.0
   cfg = cfgs[0]
-  if model.kind == 'reranker':
-    length = feature_lengths['inputs']
-    tokens = [(batch_size * (list_size or model.lists.list_size) * length, length)]
-  else:
-    tokens = [(batch_size * feature_lengths[f], feature_lengths[f])
-              for f in ('inputs', 'targets')]
-  return 3 * sum(n * encoder_flops_per_token(cfg, length) for n, length in tokens)
+  return 3 * sum(count * length * encoder_flops_per_token(cfg, length)
+                 for count, length in _sequences(model, batch_size, feature_lengths,
+                                                 num_negatives))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -262,8 +249,11 @@ def _flops(compiled) -> Optional[float]:
 
 def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, batch_size: int,
                     feature_lengths: dict, compile: bool = True, grad_strategy: str = 'full',
-                    num_microbatches: int = 1) -> StepPlan:
+                    num_microbatches: int = 1, num_negatives: int = 0) -> StepPlan:
   """Closed-form bytes, and (compile=True) XLA's compiled memory and FLOPs, of one train step.
+
+  The batch is the model's own (`abstract_batch`), with `num_negatives` hard
+  negatives per query for a dual encoder (train_lib.run's num_negatives).
 
   With grad_strategy 'grad_cache' or 'accumulate' (t5dual/gradients.py) only one
   microbatch's activations are alive at a time, which is what the estimate counts.
@@ -274,13 +264,14 @@ def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, bat
   plan.params = shard_bytes(layout.params)
   plan.opt_state = shard_bytes(layout.opt_state)
   plan.grads = plan.params  # float32 gradients laid out like the parameters
-  spec = abstract_batch(model, batch_size, feature_lengths)
+  spec = abstract_batch(model, batch_size, feature_lengths, num_negatives)
   batch_sh = partitioner.batch_shardings(spec)
   plan.batch_bytes = shard_bytes(spec, batch_sh)
   plan.activations = activation_bytes(
       model, batch_size // partitioner.data_parallel // num_microbatches, feature_lengths,
-      partitioner.model_parallel)
-  plan.model_flops = train_model_flops(model, batch_size, feature_lengths) / partitioner.num_devices
+      partitioner.model_parallel, num_negatives)
+  plan.model_flops = train_model_flops(model, batch_size, feature_lengths,
+                                       num_negatives) / partitioner.num_devices
   if not compile:
     return plan
   step, layout = trainer.build_train_step(model, optimizer, partitioner, spec, layout=layout,

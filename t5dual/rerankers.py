@@ -353,6 +353,17 @@ class RerankerModel:
         input_length=feature_lengths['inputs'], num_positives=cfg.num_positives,
         input_fn=lambda q, d: template.format(query=q, document=d), seed=seed)
 
+  token_features = ('inputs',)  # data/lists.LIST_TOKEN_FEATURES
+
+  def batch_spec(self, batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:
+    """The global batch `make_batcher`'s batches make up, as jax.ShapeDtypeStructs."""
+    from t5dual.data import lists as lists_lib
+    if num_negatives:
+      raise ValueError('NUM_NEGATIVES is for dual encoders; a reranker samples its negatives '
+                       'from the first-stage run (ListsConfig.list_size)')
+    return lists_lib.list_batch_spec(batch_size, self.lists.list_size, feature_lengths['inputs'],
+                                     teacher=self.lists.teacher is not None)
+
   def describe(self) -> dict:
     return {'config': dataclasses.asdict(self.config), 'loss': _loss_name(self.loss),
             'lists': dataclasses.asdict(self.lists)}

@@ -61,7 +61,8 @@ def run(model_dir: str,
     train_steps: total optimizer steps (the schedule decays to 0 at this step).
     learning_rate, warmup_steps, decay: see optim.learning_rate_schedule.
     num_negatives: hard negatives per query read from the data (JSONL 'negatives').
-    initial_checkpoint_path: start from a T5X / Hugging Face / t5dual checkpoint.
+    initial_checkpoint_path: start from a T5X / Hugging Face / t5dual checkpoint,
+      read into the train state's layout before the data is loaded.
     mixture_or_task_module: a Python module to import first; importing it
       registers the seqio tasks named by mixture_or_task_name (T5X convention).
     trainer_config: loop settings; its total_steps is replaced by train_steps.
@@ -75,9 +76,9 @@ def run(model_dir: str,
       (a multistage chain gives a distillation stage its teacher scores so).
     check_only: only check the settings; nothing is read or written.
     plan_fn: instead of training, return plan_fn(model=, optimizer=,
-      partitioner=, batch_size=, feature_lengths=, trainer_config=) once the settings are
-      checked (scripts/plan.py compiles the train step for a target so);
-      nothing is read or written.
+      partitioner=, batch_size=, feature_lengths=, trainer_config=, num_negatives=)
+      once the settings are checked (scripts/plan.py compiles the train step for
+      a target so); nothing is read or written.
   Returns:
     The last logged metrics; with check_only, the model that would train;
     with plan_fn, what it returns.
@@ -95,8 +96,13 @@ def run(model_dir: str,
     schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
     return plan_fn(model=model, optimizer=optimizer_fn(learning_rate=schedule),
                    partitioner=partitioner, batch_size=batch_size, feature_lengths=lengths,
-                   trainer_config=trainer_config)
+                   trainer_config=trainer_config, num_negatives=num_negatives)
   config = dataclasses.replace(trainer_config, total_steps=train_steps)
+  schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
+  optimizer = optimizer_fn(learning_rate=schedule)
+  initial = None
+  if initial_checkpoint_path:  # a checkpoint that does not fit fails before anything is written
+    initial = _load_initial_checkpoint(initial_checkpoint_path, model, optimizer, partitioner)
   with checkpoints.exclusive_writer(model_dir):
     if mixture_or_task_module:
       importlib.import_module(mixture_or_task_module)
@@ -109,15 +115,10 @@ def run(model_dir: str,
       model = prepare_model(model, mixture_or_task_name)
     batcher = _make_batcher(model, mixture_or_task_name, tokenizer, batch_size, lengths,
                             config.seed, num_negatives)
-    schedule = optim.learning_rate_schedule(learning_rate, train_steps, warmup_steps, decay)
-    initial = None
-    if initial_checkpoint_path:
-      from t5dual.interop import load_initial_params
-      initial = load_initial_params(initial_checkpoint_path, model)
     description = checkpoints.model_description(model, vocabulary_path, lengths)
     log.info('training %s on %s: %d steps of %d examples on %d devices, in %s', model.name,
              mixture_or_task_name, train_steps, batch_size, jax.device_count(), model_dir)
-    return trainer.train(model, batcher, optimizer_fn(learning_rate=schedule), model_dir,
+    return trainer.train(model, batcher, optimizer, model_dir,
                          config, schedule, description, initial, run_config, partitioner)
 
 
@@ -154,6 +155,25 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
   partitioner.check_divisible(model.logical_axes(),
                               jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
   partitioner.data_layout  # each process holds whole, equal blocks of the mesh's data rows
+
+
+def _load_initial_checkpoint(path, model, optimizer, partitioner):
+  """The initial params, read straight into the train state's layout (each host its
+  slices); a checkpoint that does not fit the model is one ParameterError line."""
+  from t5dual.interop import load_initial_params, mapping
+  layout = trainer.state_layout(model, optimizer, partitioner)
+  try:
+    return load_initial_params(path, model, layout.param_shardings)
+  except mapping.MappingError as e:
+    more = f' (and {len(e.problems) - 1} more)' if len(e.problems) > 1 else ''
+    raise ParameterError(run, 'initial_checkpoint_path', f'{path}: {e.problems[0]}{more}'
+                         ) from None
+  except cli.UserError:
+    raise
+  except (ValueError, KeyError, FileNotFoundError) as e:  # e.g. no checkpoint, no encoder
+    first = (str(e.args[0] if e.args else e).splitlines() or [type(e).__name__])[0]
+    raise ParameterError(run, 'initial_checkpoint_path',
+                         first if path in first else f'{path}: {first}') from None
 
 
 def _make_batcher(model, source, tokenizer, batch_size, lengths, seed, num_negatives):

@@ -1,21 +1,73 @@
-"""INITIAL_CHECKPOINT_PATH: training starts from converted Hugging Face weights."""
+"""INITIAL_CHECKPOINT_PATH: training starts from converted weights, read straight into the
+train state's layout; a checkpoint that does not fit is one line before anything is written."""
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import flax
 import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+from t5dual import checkpoints, models, optim, t5, train_lib, trainer, vocab
+from t5dual.data import demo, pipeline, sources
+from t5dual.interop import hf, load_initial_params, t5x
 
-from t5dual import checkpoints, models, optim, trainer, vocab  # noqa: E402
-from t5dual.data import demo, pipeline, sources  # noqa: E402
-from t5dual.interop import hf, load_initial_params  # noqa: E402
+HELPERS = pathlib.Path(__file__).resolve().parent / 'helpers'
+
+
+def test_every_format_restores_into_a_model_parallel_layout(tmp_path):
+  # One process with 8 CPU devices, mesh (2, 4): T5X, Hugging Face and t5dual directories,
+  # into scanned and unrolled dual encoders and rerankers (sharded_restore.py lists the
+  # cases). Each parameter equals the unsharded load exactly (the same bytes, fresh ones
+  # from the same jitted init), carries the layout's sharding, and every device holds
+  # exactly its shard of it.
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'PYTHONPATH': str(HELPERS.parent.parent), 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  result = subprocess.run([sys.executable, str(HELPERS / 'sharded_restore.py'), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = next(ln for ln in result.stdout.splitlines() if ln.startswith('RESULT '))
+  cases = json.loads(line[len('RESULT '):])
+  assert len(cases) == 12
+  for case in cases:
+    assert case['same_keys'] and case['split'] > 0, case
+    assert (case['unequal'], case['misplaced'], case['wrong_shards']) == ([], [], []), case
+
+
+def test_a_checkpoint_of_another_shape_is_one_line_before_anything_is_written(tmp_path):
+  small = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=4, mlp_dim=32,
+                      num_layers=2, relative_attention_num_buckets=8, dtype='float32')
+  wide = models.DualEncoderModel(models.DualEncoderConfig(
+      t5=t5.T5Config(**{**small.__dict__, 'mlp_dim': 48}), projection_dim=8))
+  narrow = models.DualEncoderModel(models.DualEncoderConfig(t5=small, projection_dim=8))
+  ckpt = t5x.write_checkpoint(str(tmp_path / 'checkpoint_1'), jax.tree.map(
+      np.asarray, narrow.init_params(jax.random.PRNGKey(0))))
+  model_dir = tmp_path / 'run'
+  with pytest.raises(trainer.ParameterError) as e:
+    train_lib.run(str(model_dir), wide, f'beir:{tmp_path}/no-data', str(tmp_path / 'none.model'),
+                  batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
+                  train_steps=1, initial_checkpoint_path=ckpt)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'train_lib.run.initial_checkpoint_path: {ckpt}: shape mismatch '
+                            'for encoder/layers_0/mlp/wi_0/kernel'), message
+  assert '[16, 32]' in message and '[16, 48]' in message and 'more)' in message
+  assert not model_dir.exists()  # the data was never read, nothing was written
+  with pytest.raises(trainer.ParameterError, match=r'^train_lib.run.initial_checkpoint_path: '
+                     r'no T5X checkpoint at \S+/missing [^\n]*$'):
+    train_lib.run(str(model_dir), wide, f'beir:{tmp_path}/no-data', str(tmp_path / 'none.model'),
+                  batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
+                  train_steps=1, initial_checkpoint_path=str(tmp_path / 'missing'))
+  assert not model_dir.exists()
 
 
 def test_training_starts_from_hf_checkpoint(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
   data = str(tmp_path / 'data')
   demo.write_demo_beir(data, num_docs=100, num_concepts=30)
   spm = vocab.train_sentencepiece(demo.demo_texts(data), str(tmp_path / 'spm'), 200)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from t5dual import models, optim, partitioning, planning, rerankers, t5
@@ -71,6 +72,76 @@ def test_model_flops_count_every_matmul_of_the_encoders():
   assert planning.train_model_flops(reranker, 2, {'inputs': 12}) == 3 * 2 * 4 * 12 * per_token(12)
 
 
+@pytest.fixture(scope='module')
+def demo_data(tmp_path_factory):
+  """A demo BEIR folder with a BM25 run over its training split, a JSONL of pairs with hard
+  negatives, and a tokenizer."""
+  import json
+  from t5dual import bm25, retrieval, vocab
+  from t5dual.data import demo
+  folder = tmp_path_factory.mktemp('plan_data')
+  data = str(folder / 'beir')
+  demo.write_demo_beir(data, num_docs=60, num_concepts=12)
+  run = str(folder / 'bm25.trec')
+  retrieval.write_trec_run(run, bm25.beir_run(data, 'train', k=20))
+  pairs = folder / 'pairs.jsonl'
+  pairs.write_text(''.join(json.dumps({'query': f'q {i}', 'positive': f'p {i}',
+                                       'negatives': [f'n {i} a', f'n {i} b']}) + '\n'
+                           for i in range(12)))
+  spm = vocab.train_sentencepiece(demo.demo_texts(data), str(folder / 'spm'), vocab_size=100)
+  return {'beir': data, 'run': run, 'pairs': f'jsonl:{pairs}', 'tokenizer': vocab.Tokenizer(spm)}
+
+
+def _dual_encoders():
+  return [(f'{arch}, {n} negatives', models.DualEncoderModel(
+      models.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=16)), n)
+          for arch in ('sde', 'ade', 'ade_spl') for n in (0, 3)]
+
+
+def _rerankers(run):
+  return [(f'{scorer}{" with a teacher" if teacher else ""}', rerankers.RerankerModel(
+      rerankers.RerankerConfig(t5=TINY, scorer=scorer, scoring_token_id=5, yes_token_id=5,
+                               no_token_id=6),
+      lists=rerankers.ListsConfig(list_size=4, max_rank=20, first_stage_run=run,
+                                  teacher=run if teacher else None)), 0)
+          for scorer in ('encdec', 'yes_no', 'enc') for teacher in (False, True)]
+
+
+def test_the_planned_batch_is_the_batch_that_trains(demo_data):
+  # Every kind: the planner's batch (the model's batch_spec) has the keys, shapes and
+  # dtypes of a real batch of the model's own batcher, hard negatives and teacher
+  # scores included; 3 processes' rows make up the global batch.
+  cases = ([(name, model, n, demo_data['pairs'], {'inputs': 8, 'targets': 12})
+            for name, model, n in _dual_encoders()] +
+           [(name, model, n, f'beir:{demo_data["beir"]}:train', {'inputs': 16})
+            for name, model, n in _rerankers(demo_data['run'])])
+  for name, model, negatives, source, lengths in cases:
+    batcher = model.make_batcher(source, demo_data['tokenizer'], 6, lengths,
+                                 num_negatives=negatives)
+    local = batcher.batch(1, process_index=1, process_count=3)
+    real = {k: ((6,) + v.shape[1:], v.dtype) for k, v in local.items()}
+    planned = planning.abstract_batch(model, 6, lengths, negatives)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in planned.items()} == real, name
+  _, sde, _ = _dual_encoders()[1]
+  with_negatives = planning.abstract_batch(sde, 6, {'inputs': 8, 'targets': 12}, 3)
+  assert with_negatives['negative_targets'].shape == (6, 3, 12)
+
+
+def test_hard_negatives_are_planned():
+  # NUM_NEGATIVES=7 encodes 8 documents per query: the planned batch, activations and
+  # FLOPs grow with them (and the compiled step sees the same batch).
+  model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  lengths = {'inputs': 16, 'targets': 32}
+  opt = optim.adafactor(learning_rate=1e-3)
+  plain, hard = (planning.plan_train_step(model, opt, _one_device(), 8, lengths,
+                                          num_negatives=n) for n in (0, 7))
+  per_token = lambda length: 2 * 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * length * 16)
+  assert hard.model_flops == 3 * 8 * (16 * per_token(16) + 8 * 32 * per_token(32))
+  assert hard.batch_bytes == plain.batch_bytes + 4 * 8 * 7 * (32 + 1)
+  assert hard.activations > 4 * plain.activations
+  assert hard.compiled_arguments == hard.params + hard.opt_state + hard.batch_bytes + 8
+
+
 def test_reranker_batch_and_bytes():
   model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5),
                                   lists=rerankers.ListsConfig(list_size=4))
@@ -118,6 +189,20 @@ def _plan(args, tmp_path):
        '--gin_file=gin/sizes/tiny.gin', '--gin_file=configs/runs/finetune.gin',
        f'--write={tmp_path / "plan.md"}'] + args,
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_without_the_run_file_is_one_line_and_help_names_gin_file(tmp_path):
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'scripts' / 'plan.py'), '--gin_file=gin/models/sde.gin',
+       '--gin_file=gin/sizes/tiny.gin', '--topology=cpu:1'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'configs/runs/finetune.gin' in lines[0], result.stderr
+  usage = subprocess.run([sys.executable, str(REPO / 'scripts' / 'plan.py'), '--help'],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert usage.returncode == 0 and '--gin_file=FILE' in usage.stdout, usage.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,

@@ -324,6 +324,12 @@ class _ToyRegression:
                    num_negatives=0):
     return _ToyBatcher(self.dim, batch_size, seed)
 
+  token_features = ()  # no token ids: no encoder activations to plan
+
+  def batch_spec(self, batch_size, feature_lengths, num_negatives=0):
+    return {'x': jax.ShapeDtypeStruct((batch_size, self.dim), np.float32),
+            'y': jax.ShapeDtypeStruct((batch_size,), np.float32)}
+
   def describe(self):
     return {'config': {'dim': self.dim}}
 

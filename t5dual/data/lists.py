@@ -249,6 +249,28 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
                      source=f'{run_name} + {qrels_file}')
 
 
+# The features holding token ids, which the scorer runs over.
+LIST_TOKEN_FEATURES = ('inputs',)
+
+
+def list_batch_spec(batch_size: int, list_size: int, input_length: int,
+                    teacher: bool = False) -> dict:
+  """Shapes and dtypes (jax.ShapeDtypeStruct) of `batch_size` rows of ListBatcher batches
+  (with a teacher: its scores too).
+
+  The one description of a list batch that the planner and the benchmarks compile
+  for; tests hold ListBatcher.batch to it.
+  """
+  import jax
+  s = jax.ShapeDtypeStruct
+  b, n = batch_size, list_size
+  spec = {'inputs': s((b, n, input_length), np.int32), 'labels': s((b, n), np.float32),
+          'where': s((b, n), np.bool_)}
+  if teacher:
+    spec['teacher_scores'] = s((b, n), np.float32)
+  return spec
+
+
 @dataclasses.dataclass
 class ListBatcher:
   """Tokenized training lists in fixed-shape batches.

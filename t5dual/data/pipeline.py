@@ -111,6 +111,28 @@ def _rows_per_shard(batch_size: int, num_shards: int) -> int:
   return batch_size // num_shards
 
 
+# The features holding token ids, which the encoders run over (the rest are ids for
+# duplicate masking).
+PAIR_TOKEN_FEATURES = ('inputs', 'targets', 'negative_targets')
+
+
+def pair_batch_spec(batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:
+  """Shapes and dtypes (jax.ShapeDtypeStruct) of `batch_size` rows of PairBatcher batches.
+
+  The one description of a pair batch that the planner and the benchmarks compile
+  for; tests hold PairBatcher.batch to it.
+  """
+  import jax
+  s = jax.ShapeDtypeStruct
+  b, lq, ld = batch_size, feature_lengths['inputs'], feature_lengths['targets']
+  spec = {'inputs': s((b, lq), np.int32), 'targets': s((b, ld), np.int32),
+          'query_ids': s((b,), np.int32), 'doc_ids': s((b,), np.int32)}
+  if num_negatives:
+    spec['negative_targets'] = s((b, num_negatives, ld), np.int32)
+    spec['negative_ids'] = s((b, num_negatives), np.int32)
+  return spec
+
+
 def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
                  feature_lengths: Optional[dict] = None, num_negatives: int = 0,
                  seed: int = 0):

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from t5dual import t5
 from t5dual.interop import mapping, trees
+from t5dual.interop.lazy_arrays import LazyArray, safetensors_arrays, transpose
 
 
 def t5_config_from_hf(hf_config, **overrides) -> t5.T5Config:
@@ -52,25 +53,35 @@ def _mlp_names(config: t5.T5Config) -> list[str]:
       f'wi_{i}' for i in range(len(config.mlp_activations))]
 
 
+def _float32(leaf):
+  """A state-dict entry as float32 numpy; a LazyArray stays lazy (cast when it is read)."""
+  return leaf if isinstance(leaf, LazyArray) else np.asarray(leaf, np.float32)
+
+
+def _numpy(leaf) -> np.ndarray:
+  return leaf.numpy(np.float32) if isinstance(leaf, LazyArray) else np.asarray(leaf, np.float32)
+
+
 def encoder_from_hf(state: Mapping[str, np.ndarray], config: t5.T5Config,
                     prefix: str = 'encoder.') -> dict:
-  """{'token_embedder': ..., 'encoder': ...} from an HF T5 state dict (numpy arrays)."""
+  """{'token_embedder': ..., 'encoder': ...} from an HF T5 state dict (numpy arrays, or
+  LazyArrays: the tree's leaves then read their values on demand)."""
   def get(name):
     if name not in state:
       raise KeyError(f'Hugging Face checkpoint has no parameter {name!r}')
-    return np.asarray(state[name], dtype=np.float32)
+    return _float32(state[name])
 
   emb_key = 'shared.weight' if 'shared.weight' in state else prefix + 'embed_tokens.weight'
   encoder = {
-      'relpos_bias': {'rel_embedding': get(
-          prefix + 'block.0.layer.0.SelfAttention.relative_attention_bias.weight').T},
+      'relpos_bias': {'rel_embedding': transpose(get(
+          prefix + 'block.0.layer.0.SelfAttention.relative_attention_bias.weight'))},
       'encoder_norm': {'scale': get(prefix + 'final_layer_norm.weight')},
   }
   for i in range(config.num_layers):
     blk = f'{prefix}block.{i}.layer.'
-    attn = {n: {'kernel': get(f'{blk}0.SelfAttention.{h}.weight').T}
+    attn = {n: {'kernel': transpose(get(f'{blk}0.SelfAttention.{h}.weight'))}
             for n, h in (('query', 'q'), ('key', 'k'), ('value', 'v'), ('out', 'o'))}
-    mlp = {n: {'kernel': get(f'{blk}1.DenseReluDense.{n}.weight').T}
+    mlp = {n: {'kernel': transpose(get(f'{blk}1.DenseReluDense.{n}.weight'))}
            for n in _mlp_names(config) + ['wo']}
     encoder[f'layers_{i}'] = {
         'pre_attention_layer_norm': {'scale': get(f'{blk}0.layer_norm.weight')},
@@ -227,31 +238,35 @@ def t5x_tree_from_hf(state: Mapping[str, np.ndarray], hf_config: Optional[Mappin
   ValueError on keys it does not know.
   """
   tree = encoder_from_hf_tree(state)
-  used = set(encoder_to_hf(tree, _layout_config(state)))
+  # The keys the encoder took (encoder_to_hf of empty stand-ins: nothing is read).
+  stand_ins = trees.unflatten({k: np.zeros((0,) * len(v.shape), np.float32)
+                               for k, v in trees.flatten(tree).items()})
+  used = set(encoder_to_hf(stand_ins, _layout_config(state)))
   n_dec = _count_blocks(state, 'decoder.')
   if n_dec:
     shared = tree['token_embedder']['embedding']
+    shared_values = _numpy(shared) if any(
+        k in state for k in ('shared.weight', 'decoder.embed_tokens.weight')) else None
     for key in ('shared.weight', 'decoder.embed_tokens.weight'):
-      if key in state and not np.array_equal(np.asarray(state[key], np.float32), shared):
+      if key in state and not np.array_equal(_numpy(state[key]), shared_values):
         raise ValueError(f'{key} differs from the encoder embedding; T5X encoder-decoders '
                          'share one token_embedder')
     mlp = ['wi_0', 'wi_1'] if any('DenseReluDense.wi_0.' in k for k in state) else ['wi']
     decoder = {}
-    for path, key, transpose in _decoder_table(n_dec, mlp):
+    for path, key, transposed in _decoder_table(n_dec, mlp):
       if key not in state:
         raise KeyError(f'Hugging Face checkpoint has no parameter {key!r}')
-      value = np.asarray(state[key], np.float32)
-      decoder[path] = value.T if transpose else value
+      value = _float32(state[key])
+      decoder[path] = transpose(value) if transposed else value
       used.add(key)
     used.add('decoder.embed_tokens.weight')
-    head = None if 'lm_head.weight' not in state else np.asarray(state['lm_head.weight'],
-                                                                 np.float32)
+    head = None if 'lm_head.weight' not in state else _float32(state['lm_head.weight'])
     scaled = _scales_decoder_output(hf_config)
     if not scaled:  # T5.1.1: a separate head on the unscaled decoder output
-      decoder['logits_dense/kernel'] = (shared if head is None else head).T
-    elif head is not None and not np.array_equal(head, shared):
+      decoder['logits_dense/kernel'] = transpose(shared if head is None else head)
+    elif head is not None and not np.array_equal(_numpy(head), _numpy(shared)):
       # An untied head on the scaled output: fold d_model**-0.5 into logits_dense.
-      decoder['logits_dense/kernel'] = (head * shared.shape[1] ** -0.5).T
+      decoder['logits_dense/kernel'] = (_numpy(head) * shared.shape[1] ** -0.5).T
     used.add('lm_head.weight')
     tree['decoder'] = trees.unflatten(decoder)
   unknown = sorted(set(state) - used)
@@ -269,11 +284,11 @@ def hf_from_t5x_tree(tree: Mapping) -> dict[str, np.ndarray]:
   if 'decoder' in tree:
     dec = trees.flatten(tree['decoder'])
     n_dec = len({p.split('/')[0] for p in dec if p.startswith('layers_')})
-    for path, key, transpose in _decoder_table(n_dec, _mlp_names(config)):
+    for path, key, transposed in _decoder_table(n_dec, _mlp_names(config)):
       if path not in dec:
         raise KeyError(f'T5X tree has no parameter decoder/{path}')
       value = np.asarray(dec[path], np.float32)
-      state[key] = np.ascontiguousarray(value.T if transpose else value)
+      state[key] = np.ascontiguousarray(value.T if transposed else value)
     state['decoder.embed_tokens.weight'] = state['shared.weight']
     head = dec.get('logits_dense/kernel')
     state['lm_head.weight'] = (state['shared.weight'] if head is None else
@@ -423,9 +438,32 @@ def save_t5_encoders(folder: str, params: Mapping, config, spm_path: Optional[st
 
 # --------------------------------------------------------------------------- loading into t5dual
 
-def load_tree(path: str) -> tuple[dict, Optional[dict]]:
-  """(T5X-named tree, config.json) of an HF checkpoint, with t5dual's projection file if any."""
-  tree = t5x_tree_from_hf(load_state_dict(path), load_hf_config(path))
+def lazy_state_dict(path: str) -> dict:
+  """`load_state_dict`, with safetensors entries as LazyArrays: only the header is read
+  now, and later each entry's regions as they are asked for (a device its shard). A
+  PyTorch pickle is read whole."""
+  if os.path.isfile(path) and path.endswith('.safetensors'):
+    return safetensors_arrays(path)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, HF_WEIGHTS)):
+    return safetensors_arrays(os.path.join(path, HF_WEIGHTS))
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, HF_INDEX)):
+    with open(os.path.join(path, HF_INDEX)) as f:
+      files = sorted(set(json.load(f)['weight_map'].values()))
+    state = {}
+    for name in files:
+      state.update(safetensors_arrays(os.path.join(path, name)))
+    return state
+  return load_state_dict(path)
+
+
+def load_tree(path: str, lazy: bool = False) -> tuple[dict, Optional[dict]]:
+  """(T5X-named tree, config.json) of an HF checkpoint, with t5dual's projection file if any.
+
+  lazy: leaves are LazyArrays read on demand (`lazy_state_dict`), for loaders that
+  place each parameter onto its devices; otherwise numpy arrays.
+  """
+  state = lazy_state_dict(path) if lazy else load_state_dict(path)
+  tree = t5x_tree_from_hf(state, load_hf_config(path))
   folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   projection = os.path.join(folder, PROJECTION_FILE)
   if os.path.exists(projection):
@@ -444,7 +482,7 @@ def load_dual_encoder(path: str, config=None, *, architecture: str = 'sde', **kw
   including T5Config overrides such as dtype='float32', as in
   `mapping.dual_encoder_from_tree`.
   """
-  tree, hf_config = load_tree(path)
+  tree, hf_config = load_tree(path, lazy=True)
   t5_config = t5_config_from_hf(hf_config) if hf_config and config is None else None
   return mapping.dual_encoder_from_tree(tree, config, architecture=architecture,
                                     t5_config=t5_config, **kwargs)

@@ -93,6 +93,65 @@ class LazyArray:
     return jax.make_array_from_callback(self.shape, sharding, shard)
 
 
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+                       'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+                       'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+class SafetensorsArray(LazyArray):
+  """One tensor of a .safetensors file: `read` takes only the region asked for
+  (safetensors' get_slice reads it from the memory-mapped file)."""
+
+  def __init__(self, path: str, key: str, shape: Iterable[int], dtype: str):
+    super().__init__(key, shape=shape, dtype=np.dtype(_SAFETENSORS_DTYPES[dtype]))
+    self.path = path
+
+  def __repr__(self):
+    return f'SafetensorsArray({self.name!r}, {self.shape}, {self.dtype}, {self.path})'
+
+  def read(self, index: Any = ()) -> np.ndarray:
+    from safetensors import safe_open
+    index = tuple(index) if isinstance(index, tuple) else (index,)
+    with safe_open(self.path, 'np') as f:
+      if not self.shape or all(s == slice(None) for s in index):
+        return np.asarray(f.get_tensor(self.name))
+      index += (slice(None),) * (len(self.shape) - len(index))
+      return np.asarray(f.get_slice(self.name)[index])
+
+
+def safetensors_arrays(path: str) -> dict[str, SafetensorsArray]:
+  """{name: SafetensorsArray} of a .safetensors file, from its header alone."""
+  from safetensors import safe_open
+  with safe_open(path, 'np') as f:
+    out = {}
+    for key in f.keys():
+      tensor = f.get_slice(key)
+      out[key] = SafetensorsArray(path, key, tensor.get_shape(), tensor.get_dtype())
+    return out
+
+
+class TransposedArray(LazyArray):
+  """`base.T` (Hugging Face's [out, in] weights as [in, out] kernels), read on demand:
+  a region of it is the transposed region of `base`."""
+
+  def __init__(self, base: LazyArray):
+    super().__init__(base.name, shape=tuple(base.shape)[::-1], dtype=base.dtype)
+    self.base = base
+
+  def __repr__(self):
+    return f'TransposedArray({self.base!r})'
+
+  def read(self, index: Any = ()) -> np.ndarray:
+    index = tuple(index) if isinstance(index, tuple) else (index,)
+    index += (slice(None),) * (len(self.shape) - len(index))
+    return self.base.read(index[::-1]).T
+
+
+def transpose(leaf: Any) -> Any:
+  """leaf.T, kept lazy for a LazyArray."""
+  return TransposedArray(leaf) if isinstance(leaf, LazyArray) else leaf.T
+
+
 def read_slice(array: LazyArray, index: tuple) -> np.ndarray:
   """The one function that reads shards for `LazyArray.to_jax` (tests count its calls)."""
   return array.read(index)

@@ -34,6 +34,49 @@ ShardingsLike = Union[jax.sharding.Mesh, Sharding, Mapping, Callable[[str, tuple
                       None]
 
 
+class MappingError(ValueError):
+  """A checkpoint that does not fit the model: `problems` holds one line per parameter
+  (e.g. 'shape mismatch for encoder/...: checkpoint [8, 16], t5dual model [8, 32]')."""
+
+  def __init__(self, headline: str, problems: list[str]):
+    self.problems = list(problems)
+    super().__init__(headline + ':\n  ' + '\n  '.join(self.problems))
+
+
+def tree_shardings(shardings: ShardingsLike, template: Mapping, logical_axes: Any
+                   ) -> Optional[dict]:
+  """The sharding of every parameter of `template` (nested, like it), or None.
+
+  `shardings` as `dual_encoder_from_tree` takes it; `logical_axes` places the
+  parameters on a bare Mesh (partitioning.LOGICAL_AXIS_RULES).
+  """
+  if shardings is None:
+    return None
+  if isinstance(shardings, jax.sharding.Mesh):
+    return partitioning.param_shardings(logical_axes, shardings)
+  flat = flatten(template)
+  if isinstance(shardings, Sharding):
+    return unflatten({k: shardings for k in flat})
+  if isinstance(shardings, Mapping):
+    given = flatten(shardings)
+    missing = sorted(set(flat) - set(given))
+    if missing:
+      raise KeyError(f'no sharding given for parameter {missing[0]}')
+    return unflatten({k: given[k] for k in flat})
+  return unflatten({k: shardings(k, tuple(v.shape)) for k, v in flat.items()})
+
+
+def init_params_in(init_fn: Callable, rng: Any, shardings: Optional[Mapping]) -> Any:
+  """`init_fn(rng)`, created straight into `shardings` when given (one jitted init whose
+  outputs are sharded, so no device holds a whole copy), else on the default device.
+
+  Jitted either way, as the trainer's random init is: op-by-op, XLA rounds the
+  scaled initialisers differently (by an ulp), and a sharded load would not
+  equal an unsharded one.
+  """
+  return jax.jit(init_fn, out_shardings=shardings)(rng)
+
+
 # --------------------------------------------------------------------------- config from shapes
 
 def infer_t5_config(tree: Mapping, **overrides) -> t5.T5Config:
@@ -159,21 +202,8 @@ def map_to_dual_encoder(source: Mapping, template: Mapping, architecture: str
     else:
       report.skipped.append(path)
   if errors:
-    raise ValueError('cannot map the checkpoint:\n  ' + '\n  '.join(errors))
+    raise MappingError('cannot map the checkpoint', errors)
   return assignment, report
-
-
-def _sharding_for(shardings: ShardingsLike, flat_shardings: Optional[dict], path: str,
-                  shape: tuple) -> Optional[Sharding]:
-  if shardings is None:
-    return None
-  if isinstance(shardings, Sharding):
-    return shardings
-  if flat_shardings is not None:
-    if path not in flat_shardings:
-      raise KeyError(f'no sharding given for parameter {path}')
-    return flat_shardings[path]
-  return shardings(path, shape)
 
 
 def dual_encoder_from_tree(
@@ -219,17 +249,15 @@ def dual_encoder_from_tree(
   model = models.DualEncoderModel(config)
   template = jax.eval_shape(model.init_params, jax.random.PRNGKey(seed))
   assignment, report = map_to_dual_encoder(source, template, config.architecture)
+  placed = tree_shardings(shardings, template, model.logical_axes())
   if report.initialised and init_params is None:
-    init_params = model.init_params(jax.random.PRNGKey(seed))
+    init_params = init_params_in(model.init_params, jax.random.PRNGKey(seed), placed)
   init_flat = flatten(init_params) if init_params is not None else {}
-  if isinstance(shardings, jax.sharding.Mesh):
-    shardings = partitioning.param_shardings(model.logical_axes(), shardings)
-  flat_shardings = flatten(shardings) if isinstance(shardings, Mapping) else None
-  shapes = {k: tuple(v.shape) for k, v in flatten(template).items()}
+  flat_shardings = flatten(placed) if placed is not None else {}
   out = {}
   for path, leaf in assignment.items():
-    sharding = _sharding_for(shardings, flat_shardings, path, shapes[path])
-    out[path] = materialize(init_flat[path] if leaf is None else leaf, sharding, param_dtype)
+    out[path] = materialize(init_flat[path] if leaf is None else leaf,
+                            flat_shardings.get(path), param_dtype)
   return unflatten(out), config, report
 
 
@@ -264,30 +292,37 @@ def save_towers(folder: str, params: Mapping, architecture: str,
   return written
 
 
-def graft(source: Mapping, model, seed: int = 0) -> tuple[dict, MappingReport]:
+def graft(source: Mapping, model, seed: int = 0, shardings: Optional[Mapping] = None
+          ) -> tuple[dict, MappingReport]:
   """Params for `model` that take every parameter of `source` found at the same path.
 
   For starting one t5dual model from another kind, e.g. a reranker's
   token_embedder/ and encoder/ from a trained SDE dual encoder; the rest (a
   decoder, a scoring head) keeps `model`'s fresh initialisation from `seed`.
-  Raises ValueError when a shared path has another shape, or nothing is shared.
+  With `shardings` (a tree like the params) every parameter comes back placed
+  by it, the fresh ones created there. Raises MappingError (a ValueError) when
+  a shared path has another shape, ValueError when nothing is shared.
   """
   src = flatten(source)
-  fresh = flatten(model.init_params(jax.random.PRNGKey(seed)))
-  report, errors, out = MappingReport(), [], {}
+  template = flatten(jax.eval_shape(model.init_params, jax.random.PRNGKey(seed)))
+  errors = [f'shape mismatch for {path}: checkpoint {list(src[path].shape)}, '
+            f'model {list(leaf.shape)}' for path, leaf in template.items()
+            if path in src and tuple(src[path].shape) != tuple(leaf.shape)]
+  if errors:  # before anything is initialised
+    raise MappingError('cannot start from that checkpoint', errors)
+  fresh = flatten(init_params_in(model.init_params, jax.random.PRNGKey(seed), shardings))
+  flat_shardings = flatten(shardings) if shardings is not None else {}
+  place = lambda path, x: x if path not in flat_shardings else jax.device_put(
+      x, flat_shardings[path])
+  report, out = MappingReport(), {}
   for path, leaf in fresh.items():
-    if path in src and tuple(src[path].shape) == tuple(leaf.shape):
-      out[path] = src[path]
+    if path in src:
+      out[path] = place(path, src[path])
       report.mapped.append((path, path, tuple(leaf.shape)))
     else:
-      if path in src:
-        errors.append(f'shape mismatch for {path}: checkpoint {list(src[path].shape)}, '
-                      f'model {list(leaf.shape)}')
       out[path] = leaf
       report.initialised.append(path)
   report.skipped = sorted(set(src) - set(fresh))
-  if errors:
-    raise ValueError('cannot start from that checkpoint:\n  ' + '\n  '.join(errors))
   if not report.mapped:
     raise ValueError(f'the checkpoint shares no parameter with the {model.name} '
                      f'(its top-level entries: {sorted({p.split("/")[0] for p in src})})')

@@ -149,12 +149,14 @@ def reranker_from_tree(
     else:
       report.skipped.append(path)
   if errors:
-    raise ValueError('cannot map the checkpoint into the reranker:\n  ' + '\n  '.join(errors))
+    raise mapping.MappingError('cannot map the checkpoint into the reranker', errors)
 
-  if report.initialised and init_params is None:
-    init_params = rerankers.init_params(config, jax.random.PRNGKey(seed))
-  init_flat = trees.flatten(init_params) if report.initialised else {}
   flat_shardings = _flat_shardings(shardings, config)
+  if report.initialised and init_params is None:
+    init_params = mapping.init_params_in(
+        lambda rng: rerankers.init_params(config, rng), jax.random.PRNGKey(seed),
+        None if flat_shardings is None else trees.unflatten(flat_shardings))
+  init_flat = trees.flatten(init_params) if report.initialised else {}
   out = {}
   for path in template:
     sharding = None if flat_shardings is None else flat_shardings[path]
@@ -173,7 +175,7 @@ def load_reranker(path: str, config: Optional[rerankers.RerankerConfig] = None, 
   report lists it as skipped). Other arguments as in `reranker_from_tree`.
   """
   if hf.is_hf_checkpoint(path):
-    tree, hf_config = hf.load_tree(path)
+    tree, hf_config = hf.load_tree(path, lazy=True)
     if config is None and kwargs.get('t5_config') is None and hf_config:
       t5c = hf.t5_config_from_hf(hf_config)
       if kwargs.get('scorer', 'encdec') != 'enc':

@@ -148,7 +148,7 @@ def load_dual_encoder(path: str, config: Optional[models.DualEncoderConfig] = No
   in both towers. Other arguments as in `mapping.dual_encoder_from_tree`.
   """
   folder = read_folder(path)
-  tree, hf_config = hf.load_tree(folder.transformer_dir)
+  tree, hf_config = hf.load_tree(folder.transformer_dir, lazy=True)
   tree.pop('decoder', None)
   emb = tree['token_embedder']['embedding'].shape[1]
   kernel = np.eye(emb, dtype=np.float32) if folder.dense_weight is None else folder.dense_weight.T

@@ -141,7 +141,8 @@ def run_scenario(name, data_dir, out_dir, partitioner, steps):
 
 
 def main(argv):
-  from t5dual import distributed, partitioning, preemption
+  from t5dual import cli, distributed, partitioning, preemption
+  cli.setup_logging()  # the trainer's INFO lines ('resuming from ...') as the scripts show them
   distributed.initialize(distributed.detect())
   data_dir, out_dir, names, mesh = argv[:4]
   steps = int(argv[4]) if len(argv) > 4 else 4

@@ -439,6 +439,20 @@ def _first_indivisible(mesh_specs: Any, shapes: Any, sizes: dict):
   return None
 
 
+def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` (a host array, or a jax.Array) as a jax.Array in `sharding`.
+
+  On a mesh that spans processes jax.device_put cannot take a host array
+  (it would be a cross-host transfer): each process builds its own devices'
+  slices from its copy instead, so no device ever holds more than its shard.
+  """
+  if sharding.is_fully_addressable or (isinstance(value, jax.Array) and
+                                       not value.is_fully_addressable):
+    return jax.device_put(value, sharding)  # within a process, or between global layouts
+  value = np.asarray(value)  # a host array, or one on this process's devices only
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 # Thin helpers for code that holds a bare Mesh (interop's checkpoint readers).
 
 def param_shardings(logical_axes: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:

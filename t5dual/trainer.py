@@ -212,24 +212,10 @@ def init_train_state(model: model_api.Model, optimizer: optax.GradientTransforma
     return partitioner.partition(init, out_shardings=(layout.param_shardings,
                                                       layout.opt_shardings))(
         jax.random.PRNGKey(seed))
-  params = jax.tree.map(place, initial_params, layout.param_shardings)
+  params = jax.tree.map(partitioning.place, initial_params, layout.param_shardings)
   opt_state = partitioner.partition(optimizer.init, in_shardings=(layout.param_shardings,),
                                     out_shardings=layout.opt_shardings)(params)
   return params, opt_state
-
-
-def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-  """`value` (a host array, or a jax.Array) as a jax.Array in `sharding`.
-
-  On a mesh that spans processes jax.device_put cannot take a host array
-  (it would be a cross-host transfer): each process builds its own devices'
-  slices from its copy instead, so no device ever holds more than its shard.
-  """
-  if sharding.is_fully_addressable or (isinstance(value, jax.Array) and
-                                       not value.is_fully_addressable):
-    return jax.device_put(value, sharding)  # within a process, or between global layouts
-  value = np.asarray(value)  # a host array, or one on this process's devices only
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def build_train_step(model: model_api.Model, optimizer: optax.GradientTransformation,

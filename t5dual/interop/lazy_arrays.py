@@ -162,5 +162,13 @@ def materialize(leaf: Any, sharding: Optional[Sharding] = None,
   """numpy array of a leaf (LazyArray, numpy or jax array), or a jax.Array placed by `sharding`."""
   if isinstance(leaf, LazyArray):
     return leaf.numpy(dtype) if sharding is None else leaf.to_jax(sharding, dtype)
+  if sharding is not None and isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    # Created in its layout already (e.g. a fresh projection on a mesh across processes):
+    # no process can read it whole, and none needs to.
+    leaf = leaf if dtype is None else leaf.astype(dtype)
+    return leaf if leaf.sharding == sharding else jax.device_put(leaf, sharding)
   arr = np.asarray(leaf) if dtype is None else np.asarray(leaf).astype(dtype)
-  return arr if sharding is None else jax.device_put(arr, sharding)
+  if sharding is None:
+    return arr
+  from t5dual import partitioning
+  return partitioning.place(arr, sharding)

@@ -60,9 +60,17 @@ OPTIONAL_MODULES = ('torch', 'transformers', 'sentence_transformers')
 # --------------------------------------------------------------------------- optional packages
 
 def _install_hint() -> str:
-  """The pip command that installs the 'torch' extra of this checkout."""
+  """How to install the 'torch' extra of this checkout into the environment that runs it
+  (the run.sh way, or pip of this very interpreter: never a bare `pip`, which may belong
+  to another Python than .venv's)."""
   here = os.path.abspath(os.getcwd()) == REPO
-  return f"pip install -e '{'.' if here else REPO}[torch]'"
+  repo = '.' if here else REPO
+  python = sys.executable
+  if here and os.path.abspath(python).startswith(REPO + os.sep):
+    python = os.path.relpath(python)
+  run_sh = 'scripts/run.sh' if here else os.path.join(REPO, 'scripts', 'run.sh')
+  return (f'T5DUAL_EXTRAS=torch bash {run_sh} convert ... installs it (or: '
+          f"{python} -m pip install -e '{repo}[torch]')")
 
 
 def _needs(args) -> tuple[str, tuple[str, ...]]:
@@ -109,13 +117,22 @@ def save_model_dir(model_dir: str, config, params, vocab_path: str,
 
 
 def _vocab(args, found=None) -> str:
+  """The SentencePiece model: --vocab, or the checkpoint's own (copied into the new model
+  directory by `_finish_import`, once everything else has worked)."""
   vocab = args.vocab or found
   if not vocab:
     raise cli.UserError('no SentencePiece model found in the checkpoint; pass --vocab')
-  if found and not args.vocab:  # keep the model directory self-contained
-    os.makedirs(args.output, exist_ok=True)
-    vocab = shutil.copyfile(found, os.path.join(args.output, 'spiece.model'))
+  if not os.path.isfile(vocab) and '://' not in vocab:
+    raise FileNotFoundError(f'{vocab}: SentencePiece model not found')
   return vocab
+
+
+def _keep_vocab(args, vocab: str) -> str:
+  """A vocabulary found in the checkpoint goes into the model directory (self-contained)."""
+  if args.vocab:
+    return vocab
+  os.makedirs(args.output, exist_ok=True)
+  return shutil.copyfile(vocab, os.path.join(args.output, 'spiece.model'))
 
 
 def _target(args) -> dict:
@@ -144,8 +161,13 @@ def _finish_import(args, params, config, report, vocab) -> None:
   else:
     lengths = {'inputs': args.query_length, 'targets': args.doc_length}
     what = config.architecture
+  if os.path.exists(os.path.join(args.output, 'checkpoints')):  # before the vocabulary copy
+    raise FileExistsError(f'{args.output} already holds checkpoints; choose a new directory')
+  vocab = _keep_vocab(args, vocab)
   save_model_dir(args.output, config, params, vocab, lengths)
   print(f'wrote t5dual {what} model to {args.output} (vocabulary {vocab})')
+  if isinstance(config, rerankers.RerankerConfig):
+    print(f'input template: {config.template!r}')
 
 
 def _reranker_target(args, vocab: str) -> dict:
@@ -170,8 +192,45 @@ def _reranker_target(args, vocab: str) -> dict:
     # The answer words are looked up in the model's own vocabulary: ids differ between
     # vocabularies, words do not.
     overrides['yes_token_id'], overrides['no_token_id'] = rerankers.yes_no_token_ids(
-        vocab, *args.answers.split(','))
+        vocab, *_answers(args))
   return overrides
+
+
+DEFAULT_ANSWERS = 'true,false'  # monoT5's
+
+
+def _answers(args) -> tuple[str, str]:
+  """The two answer words of --answers (monoT5's true,false by default)."""
+  words = (args.answers or DEFAULT_ANSWERS).split(',')
+  if len(words) != 2 or not all(w.strip() for w in words) or words[0] == words[1]:
+    raise cli.UserError(f'--answers must be two different words YES,NO (e.g. '
+                        f'{DEFAULT_ANSWERS}), got {args.answers!r}')
+  return words[0].strip(), words[1].strip()
+
+
+def check_flags(args) -> None:
+  """Flags that cannot work, before anything is read or written."""
+  checkpoint = getattr(args, 'checkpoint', None)
+  if checkpoint is not None and '://' not in checkpoint and not os.path.exists(checkpoint):
+    raise FileNotFoundError(f'{checkpoint}: no such file or directory')
+  if checkpoint is not None and os.path.exists(os.path.join(args.output, 'checkpoints')):
+    raise FileExistsError(f'{args.output} already holds checkpoints; choose a new directory')
+  if args.command == 'hf-to-t5dual' and not hf.is_hf_checkpoint(checkpoint):
+    raise cli.UserError(f'{checkpoint} is not a Hugging Face checkpoint (no {hf.HF_WEIGHTS}, '
+                        f'{hf.HF_INDEX} or pytorch_model.bin; a .safetensors or .bin file '
+                        'works too); a T5X checkpoint converts with t5x-to-t5dual')
+  scorer = getattr(args, 'scorer', None)
+  if getattr(args, 'answers', None) is not None and scorer != 'yes_no':
+    raise cli.UserError('--answers is for --scorer=yes_no')
+  if getattr(args, 'scoring_token', None) is not None and scorer != 'encdec':
+    raise cli.UserError('--scoring-token is for --scorer=encdec')
+  if scorer == 'yes_no':
+    _answers(args)
+  if scorer and args.like:
+    given = [f for f in ('answers', 'scoring_token', 'template') if getattr(args, f) is not None]
+    if given:
+      raise cli.UserError(f'--like takes the whole reranker configuration from {args.like}; '
+                          f'drop --{given[0].replace("_", "-")}')
 
 
 def _import(args, load_dual_encoder, found_vocab=None):
@@ -330,11 +389,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument('--scoring-token', type=int, default=None,
                    help=f'encdec: the scored logit (default {rerankers.EXTRA_ID_10}, '
                         '<extra_id_10>)')
-    r.add_argument('--answers', default='true,false',
-                   help='yes_no: the answer words YES,NO (single pieces of the vocabulary)')
+    r.add_argument('--answers', default=None,
+                   help=f'yes_no: the answer words YES,NO, single pieces of the vocabulary '
+                        f'(default {DEFAULT_ANSWERS}, monoT5\'s)')
     r.add_argument('--input-length', type=int, default=rerankers.DEFAULT_INPUT_LENGTH,
                    help='reranker input tokens, EOS included')
-    r.add_argument('--template', help=f'input template (default {rerankers.DEFAULT_TEMPLATE!r})')
+    r.add_argument('--template', help='input template (default: the format of the scorer\'s '
+                   'checkpoints: ' + '; '.join(f'{k} {v!r}' for k, v in
+                                               rerankers.DEFAULT_TEMPLATES.items()) + ')')
     q.set_defaults(fn=fn)
     return q
 
@@ -368,6 +430,7 @@ def main(argv=None) -> int:
   """Runs one conversion; what the user can fix is raised as a one-line `cli.UserError`."""
   args = parser().parse_args(argv)
   require_optional_packages(args)
+  check_flags(args)
   try:
     args.fn(args)
   except (ValueError, KeyError) as e:  # unreadable or mismatched checkpoints, named in `e`

@@ -122,12 +122,8 @@ def _rerank(rr_dir, data_dir, first_stage_path, out):
   reranked = reranking.rerank(reranking.make_score_fn(model, params), tokenizer,
                               sources.read_beir_queries(data_dir), dict(zip(doc_ids, doc_texts)),
                               first, TOP_K, length, model.config.template, progress=False)
-  run = {}
-  for qid, scores in reranked.items():
-    # The tail ranks below the lowest reranker score, in first-stage order.
-    floor = min(scores.values())
-    tail = [d for d, _ in sorted(first[qid].items(), key=lambda kv: -kv[1]) if d not in scores]
-    run[qid] = {**scores, **{d: floor - 1.0 - i for i, d in enumerate(tail)}}
+  # The tail ranks below the lowest reranker score, in first-stage order.
+  run = reranking.append_tail(reranked, first)
   retrieval.write_trec_run(out, run, tag=f't5dual-{model.config.scorer}')
   return run
 
@@ -140,11 +136,25 @@ def _print_table(rows):
     print(f'{name:{width}}' + ''.join(f'{res[m]:>9.4f}' for m in MEASURES))
 
 
+class _Timer:
+  """Each stage's own time (since the previous stage ended), and the total."""
+
+  def __init__(self):
+    self.start = self.last = time.time()
+
+  def stage(self) -> str:
+    now, last = time.time(), self.last
+    self.last = now
+    return f'{now - last:.0f} s'
+
+  def total(self) -> str:
+    return f'{time.time() - self.start:.0f} s'
+
+
 def main(argv):
   workdir, de_flags, rr_flags = _split_flags(argv)
   distributed.check_backend()  # the start-up line; an accelerator JAX cannot see stops here
-  t0 = time.time()
-  elapsed = lambda: f'{time.time() - t0:.0f} s'
+  timer = _Timer()
   data_dir, runs_dir = os.path.join(workdir, 'data'), os.path.join(workdir, 'runs')
   de_dir, rr_dir = os.path.join(workdir, 'dual_encoder'), os.path.join(workdir, 'reranker')
   spm_prefix = os.path.join(workdir, 'spm')
@@ -171,7 +181,8 @@ def main(argv):
   vocab.train_sentencepiece(
       demo.demo_texts(data_dir) + [rerankers.DEFAULT_TEMPLATE.format(query='', document='')],
       spm_prefix, vocab_size=1024)
-  print(f'[demo] generated {counts} in {data_dir}; vocabulary {spm_path}', flush=True)
+  print(f'[demo] generated {counts} in {data_dir}; vocabulary {spm_path} ({timer.stage()})',
+        flush=True)
   qrels = evaluation.load_qrels(data_dir, 'test')
   corpus_ids, corpus_texts = sources.read_beir_corpus(data_dir)
   test_queries = dict(zip(*evaluation.beir_queries_with_qrels(data_dir, qrels)))
@@ -181,6 +192,7 @@ def main(argv):
   bm25_test = os.path.join(runs_dir, 'bm25-test.trec')
   retrieval.write_trec_run(bm25_test, bm25.beir_run(data_dir, 'test', k=DEPTH), tag='bm25')
   rows['BM25'] = evaluation.evaluate(retrieval.read_trec_run(bm25_test), qrels, MEASURES)
+  print(f'[demo] BM25 first stage ({timer.stage()})', flush=True)
 
   # ---------------------------------------------------------- first stage 2: dual encoder
   configure_dual_encoder()
@@ -200,14 +212,16 @@ def main(argv):
   de_train = evaluation.evaluate_checkpoint_on_beir(
       de_dir, data_dir, 'train', measures=MEASURES, k=DEPTH, export_options=export_options)
   rows['SDE dual encoder'] = de_test['metrics']
-  print(f'[demo] dual encoder trained ({de_test["step"]} steps), {elapsed()}', flush=True)
+  print(f'[demo] dual encoder trained ({de_test["step"]} steps), exported and searched '
+        f'({timer.stage()})', flush=True)
 
   # ---------------------------------------------------------- the reranker
   _training_negatives(data_dir, [bm25.beir_run(data_dir, 'train', k=DEPTH),
                                  retrieval.read_trec_run(de_train['run'])], lists_run)
   configure_reranker()
   rr_result = _train()
-  print(f'[demo] reranker trained ({rr_result.get("step")} steps), {elapsed()}', flush=True)
+  print(f'[demo] reranker trained ({rr_result.get("step")} steps) ({timer.stage()})',
+        flush=True)
   first_stages = {'BM25': bm25_test, 'SDE dual encoder': de_test['run']}
   gains = {}
   for name, path in first_stages.items():
@@ -215,6 +229,7 @@ def main(argv):
     reranked = evaluation.evaluate(_rerank(rr_dir, data_dir, path, out), qrels, MEASURES)
     rows[f'{name} -> RankT5-Enc top-{TOP_K}'] = reranked
     gains[name] = reranked['nDCG@10'] - rows[name]['nDCG@10']
+  print(f'[demo] both first stages reranked ({timer.stage()})', flush=True)
 
   print(f'\n[demo] {len(qrels)} test queries of documents unseen in training, full corpus '
         f'({counts["docs"]} docs); each first stage retrieves {DEPTH}, the reranker '
@@ -223,7 +238,7 @@ def main(argv):
   for name, gain in gains.items():
     verdict = 'improves' if gain > 0 else 'does NOT improve'
     print(f'[demo] the reranker {verdict} {name}: {gain:+.4f} nDCG@10')
-  print(f'[demo] done in {elapsed()}; models in {de_dir} and {rr_dir}; runs in {runs_dir} '
+  print(f'[demo] done in {timer.total()}; models in {de_dir} and {rr_dir}; runs in {runs_dir} '
         f'and {os.path.dirname(de_test["run"])}')
   if rows['SDE dual encoder']['nDCG@10'] <= (rows['SDE dual encoder, untrained']['nDCG@10']
                                              + MIN_DUAL_ENCODER_GAIN):

@@ -154,8 +154,9 @@ def cmd_diagnose(args) -> dict:
   labels = args.label or []
   if labels and len(labels) != len(args.model_dir):
     raise cli.UserError(f'{len(labels)} --label for {len(args.model_dir)} --model_dir')
+  model_dirs = [evaluation.require_dual_encoder(d, 'eval.py diagnose') for d in args.model_dir]
   diags = []
-  for i, model_dir in enumerate(args.model_dir):
+  for i, model_dir in enumerate(model_dirs):
     queries, positives, docs, step = _diagnose_inputs(model_dir, args)
     label = labels[i] if labels else f'{os.path.basename(os.path.normpath(model_dir))} @{step}'
     diags.append(diagnostics.compute(label, queries, positives, docs, sample=args.sample,

@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
   distributed.initialize_from_flags(args)
-  from t5dual import checkpoints
+  from t5dual import checkpoints, evaluation
+  args.model_dir = evaluation.require_dual_encoder(args.model_dir, 'export.py')
   ids, texts, name = read_source(args)
   partitioner = distributed.host_partitioner(args.model_parallel)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(

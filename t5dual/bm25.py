@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from t5dual import retrieval
+from t5dual import cli, retrieval
 from t5dual.data import sources
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,18 @@ log = logging.getLogger(__name__)
 Run = retrieval.Run
 
 
-def _tokenize(texts: Sequence[str], stemmer):
+def _bm25s():
+  """The bm25s module, its logger kept at WARNING: bm25s sets its own to DEBUG when
+  imported, which would print its 'Building index' lines at default verbosity."""
   import bm25s
+  logger = logging.getLogger('bm25s')
+  if logger.level < logging.WARNING:
+    logger.setLevel(logging.WARNING)
+  return bm25s
+
+
+def _tokenize(texts: Sequence[str], stemmer):
+  bm25s = _bm25s()
   return bm25s.tokenize(list(texts), stopwords='en', stemmer=stemmer, show_progress=False)
 
 
@@ -45,7 +55,7 @@ class BM25Index:
   def build(cls, doc_ids: Sequence[str], texts: Sequence[str], k1: float = 1.5,
             b: float = 0.75) -> 'BM25Index':
     """Indexes `texts` (one per id in `doc_ids`)."""
-    import bm25s
+    bm25s = _bm25s()
     import Stemmer
     if len(doc_ids) != len(texts):
       raise ValueError(f'{len(doc_ids)} document ids for {len(texts)} texts')
@@ -82,7 +92,7 @@ def beir_run(folder: str, split: str = 'test', k: int = 100, k1: float = 1.5,
   qrels = evaluation.load_qrels(folder, split)
   qids, qtexts = evaluation.beir_queries_with_qrels(folder, qrels)
   doc_ids, doc_texts = sources.read_beir_corpus(folder)
-  log.info('BM25: indexing %d documents of %s', len(doc_ids), folder)
+  log.info('BM25: indexing %s of %s', cli.plural(len(doc_ids), 'document'), folder)
   index = BM25Index.build(doc_ids, doc_texts, k1=k1, b=b)
-  log.info('BM25: top-%d of %d %s queries', k, len(qids), split)
+  log.info('BM25: top-%d of %s', k, cli.plural(len(qids), f'{split} query', f'{split} queries'))
   return index.search(qids, qtexts, k)

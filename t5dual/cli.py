@@ -27,6 +27,17 @@ USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError
                IsADirectoryError, PermissionError)
 
 
+def plural(count: int, singular: str, plural_form: Optional[str] = None) -> str:
+  """'1 document', '2 documents', '1 query', '3 queries' (`plural_form` for other words)."""
+  if count == 1:
+    return f'{count} {singular}'
+  if plural_form is None:
+    plural_form = (singular[:-1] + 'ies' if singular.endswith('y') and singular[-2:-1] not in
+                   'aeiou' else singular + 'es' if singular.endswith(('s', 'x', 'ch', 'sh'))
+                   else singular + 's')
+  return f'{count} {plural_form}'
+
+
 def setup_logging(level: int = logging.INFO) -> None:
   """INFO lines of t5dual on stderr, without third-party chatter.
 

@@ -174,6 +174,23 @@ def beir_queries_with_qrels(folder: str, qrels: Qrels) -> tuple[list[str], list[
   return qids, [queries[q] for q in qids]
 
 
+def require_dual_encoder(model_dir: str, command: str) -> str:
+  """`model_dir` (a chain's MODEL_DIR: its final model) if it holds a dual encoder.
+
+  Anything else is a one-line cli.UserError saying what it holds and which
+  command takes it, before anything is read or written.
+  """
+  from t5dual import checkpoints, models, multistage
+  model_dir = multistage.resolve_model_dir(model_dir)
+  kind = checkpoints.read_model_json(model_dir).get('kind', models.DualEncoderModel.kind)
+  if kind != models.DualEncoderModel.kind:
+    hint = (f'; rerank a first-stage run with it: scripts/rerank.py --model_dir={model_dir}'
+            if kind == 'reranker' else '')
+    raise cli.UserError(f'{model_dir} holds a {kind} model; {command} encodes queries and '
+                        f'documents with a dual encoder{hint}')
+  return model_dir
+
+
 def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
                                 step: Optional[int] = None, out_dir: Optional[str] = None,
                                 measures: Sequence[str] = DEFAULT_MEASURES,
@@ -197,6 +214,7 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
   import json
   import jax
   from t5dual import checkpoints, encoding, export, retrieval
+  model_dir = require_dual_encoder(model_dir, 'eval.py run')
   qrels = load_qrels(beir, split)
   texts = {Side.DOCUMENT: sources.read_beir_corpus(beir),
            Side.QUERY: beir_queries_with_qrels(beir, qrels)}

@@ -147,7 +147,7 @@ def _short(selector: str) -> str:
   return selector.removeprefix('t5dual.')
 
 
-def _reachable(root: Callable) -> tuple[set, dict, list]:
+def _reachable(root: Callable, calls: Optional[dict] = None) -> tuple[set, dict, list]:
   """What calling the configured `root` may use, following gin's scoping rules.
 
   A configurable called in scope a/b takes each parameter from the most
@@ -159,6 +159,7 @@ def _reachable(root: Callable) -> tuple[set, dict, list]:
       macro M is (M, 'gin.macro', 'value').
     undefined: macros referenced but never defined, name -> who references it.
     required: the effective bindings left at %gin.REQUIRED.
+  With `calls`, also fills it: (scope, selector) -> {param: effective value}.
   """
   used, undefined, required, seen = set(), {}, set(), set()
   stack = [((), _selector(root))]
@@ -172,6 +173,8 @@ def _reachable(root: Callable) -> tuple[set, dict, list]:
       key = ('/'.join(scope[:i]), selector)
       for param, value in gin_config._CONFIG.get(key, {}).items():
         effective[param] = (key, value)
+    if calls is not None:
+      calls[scope, selector] = {param: value for param, (_, value) in effective.items()}
     for param, (key, value) in effective.items():
       used.add((*key, param))
       who = key[0] if selector == MACRO else _short(selector)
@@ -250,7 +253,9 @@ def check_bindings_used(bindings: Sequence[str], root: Callable,
   Raises:
     cli.ConfigError: naming the binding and the nearest names that are used.
   """
-  used, undefined, required = _reachable(root)
+  calls = {}
+  used, undefined, required = _reachable(root, calls)
+  _check_model_features(calls)
   macros_defined = sorted(scope for scope, selector in gin_config._CONFIG if selector == MACRO)
   checked = [(b.strip(), key) for b in bindings for key in _binding_keys(b)]
   if scoped_bindings:
@@ -272,6 +277,46 @@ def check_bindings_used(bindings: Sequence[str], root: Callable,
     raise cli.ConfigError(f'macro %{name} (used by {who}) is never defined{hint}')
   if required:
     raise cli.ConfigError(f'{", ".join(required)} must be set, e.g. --gin.{required[0]}=...')
+
+
+# The run file(s) that give a model's features their lengths (TASK_FEATURE_LENGTHS).
+_RUN_FILES = {
+    ('inputs',): 'add configs/runs/rerank.gin after configs/runs/finetune.gin (a reranker reads '
+                 "one sequence, 'inputs', of INPUT_LENGTH tokens)",
+    ('inputs', 'targets'): 'configs/runs/finetune.gin alone is the run file of a dual encoder '
+                           '(configs/runs/rerank.gin is for rerankers: drop it)',
+}
+
+
+def _resolve(value: Any) -> tuple[Any, list[str]]:
+  """(value, the macros followed to it) of a bound value that may be %MACRO."""
+  names = []
+  while (isinstance(value, gin_config.ConfigurableReference) and
+         value.config_key[1] == MACRO and value.scopes):
+    names.append('/'.join(value.scopes))
+    value = gin_config._CONFIG.get((names[-1], MACRO), {}).get('value')
+  return value, names
+
+
+def _check_model_features(calls: dict) -> None:
+  """A model of one family with the run file of another (a reranker model file with the
+  dual encoder's run file, or the reverse) is named as such, before gin fails on what the
+  other family's files do not define."""
+  for (_, selector), params in calls.items():
+    if 'model' not in params or 'task_feature_lengths' not in params:
+      continue
+    model, _ = _resolve(params['model'])
+    lengths, names = _resolve(params['task_feature_lengths'])
+    wrapped = getattr(getattr(model, 'configurable', None), 'wrapped', None)
+    needs = getattr(wrapped, 'feature_names', None)
+    if not isinstance(lengths, dict) or not isinstance(needs, tuple):
+      continue
+    if set(lengths) != set(needs):
+      shown = names[0] if names else f'{_short(selector)}.task_feature_lengths'
+      hint = _RUN_FILES.get(tuple(sorted(needs)), 'the run file of this kind of model')
+      raise cli.ConfigError(
+          f'the model ({_short(_selector(wrapped))}) reads the features {sorted(needs)}, but '
+          f'{shown} gives lengths of {sorted(lengths)}: {hint}')
 
 
 def is_bound(fn: Callable) -> bool:

@@ -12,7 +12,8 @@ stage). `run_chain` trains them in order under one chain directory:
     stages.json          the record of the chain (below)
     final -> stages/<n>-<name>   made when the last stage is complete: use
                          MODEL_DIR/final as --model_dir of scripts/rerank.py
-                         and scripts/eval.py
+                         and scripts/eval.py (given MODEL_DIR, they use
+                         MODEL_DIR/final: `resolve_model_dir`)
     writer.lock          held while the chain runs (one chain per directory)
 
 Stage 1 starts from its configured INITIAL_CHECKPOINT_PATH (or a random
@@ -43,10 +44,15 @@ retrained, even if its settings change: a chain's stages are fixed once
 trained (changing them needs a new MODEL_DIR).
 
 Distillation from the previous stage (`Stage.previous_stage_teacher`): when
-the stage starts, the previous stage's reranker scores the stage's training
-candidates (the first-stage run over the training split in ranks [MIN_RANK,
-MAX_RANK], plus the judged positives) with t5dual.reranking; the scores are
-written once, atomically, to the stage directory's teacher.trec (reused on
+the stage starts, the previous stage's reranker scores the training candidates
+the stage will consume: for each training query its `train_steps` batches of
+`batch_size` lists visit (all of them once the steps reach an epoch), the
+judged positives and the first-stage run's documents in ranks [MIN_RANK,
+MAX_RANK] (`training_candidates`). The count is logged before scoring starts,
+the rate and the time left as it goes. Finished chunks of scores are kept in
+the stage directory's teacher.trec.partial/ (checksummed, each written
+atomically), so a run killed while scoring resumes at the first missing chunk;
+the scores are then written once, atomically, to teacher.trec (reused on
 resume) and become the stage's TEACHER. An explicit TEACHER file (a TREC run
 or JSONL of scores) works in any stage without this.
 
@@ -63,6 +69,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -76,6 +83,8 @@ RECORD = 'stages.json'
 STAGES_DIR = 'stages'
 FINAL = 'final'
 TEACHER_FILE = 'teacher.trec'
+# Teacher scores are kept in chunks of this many pairs while they are computed.
+TEACHER_CHUNK_PAIRS = 4096
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]*')
 
 
@@ -88,7 +97,8 @@ class Stage:
       '_', '.', '-'); in gin, the stage's scope (`@gin_utils.scope_name()`).
     train: `train_lib.run` as the stage configures it; called with model_dir,
       run_config, initial_checkpoint_path (after stage 1) and prepare_model,
-      or with check_only=True to check the stage's settings.
+      or with check_only=True to check the stage's settings (and, for a stage
+      taught by the previous one, a prepare_model that stands for its teacher).
     evaluate: called with the stage's model directory once it is trained;
       returns a JSON-able summary whose 'metrics' maps a row name to
       {measure: value} (e.g. `rerank_evaluation`). None: no evaluation.
@@ -123,7 +133,8 @@ def run_chain(model_dir: str, stages: Sequence[Stage],
   """Trains and evaluates `stages` in order in `model_dir`, resuming where a previous run stopped.
 
   Every stage still to train has its settings checked before anything is
-  trained. Returns the record of the chain (stages.json, see the module docstring).
+  trained, and before MODEL_DIR is created or locked. Returns the record of the
+  chain (stages.json, see the module docstring).
 
   Raises:
     cli.UserError (ConfigError, ...): a stage's setting, data or directory is
@@ -134,22 +145,17 @@ def run_chain(model_dir: str, stages: Sequence[Stage],
   if os.path.exists(os.path.join(model_dir, checkpoints.MODEL_JSON)):
     raise cli.ConfigError(f'{model_dir} holds a model ({checkpoints.MODEL_JSON}); a chain '
                           'needs a MODEL_DIR of its own')
+  # Every stage still to train is checked before MODEL_DIR is created or locked (and so
+  # before any stage trains, rather than after hours of stage 1); again under the lock
+  # only if another run advanced the chain meanwhile.
+  _, checked = _check_untrained_stages(model_dir, stages)
   with checkpoints.exclusive_writer(model_dir):
     # exclusive_writer makes (and probes) MODEL_DIR/checkpoints, which a chain has
     # none of: an empty one would make MODEL_DIR look like a model directory.
     with contextlib.suppress(OSError):
       os.rmdir(os.path.join(model_dir, checkpoints.CHECKPOINTS))
-    record = _read_record(model_dir)
-    _check_record(model_dir, record, stages)
+    record, done = _check_untrained_stages(model_dir, stages, checked)
     entries = record['stages']
-    done = [_is_trained(model_dir, e) for e in entries] + [False] * (len(stages) - len(entries))
-    _check_nothing_after_untrained(model_dir, stages, done)
-    for i, stage in enumerate(stages, 1):
-      if not done[i - 1]:
-        # Fails before any stage trains, rather than after hours of stage 1.
-        model = stage.train(model_dir=stage_dir(model_dir, i, stage), check_only=True)
-        if stage.previous_stage_teacher:
-          _check_teacher_stage(model, i, stage)
     previous = None
     for i, stage in enumerate(stages, 1):
       directory = stage_dir(model_dir, i, stage)
@@ -179,6 +185,27 @@ def run_chain(model_dir: str, stages: Sequence[Stage],
   if summary:
     log.info('evaluation of each stage:\n%s', summary)
   return record
+
+
+def _check_untrained_stages(model_dir: str, stages: Sequence[Stage],
+                            checked: Optional[list] = None) -> tuple[dict, list]:
+  """(the record, which stages are trained), after checking the settings of the others
+  (unless `checked`, the stages trained when they were last checked, is the same)."""
+  record = _read_record(model_dir)
+  _check_record(model_dir, record, stages)
+  entries = record['stages']
+  done = [_is_trained(model_dir, e) for e in entries] + [False] * (len(stages) - len(entries))
+  _check_nothing_after_untrained(model_dir, stages, done)
+  if done == checked:
+    return record, done
+  for i, stage in enumerate(stages, 1):
+    if not done[i - 1]:
+      # A stage taught by the previous one gets its teacher from prepare_model.
+      extra = {'prepare_model': _teacher_to_come} if stage.previous_stage_teacher else {}
+      model = stage.train(model_dir=stage_dir(model_dir, i, stage), check_only=True, **extra)
+      if stage.previous_stage_teacher:
+        _check_teacher_stage(model, i, stage)
+  return record, done
 
 
 def summary_table(record: dict) -> str:
@@ -255,6 +282,11 @@ def _check_teacher_stage(model, index: int, stage: Stage) -> None:
                           'teacher_rank_pairwise_loss, margin_mse_loss)')
 
 
+def _teacher_to_come(model, source, **unused):
+  """Stands for the teacher a previous stage gives (only checked, never called)."""
+  raise AssertionError('only for check_only')
+
+
 # --------------------------------------------------------------------------- one stage
 
 def _train_stage(model_dir, index, stage, previous, run_config, where) -> dict:
@@ -265,8 +297,8 @@ def _train_stage(model_dir, index, stage, previous, run_config, where) -> dict:
   teacher = None
   if stage.previous_stage_teacher:
     teacher = os.path.join(directory, TEACHER_FILE)
-    kwargs['prepare_model'] = lambda model, source: with_previous_stage_teacher(
-        model, source, previous, teacher)
+    kwargs['prepare_model'] = lambda model, source, **consumption: (
+        with_previous_stage_teacher(model, source, previous, teacher, **consumption))
   log.info('%s: training in %s, starting from %s', where, directory,
            previous or 'its configured initial checkpoint (if any)')
   result = stage.train(**kwargs)
@@ -299,12 +331,17 @@ def _log_evaluation(where: str, summary: Optional[dict]) -> None:
            evaluation.format_table(summary.get('metrics') or {}))
 
 
-def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_path: str):
+def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_path: str,
+                                batch_size: Optional[int] = None,
+                                train_steps: Optional[int] = None, seed: int = 0):
   """`model` with the previous stage's scores of its training candidates as its teacher.
 
-  Scores the candidates (see `training_candidates`) with the reranker in
-  `previous_dir` into `teacher_path`, written atomically; an existing file is
-  reused, so a resumed stage trains against the same teacher.
+  Scores the candidates the stage will consume (`training_candidates` with
+  `batch_size`, `train_steps` and `seed`; all of them when those are None) with
+  the reranker in `previous_dir` into `teacher_path`, written atomically. An
+  existing file is reused, so a resumed stage trains against the same teacher;
+  an interrupted scoring resumes from its finished chunks
+  (`reranking.score_pairs`, in `teacher_path`.partial/).
   """
   if os.path.exists(teacher_path):
     log.info('teacher scores of %s: reusing %s', previous_dir, teacher_path)
@@ -312,55 +349,107 @@ def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_p
     from t5dual import rerankers, reranking, retrieval
     from t5dual.data import sources
     folder, split = rerankers.beir_source(source)
-    candidates = training_candidates(folder, split, model.lists)
+    candidates, visited, total = training_candidates(folder, split, model.lists, batch_size,
+                                                     train_steps, seed)
     teacher, params, step, tokenizer, length = reranking.load_reranker(previous_dir)
+    pairs = [(q, d) for q, docs in candidates.items() for d in docs]
+    lists = model.lists
+    if visited < total:
+      which = (f'the {visited} of {total} {split} queries that {train_steps} steps of '
+               f'{batch_size} lists visit')
+    else:
+      which = f'all {cli.plural(total, split + " query", split + " queries")}'
+    log.info('teacher scores: the reranker in %s (step %d) scores %s of %s (judged positives '
+             'and the first stage\'s ranks [%d, %d])', previous_dir, step,
+             cli.plural(len(pairs), 'candidate'), which, lists.min_rank, lists.max_rank)
     doc_ids, doc_texts = sources.read_beir_corpus(folder)
-    log.info('teacher scores: the reranker in %s (step %d) scores %d candidates of %d '
-             '%s queries', previous_dir, step, sum(map(len, candidates.values())),
-             len(candidates), split)
-    scores = reranking.rerank(
+    work_dir = teacher_path + '.partial'
+    scores = reranking.score_pairs(
         reranking.make_score_fn(teacher, params), tokenizer, sources.read_beir_queries(folder),
-        dict(zip(doc_ids, doc_texts)), candidates, max(map(len, candidates.values())), length,
-        teacher.config.template)
-    # Every process of a multi-host run scores and writes the same file.
+        dict(zip(doc_ids, doc_texts)), pairs, length, teacher.config.template,
+        progress=False, chunk_pairs=TEACHER_CHUNK_PAIRS, work_dir=work_dir,
+        fingerprint={'teacher': os.path.basename(os.path.normpath(previous_dir)),
+                     'step': step, 'template': teacher.config.template,
+                     'input_length': length},
+        label='teacher scores')
+    run = {}
+    for (q, d), score in zip(pairs, scores.tolist()):
+      run.setdefault(q, {})[d] = score
+    # Every process of a multi-host run holds all scores and writes the same file.
     tmp = f'{teacher_path}.tmp{jax.process_index()}'
-    retrieval.write_trec_run(tmp, scores, tag='t5dual-teacher')
+    retrieval.write_trec_run(tmp, run, tag='t5dual-teacher')
     os.replace(tmp, teacher_path)
+    if jax.process_index() == 0:
+      shutil.rmtree(work_dir, ignore_errors=True)
     log.info('teacher scores written to %s', teacher_path)
   taught = copy.copy(model)
   taught.lists = dataclasses.replace(model.lists, teacher=teacher_path)
   return taught
 
 
-def training_candidates(folder: str, split: str, lists) -> dict[str, dict[str, float]]:
-  """What a reranker's training lists can hold: per query of `split`, the first-stage
-  run's documents in ranks [min_rank, max_rank] and the judged positives.
+def training_candidates(folder: str, split: str, lists, batch_size: Optional[int] = None,
+                        train_steps: Optional[int] = None, seed: int = 0
+                        ) -> tuple[dict[str, list[str]], int, int]:
+  """What a reranker's training lists can hold, for the queries a stage will visit.
 
   `lists` is the model's rerankers.ListsConfig (first_stage_run None: BM25 of the
-  split, as RerankerModel.make_batcher computes it). Returns {query id: {doc id:
-  first-stage score}}; positives outside the window rank after it.
+  split, as RerankerModel.make_batcher computes it). The training lists are
+  built as the stage builds them without a teacher (data/lists.py): per query,
+  its judged positives and the first-stage run's documents in ranks
+  [min_rank, max_rank] that are not judged relevant. With `batch_size` and
+  `train_steps`, only the queries that batches 0 .. train_steps - 1 visit in
+  the lists' order for `seed` are kept (all of them once the steps cover an
+  epoch); the stage, taught by scores of exactly these queries, then trains on
+  them with the same candidates.
+
+  Returns ({query id: [document ids: positives, then negatives in rank order]},
+  queries kept, training lists in all).
   """
+  import numpy as np
   from t5dual.data import lists as lists_lib
-  from t5dual.data import sources
-  queries = sources.read_beir_queries(folder)
-  doc_ids = set(sources.read_beir_corpus(folder)[0])
-  qrels = sources.read_qrels(folder, split)
   if lists.first_stage_run is None:
     from t5dual import bm25
     run = bm25.beir_run(folder, split, k=lists.max_rank)
-    ranked = {q: sorted(d.items(), key=lambda kv: -kv[1]) for q, d in run.items()}
   else:
-    ranked = lists_lib.read_run(lists.first_stage_run, queries, doc_ids)
+    run = lists.first_stage_run
+  plain = lists_lib.load_lists(folder, split, run, min_rank=lists.min_rank,
+                               max_rank=lists.max_rank)
+  rows = range(len(plain))
+  if batch_size and train_steps and batch_size * train_steps < len(plain):
+    batcher = lists_lib.ListBatcher(plain, None, batch_size, list_size=lists.list_size,
+                                    num_positives=lists.num_positives, seed=seed)
+    visited = np.concatenate([batcher.list_indices(step) for step in range(train_steps)])
+    rows = sorted(set(visited.tolist()))
   out = {}
-  for qid in dict.fromkeys(list(qrels) + list(ranked)):
-    window = dict(ranked.get(qid, [])[lists.min_rank - 1:lists.max_rank])
-    last = min(window.values(), default=0.0) - 1.0
-    for doc, relevance in qrels.get(qid, {}).items():
-      if relevance > 0 and doc in doc_ids:
-        window.setdefault(doc, last)
-    if window:
-      out[qid] = window
-  return out
+  for i in rows:
+    docs = [r for r, _ in plain.positives[i]] + list(plain.negatives[i])
+    out[plain.query_ids[i]] = [plain.doc_ids[r] for r in dict.fromkeys(docs)]
+  return out, len(rows), len(plain)
+
+
+def resolve_model_dir(model_dir: str) -> str:
+  """`model_dir`, or for a chain's MODEL_DIR (stages.json, no model.json) its final
+  model MODEL_DIR/final, with a log line saying so.
+
+  Raises cli.UserError for a chain whose last stage is not complete, naming the
+  stage directories that hold a trained model.
+  """
+  if (os.path.exists(os.path.join(model_dir, checkpoints.MODEL_JSON)) or
+      not os.path.exists(os.path.join(model_dir, RECORD))):
+    return model_dir
+  final = os.path.join(model_dir, FINAL)
+  if os.path.exists(os.path.join(final, checkpoints.MODEL_JSON)):
+    target = os.readlink(final) if os.path.islink(final) else FINAL
+    log.info('%s is a chain of stages: using its final model %s (-> %s)', model_dir, final,
+             target)
+    return final
+  record = _read_record(model_dir)
+  trained = [os.path.join(model_dir, e['dir']) for e in record['stages']
+             if e.get('status') in ('trained', 'complete')]
+  raise cli.UserError(f'{model_dir} is a chain of stages whose last stage is not complete '
+                      f'(no {final} yet); ' + (
+                          f'give a stage directory: {", ".join(trained)}' if trained else
+                          'no stage is trained yet'))
 
 
 # --------------------------------------------------------------------------- evaluations
@@ -368,33 +457,42 @@ def training_candidates(folder: str, split: str, lists) -> dict[str, dict[str, f
 def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
                       run: Optional[str] = None, top_k: int = 100,
                       measures: Sequence[str] = ('nDCG@10', 'RR@10', 'R@100'),
-                      batch_size: int = 64) -> dict:
+                      batch_size: int = 64, tail: str = 'append') -> dict:
   """A stage's evaluation as a reranker: rerank `run`'s top_k of a BEIR split, measure both runs.
 
   Args:
     model_dir: the stage's (reranker) directory.
     beir, split: the BEIR folder and the split whose qrels judge the runs.
-    run: the first-stage TREC run; None: BM25's top_k of the split, written
-      once to model_dir/eval/bm25-<folder>-<split>-top<k>.trec.
+    run: the first-stage TREC run; None: BM25 of the split as deep as the
+      deepest measure (at least top_k; 1000 for a measure without cutoff), written
+      once to model_dir/eval/bm25-<folder>-<split>-top<depth>.trec, so that
+      R@100 is recall at 100 whatever top_k is.
+    tail: as in `reranking.rerank_beir`: 'append' puts the first stage's
+      documents below the reranked top_k (measures deeper than top_k compare
+      the same documents), 'drop' leaves the deeper measures out.
   Returns:
-    {'beir', 'split', 'top_k', 'step', 'first_stage' (run path), 'run' (reranked
-    run path), 'metrics': {'first stage': {...}, 'reranked': {...}}}.
+    {'beir', 'split', 'top_k', 'tail', 'first_stage_depth', 'step', 'first_stage'
+    (run path), 'run' (reranked run path), 'metrics': {'first stage': {...},
+    'reranked': {...}}}.
   """
-  from t5dual import reranking
+  from t5dual import evaluation, reranking
   name = os.path.basename(os.path.normpath(beir))
   eval_dir = os.path.join(model_dir, 'eval')
   if run is None:
-    run = os.path.join(eval_dir, f'bm25-{name}-{split}-top{top_k}.trec')
+    depth = max(top_k, evaluation.search_depth(measures))
+    run = os.path.join(eval_dir, f'bm25-{name}-{split}-top{depth}.trec')
     if not os.path.exists(run):
       from t5dual import bm25, retrieval
       os.makedirs(eval_dir, exist_ok=True)
       tmp = f'{run}.tmp{jax.process_index()}'  # every process writes the same run
-      retrieval.write_trec_run(tmp, bm25.beir_run(beir, split, k=top_k), tag='bm25')
+      retrieval.write_trec_run(tmp, bm25.beir_run(beir, split, k=depth), tag='bm25')
       os.replace(tmp, run)
   out = os.path.join(eval_dir, f'rerank-{name}-{split}-top{top_k}.trec')
   result = reranking.rerank_beir(model_dir, beir, split, run, out, top_k=top_k,
-                                 measures=measures, batch_size=batch_size, progress=False)
-  return {'beir': beir, 'split': split, 'top_k': top_k, 'step': result['step'],
+                                 measures=measures, batch_size=batch_size, progress=False,
+                                 tail=tail)
+  return {'beir': beir, 'split': split, 'top_k': top_k, 'tail': tail,
+          'first_stage_depth': result['first_stage_depth'], 'step': result['step'],
           'first_stage': run, 'run': out, 'metrics': result['metrics']}
 
 

@@ -1,9 +1,12 @@
 """T5 rerankers: Flax modules that score (query, document) inputs, and their input format.
 
 A reranker reads one sequence, the query and the document filled into a
-template (default 'Query: {query} Document: {document}'), tokenized with the
-model's SentencePiece vocabulary, trimmed to the input length and ended with
-EOS (`encode_pairs`), and returns one float32 score per sequence.
+template, tokenized with the model's SentencePiece vocabulary, trimmed to the
+input length and ended with EOS (`encode_pairs`), and returns one float32
+score per sequence. The template defaults to the format each scorer's
+published checkpoints were trained on (`DEFAULT_TEMPLATES`): RankT5's
+'Query: {query} Document: {document}' for encdec and enc, monoT5's
+'Query: {query} Document: {document} Relevant:' for yes_no.
 `RerankerConfig.scorer` picks how:
 
   encdec  RankT5-EncDec (Zhuang et al. 2023): the encoder, then one decoder step
@@ -51,7 +54,11 @@ Array = jax.Array
 
 SCORERS = ('encdec', 'enc', 'yes_no')
 POOLINGS = ('first', 'mean')
-DEFAULT_TEMPLATE = 'Query: {query} Document: {document}'
+DEFAULT_TEMPLATE = 'Query: {query} Document: {document}'  # RankT5 (Zhuang et al. 2023)
+MONOT5_TEMPLATE = 'Query: {query} Document: {document} Relevant:'  # Nogueira et al. 2020
+# The input format each scorer's checkpoints were trained on: its default template.
+DEFAULT_TEMPLATES = {'encdec': DEFAULT_TEMPLATE, 'enc': DEFAULT_TEMPLATE,
+                     'yes_no': MONOT5_TEMPLATE}
 DEFAULT_INPUT_LENGTH = 512
 # <extra_id_10> of the standard T5 vocabulary (sentinels count down from 32099).
 EXTRA_ID_10 = 32089
@@ -81,7 +88,7 @@ class RerankerConfig:
   yes_token_id: int = T5_TRUE_ID         # 'yes_no': the answer scored ...
   no_token_id: int = T5_FALSE_ID         # ... against this one
   pooling: str = 'first'                 # 'enc': one of POOLINGS
-  template: str = DEFAULT_TEMPLATE
+  template: Optional[str] = None         # None: DEFAULT_TEMPLATES[scorer]
   input_length: int = DEFAULT_INPUT_LENGTH  # tokens, EOS included
 
   def __post_init__(self):
@@ -89,6 +96,8 @@ class RerankerConfig:
       raise ValueError(f'RerankerConfig.t5 must be a T5Config, got {type(self.t5).__name__}')
     if self.scorer not in SCORERS:
       raise ValueError(f'RerankerConfig.scorer must be one of {SCORERS}, got {self.scorer!r}')
+    if self.template is None:  # the format the scorer's checkpoints were trained on
+      object.__setattr__(self, 'template', DEFAULT_TEMPLATES[self.scorer])
     if self.pooling not in POOLINGS:
       raise ValueError(f'RerankerConfig.pooling must be one of {POOLINGS}, got '
                        f'{self.pooling!r}')
@@ -271,6 +280,29 @@ class ListsConfig:
   # Teacher scores for distillation losses: a TREC run or JSONL (data/lists.read_teacher).
   teacher: Optional[str] = None
 
+  def __post_init__(self):
+    # Checked when gin builds the model, before any data is read or anything written;
+    # gin_utils.call_configured names the macro (LIST_SIZE, MIN_RANK, ...).
+    from t5dual.data import lists as lists_lib
+    from t5dual.trainer import ParameterError
+    for key in ('list_size', 'num_positives', 'min_rank', 'max_rank'):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ParameterError(ListsConfig, key, f'must be an integer, got {value!r}')
+    low, high = lists_lib.MIN_LIST_SIZE, lists_lib.MAX_LIST_SIZE
+    if not low <= self.list_size <= high:
+      raise ParameterError(ListsConfig, 'list_size', f'must be in [{low}, {high}] (a positive '
+                           f'and at least one negative), got {self.list_size}')
+    if not 1 <= self.num_positives < self.list_size:
+      raise ParameterError(ListsConfig, 'num_positives', f'must be in [1, list_size '
+                           f'{self.list_size}), got {self.num_positives}')
+    if self.min_rank < 1:
+      raise ParameterError(ListsConfig, 'min_rank', f'must be >= 1, got {self.min_rank}')
+    if self.max_rank < self.min_rank:
+      raise ParameterError(ListsConfig, 'max_rank', f'must be >= min_rank {self.min_rank} '
+                           f'(negatives come from ranks [min_rank, max_rank]), got '
+                           f'{self.max_rank}')
+
 
 @model_api.register
 class RerankerModel:
@@ -312,6 +344,31 @@ class RerankerModel:
   def score(self, params, ids: Array) -> Array:
     """ids [N, L] or [B, list, L] -> float32 scores [N] or [B, list] (inference)."""
     return self.module.apply({'params': params}, ids, True)
+
+  def check_training(self, teacher_to_come: bool = False) -> None:
+    """Refuses, before anything is read or written, a loss and a teacher that do not
+    go together, and first-stage or teacher files that do not exist.
+
+    `teacher_to_come`: the teacher is given later (a chain's stage taught by the
+    previous one, multistage.py). Raises trainer.ParameterError naming the key.
+    """
+    from t5dual.trainer import ParameterError
+    distils = ranking_losses.takes_teacher_scores(self.loss)
+    teacher = self.lists.teacher
+    name = _loss_name(self.loss)
+    if distils and teacher is None and not teacher_to_come:
+      raise ParameterError(ListsConfig, 'teacher', f'the loss {name} distils from teacher '
+                           'scores, and none are given: set TEACHER to a TREC run or JSONL of '
+                           'scores (t5dual/data/lists.py), or choose a loss without a teacher')
+    if teacher is not None and not distils:
+      raise ParameterError(ListsConfig, 'teacher', f'is {teacher!r}, but the loss {name} does '
+                           'not use teacher scores: choose a distillation loss '
+                           '(kl_distillation_loss, teacher_rank_pairwise_loss, '
+                           'margin_mse_loss) or leave TEACHER unset')
+    for key in ('first_stage_run', 'teacher'):
+      path = getattr(self.lists, key)
+      if path is not None and '://' not in path and not os.path.isfile(path):
+        raise ParameterError(ListsConfig, key, f'{path}: file not found')
 
   def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):
     deterministic = dropout_rng is None

@@ -10,13 +10,15 @@ float32 at full precision (no TF32), so the ranking is exact.
 `faiss_search` builds an optional FAISS index (flat, IVF or HNSW) instead.
 
 A run (`sources.Run`) is {query_id: {doc_id: score}}, each query's documents
-in rank order.
+in rank order; `write_trec_run` writes every query in score order with ranks
+1..k whatever the dicts' order.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from typing import Optional, Sequence, Union
 
@@ -192,15 +194,32 @@ def to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.ndarray,
   return run
 
 
+def ranked(docs: 'dict[str, float]') -> list[tuple[str, float]]:
+  """One query's (document id, score) pairs best first: by descending score, equal
+  scores in the order given, NaN last."""
+  return sorted(docs.items(), key=lambda kv: (math.isnan(kv[1]), 0.0 if math.isnan(kv[1])
+                                              else -kv[1]))
+
+
+def in_score_order(run: Run) -> Run:
+  """`run` with each query's documents in score order (`ranked`)."""
+  return {qid: dict(ranked(docs)) for qid, docs in run.items()}
+
+
 def write_trec_run(path: str, run: Run, tag: str = 't5dual') -> None:
-  """`qid Q0 docid rank score tag` lines; ranks from 1 in each query's order."""
+  """`qid Q0 docid rank score tag` lines, written atomically.
+
+  Each query's lines are in score order (`ranked`: descending, equal scores in
+  the run's order) with ranks 1, 2, ..., so the line order, the rank column and
+  the scores tell the same ranking, whatever order the run's dicts are in.
+  """
   if not tag or any(c.isspace() for c in tag):
     raise cli.ConfigError(f'run tag must be one word, got {tag!r}')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
-    for qid, ranked in run.items():
-      for rank, (doc_id, score) in enumerate(ranked.items(), 1):
+    for qid, docs in run.items():
+      for rank, (doc_id, score) in enumerate(ranked(docs), 1):
         f.write(f'{qid} Q0 {doc_id} {rank} {float(score):.9g} {tag}\n')
   os.replace(tmp, path)
 

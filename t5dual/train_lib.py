@@ -71,7 +71,8 @@ def run(model_dir: str,
       (config.gin, then timestamped copies) once the run has started.
     partitioner: the mesh and logical-axis rules (default: data-parallel over
       all devices).
-    prepare_model: called with the model and mixture_or_task_name once
+    prepare_model: called with the model and mixture_or_task_name (and the
+      keywords batch_size, train_steps and seed: what the run will consume) once
       model_dir is locked, before the data is read; returns the model to train
       (a multistage chain gives a distillation stage its teacher scores so).
     check_only: only check the settings; nothing is read or written.
@@ -90,6 +91,8 @@ def run(model_dir: str,
   partitioner = partitioner or partitioning.Partitioner()
   _check_settings(model, batch_size, lengths, train_steps, learning_rate, warmup_steps,
                   num_negatives, partitioner, trainer_config)
+  if hasattr(model, 'check_training'):  # the model's own settings (a reranker's teacher)
+    model.check_training(teacher_to_come=prepare_model is not None)
   if check_only:
     return model
   if plan_fn is not None:
@@ -112,7 +115,8 @@ def run(model_dir: str,
           f'vocabulary {vocabulary_path} has {tokenizer.vocab_size} pieces but the model '
           f'embeds only {model.vocab_size} (VOCAB_SIZE, T5Config.vocab_size)')
     if prepare_model is not None:
-      model = prepare_model(model, mixture_or_task_name)
+      model = prepare_model(model, mixture_or_task_name, batch_size=batch_size,
+                            train_steps=train_steps, seed=config.seed)
     batcher = _make_batcher(model, mixture_or_task_name, tokenizer, batch_size, lengths,
                             config.seed, num_negatives)
     description = checkpoints.model_description(model, vocabulary_path, lengths)

@@ -13,6 +13,7 @@ pytest.importorskip('bm25s')
 pytest.importorskip('Stemmer')
 
 from t5dual import bm25, evaluation, retrieval
+from trec_files import assert_in_score_order  # tests/helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -114,6 +115,18 @@ def test_cli_writes_a_run_and_prints_metrics(tmp_path, capsys):
   assert 'nDCG@10' in capsys.readouterr().out
   with open(out) as f:
     assert f.readline().split()[5] == 'bm25'
+  assert_in_score_order(str(out))
+
+
+def test_bm25s_debug_lines_stay_quiet_at_default_verbosity(tmp_path, caplog):
+  import logging
+  # What importing bm25s does to its logger (it sets DEBUG), whatever the import order.
+  logging.getLogger('bm25s').setLevel(logging.DEBUG)
+  folder = _write_beir(tmp_path / 'beir')
+  with caplog.at_level(logging.DEBUG):
+    bm25.beir_run(str(folder), 'test', k=3)
+  assert 'Building index' not in caplog.text and 'BM25: indexing 6 documents' in caplog.text
+  assert 'BM25: top-3 of 4 test queries' in caplog.text
 
 
 def test_medquad_reproduces_the_shared_reference(shared_dir):

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from t5dual import cli, evaluation, retrieval
+from trec_files import assert_in_score_order  # tests/helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ('BM25', 'SDE dual encoder, untrained', 'SDE dual encoder',
@@ -44,8 +45,13 @@ def test_demo_prints_every_stage_from_its_run_files(demo_script, tmp_path, capsy
   work = tmp_path / 'demo'
   demo_script.main(['--workdir', str(work), '--gin.TRAIN_STEPS=150', '--gin.BATCH_SIZE=32',
                     '--rerank_gin.TRAIN_STEPS=10', '--rerank_gin.BATCH_SIZE=8'])
-  rows = _table(capsys.readouterr().out)
+  out = capsys.readouterr().out
+  rows = _table(out)
   assert tuple(rows) == STAGES
+  # Each progress line gives its own stage's time, and they add up to the total.
+  stage_times = [int(t) for t in re.findall(r'^\[demo\] .*\((\d+) s\)$', out, re.M)]
+  total = int(re.search(r'^\[demo\] done in (\d+) s;', out, re.M).group(1))
+  assert len(stage_times) == 5 and abs(sum(stage_times) - total) <= len(stage_times), out
   qrels = evaluation.load_qrels(str(work / 'data'), 'test')
   runs = {'BM25': work / 'runs' / 'bm25-test.trec',
           'SDE dual encoder': work / 'dual_encoder' / 'eval' / 'data-test-150' / 'run.trec'}
@@ -53,6 +59,10 @@ def test_demo_prints_every_stage_from_its_run_files(demo_script, tmp_path, capsy
     first = retrieval.read_trec_run(str(path))
     reranked = retrieval.read_trec_run(str(work / 'runs' /
                                            f'{name.split()[0].lower()}-test-reranked.trec'))
+    # Every run file the demo writes is in score order with ranks 1..k.
+    written = assert_in_score_order(str(work / 'runs' /
+                                        f'{name.split()[0].lower()}-test-reranked.trec'))
+    assert {q: list(d) for q, d in reranked.items()} == written
     for stage, run in ((name, first), (f'{name} -> RankT5-Enc top-20', reranked)):
       metrics = evaluation.evaluate(run, qrels, demo_script.MEASURES)
       assert rows[stage] == pytest.approx([metrics[m] for m in demo_script.MEASURES],

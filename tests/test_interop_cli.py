@@ -145,12 +145,19 @@ def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, conver
   assert result.returncode == 2, result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr
+  # The hint installs into the environment that runs the script (run.sh's .venv, or pip of
+  # this very interpreter), never a bare `pip`, which may belong to another Python.
+  python, repo = sys.executable, str(SCRIPT.parents[1])
+  if os.path.abspath(python).startswith(repo + os.sep):  # .venv/bin/python under run.sh
+    python = os.path.relpath(python, repo)
+  hint = (f"T5DUAL_EXTRAS=torch bash scripts/run.sh convert ... installs it (or: "
+          f"{python} -m pip install -e '.[torch]')")
   if needs:
-    assert errors[0].startswith(f"error: {command} needs {needs}: pip install -e '.[torch]' "
+    assert errors[0].startswith(f'error: {command} needs {needs}: {hint} '
                                 f'(import {missing}: '), errors[0]
   else:
     assert 'pytorch_model.bin is a PyTorch pickle' in errors[0], errors[0]
-    assert errors[0].endswith(": pip install -e '.[torch]'"), errors[0]
+    assert errors[0].endswith(f': {hint}'), errors[0]
   assert not (tmp_path / 'out').exists()
 
 

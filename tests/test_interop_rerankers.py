@@ -191,6 +191,8 @@ def test_convert_cli_t5x_to_yes_no_reranker_dir(tmp_path, convert, spm):
   reranker, params, _, _, _ = reranking.load_reranker(str(tmp_path / 'rr'))
   yes, no = rerankers.yes_no_token_ids(Tokenizer(spm), *answers)
   assert (reranker.config.yes_token_id, reranker.config.no_token_id) == (yes, no)
+  # monoT5's own input format, unless --template says otherwise.
+  assert reranker.config.template == 'Query: {query} Document: {document} Relevant:'
   _assert_trees_equal(params, t5dual_params(model))
   ids = padded_ids(np.random.default_rng(5), 4, 12, cfg.vocab_size)
   ref = _first_step_logits(model, ids)
@@ -231,3 +233,43 @@ def test_convert_cli_reranker_errors_are_one_line(tmp_path, convert, spm):
   assert 'holds a reranker model' in _one_line(e)
   assert not (tmp_path / 'a').exists() or not any((tmp_path / 'a').iterdir())
   assert not (tmp_path / 'c').exists() and not (tmp_path / 'd').exists()
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--scorer=yes_no', '--answers=yes'],
+     "--answers must be two different words YES,NO (e.g. true,false), got 'yes'"),
+    (['--scorer=yes_no', '--answers=yes,no,maybe'], "got 'yes,no,maybe'"),
+    (['--scorer=yes_no', '--answers=true,true'], "got 'true,true'"),
+    (['--scorer=encdec', '--answers=yes,no'], '--answers is for --scorer=yes_no'),
+    (['--scorer=yes_no', f'--scoring-token={SCORING}'], '--scoring-token is for --scorer=encdec'),
+    (['--scorer=yes_no', '--answers=maybe,never'], "'maybe'"),
+])
+def test_convert_cli_reranker_flag_errors_are_one_line_and_write_nothing(tmp_path, convert, spm,
+                                                                         flags, expected):
+  """The HF folder holds its own spiece.model, which a conversion copies: not before every
+  flag has been checked."""
+  from t5dual import cli
+  import shutil
+  _, model = tiny_hf('t5.1.1', seed=7)
+  model.save_pretrained(tmp_path / 'in')
+  shutil.copyfile(spm, tmp_path / 'in' / 'spiece.model')
+  with pytest.raises(cli.UserError) as e:
+    convert.main(['hf-to-t5dual', str(tmp_path / 'in'), str(tmp_path / 'out')] + flags)
+  assert expected in _one_line(e)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_convert_cli_names_a_missing_or_foreign_checkpoint(tmp_path, convert, spm):
+  from t5dual import cli
+  missing = tmp_path / 'no_such_folder'
+  with pytest.raises(FileNotFoundError) as e:
+    convert.main(['hf-to-t5dual', str(missing), str(tmp_path / 'out'), '--scorer=encdec',
+                  f'--vocab={spm}'])
+  assert _one_line(e) == f'{missing}: no such file or directory'
+  (tmp_path / 'folder').mkdir()
+  with pytest.raises(cli.UserError) as e:
+    convert.main(['hf-to-t5dual', str(tmp_path / 'folder'), str(tmp_path / 'out'),
+                  f'--vocab={spm}'])
+  message = _one_line(e)
+  assert 'is not a Hugging Face checkpoint' in message and 'T5X' not in message.split(';')[0]
+  assert not (tmp_path / 'out').exists()

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, cli, gin_utils, multistage, vocab
+from t5dual import checkpoints, cli, gin_utils, multistage, rerankers, reranking, vocab
 from t5dual.data import demo
 from t5dual.data import lists as lists_lib
+from trec_files import assert_in_score_order  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAIN_FILES = ['gin/models/rankt5_encdec.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.gin',
@@ -151,12 +152,30 @@ def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
                       ('reranked', evaluation['run'])):
       assert evaluation['metrics'][row]['nDCG@10'] == pytest.approx(
           _ndcg10(_read_run(path), qrels), abs=1e-12)
-    reranked = _read_run(evaluation['run'])
-    assert all(len(docs) <= 10 for docs in reranked.values())
+    # Runs are written in score order with ranks 1..k, as any reader takes them; the
+    # reranked top EVAL_TOP_K = 10 sits above BM25's other documents in BM25's order, so
+    # R@100 (of BM25's top 100, not its top 10) counts the same documents in both rows.
+    first = assert_in_score_order(evaluation['first_stage'])
+    written = assert_in_score_order(evaluation['run'])
+    assert evaluation['first_stage_depth'] == max(map(len, first.values())) > 10
+    assert os.path.basename(evaluation['first_stage']) == 'bm25-data-test-top100.trec'
+    for qid, docs in written.items():
+      assert sorted(docs[:10]) == sorted(first[qid][:10]) and docs[10:] == first[qid][10:]
+    assert evaluation['metrics']['reranked']['R@100'] == pytest.approx(
+        evaluation['metrics']['first stage']['R@100'], abs=1e-12)
     # ... and the table at the end of the log shows it.
     value = evaluation['metrics']['reranked']['nDCG@10']
     assert f'{i}-{stage["name"]}: reranked' in log and f'{value:.4f}' in log
   assert 'final model: ' + os.path.join(model_dir, 'final') in log
+  # The teacher scored what stage 2 consumes: the 20 x 4 lists visit 80 training queries,
+  # said with the count before scoring starts; teacher.trec is in score order too.
+  teacher = assert_in_score_order(os.path.join(_stage_dir(model_dir, 2),
+                                               multistage.TEACHER_FILE))
+  visited = STEPS['distill'] * BATCH_SIZE
+  assert len(teacher) == visited
+  assert (f'scores {sum(map(len, teacher.values()))} candidates of the {visited} of ') in log
+  assert f'train queries that {STEPS["distill"]} steps of {BATCH_SIZE} lists visit' in log
+  assert not os.path.exists(os.path.join(_stage_dir(model_dir, 2), 'teacher.trec.partial'))
 
 
 def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_data):
@@ -194,12 +213,20 @@ def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_
   assert where.sum() > BATCH_SIZE
   np.testing.assert_allclose(batch['teacher_scores'][where], np.asarray(scores)[where],
                              rtol=1e-5, atol=1e-5)
-  # ... of every candidate: no training list was lost for want of a teacher score.
+  # ... of every candidate of the queries the stage visits: their lists hold the same
+  # candidates as without a teacher, and the stage's batches visit each of them once.
   from t5dual import bm25
   bm25_run = bm25.beir_run(data, 'train', k=MAX_RANK)
   plain = lists_lib.load_lists(data, 'train', bm25_run, max_rank=MAX_RANK)
-  assert batcher.lists.query_ids == plain.query_ids
-  assert batcher.lists.negatives == plain.negatives
+  visited = [q for q in plain.query_ids if q in set(batcher.lists.query_ids)]
+  assert batcher.lists.query_ids == visited
+  assert len(visited) == STEPS['distill'] * BATCH_SIZE < len(plain)
+  for i, qid in enumerate(batcher.lists.query_ids):
+    j = plain.query_ids.index(qid)
+    assert batcher.lists.negatives[i] == plain.negatives[j]
+    assert batcher.lists.positives[i] == plain.positives[j]
+  seen = np.concatenate([batcher.list_indices(step) for step in range(STEPS['distill'])])
+  assert sorted(seen.tolist()) == list(range(len(visited)))
 
 
 def _snapshot(model_dir):
@@ -350,6 +377,12 @@ def test_the_reverse_chain_distils_from_a_teacher_file_first(clean_gin, tmp_path
      r'use teacher scores'),
     ('contrastive/multistage.Stage.previous_stage_teacher = True',
      r"stage 1 'contrastive' sets previous_stage_teacher, but has no previous stage"),
+    # Found when gin builds the stage's model, before BM25 or MODEL_DIR (no writer.lock).
+    ('LIST_SIZE = 1', r'^LIST_SIZE \(rerankers.ListsConfig.list_size\): must be in \[2, 100\]'),
+    ('MIN_RANK = 9', r'^MAX_RANK \(rerankers.ListsConfig.max_rank\): must be >= min_rank 9'),
+    ('contrastive/rerankers.ListsConfig.teacher = "/data/t.trec"',
+     r"^contrastive/rerankers.ListsConfig.teacher: is '/data/t.trec', but the loss lce_loss "
+     r'does not use teacher scores'),
 ])
 def test_a_bad_stage_stops_the_chain_before_any_stage_trains(clean_gin, tmp_path, binding,
                                                              message):
@@ -358,6 +391,7 @@ def test_a_bad_stage_stops_the_chain_before_any_stage_trains(clean_gin, tmp_path
   with pytest.raises(cli.ConfigError, match=message):
     gin_utils.call_configured(multistage.run_chain, run_config=gin_utils.operative_config)
   assert not (model_dir / 'stages').exists()
+  assert not model_dir.exists()  # nothing written, no writer.lock left behind
 
 
 def test_stages_cannot_change_once_recorded(tmp_path):
@@ -376,3 +410,96 @@ def test_stages_cannot_change_once_recorded(tmp_path):
     multistage.run_chain(str(model_dir), [multistage.Stage('a', never)] * 2)
   with pytest.raises(cli.ConfigError, match=r'multistage.Stage.name: must be letters'):
     multistage.Stage('', never)
+
+
+# --------------------------------------------------------------------------- teacher, final
+
+def test_the_teacher_scores_only_the_queries_the_stage_visits(demo_data):
+  data, _ = demo_data
+  lists = rerankers.ListsConfig(list_size=4, max_rank=MAX_RANK)
+  everything, kept, total = multistage.training_candidates(data, 'train', lists)
+  assert kept == total == len(everything)
+  some, kept, total = multistage.training_candidates(data, 'train', lists, batch_size=4,
+                                                     train_steps=5, seed=3)
+  assert kept == len(some) == 20 < total
+  plain = lists_lib.load_lists(data, 'train', _bm25(data), max_rank=MAX_RANK)
+  batcher = lists_lib.ListBatcher(plain, None, 4, list_size=4, seed=3)
+  visited = {plain.query_ids[i] for s in range(5) for i in batcher.list_indices(s)}
+  assert set(some) == visited
+  for qid, docs in some.items():  # positives, then the window's negatives
+    i = plain.query_ids.index(qid)
+    assert docs == [plain.doc_ids[r] for r, _ in plain.positives[i]] + [
+        plain.doc_ids[r] for r in plain.negatives[i]]
+  # As many steps as lists, or more: every query.
+  assert multistage.training_candidates(data, 'train', lists, batch_size=4,
+                                        train_steps=total)[1] == total
+
+
+def _bm25(data):
+  from t5dual import bm25
+  return bm25.beir_run(data, 'train', k=MAX_RANK)
+
+
+def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_path, monkeypatch,
+                                                       caplog):
+  model_dir, _ = chain
+  data, _ = demo_data
+  stage1 = _stage_dir(model_dir, 1)
+  model, *_ = checkpoints.restore_for_inference(_stage_dir(model_dir, 2))
+  model.lists = rerankers.ListsConfig(list_size=4, max_rank=MAX_RANK)
+  kwargs = dict(batch_size=BATCH_SIZE, train_steps=STEPS['distill'], seed=0)
+  monkeypatch.setattr(multistage, 'TEACHER_CHUNK_PAIRS', 64)
+  reference = str(tmp_path / 'reference.trec')
+  multistage.with_previous_stage_teacher(model, f'beir:{data}:train', stage1, reference,
+                                         **kwargs)
+  real, calls = reranking.make_score_fn, []
+
+  def stopping(*args, **kw):
+    fn = real(*args, **kw)
+
+    def score(ids):
+      if len(calls) == 6:
+        raise KeyboardInterrupt('killed')
+      calls.append(len(ids))
+      return fn(ids)
+    score.batch_multiple = fn.batch_multiple
+    return score
+  teacher = str(tmp_path / 'teacher.trec')
+  monkeypatch.setattr(reranking, 'make_score_fn', stopping)
+  with pytest.raises(KeyboardInterrupt):
+    multistage.with_previous_stage_teacher(model, f'beir:{data}:train', stage1, teacher,
+                                           **kwargs)
+  assert not os.path.exists(teacher)
+  kept = [f for f in os.listdir(teacher + '.partial') if f.endswith('.json')]
+  assert 'chunk-000000.json' in kept
+  monkeypatch.setattr(reranking, 'make_score_fn', real)
+  with caplog.at_level('INFO'):
+    taught = multistage.with_previous_stage_teacher(model, f'beir:{data}:train', stage1,
+                                                    teacher, **kwargs)
+  assert 'were scored before' in caplog.text
+  assert taught.lists.teacher == teacher and not os.path.exists(teacher + '.partial')
+  assert open(teacher).read() == open(reference).read()
+
+
+def test_a_chain_directory_stands_for_its_final_model(chain, tmp_path, caplog):
+  model_dir, _ = chain
+  with caplog.at_level('INFO'):
+    model, _, step, _, _ = reranking.load_reranker(model_dir)
+  assert step == STEPS['distill'] and model.loss.__name__ == 'teacher_rank_pairwise_loss'
+  assert f'{model_dir} is a chain of stages: using its final model' in caplog.text
+  # A chain whose last stage is not complete names the stages that can be used.
+  partial = tmp_path / 'partial'
+  (partial / 'stages').mkdir(parents=True)
+  os.symlink(_stage_dir(model_dir, 1), partial / 'stages' / '1-contrastive')
+  record = _record(model_dir)
+  record['stages'] = record['stages'][:1]
+  record['final_model_dir'] = None
+  (partial / multistage.RECORD).write_text(json.dumps(record))
+  with pytest.raises(cli.UserError, match=r'is a chain of stages whose last stage is not '
+                     r'complete .*give a stage directory: .*stages/1-contrastive$'):
+    reranking.load_reranker(str(partial))
+  # eval.py run takes dual encoders: the chain's final reranker is named as such.
+  from t5dual import evaluation
+  with pytest.raises(cli.UserError, match=r'final holds a reranker model; eval.py run encodes'):
+    evaluation.evaluate_checkpoint_on_beir(model_dir, '/nonexistent')
+

@@ -16,6 +16,7 @@ from t5dual import train_lib, trainer
 from t5dual.data import demo, sources
 from t5dual.vocab import Tokenizer, train_sentencepiece
 import tolerances  # tests/helpers
+from trec_files import assert_in_score_order  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 40
@@ -96,10 +97,14 @@ def test_rerank_cli_writes_the_models_own_scores(trained):
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'reranked top-10' in proc.stdout
+  # Each query in the reranker's order, ranks 1..k: the top 10 rescored, then the first
+  # stage's other documents in its order (--tail=append, the default).
+  written = assert_in_score_order(out)
   reranked = retrieval.read_trec_run(out)
   first = retrieval.read_trec_run(trained['test_run'])
   pairs = reranking.top_k_pairs(first, 10)
-  assert sorted((q, d) for q, docs in reranked.items() for d in docs) == sorted(pairs)
+  assert sorted((q, d) for q, docs in written.items() for d in docs[:10]) == sorted(pairs)
+  assert all(docs[10:] == list(first[q])[10:] for q, docs in written.items())
   # The same pairs scored directly, one fixed-shape batch, no length buckets.
   model, params, _, tok, _ = checkpoints.restore_for_inference(trained['model_dir'])
   queries = sources.read_beir_queries(trained['folder'])
@@ -132,3 +137,27 @@ def test_rerank_cli_errors_are_one_line(trained, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
     assert expected in lines[0], lines[0]
   assert not (tmp_path / 'out.trec').exists()
+
+
+def test_dual_encoder_commands_refuse_a_reranker_in_one_line(trained, tmp_path):
+  """eval.py run and export.py encode with a dual encoder: a reranker directory is named as
+  such, with the command that takes it, before anything is read or written."""
+  cases = [
+      ['scripts/eval.py', 'run', f'--model_dir={trained["model_dir"]}',
+       f'--beir={trained["folder"]}', f'--out_dir={tmp_path / "eval"}'],
+      ['scripts/export.py', f'--model_dir={trained["model_dir"]}', '--side=document',
+       f'--beir={trained["folder"]}', f'--out_dir={tmp_path / "export"}'],
+  ]
+  for argv in cases:
+    proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0] == (f'error: {trained["model_dir"]} holds a reranker model; '
+                        f'{os.path.basename(argv[0])}{" run" if "eval" in argv[0] else ""} '
+                        'encodes queries and documents with a dual encoder; rerank a '
+                        f'first-stage run with it: scripts/rerank.py '
+                        f'--model_dir={trained["model_dir"]}'), lines[0]
+  assert sorted(os.listdir(tmp_path)) == []
+  assert not os.path.exists(os.path.join(trained['model_dir'], 'eval'))
+

@@ -167,6 +167,36 @@ def test_config_errors_name_the_key(fields, message):
     rerankers.RerankerConfig(**fields)
 
 
+def test_each_scorer_defaults_to_the_input_format_of_its_checkpoints(tmp_path):
+  # monoT5 was trained on 'Query: q Document: d Relevant:', RankT5 on 'Query: q Document: d'.
+  assert rerankers.RerankerConfig(t5=TINY_T5, scorer='yes_no', yes_token_id=4,
+                                  no_token_id=5).template == (
+      'Query: {query} Document: {document} Relevant:')
+  for scorer in ('encdec', 'enc'):
+    assert rerankers.RerankerConfig(t5=TINY_T5, scorer=scorer, scoring_token_id=3).template == (
+        'Query: {query} Document: {document}')
+  own = rerankers.RerankerConfig(t5=TINY_T5, scorer='yes_no', yes_token_id=4, no_token_id=5,
+                                 template='{query} | {document}')
+  assert own.template == '{query} | {document}'
+  # The model files say the same, and a model.json of a yes/no reranker keeps its format.
+  import gin
+  from t5dual import gin_utils
+  for name, want in (('monot5', rerankers.MONOT5_TEMPLATE),
+                     ('rankt5_encdec', rerankers.DEFAULT_TEMPLATE),
+                     ('rankt5_enc', rerankers.DEFAULT_TEMPLATE)):
+    gin.clear_config()
+    try:
+      gin_utils.parse_gin([f'gin/models/{name}.gin', 'gin/sizes/tiny.gin',
+                           'configs/runs/finetune.gin', 'configs/runs/rerank.gin'],
+                          ['VOCAB_SIZE = 32128'])
+      model = gin.get_configurable(rerankers.RerankerModel)()
+    finally:
+      gin.clear_config()
+    assert model.config.template == want, name
+    back = rerankers.RerankerModel.from_description(model.describe())
+    assert back.config.template == want
+
+
 def test_config_checks_only_the_token_ids_its_scorer_uses():
   # An 'enc' reranker of a small vocabulary keeps the (unused) T5 defaults.
   config = rerankers.RerankerConfig(t5=TINY_T5, scorer='enc')

@@ -16,6 +16,7 @@ import jax
 from t5dual import encoding, evaluation, export, models, retrieval, t5, vocab
 from t5dual.data import demo, sources
 import tolerances  # tests/helpers
+from trec_files import assert_in_score_order  # tests/helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Metrics lie in [0, 1] and are float64 sums of at most 100 terms per query, then a mean over
@@ -325,6 +326,7 @@ def test_eval_script_chains_export_retrieve_evaluate(beir, tmp_path):
                                   16, 32, batch_size=16)
   assert summary['metrics'] == pytest.approx(want, rel=0, abs=METRICS)
   assert 'nDCG@10' in proc.stdout and f'{want["RR@10"]:.4f}' in proc.stdout
+  assert_in_score_order(summary['run'])  # line order and ranks as the scores say
 
   # The score mode: run + qrels -> the same table.
   eval_script = _script('eval')

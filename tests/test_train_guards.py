@@ -129,6 +129,59 @@ def test_settings_that_cannot_work_stop_before_anything_runs(clean_gin, tmp_path
   assert not model_dir.exists()
 
 
+RERANKER_FILES = ['gin/models/rankt5_encdec.gin', 'gin/sizes/tiny.gin',
+                  'configs/runs/finetune.gin', 'configs/runs/rerank.gin']
+
+
+@pytest.mark.parametrize('binding,message', [
+    ('LIST_SIZE = 1', r'^LIST_SIZE \(rerankers.ListsConfig.list_size\): must be in \[2, 100\] '),
+    ('MIN_RANK = 101', r'^MAX_RANK \(rerankers.ListsConfig.max_rank\): must be >= min_rank 101 '),
+    ('rerankers.ListsConfig.num_positives = 8',
+     r'^rerankers.ListsConfig.num_positives: must be in \[1, list_size 8\), got 8$'),
+    ('LOSS_FN = @ranking_losses.kl_distillation_loss',
+     r'^TEACHER \(rerankers.ListsConfig.teacher\): the loss kl_distillation_loss distils from '
+     r'teacher scores, and none are given: set TEACHER'),
+    ("TEACHER = '{teacher}'", r"^TEACHER \(rerankers.ListsConfig.teacher\): is '.*t.trec', but "
+                              r'the loss softmax_loss does not use teacher scores'),
+    ("FIRST_STAGE_RUN = '/nonexistent/run.trec'",
+     r'^FIRST_STAGE_RUN \(rerankers.ListsConfig.first_stage_run\): /nonexistent/run.trec: '
+     r'file not found$'),
+])
+def test_reranker_settings_that_cannot_work_stop_before_anything_runs(clean_gin, tmp_path,
+                                                                      binding, message):
+  """Found before BM25 over the training split runs and before MODEL_DIR (and its
+  writer.lock) exists, naming the macro."""
+  model_dir = tmp_path / 'run'
+  teacher = tmp_path / 't.trec'
+  teacher.write_text('q1 Q0 d1 1 1.0 t\n')
+  gin_utils.parse_gin(RERANKER_FILES, [f"MODEL_DIR = '{model_dir}'",
+                                       "MIXTURE_OR_TASK_NAME = 'beir:/nonexistent'",
+                                       binding.format(teacher=teacher)])
+  gin_utils.check_bindings_used([binding.format(teacher=teacher)], train_lib.run)
+  with pytest.raises(cli.ConfigError, match=message) as e:
+    gin_utils.call_configured(train_lib.run)
+  assert '\n' not in str(e.value)
+  assert not model_dir.exists()
+
+
+@pytest.mark.parametrize('files,message', [
+    (RERANKER_FILES[:3], r"reads the features \['inputs'\], but TASK_FEATURE_LENGTHS gives "
+                         r"lengths of \['inputs', 'targets'\]: add configs/runs/rerank.gin after "
+                         r'configs/runs/finetune.gin'),
+    (GIN_FILES + ['configs/runs/rerank.gin'],
+     r"reads the features \['inputs', 'targets'\], but TASK_FEATURE_LENGTHS gives lengths of "
+     r"\['inputs'\]: configs/runs/finetune.gin alone is the run file of a dual encoder "
+     r'\(configs/runs/rerank.gin is for rerankers: drop it\)'),
+])
+def test_a_model_with_the_other_familys_run_file_is_named(clean_gin, files, message):
+  """Not 'macro %INPUT_LENGTH is never defined': which file to add or drop."""
+  gin_utils.parse_gin(files, ["MODEL_DIR = '/nonexistent/run'",
+                              "MIXTURE_OR_TASK_NAME = 'beir:/nonexistent'"])
+  with pytest.raises(cli.ConfigError, match=message) as e:
+    gin_utils.check_bindings_used([], train_lib.run)
+  assert '\n' not in str(e.value)
+
+
 def test_batch_size_must_split_over_the_data_parallel_devices(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda: 4)
   with pytest.raises(trainer.ParameterError, match=r'6 is not divisible by the data-parallel '

@@ -248,6 +248,10 @@ class AcceleratorUnusedError(cli.UserError):
   """An accelerator is here but JAX runs on the CPU."""
 
 
+# How the start-up line begins (tests read past it to a command's one error line).
+BACKEND_LINE_PREFIX = 'JAX backend '
+
+
 def check_backend(env: Optional[Mapping[str, str]] = None) -> str:
   """Logs (process 0) and returns the start-up line naming JAX's backend and devices;
   refuses in one line to run on the CPU when an accelerator is here (see
@@ -257,7 +261,7 @@ def check_backend(env: Optional[Mapping[str, str]] = None) -> str:
   env = os.environ if env is None else env
   backend = jax.default_backend()
   kinds = sorted({d.device_kind for d in jax.devices()})
-  line = (f'JAX backend {backend}: {jax.device_count()} device(s) ({", ".join(kinds)}), '
+  line = (f'{BACKEND_LINE_PREFIX}{backend}: {jax.device_count()} device(s) ({", ".join(kinds)}), '
           f'{jax.local_device_count()} on each of {jax.process_count()} process(es); '
           f'jax {jax.__version__}')
   if jax.process_index() == 0:

@@ -158,7 +158,8 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
   # Before anything is allocated or written: every split parameter dimension divides.
   partitioner.check_divisible(model.logical_axes(),
                               jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
-  partitioner.data_layout  # each process holds whole, equal blocks of the mesh's data rows
+  if jax.process_count() > 1:  # each process holds whole, equal blocks of the mesh's data rows
+    partitioner.data_layout
 
 
 def _load_initial_checkpoint(path, model, optimizer, partitioner):

@@ -15,6 +15,7 @@ import pytest
 
 from t5dual import cli, models, rerankers, t5
 import tolerances  # tests/helpers
+import cli_output  # tests/helpers
 
 B, L, H, D = 4, 10, 2, 8
 LENGTHS = np.array([10, 7, 1, 0])  # full, padded, one token, all padding
@@ -321,6 +322,6 @@ def test_train_script_refuses_cudnn_it_cannot_run(tmp_path, bindings, message):
       cwd=repo, capture_output=True, text=True, timeout=300,
       env={**os.environ, 'PYTHONPATH': repo})
   assert result.returncode == 2, result.stderr[-3000:]
-  lines = [l for l in result.stderr.strip().splitlines() if ' INFO JAX backend ' not in l]
+  lines = cli_output.error_lines(result.stderr)
   assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-3000:]
   assert not model_dir.exists()

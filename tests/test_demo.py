@@ -10,6 +10,7 @@ import pytest
 
 from t5dual import cli, evaluation, retrieval
 from trec_files import assert_in_score_order  # tests/helpers
+import cli_output  # tests/helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ('BM25', 'SDE dual encoder, untrained', 'SDE dual encoder',
@@ -90,6 +91,6 @@ def test_demo_user_error_is_one_line_and_loses_nothing(demo_script, tmp_path, ca
   with pytest.raises(SystemExit) as exit_info:
     cli.run_main(demo_script.main, ['--workdir', str(work), flag])
   assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
+  err = cli_output.error_lines(capsys.readouterr().err)
   assert len(err) == 1 and err[0].startswith('error:') and expected in err[0], err
   assert sorted(p.name for p in work.iterdir()) == ['notes.txt']

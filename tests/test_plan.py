@@ -110,7 +110,7 @@ def _rerankers(run):
 def test_the_planned_batch_is_the_batch_that_trains(demo_data):
   # Every kind: the planner's batch (the model's batch_spec) has the keys, shapes and
   # dtypes of a real batch of the model's own batcher, hard negatives and teacher
-  # scores included; 3 processes' rows make up the global batch.
+  # scores included; 3 data shards make up the global batch.
   cases = ([(name, model, n, demo_data['pairs'], {'inputs': 8, 'targets': 12})
             for name, model, n in _dual_encoders()] +
            [(name, model, n, f'beir:{demo_data["beir"]}:train', {'inputs': 16})
@@ -118,7 +118,7 @@ def test_the_planned_batch_is_the_batch_that_trains(demo_data):
   for name, model, negatives, source, lengths in cases:
     batcher = model.make_batcher(source, demo_data['tokenizer'], 6, lengths,
                                  num_negatives=negatives)
-    local = batcher.batch(1, process_index=1, process_count=3)
+    local = batcher.batch(1, shard_index=1, num_shards=3)
     real = {k: ((6,) + v.shape[1:], v.dtype) for k, v in local.items()}
     planned = planning.abstract_batch(model, 6, lengths, negatives)
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in planned.items()} == real, name

@@ -17,6 +17,7 @@ from t5dual.data import demo, sources
 from t5dual.vocab import Tokenizer, train_sentencepiece
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
+import cli_output  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 40
@@ -132,8 +133,7 @@ def test_rerank_cli_errors_are_one_line(trained, tmp_path):
         [sys.executable, 'scripts/rerank.py', f'--beir={trained["folder"]}',
          f'--out={tmp_path / "out.trec"}', *args], cwd=REPO, capture_output=True, text=True,
         timeout=300)
-    # Past the start-up line that names the JAX backend (distributed.check_backend).
-    lines = [l for l in proc.stderr.strip().splitlines() if ' INFO JAX backend ' not in l]
+    lines = cli_output.error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:'), proc.stderr
     assert expected in lines[0], lines[0]
   assert not (tmp_path / 'out.trec').exists()
@@ -151,7 +151,7 @@ def test_dual_encoder_commands_refuse_a_reranker_in_one_line(trained, tmp_path):
   for argv in cases:
     proc = subprocess.run([sys.executable] + argv, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
-    lines = proc.stderr.strip().splitlines()
+    lines = cli_output.error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0] == (f'error: {trained["model_dir"]} holds a reranker model; '
                         f'{os.path.basename(argv[0])}{" run" if "eval" in argv[0] else ""} '

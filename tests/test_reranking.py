@@ -21,6 +21,7 @@ from t5dual.data import demo, sources
 from t5dual.vocab import Tokenizer, train_sentencepiece
 from script_modules import load_script  # tests/helpers
 from trec_files import assert_in_score_order, read_as_written  # tests/helpers
+import cli_output  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 32
@@ -182,7 +183,7 @@ def test_reranking_needs_no_qrels(collection, tmp_path, capsys):
         f'--model_dir={collection["model_dir"]}', f'--beir={hidden}', '--split=test',
         f'--run={collection["run"]}', f'--out={out}', '--no_progress'])
   assert e.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
+  err = cli_output.error_lines(capsys.readouterr().err)
   assert len(err) == 1 and 'qrels file not found' in err[0], err
   assert not os.path.exists(out)
 
@@ -203,7 +204,7 @@ def test_rerank_errors_are_one_line_before_the_model_loads(collection, tmp_path,
           f'--model_dir={tmp_path / "no_model"}', f'--beir={collection["folder"]}',
           f'--run={run}', f'--out={out}', '--no_progress'])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_output.error_lines(capsys.readouterr().err)
     # The model directory does not exist: the run's problem is found first.
     assert len(err) == 1 and expected in err[0], err
     assert not out.exists()

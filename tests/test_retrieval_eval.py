@@ -17,6 +17,7 @@ from t5dual import encoding, evaluation, export, models, retrieval, t5, vocab
 from t5dual.data import demo, sources
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
+import cli_output  # tests/helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Metrics lie in [0, 1] and are float64 sums of at most 100 terms per query, then a mean over
@@ -491,8 +492,7 @@ def test_cli_user_errors_are_one_line(beir, tmp_path):
   ]
   for (script, *args), pattern in cases:
     proc = _cli(script, *args)
-    # Past the start-up line that names the JAX backend (distributed.check_backend).
-    lines = [l for l in proc.stderr.splitlines() if ' INFO JAX backend ' not in l]
+    lines = cli_output.error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr)
     assert re.fullmatch(pattern + '.*', lines[0]), (pattern, lines[0])
   assert not os.path.exists(tmp_path / 'out')

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from t5dual import (checkpoints, cli, gin_utils, model_api, models, partitioning, t5, train_lib,
                     trainer, vocab)
 from t5dual.data import demo
+import cli_output  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
@@ -342,8 +343,7 @@ def test_train_script_reports_user_errors_in_one_line(demo_data, tmp_path, case)
     expected = f'{model_dir} exists and is not a directory'
   result = _train_script(model_dir, data, spm, *extra)
   assert result.returncode == 2, result.stderr
-  # Past the start-up line that names the JAX backend (distributed.check_backend).
-  lines = [l for l in result.stderr.strip().splitlines() if ' INFO JAX backend ' not in l]
+  lines = cli_output.error_lines(result.stderr)
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
   assert expected in lines[0]
 

@@ -37,7 +37,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -107,12 +106,8 @@ def parse_grid(text: str) -> list[Row]:
 
 
 def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-  except OSError:
-    names = []
-  return f'{names[0] if names else platform.processor() or "CPU"} x{os.cpu_count()} cores'
+  from t5dual import cli
+  return f'{cli.cpu_model()} x{os.cpu_count()} cores'
 
 
 def size_flags(size: str) -> list[str]:

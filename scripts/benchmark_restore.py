@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -123,6 +122,7 @@ def main(argv):
   p.add_argument('--write', help='append the table to this markdown file')
   p.add_argument('--measure', nargs=2, metavar=('PATH', 'MODE'), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  from t5dual import cli
   if args.measure:
     return _measure(args.size, *args.measure)
   paths = _write(args.size, args.work)
@@ -140,12 +140,7 @@ def main(argv):
       rows.append((fmt, mode, r))
       print(fmt, mode, r, flush=True)
   full = rows[0][2]['param_bytes']
-  cpu = platform.processor() or 'CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = cli.cpu_model()
   lines = [f'### Restoring an initial checkpoint into a layout: T5.1.1-{args.size} SDE, '
            f'8 CPU devices ({datetime.date.today().isoformat()}; {cpu} x{os.cpu_count()} '
            'cores, shared)', '',

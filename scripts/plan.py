@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -203,14 +202,9 @@ def _at_peak(p, acc):
 
 
 def _table(args, argv, model, rows, hbm, seconds, peak_rss, acc):
-  from t5dual import planning
+  from t5dual import cli, planning
   date = datetime.date.today().isoformat()
-  cpu = platform.processor() or 'CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = cli.cpu_model()
   cmd = 'python scripts/plan.py ' + ' '.join(shlex.quote(a) for a in argv)
   head = (f'### Plan: {model.name}, {args.topology} ({date}; compiled on {cpu} x'
           f'{os.cpu_count()} cores)\n\n`{cmd}`\n\nHBM per device: {planning.gib(hbm)} GiB. '

@@ -38,6 +38,17 @@ def plural(count: int, singular: str, plural_form: Optional[str] = None) -> str:
   return f'{count} {plural_form}'
 
 
+def cpu_model() -> str:
+  """The processor's model name (for the machine line of benchmark tables)."""
+  import platform
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
+  except OSError:
+    names = []
+  return names[0] if names else platform.processor() or 'CPU'
+
+
 def setup_logging(level: int = logging.INFO) -> None:
   """INFO lines of t5dual on stderr, without third-party chatter.
 

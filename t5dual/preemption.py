@@ -22,7 +22,6 @@ import threading
 
 import jax
 
-from t5dual import cli
 
 log = logging.getLogger(__name__)
 

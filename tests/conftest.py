@@ -30,3 +30,15 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: minutes of work (multi-process jobs, training runs)')
   config.addinivalue_line('markers', 'multiprocess: starts several processes joined by '
                           'jax.distributed')
+
+
+@pytest.fixture(scope='session')
+def demo_collection(tmp_path_factory):
+  """The demo BEIR collection (200 documents, 40 concepts) with its 256-piece SentencePiece
+  model as `spm.model` inside: built once per test process for the modules that share it."""
+  from t5dual import vocab
+  from t5dual.data import demo
+  folder = str(tmp_path_factory.mktemp('demo_collection') / 'data')
+  demo.write_demo_beir(folder, num_docs=200, num_concepts=40)
+  vocab.train_sentencepiece(demo.demo_texts(folder), os.path.join(folder, 'spm'), 256)
+  return folder

@@ -15,8 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from t5dual import cli, partitioning, vocab
-from t5dual.data import demo
+from t5dual import cli, partitioning
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, 'helpers'))
@@ -31,11 +30,8 @@ LOSS_ERROR = dict(magnitude=100, depth=6 + 4, width=128, both_sides=True)
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp('sharding') / 'data')
-  demo.write_demo_beir(folder, num_docs=200, num_concepts=40)
-  vocab.train_sentencepiece(demo.demo_texts(folder), os.path.join(folder, 'spm'), 256)
-  return folder
+def data_dir(demo_collection):
+  return demo_collection
 
 
 @pytest.fixture(scope='module')

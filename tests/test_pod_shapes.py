@@ -27,11 +27,9 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
-from t5dual import checkpoints, preemption, vocab
-from t5dual.data import demo
+from t5dual import checkpoints, preemption
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, 'helpers'))
@@ -150,11 +148,8 @@ def _layouts(outs):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp('pod') / 'data')
-  demo.write_demo_beir(folder, num_docs=200, num_concepts=40)
-  vocab.train_sentencepiece(demo.demo_texts(folder), os.path.join(folder, 'spm'), 256)
-  return folder
+def data_dir(demo_collection):
+  return demo_collection
 
 
 @pytest.fixture(scope='module')

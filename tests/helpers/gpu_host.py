@@ -49,7 +49,6 @@ def setup_kwargs():
 
 def pins(requirements, python):
   """{name: version} of `name==version; marker` requirements that apply on `python` ('3.12')."""
-  from packaging.markers import Marker
   from packaging.requirements import Requirement
   out = {}
   for text in requirements:

@@ -143,14 +143,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return _torch_load(path) if path.endswith('.bin') else dict(load_file(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f'no Hugging Face checkpoint at {path}')
-  if os.path.exists(os.path.join(path, HF_WEIGHTS)):
-    return dict(load_file(os.path.join(path, HF_WEIGHTS)))
-  if os.path.exists(os.path.join(path, HF_INDEX)):
-    with open(os.path.join(path, HF_INDEX)) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
+  files = _safetensors_files(path)
+  if files:
     state = {}
     for name in files:
-      state.update(load_file(os.path.join(path, name)))
+      state.update(load_file(name))
     return state
   if os.path.exists(os.path.join(path, 'pytorch_model.bin')):
     return _torch_load(os.path.join(path, 'pytorch_model.bin'))
@@ -444,16 +441,25 @@ def lazy_state_dict(path: str) -> dict:
   PyTorch pickle is read whole."""
   if os.path.isfile(path) and path.endswith('.safetensors'):
     return safetensors_arrays(path)
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, HF_WEIGHTS)):
-    return safetensors_arrays(os.path.join(path, HF_WEIGHTS))
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, HF_INDEX)):
-    with open(os.path.join(path, HF_INDEX)) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
+  files = _safetensors_files(path) if os.path.isdir(path) else []
+  if files:
     state = {}
     for name in files:
-      state.update(safetensors_arrays(os.path.join(path, name)))
+      state.update(safetensors_arrays(name))
     return state
   return load_state_dict(path)
+
+
+def _safetensors_files(folder: str) -> list[str]:
+  """The safetensors files of a checkpoint folder: model.safetensors, or the shards its
+  model.safetensors.index.json names; [] when it has neither."""
+  if os.path.exists(os.path.join(folder, HF_WEIGHTS)):
+    return [os.path.join(folder, HF_WEIGHTS)]
+  if os.path.exists(os.path.join(folder, HF_INDEX)):
+    with open(os.path.join(folder, HF_INDEX)) as f:
+      return [os.path.join(folder, name)
+              for name in sorted(set(json.load(f)['weight_map'].values()))]
+  return []
 
 
 def load_tree(path: str, lazy: bool = False) -> tuple[dict, Optional[dict]]:

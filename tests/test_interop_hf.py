@@ -205,3 +205,20 @@ def test_export_loads_back_in_transformers(tmp_path, architecture):
     assert report.initialised == [] and report.skipped == []
     for k, v in trees.flatten(tower).items():
       np.testing.assert_array_equal(trees.flatten(again)[k], v, err_msg=k)
+
+
+def test_a_sharded_safetensors_folder_reads_as_the_whole_one(tmp_path):
+  """model.safetensors.index.json and its shards: the eager and the lazy state dicts hold
+  the same arrays as the single-file folder."""
+  model = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4))
+  model.save_pretrained(tmp_path / 'whole')
+  model.save_pretrained(tmp_path / 'sharded', max_shard_size='8KB')
+  assert os.path.exists(tmp_path / 'sharded' / hf.HF_INDEX)
+  assert len(set(json.load(open(tmp_path / 'sharded' / hf.HF_INDEX))['weight_map'].values())) > 1
+  whole = hf.load_state_dict(str(tmp_path / 'whole'))
+  for state in (hf.load_state_dict(str(tmp_path / 'sharded')),
+                {k: v.numpy() for k, v in hf.lazy_state_dict(str(tmp_path / 'sharded')).items()}):
+    assert set(state) == set(whole)
+    for name, value in whole.items():
+      np.testing.assert_array_equal(state[name], value, err_msg=name)

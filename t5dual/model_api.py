@@ -9,10 +9,18 @@ one `scripts/train.py` and one restore path serve both.
 A model directory's model.json records the model's `kind`; `from_description`
 looks the kind up in one registry and rebuilds the model, so restore, export,
 rerank and multi-stage chains reload whatever a directory holds.
+
+What a model can do beyond training is declared as capabilities, protocols
+checked with `isinstance` as `ContrastiveModel` is: `Encoder` (embeds one side:
+export, retrieval evaluation), `Scorer` (scores (query, document) pairs:
+reranking, teacher scores) and `T5Model` (built around one T5Config, rebuilt
+with another by `with_t5`). Code outside the model families asks for a
+capability, never for a kind; `require` turns a missing one into one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
@@ -50,6 +58,10 @@ class Model(Protocol):
     feature_names: the features its batches hold, keys of TASK_FEATURE_LENGTHS.
     token_features: the batch entries holding token ids, which its encoders run
       over (the planner counts activations and FLOPs from their shapes).
+    logical_axis_rules: optional, (logical axis, mesh axis or None) pairs for
+      the axes only this model has (e.g. a reranker's 'score' head); the
+      partitioner appends them to its standard rules
+      (partitioning.with_model_rules). Without it, such axes are replicated.
   """
 
   kind: ClassVar[str]
@@ -135,6 +147,92 @@ class ContrastiveModel(Model, Protocol):
     """(scalar loss, metrics) of `embed`'s output; the batch supplies ids and masks only."""
 
 
+@runtime_checkable
+class Encoder(Protocol):
+  """A model that embeds one side (query or document) alone: what export, retrieval
+  evaluation and `scripts/eval.py` need (t5x_retrieval's inference_mode 'encode').
+
+  Attributes:
+    embedding_dim: the size D of `encode`'s embeddings.
+  Each side reads the batch feature `Side.feature` ('inputs' for queries,
+  'targets' for documents); its length is the model directory's feature length
+  of that name (model.json 'feature_lengths').
+  """
+
+  @property
+  def embedding_dim(self) -> int: ...
+
+  def encode(self, params: Params, ids: Array, side: Any) -> Array:
+    """float32 embeddings [B, D] of one side's token ids [B, L] (inference, no dropout).
+
+    `side` is a sides.Side or any of its names ('query', 'left', 'inputs', ...).
+    """
+
+
+@runtime_checkable
+class Scorer(Protocol):
+  """A model that scores (query, document) pairs read together: what reranking,
+  multi-stage evaluation and teacher scoring need (t5x_retrieval's 'similarity').
+
+  Attributes:
+    template: the input text of a pair, a format string with the fields {query}
+      and {document} (rerankers.encode_pairs tokenizes it).
+    input_length: tokens of one input, EOS included, unless the model directory
+      records another ('feature_lengths' 'inputs').
+  """
+
+  @property
+  def template(self) -> str: ...
+
+  @property
+  def input_length(self) -> int: ...
+
+  def score(self, params: Params, ids: Array) -> Array:
+    """float32 scores [N] of pair inputs [N, L], or [B, list] of [B, list, L] (inference)."""
+
+
+@runtime_checkable
+class T5Model(Protocol):
+  """A model built around one T5 (every built-in kind): the planner and the benchmarks
+  read its T5Config, and change remat, attention or dtype through `with_t5` only."""
+
+  @property
+  def t5_config(self) -> Any:
+    """Its t5.T5Config."""
+
+  def with_t5(self, **changes: Any) -> 'T5Model':
+    """The same model (kind, loss, heads) with `changes` to its T5Config fields."""
+
+
+# What a command does with each capability, and what to do instead with a model that has
+# it: the one line a command given the wrong model directory answers with.
+CAPABILITY_USES = {
+    Encoder: ('encodes queries and documents with a dual encoder',
+              'evaluate it on BEIR: scripts/eval.py run --model_dir={model_dir}'),
+    Scorer: ('scores (query, document) pairs with a reranker',
+             'rerank a first-stage run with it: scripts/rerank.py --model_dir={model_dir}'),
+}
+
+
+class MissingCapabilityError(cli.UserError, TypeError):
+  """A command was given a model directory whose model lacks the capability it needs."""
+
+
+def require(model: Any, capability: type, model_dir: str, command: str,
+            needs: Optional[str] = None) -> Any:
+  """`model` if it implements `capability` (a protocol of CAPABILITY_USES), else a
+  one-line MissingCapabilityError naming `model_dir`, what it holds, what `command`
+  needs (`needs`, default the capability's use) and the commands that take it."""
+  if isinstance(model, capability):
+    return model
+  needs = needs or CAPABILITY_USES[capability][0]
+  hints = [hint.format(model_dir=model_dir) for other, (_, hint) in CAPABILITY_USES.items()
+           if isinstance(model, other)]
+  raise MissingCapabilityError('; '.join([
+      f'{model_dir} holds a {model.kind.replace("_", " ")} model', f'{command} {needs}',
+      *hints]))
+
+
 class UnknownModelKindError(cli.UserError, ValueError):
   """model.json names a kind no registered model implements."""
 
@@ -174,6 +272,13 @@ def model_class(kind: str, source: str = 'model.json') -> type:
     raise UnknownModelKindError(f'{source}: unknown model kind {kind!r}; known kinds: '
                                 f'{", ".join(kinds())}')
   return _REGISTRY[kind]
+
+
+def with_config(model: Model, config: Any) -> Model:
+  """`model` rebuilt with another architecture `config` (its 'config' entry), through
+  its description: every other entry (loss, data settings) is kept as it is."""
+  return type(model).from_description({**model.describe(),
+                                       'config': dataclasses.asdict(config)})
 
 
 def from_description(desc: dict, source: str = 'model.json') -> Model:

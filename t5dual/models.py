@@ -198,6 +198,9 @@ class DualEncoderModel:
   kind = 'dual_encoder'
   progress_metrics = ('loss', 'p_at_1')
   feature_names = tuple(side.feature for side in Side)  # query and document token ids
+  # The projection head's output axis is replicated: it is small, and each embedding
+  # is L2-normalised over it.
+  logical_axis_rules = (('projection', None),)
 
   def __init__(self, config: DualEncoderConfig, loss: LossConfig = LossConfig()):
     self.config = config
@@ -219,6 +222,19 @@ class DualEncoderModel:
   @property
   def name(self) -> str:
     return f'{self.config.architecture} dual encoder'
+
+  @property
+  def embedding_dim(self) -> int:
+    return self.config.projection_dim
+
+  @property
+  def t5_config(self) -> t5.T5Config:
+    return self.config.t5
+
+  def with_t5(self, **changes) -> 'DualEncoderModel':
+    """The same dual encoder and loss with `changes` to its T5Config (model_api.T5Model)."""
+    return model_api.with_config(self, dataclasses.replace(
+        self.config, t5=dataclasses.replace(self.config.t5, **changes)))
 
   def describe(self) -> dict:
     return {'config': dataclasses.asdict(self.config), 'loss': dataclasses.asdict(self.loss)}

@@ -64,11 +64,26 @@ def standard_logical_axis_rules(activation_partitioning_dims: int = 1,
     rules.append(('embed', 'data'))
   if dims == (1, 1):
     rules.append(('embed', None))
-  # Names that are always replicated.
+  # Names that are always replicated. The axes of one model's own heads are not here:
+  # the model declares their rules (model_api.Model.logical_axis_rules).
   rules += [('relpos_buckets', None), ('abspos_buckets', None), ('length', None),
-            ('layers', None), ('stack', None), ('mlp_activations', None),
-            ('projection', None), ('score', None)]  # t5dual's dual-encoder / reranker heads
+            ('layers', None), ('stack', None), ('mlp_activations', None)]
   return tuple(rules) + tuple(tuple(r) for r in additional_rules)
+
+
+def with_model_rules(rules: LogicalAxisRules, model: Any) -> LogicalAxisRules:
+  """`rules` followed by the rules `model` declares for the axes only it has
+  (model_api.Model.logical_axis_rules, e.g. a reranker's ('score', None)).
+
+  The one place where a model's rules meet the partitioner's. A model rule for an
+  axis that `rules` already name is left out: the partitioner's rules (standard,
+  or given in gin) place the shared axes. An axis no rule names is replicated
+  (flax's logical_to_mesh), as a (name, None) rule has it. A model without
+  `logical_axis_rules` adds none.
+  """
+  known = {name for name, _ in rules}
+  return tuple(rules) + tuple(tuple(r) for r in getattr(model, 'logical_axis_rules', ())
+                              if r[0] not in known)
 
 
 LOGICAL_AXIS_RULES: LogicalAxisRules = standard_logical_axis_rules(1, 1)
@@ -121,6 +136,8 @@ class Partitioner:
     activation_partitioning_dims, parameter_partitioning_dims: 1 or 2, see
       `standard_logical_axis_rules`.
     logical_axis_rules: replaces the standard rules when set.
+    model_rules: the rules of the model's own axes, appended to either (set by
+      `for_model`, not meant for gin).
     devices: the devices of the mesh (default: all devices of all processes);
       not meant for gin: export passes this process's devices.
   """
@@ -130,6 +147,7 @@ class Partitioner:
   activation_partitioning_dims: int = 1
   parameter_partitioning_dims: int = 1
   logical_axis_rules: Optional[LogicalAxisRules] = None
+  model_rules: LogicalAxisRules = ()
   devices: Optional[tuple] = None
 
   def __post_init__(self):
@@ -161,10 +179,18 @@ class Partitioner:
 
   @property
   def rules(self) -> LogicalAxisRules:
-    if self.logical_axis_rules is not None:
-      return self.logical_axis_rules
-    return standard_logical_axis_rules(self.activation_partitioning_dims,
-                                       self.parameter_partitioning_dims)
+    base = self.logical_axis_rules
+    if base is None:
+      base = standard_logical_axis_rules(self.activation_partitioning_dims,
+                                         self.parameter_partitioning_dims)
+    return base + self.model_rules
+
+  def for_model(self, model: Any) -> 'Partitioner':
+    """This partitioner with the rules `model` declares for its own axes
+    (`with_model_rules`): what lays out that model's parameters."""
+    base = dataclasses.replace(self, model_rules=())
+    rules = with_model_rules(base.rules, model)
+    return dataclasses.replace(self, model_rules=rules[len(base.rules):])
 
   def _devices(self) -> Sequence:
     if self.devices is not None:
@@ -455,8 +481,12 @@ def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
 
 # Thin helpers for code that holds a bare Mesh (interop's checkpoint readers).
 
-def param_shardings(logical_axes: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for a pytree of logical-axis PartitionSpecs on `mesh`."""
+def param_shardings(logical_axes: Any, mesh: Mesh, model: Any = None,
+                    rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a pytree of logical-axis PartitionSpecs on `mesh`, by `rules`
+  and the rules of `model`'s own axes (`with_model_rules`) when a model is given."""
+  if model is not None:
+    rules = with_model_rules(rules, model)
   return nn.logical_to_mesh_sharding(logical_axes, mesh, rules)
 
 

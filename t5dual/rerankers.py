@@ -27,8 +27,8 @@ Parameter trees (T5X names, see t5.py):
                     score_dense/kernel  [embed, 1]  logical axes ('embed', 'score')
                     score_dense/bias    [1]         logical axes ('score',)
                   named like T5X's logits_dense; the bias matters to pointwise
-                  losses only. 'score' has no partitioning rule, so the head is
-                  replicated, as a 1-wide output should be.
+                  losses only. The model's rule ('score', None) (RerankerModel.
+                  logical_axis_rules) replicates the head, as a 1-wide output should be.
 
 Inputs are ids [B, L] (scores [B]) or lists of candidates [B, list, L] (scores
 [B, list]); lists are scored as B * list independent sequences.
@@ -318,6 +318,8 @@ class RerankerModel:
   feature_names = ('inputs',)
   metric_names = ('loss', 'list_mrr', 'list_ndcg')
   progress_metrics = ('loss', 'list_mrr')
+  # The 'enc' score head's 1-wide output axis is replicated (see the module docstring).
+  logical_axis_rules = (('score', None),)
 
   def __init__(self, config: RerankerConfig,
                loss_fn: Callable[..., Array] = ranking_losses.softmax_loss,
@@ -334,6 +336,23 @@ class RerankerModel:
   @property
   def name(self) -> str:
     return f'{self.config.scorer} reranker'
+
+  @property
+  def template(self) -> str:
+    return self.config.template
+
+  @property
+  def input_length(self) -> int:
+    return self.config.input_length
+
+  @property
+  def t5_config(self) -> t5.T5Config:
+    return self.config.t5
+
+  def with_t5(self, **changes) -> 'RerankerModel':
+    """The same reranker, loss and lists with `changes` to its T5Config (model_api.T5Model)."""
+    return model_api.with_config(self, dataclasses.replace(
+        self.config, t5=dataclasses.replace(self.config.t5, **changes)))
 
   def init_params(self, rng: Array):
     return init_params(self.config, rng)

@@ -94,7 +94,7 @@ def _measure(size, path, mode):
   model = _model(size)
   shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
   partitioner = partitioning.Partitioner(num_partitions=1 if mode == 'replicated' else 8)
-  shardings = partitioner.param_shardings(model.logical_axes(), shapes)
+  shardings = partitioner.for_model(model).param_shardings(model.logical_axes(), shapes)
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
   jax.block_until_ready(jax.device_put(0.0, partitioner.replicated))  # the runtime's own memory
   import gc

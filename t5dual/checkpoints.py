@@ -330,7 +330,7 @@ def restore_params(model_dir: str, step: Optional[int] = None, partitioner=None,
                               f'available: {sorted(manager.all_steps())}')
     shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     if shardings is None:
-      shardings = partitioner.param_shardings(model.logical_axes(), shapes)
+      shardings = partitioner.for_model(model).param_shardings(model.logical_axes(), shapes)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             shapes, shardings)
     params = restore(manager, step, abstract)['params']

@@ -132,7 +132,7 @@ def _jitted_encode(model, side: Side, partitioner: 'partitioning.Partitioner'):
   key = (type(model), model.config, side, partitioner)
   if key not in _ENCODERS:
     logical = model.logical_axes()
-    param_sh = partitioner.param_shardings(
+    param_sh = partitioner.for_model(model).param_shardings(
         logical, jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
     split = partitioner.batch_sharding(2)
     _ENCODERS[key] = (partitioner.partition(

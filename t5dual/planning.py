@@ -354,7 +354,7 @@ def wider_meshes(partitioner: partitioning.Partitioner, model, batch_size: int,
     if batch_size % wider.data_parallel:
       continue
     try:
-      wider.check_divisible(model.logical_axes(), shapes)
+      wider.for_model(model).check_divisible(model.logical_axes(), shapes)
     except partitioning.PartitioningError:
       continue
     out.append(wider)

@@ -61,7 +61,7 @@ def _jitted_score(model, partitioner: partitioning.Partitioner):
   reuse the compilations."""
   key = (model.config, partitioner)
   if key not in _SCORERS:
-    param_sh = partitioner.param_shardings(
+    param_sh = partitioner.for_model(model).param_shardings(
         model.logical_axes(), jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
     _SCORERS[key] = (partitioner.partition(
         model.score, in_shardings=(param_sh, partitioner.batch_sharding(2)),

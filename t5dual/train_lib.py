@@ -156,7 +156,7 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
   trainer.check_grad_strategy(model, trainer_config.grad_strategy,
                               trainer_config.num_microbatches, batch_size, data_parallel)
   # Before anything is allocated or written: every split parameter dimension divides.
-  partitioner.check_divisible(model.logical_axes(),
+  partitioner.for_model(model).check_divisible(model.logical_axes(),
                               jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
   if jax.process_count() > 1:  # each process holds whole, equal blocks of the mesh's data rows
     partitioner.data_layout

@@ -185,6 +185,7 @@ def state_layout(model: model_api.Model, optimizer: optax.GradientTransformation
   Raises:
     partitioning.PartitioningError: a parameter does not split over the mesh.
   """
+  partitioner = partitioner.for_model(model)
   logical = model.logical_axes()
   params = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
   param_sh = partitioner.param_shardings(logical, params)

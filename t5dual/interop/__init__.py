@@ -77,7 +77,7 @@ def _from_t5dual_dir(path: str, model, shardings):
   source_shardings = None
   if shardings is not None:  # the source's own layout on the target's mesh
     mesh = jax.tree.leaves(shardings)[0].mesh
-    source_shardings = partitioning.param_shardings(source.logical_axes(), mesh)
+    source_shardings = partitioning.param_shardings(source.logical_axes(), mesh, source)
   params = checkpoints.restore_params(path, shardings=source_shardings)[1]
   params = layer_layout.scan_to_unrolled(params)  # a scanned source: T5X's names
 

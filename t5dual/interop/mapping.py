@@ -43,17 +43,18 @@ class MappingError(ValueError):
     super().__init__(headline + ':\n  ' + '\n  '.join(self.problems))
 
 
-def tree_shardings(shardings: ShardingsLike, template: Mapping, logical_axes: Any
+def tree_shardings(shardings: ShardingsLike, template: Mapping, model: Any
                    ) -> Optional[dict]:
   """The sharding of every parameter of `template` (nested, like it), or None.
 
-  `shardings` as `dual_encoder_from_tree` takes it; `logical_axes` places the
-  parameters on a bare Mesh (partitioning.LOGICAL_AXIS_RULES).
+  `shardings` as `dual_encoder_from_tree` takes it; on a bare Mesh the parameters
+  are placed by `model`'s logical axes (partitioning.LOGICAL_AXIS_RULES and the
+  model's own rules).
   """
   if shardings is None:
     return None
   if isinstance(shardings, jax.sharding.Mesh):
-    return partitioning.param_shardings(logical_axes, shardings)
+    return partitioning.param_shardings(model.logical_axes(), shardings, model)
   flat = flatten(template)
   if isinstance(shardings, Sharding):
     return unflatten({k: shardings for k in flat})
@@ -249,7 +250,7 @@ def dual_encoder_from_tree(
   model = models.DualEncoderModel(config)
   template = jax.eval_shape(model.init_params, jax.random.PRNGKey(seed))
   assignment, report = map_to_dual_encoder(source, template, config.architecture)
-  placed = tree_shardings(shardings, template, model.logical_axes())
+  placed = tree_shardings(shardings, template, model)
   if report.initialised and init_params is None:
     init_params = init_params_in(model.init_params, jax.random.PRNGKey(seed), placed)
   init_flat = flatten(init_params) if init_params is not None else {}

@@ -77,7 +77,8 @@ def _flat_shardings(shardings: ShardingsLike, config: rerankers.RerankerConfig
   if shardings is None:
     return None
   if isinstance(shardings, jax.sharding.Mesh):
-    shardings = partitioning.param_shardings(rerankers.logical_axes(config), shardings)
+    shardings = partitioning.param_shardings(rerankers.logical_axes(config), shardings,
+                                             rerankers.RerankerModel)
   if isinstance(shardings, jax.sharding.Sharding):
     return {k: shardings for k in trees.flatten(rerankers.logical_axes(config))}
   return trees.flatten(shardings)

@@ -303,7 +303,7 @@ def rerank_row(args, model_dir: str, firsts: dict, queries, documents, qrels) ->
   t0 = time.time()
   scores = reranking.rerank(reranking.make_score_fn(model, params), tokenizer, queries,
                             documents, union, args.top_k * len(firsts), length,
-                            model.config.template, args.rerank_batch, progress=False)
+                            model.template, args.rerank_batch, progress=False)
   seconds = time.time() - t0
   import jax
   out = {'pairs': pairs, 'rerank_s': seconds, 'pairs_per_s': pairs / seconds,

@@ -121,7 +121,7 @@ def _rerank(rr_dir, data_dir, first_stage_path, out):
   doc_ids, doc_texts = sources.read_beir_corpus(data_dir)
   reranked = reranking.rerank(reranking.make_score_fn(model, params), tokenizer,
                               sources.read_beir_queries(data_dir), dict(zip(doc_ids, doc_texts)),
-                              first, TOP_K, length, model.config.template, progress=False)
+                              first, TOP_K, length, model.template, progress=False)
   # The tail ranks below the lowest reranker score, in first-stage order.
   run = reranking.append_tail(reranked, first)
   retrieval.write_trec_run(out, run, tag=f't5dual-{model.config.scorer}')

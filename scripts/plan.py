@@ -21,7 +21,6 @@ one tried.
 """
 
 import argparse
-import dataclasses
 import datetime
 import os
 import resource
@@ -116,7 +115,7 @@ def main(argv):
       except Exception as e:  # a compile that fails is a finding, not a crash
         p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200],
                               grad_strategy=strategy[0], num_microbatches=strategy[1])
-      remat = model.config.t5.remat if hasattr(model.config, 't5') else '-'
+      remat = _remat(model)
       rows.append((p, remat, mesh[0].mesh_shape))
       print(_line(p, remat, mesh[0], hbm), flush=True)
       return p
@@ -125,9 +124,8 @@ def main(argv):
     if args.search and planning.fits(p, hbm) is False:
       # Cheapest first, keeping the batch (every in-batch negative) as long as possible:
       # full remat, then more model parallelism, then microbatches, then smaller batches.
-      cfg = model.config
-      if hasattr(cfg, 't5') and cfg.t5.remat != 'full':
-        full = _with_remat(model, 'full')
+      if isinstance(model, model_api.T5Model) and model.t5_config.remat != 'full':
+        full = model.with_t5(remat='full')
         p = one(full, batch_size)
         model = full
       for wider in planning.wider_meshes(mesh[0], model, batch_size, args.max_meshes):
@@ -153,15 +151,15 @@ def main(argv):
         if strategy[1] == 1:
           strategy[0] = 'full'
         p = one(model, b)
-    if args.encode and model.kind == 'dual_encoder':
+    if args.encode and isinstance(model, model_api.Encoder):  # a dual encoder's export
       try:
         e = planning.plan_encode_step(model, mesh[0], args.encode_batch,
                                       feature_lengths['targets'])
       except Exception as err:  # as for the train step: a finding
         e = planning.StepPlan('encode document', args.encode_batch,
                               error=(str(err).splitlines() or ['?'])[0][:200])
-      rows.append((e, model.config.t5.remat, mesh[0].mesh_shape))
-      print(_line(e, model.config.t5.remat, mesh[0], hbm), flush=True)
+      rows.append((e, _remat(model), mesh[0].mesh_shape))
+      print(_line(e, _remat(model), mesh[0], hbm), flush=True)
     return model
 
   with partitioning.target_devices(devices):
@@ -175,11 +173,10 @@ def main(argv):
       f.write(old.rstrip('\n') + '\n\n' + table)
 
 
-def _with_remat(model, remat):
-  """The same model with another T5Config.remat policy (rebuilt from its description)."""
-  cfg = model.config
-  new_cfg = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, remat=remat))
-  return type(model).from_description({**model.describe(), 'config': dataclasses.asdict(new_cfg)})
+def _remat(model) -> str:
+  """The remat policy of a model built around a T5 (model_api.T5Model), else '-'."""
+  from t5dual import model_api
+  return model.t5_config.remat if isinstance(model, model_api.T5Model) else '-'
 
 
 def _line(p, remat, partitioner, hbm):

@@ -60,6 +60,13 @@ def model_from_description(desc: dict, source: str = MODEL_JSON) -> model_api.Mo
   return model_api.from_description(desc, source)
 
 
+def read_model(model_dir: str) -> model_api.Model:
+  """The model a directory's model.json describes, without its parameters: what a
+  command checks (its capabilities, model_api.require) before it reads anything else."""
+  return model_from_description(read_model_json(model_dir),
+                                os.path.join(model_dir, MODEL_JSON))
+
+
 def write_model_json(model_dir: str, desc: dict) -> None:
   os.makedirs(model_dir, exist_ok=True)
   path = os.path.join(model_dir, MODEL_JSON)

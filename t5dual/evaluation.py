@@ -180,14 +180,9 @@ def require_dual_encoder(model_dir: str, command: str) -> str:
   Anything else is a one-line cli.UserError saying what it holds and which
   command takes it, before anything is read or written.
   """
-  from t5dual import checkpoints, models, multistage
+  from t5dual import checkpoints, model_api, multistage
   model_dir = multistage.resolve_model_dir(model_dir)
-  kind = checkpoints.read_model_json(model_dir).get('kind', models.DualEncoderModel.kind)
-  if kind != models.DualEncoderModel.kind:
-    hint = (f'; rerank a first-stage run with it: scripts/rerank.py --model_dir={model_dir}'
-            if kind == 'reranker' else '')
-    raise cli.UserError(f'{model_dir} holds a {kind} model; {command} encodes queries and '
-                        f'documents with a dual encoder{hint}')
+  model_api.require(checkpoints.read_model(model_dir), model_api.Encoder, model_dir, command)
   return model_dir
 
 

@@ -130,10 +130,8 @@ def unscanned_model(model):
   layers_{i}: interop maps into and out of the unrolled twin and converts with
   the functions above, so scanned models read and write every format.
   """
-  import dataclasses
-  cfg = model.config
-  if not getattr(getattr(cfg, 't5', None), 'scan_layers', False):
+  from t5dual import model_api
+  if not isinstance(model, model_api.T5Model) or not model.t5_config.scan_layers:
     return model
-  twin = dataclasses.replace(cfg, t5=dataclasses.replace(cfg.t5, scan_layers=False))
-  return type(model).from_description({**model.describe(), 'config': dataclasses.asdict(twin)})
+  return model.with_t5(scan_layers=False)
 

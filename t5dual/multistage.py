@@ -351,7 +351,8 @@ def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_p
     folder, split = rerankers.beir_source(source)
     candidates, visited, total = training_candidates(folder, split, model.lists, batch_size,
                                                      train_steps, seed)
-    teacher, params, step, tokenizer, length = reranking.load_reranker(previous_dir)
+    teacher, params, step, tokenizer, length = reranking.load_reranker(
+        previous_dir, command='teacher scoring for the next stage')
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
     lists = model.lists
     if visited < total:
@@ -366,10 +367,10 @@ def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_p
     work_dir = teacher_path + '.partial'
     scores = reranking.score_pairs(
         reranking.make_score_fn(teacher, params), tokenizer, sources.read_beir_queries(folder),
-        dict(zip(doc_ids, doc_texts)), pairs, length, teacher.config.template,
+        dict(zip(doc_ids, doc_texts)), pairs, length, teacher.template,
         progress=False, chunk_pairs=TEACHER_CHUNK_PAIRS, work_dir=work_dir,
         fingerprint={'teacher': os.path.basename(os.path.normpath(previous_dir)),
-                     'step': step, 'template': teacher.config.template,
+                     'step': step, 'template': teacher.template,
                      'input_length': length},
         label='teacher scores')
     run = {}

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5dual import cli, partitioning, t5, trainer
+from t5dual import cli, model_api, partitioning, t5, trainer
 
 GiB = 1 << 30
 
@@ -113,8 +113,8 @@ def shard_bytes(tree: Any, shardings: Any = None) -> int:
 
 
 def _t5_configs(model) -> list[t5.T5Config]:
-  cfg = model.config
-  return [cfg.t5] if hasattr(cfg, 't5') else []
+  """The T5Config of a model built around one (model_api.T5Model); none for others."""
+  return [model.t5_config] if isinstance(model, model_api.T5Model) else []
 
 
 def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
@@ -302,7 +302,7 @@ def plan_encode_step(model, partitioner: partitioning.Partitioner, batch_size: i
   ids = jax.ShapeDtypeStruct((batch_size, length), jnp.int32,
                              sharding=partitioner.batch_sharding(2))
   plan.batch_bytes = shard_bytes(ids)
-  plan.model_flops = (batch_size * length * encoder_flops_per_token(model.config.t5, length)
+  plan.model_flops = (batch_size * length * encoder_flops_per_token(model.t5_config, length)
                       / partitioner.num_devices)
   t0 = time.time()
   with partitioner.context():

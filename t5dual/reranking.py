@@ -15,7 +15,6 @@ chunks on disk and resume after a kill (`score_pairs` with `work_dir`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from t5dual import cli, distributed, encoding, partitioning, rerankers
+from t5dual import cli, distributed, encoding, model_api, partitioning, rerankers
 from t5dual.data.sources import Run
 
 log = logging.getLogger(__name__)
@@ -316,26 +315,24 @@ def measures_within(measures: Sequence[str], depth: int) -> tuple[list[str], lis
 # --------------------------------------------------------------------------- model directories
 
 def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[str] = None,
-                  partitioner: Optional[partitioning.Partitioner] = None):
+                  partitioner: Optional[partitioning.Partitioner] = None,
+                  command: str = 'rerank.py'):
   """(model, params, step, tokenizer, input_length) of a reranker directory.
 
   A chain's MODEL_DIR (multistage.py) stands for its final model, MODEL_DIR/final.
+  A directory whose model is no model_api.Scorer is a one-line error naming it and
+  `command`, before anything is restored.
   `dtype` replaces the activation dtype the model was trained with (e.g.
   'float32' to score a bfloat16-trained model exactly); parameters are float32.
   """
   from t5dual import checkpoints, multistage
   model_dir = multistage.resolve_model_dir(model_dir)
-  kind = checkpoints.read_model_json(model_dir).get('kind')
-  if kind != rerankers.RerankerModel.kind:
-    raise cli.UserError(f'{model_dir} holds a {kind or "?"} model, not a reranker '
-                        '(scripts/eval.py run evaluates dual encoders)')
+  model_api.require(checkpoints.read_model(model_dir), model_api.Scorer, model_dir, command)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       model_dir, step, partitioner)
   if dtype is not None:
-    config = dataclasses.replace(model.config, t5=dataclasses.replace(model.config.t5,
-                                                                      dtype=dtype))
-    model = rerankers.RerankerModel(config, model.loss, model.lists)
-  return model, params, step, tokenizer, lengths.get('inputs', model.config.input_length)
+    model = model.with_t5(dtype=dtype)
+  return model, params, step, tokenizer, lengths.get('inputs', model.input_length)
 
 
 def _first(ids) -> str:
@@ -429,7 +426,7 @@ def rerank_beir(model_dir: str, beir: str, split: Optional[str], run_path: str, 
                                                                  partitioner)
   length = input_length or trained_length
   reranked = rerank(make_score_fn(model, params, partitioner=partitioner), tokenizer, queries,
-                    documents, first, top_k, length, model.config.template, batch_size,
+                    documents, first, top_k, length, model.template, batch_size,
                     progress)
   written = append_tail(reranked, first) if tail == 'append' else reranked
   if jax.process_index() == 0:  # every process holds all scores; one writes them

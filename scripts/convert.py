@@ -46,7 +46,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from t5dual import checkpoints, cli, layer_layout, models, rerankers  # noqa: E402
+from t5dual import checkpoints, cli, interop, layer_layout, model_api, models  # noqa: E402
+from t5dual import rerankers  # noqa: E402
 from t5dual.data import pipeline  # noqa: E402
 from t5dual.interop import hf, mapping, t5x, trees  # noqa: E402
 from t5dual.interop import rerankers as reranker_interop  # noqa: E402
@@ -96,18 +97,14 @@ def require_optional_packages(args) -> None:
 
 # --------------------------------------------------------------------------- t5dual model dirs
 
-def save_model_dir(model_dir: str, config, params, vocab_path: str,
+def save_model_dir(model_dir: str, model, params, vocab_path: str,
                    feature_lengths: dict, step: int = 0) -> None:
   """A t5dual model directory (model.json + orbax 'params') that restore_for_inference reads.
 
-  `config` is a DualEncoderConfig or a RerankerConfig; model.json records the kind.
+  `model` is any model_api.Model; model.json records its kind.
   """
   if os.path.exists(os.path.join(model_dir, 'checkpoints')):
     raise FileExistsError(f'{model_dir} already holds checkpoints; choose a new directory')
-  if isinstance(config, rerankers.RerankerConfig):
-    model = rerankers.RerankerModel(config)
-  else:
-    model = models.DualEncoderModel(config)
   checkpoints.write_model_json(
       model_dir, checkpoints.model_description(model, vocab_path, feature_lengths))
   manager = checkpoints.checkpoint_manager(model_dir)
@@ -153,21 +150,19 @@ def _print_report(report) -> None:
     print(line)
 
 
-def _finish_import(args, params, config, report, vocab) -> None:
+def _finish_import(args, params, model, report, vocab) -> None:
   _print_report(report)
-  if isinstance(config, rerankers.RerankerConfig):
-    lengths = {'inputs': config.input_length}
-    what = f'{config.scorer} reranker'
-  else:
+  if isinstance(model, model_api.Scorer):  # one input per (query, document) pair
+    lengths = {'inputs': model.input_length}
+  else:  # one per side
     lengths = {'inputs': args.query_length, 'targets': args.doc_length}
-    what = config.architecture
   if os.path.exists(os.path.join(args.output, 'checkpoints')):  # before the vocabulary copy
     raise FileExistsError(f'{args.output} already holds checkpoints; choose a new directory')
   vocab = _keep_vocab(args, vocab)
-  save_model_dir(args.output, config, params, vocab, lengths)
-  print(f'wrote t5dual {what} model to {args.output} (vocabulary {vocab})')
-  if isinstance(config, rerankers.RerankerConfig):
-    print(f'input template: {config.template!r}')
+  save_model_dir(args.output, model, params, vocab, lengths)
+  print(f'wrote t5dual {model.name} model to {args.output} (vocabulary {vocab})')
+  if isinstance(model, model_api.Scorer):
+    print(f'input template: {model.template!r}')
 
 
 def _reranker_target(args, vocab: str) -> dict:
@@ -175,8 +170,8 @@ def _reranker_target(args, vocab: str) -> dict:
   if args.like:
     desc = checkpoints.read_model_json(args.like)
     model = checkpoints.model_from_description(desc)
-    if getattr(model, 'kind', None) != rerankers.RerankerModel.kind:
-      raise cli.UserError(f'--like {args.like} holds a {desc.get("kind")} model; with --scorer '
+    if not isinstance(model, model_api.Scorer):
+      raise cli.UserError(f'--like {args.like} holds a {model.name} model; with --scorer '
                           'it must name a reranker directory')
     return {'config': model.config}
   overrides = {'scorer': args.scorer, 'input_length': args.input_length}
@@ -246,7 +241,8 @@ def _import(args, load_dual_encoder, found_vocab=None):
   params, config, report = load(args.checkpoint, **target)
   if scanned:
     params, config = layer_layout.unrolled_to_scan(params), cfg
-  _finish_import(args, params, config, report, vocab)
+  model = rerankers.RerankerModel(config) if args.scorer else models.DualEncoderModel(config)
+  _finish_import(args, params, model, report, vocab)
 
 
 # --------------------------------------------------------------------------- commands
@@ -268,16 +264,17 @@ def st_to_t5dual(args):
   folder = st.read_folder(args.checkpoint)
   if folder.max_seq_length and args.doc_length == pipeline.DEFAULT_FEATURE_LENGTHS['targets']:
     args.doc_length = folder.max_seq_length
-  _finish_import(args, params, config, report, _vocab(args, st.find_vocab(args.checkpoint)))
+  _finish_import(args, params, models.DualEncoderModel(config), report,
+                 _vocab(args, st.find_vocab(args.checkpoint)))
 
 
-def _restore(args, kinds=('dual_encoder',)):
-  """(config, params, step, vocab path, feature lengths) of a model dir of one of `kinds`."""
-  desc = checkpoints.read_model_json(args.model_dir)
-  kind = desc.get('kind', 'dual_encoder')
-  if kind not in kinds:
-    raise cli.UserError(f'{args.model_dir} holds a {kind} model; {args.command} converts '
-                        f'{" or ".join(k.replace("_", " ") for k in kinds)} models')
+def _restore(args, capability=None, needs=None):
+  """(model, params, step, vocab path, feature lengths) of a model dir; a model without
+  `capability` (a model_api protocol, when given) is refused first, in one line saying
+  what the command `needs`."""
+  if capability is not None:
+    model_api.require(checkpoints.read_model(args.model_dir), capability, args.model_dir,
+                      args.command, needs)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       args.model_dir, args.step)
   params = jax.tree.map(np.asarray, params)
@@ -285,8 +282,8 @@ def _restore(args, kinds=('dual_encoder',)):
   # is written unrolled (exactly: slices of the stacked arrays).
   params = layer_layout.scan_to_unrolled(params)
   model = layer_layout.unscanned_model(model)
-  print(f'read {getattr(model, "name", kind)} model {args.model_dir} at step {step}')
-  return model.config, params, step, tokenizer.path, lengths
+  print(f'read {model.name} model {args.model_dir} at step {step}')
+  return model, params, step, tokenizer.path, lengths
 
 
 def _print_written(folder: str) -> None:
@@ -305,31 +302,26 @@ def _max_lengths(lengths: dict) -> dict:
 
 
 def t5dual_to_st(args):
-  config, params, _, vocab, lengths = _restore(args)
-  for folder in st.save_sentence_transformers(args.output, params, config, vocab,
+  model, params, _, vocab, lengths = _restore(
+      args, model_api.Encoder, 'writes the towers of a dual encoder (one per side)')
+  for folder in st.save_sentence_transformers(args.output, params, model.config, vocab,
                                               _max_lengths(lengths)):
     print(f'wrote sentence-transformers folder {folder}:')
     _print_written(folder)
 
 
 def t5dual_to_hf(args):
-  config, params, _, vocab, lengths = _restore(args, ('dual_encoder', 'reranker'))
-  if isinstance(config, rerankers.RerankerConfig):
-    reranker_interop.save_hf(args.output, params, config, vocab)
-    what = {'encdec': f'score: first-step logit of token {config.scoring_token_id}',
-            'yes_no': f'score: log-softmax of token {config.yes_token_id} over '
-                      f'{config.yes_token_id}, {config.no_token_id} at the first step'}
-    print(f'wrote Hugging Face T5ForConditionalGeneration folder {args.output} '
-          f'({what[config.scorer]}; input template {config.template!r}):')
-    _print_written(args.output)
-    return
-  for folder in hf.save_t5_encoders(args.output, params, config, vocab, _max_lengths(lengths)):
-    print(f'wrote Hugging Face T5EncoderModel folder {folder}:')
+  model, params, _, vocab, lengths = _restore(args)
+  # Each family writes its own layout (a dual encoder's towers as T5EncoderModel folders, a
+  # reranker as one T5ForConditionalGeneration): interop/dual_encoders.py, rerankers.py.
+  for folder, line in interop.family(model).write_hf(args.output, params, model, vocab,
+                                                     _max_lengths(lengths)):
+    print(line)
     _print_written(folder)
 
 
 def t5dual_to_t5x(args):
-  config, params, step, _, _ = _restore(args, ('dual_encoder', 'reranker'))
+  _, params, step, _, _ = _restore(args)
   t5x.write_checkpoint(args.output, params, step)
   for path, leaf in trees.flatten(params).items():
     print(f'  target/{path} {list(leaf.shape)}')

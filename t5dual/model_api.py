@@ -62,6 +62,8 @@ class Model(Protocol):
       the axes only this model has (e.g. a reranker's 'score' head); the
       partitioner appends them to its standard rules
       (partitioning.with_model_rules). Without it, such axes are replicated.
+    interop_module: optional, the module with its family's checkpoint formats
+      (`load_initial`, `write_hf`; see interop/dual_encoders.py).
   """
 
   kind: ClassVar[str]

@@ -201,6 +201,8 @@ class DualEncoderModel:
   # The projection head's output axis is replicated: it is small, and each embedding
   # is L2-normalised over it.
   logical_axis_rules = (('projection', None),)
+  # Its checkpoints in other formats (interop.family): imported only when used.
+  interop_module = 't5dual.interop.dual_encoders'
 
   def __init__(self, config: DualEncoderConfig, loss: LossConfig = LossConfig()):
     self.config = config

@@ -320,6 +320,8 @@ class RerankerModel:
   progress_metrics = ('loss', 'list_mrr')
   # The 'enc' score head's 1-wide output axis is replicated (see the module docstring).
   logical_axis_rules = (('score', None),)
+  # Its checkpoints in other formats (interop.family): imported only when used.
+  interop_module = 't5dual.interop.rerankers'
 
   def __init__(self, config: RerankerConfig,
                loss_fn: Callable[..., Array] = ranking_losses.softmax_loss,

@@ -314,6 +314,16 @@ def measures_within(measures: Sequence[str], depth: int) -> tuple[list[str], lis
 
 # --------------------------------------------------------------------------- model directories
 
+def require_reranker(model_dir: str, command: str) -> str:
+  """`model_dir` (a chain's MODEL_DIR: its final model) if its model scores pairs
+  (model_api.Scorer); else a one-line cli.UserError saying what it holds and which
+  command takes it, read from model.json alone."""
+  from t5dual import checkpoints, multistage
+  model_dir = multistage.resolve_model_dir(model_dir)
+  model_api.require(checkpoints.read_model(model_dir), model_api.Scorer, model_dir, command)
+  return model_dir
+
+
 def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[str] = None,
                   partitioner: Optional[partitioning.Partitioner] = None,
                   command: str = 'rerank.py'):
@@ -325,9 +335,8 @@ def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[st
   `dtype` replaces the activation dtype the model was trained with (e.g.
   'float32' to score a bfloat16-trained model exactly); parameters are float32.
   """
-  from t5dual import checkpoints, multistage
-  model_dir = multistage.resolve_model_dir(model_dir)
-  model_api.require(checkpoints.read_model(model_dir), model_api.Scorer, model_dir, command)
+  from t5dual import checkpoints
+  model_dir = require_reranker(model_dir, command)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       model_dir, step, partitioner)
   if dtype is not None:

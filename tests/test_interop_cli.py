@@ -135,7 +135,8 @@ def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, conver
     argv = [command, str(source), str(tmp_path / 'out'), '--vocab', spm]
   else:
     config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
-    convert.save_model_dir(str(tmp_path / 'model'), config, _random_params(config), spm,
+    convert.save_model_dir(str(tmp_path / 'model'), models.DualEncoderModel(config),
+                           _random_params(config), spm,
                            {'inputs': 8, 'targets': 8})
     argv = [command, str(tmp_path / 'model'), str(tmp_path / 'out')]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONWARNINGS='ignore',
@@ -170,8 +171,10 @@ def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, conv
   params = _random_params(unrolled_cfg)
   scanned = layer_layout.unrolled_to_scan(params)
   lengths = {'inputs': 16, 'targets': 32}
-  convert.save_model_dir(str(tmp_path / 'scanned'), scanned_cfg, scanned, spm, lengths)
-  convert.save_model_dir(str(tmp_path / 'unrolled'), unrolled_cfg, params, spm, lengths)
+  convert.save_model_dir(str(tmp_path / 'scanned'), models.DualEncoderModel(scanned_cfg),
+                         scanned, spm, lengths)
+  convert.save_model_dir(str(tmp_path / 'unrolled'), models.DualEncoderModel(unrolled_cfg),
+                         params, spm, lengths)
   assert 'layers' in checkpoints.restore_for_inference(str(tmp_path / 'scanned'))[1]['encoder']
 
   # Out: the same T5X tree and the same Hugging Face files as the unrolled model.

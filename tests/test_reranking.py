@@ -42,7 +42,8 @@ def collection(tmp_path_factory):
       input_length=LENGTH)
   model_dir = str(work / 'model')
   load_script('convert').save_model_dir(
-      model_dir, config, rerankers.init_params(config, jax.random.PRNGKey(3)), vocab,
+      model_dir, rerankers.RerankerModel(config),
+      rerankers.init_params(config, jax.random.PRNGKey(3)), vocab,
       {'inputs': LENGTH})
   run = bm25.beir_run(folder, 'test', k=DEPTH)
   train_query = next(iter(sources.read_qrels(folder, 'train')))

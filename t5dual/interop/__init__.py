@@ -4,12 +4,15 @@
   hf                     Hugging Face T5 state dicts and folders
   sentence_transformers  GTR / sentence-T5 folders
   mapping                T5X-named trees into t5dual models, t5dual towers out
+  dual_encoders, rerankers  each model family's formats, behind the same functions
+                         (`family`)
   trees, lazy_arrays     nested parameter dicts; checkpoint arrays read on demand
   storage, msgpack_io    local / gs:// files; flax's msgpack encoding
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -43,6 +46,12 @@ def load_initial_params(path: str, model, shardings=None):
   return _scanned_or_not(model, shardings, lambda m, sh: _load_initial(path, m, sh))
 
 
+def family(model):
+  """The interop module of `model`'s family (its `interop_module`, e.g.
+  interop/dual_encoders.py): `load_initial` and `write_hf` for that family."""
+  return importlib.import_module(model.interop_module)
+
+
 def _scanned_or_not(model, shardings, load):
   """load(unrolled model, its shardings) for `model`, stacked into scanned layers if it scans.
 
@@ -72,7 +81,7 @@ def _from_t5dual_dir(path: str, model, shardings):
   from t5dual.interop import mapping
   desc = checkpoints.read_model_json(path)
   source = checkpoints.model_from_description(desc, os.path.join(path, checkpoints.MODEL_JSON))
-  if source.kind == model.kind and source.describe()['config'] == model.describe()['config']:
+  if type(source) is type(model) and source.describe()['config'] == model.describe()['config']:
     return checkpoints.restore_params(path, shardings=shardings)[1]
   source_shardings = None
   if shardings is not None:  # the source's own layout on the target's mesh
@@ -90,16 +99,7 @@ def _from_t5dual_dir(path: str, model, shardings):
 
 def _load_initial(path: str, model, shardings):
   """load_initial_params of a T5X / HF / ST checkpoint for an unrolled `model`."""
-  from t5dual.interop import hf, t5x
-  from t5dual.interop import rerankers as rerankers_interop
-  from t5dual.interop import sentence_transformers as st
-  if getattr(model, 'kind', None) == 'reranker':
-    params, _, report = rerankers_interop.load_reranker(path, model.config,
-                                                        shardings=shardings)
-  else:
-    loader = (st.load_dual_encoder if st.is_st_folder(path) else
-              hf.load_dual_encoder if hf.is_hf_checkpoint(path) else t5x.load_dual_encoder)
-    params, _, report = loader(path, model.config, shardings=shardings)
+  params, report = family(model).load_initial(path, model, shardings)
   _log(path, report)
   return params
 

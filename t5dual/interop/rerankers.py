@@ -189,6 +189,29 @@ def load_reranker(path: str, config: Optional[rerankers.RerankerConfig] = None, 
   return params, config, report
 
 
+# --------------------------------------------------------------------------- the family's interop
+# (RerankerModel.interop_module: the functions every family offers, see interop/dual_encoders.py)
+
+def load_initial(path: str, model: rerankers.RerankerModel, shardings: ShardingsLike = None):
+  """(params, report) of `model` (unrolled layers) from a T5X, Hugging Face or t5dual
+  dual-encoder checkpoint (`load_reranker`)."""
+  params, _, report = load_reranker(path, model.config, shardings=shardings)
+  return params, report
+
+
+def write_hf(folder: str, params: Mapping, model: rerankers.RerankerModel,
+             vocab: Optional[str], max_lengths: dict) -> list[tuple[str, str]]:
+  """`save_hf` of an 'encdec' or 'yes_no' reranker: [(folder, the line that says what
+  it holds and how its score is read)]."""
+  config = model.config
+  save_hf(folder, params, config, vocab)
+  score = {'encdec': f'score: first-step logit of token {config.scoring_token_id}',
+           'yes_no': f'score: log-softmax of token {config.yes_token_id} over '
+                     f'{config.yes_token_id}, {config.no_token_id} at the first step'}
+  return [(folder, f'wrote Hugging Face T5ForConditionalGeneration folder {folder} '
+                   f'({score[config.scorer]}; input template {config.template!r}):')]
+
+
 def save_hf(folder: str, params: Mapping, config: rerankers.RerankerConfig,
             spm_path: Optional[str] = None) -> str:
   """Writes an 'encdec' / 'yes_no' reranker as a transformers T5ForConditionalGeneration folder.

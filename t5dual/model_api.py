@@ -20,7 +20,6 @@ capability, never for a kind; `require` turns a missing one into one line.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
@@ -274,13 +273,6 @@ def model_class(kind: str, source: str = 'model.json') -> type:
     raise UnknownModelKindError(f'{source}: unknown model kind {kind!r}; known kinds: '
                                 f'{", ".join(kinds())}')
   return _REGISTRY[kind]
-
-
-def with_config(model: Model, config: Any) -> Model:
-  """`model` rebuilt with another architecture `config` (its 'config' entry), through
-  its description: every other entry (loss, data settings) is kept as it is."""
-  return type(model).from_description({**model.describe(),
-                                       'config': dataclasses.asdict(config)})
 
 
 def from_description(desc: dict, source: str = 'model.json') -> Model:

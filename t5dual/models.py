@@ -235,8 +235,8 @@ class DualEncoderModel:
 
   def with_t5(self, **changes) -> 'DualEncoderModel':
     """The same dual encoder and loss with `changes` to its T5Config (model_api.T5Model)."""
-    return model_api.with_config(self, dataclasses.replace(
-        self.config, t5=dataclasses.replace(self.config.t5, **changes)))
+    t5_config = dataclasses.replace(self.config.t5, **changes)
+    return type(self)(dataclasses.replace(self.config, t5=t5_config), self.loss)
 
   def describe(self) -> dict:
     return {'config': dataclasses.asdict(self.config), 'loss': dataclasses.asdict(self.loss)}

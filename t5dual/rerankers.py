@@ -352,9 +352,13 @@ class RerankerModel:
     return self.config.t5
 
   def with_t5(self, **changes) -> 'RerankerModel':
-    """The same reranker, loss and lists with `changes` to its T5Config (model_api.T5Model)."""
-    return model_api.with_config(self, dataclasses.replace(
-        self.config, t5=dataclasses.replace(self.config.t5, **changes)))
+    """The same reranker, loss and lists with `changes` to its T5Config (model_api.T5Model).
+
+    The loss function itself is kept (model.json records its name only, which would
+    lose the settings of a configured loss).
+    """
+    t5_config = dataclasses.replace(self.config.t5, **changes)
+    return type(self)(dataclasses.replace(self.config, t5=t5_config), self.loss, self.lists)
 
   def init_params(self, rng: Array):
     return init_params(self.config, rng)

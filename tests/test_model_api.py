@@ -3,6 +3,7 @@ errors of a command given a model without the capability it needs, the axis rule
 model declares, `with_t5`, and no branch on a model's kind outside the model families."""
 
 import dataclasses
+import functools
 import os
 import pathlib
 import re
@@ -34,7 +35,8 @@ def _reranker(scorer):
   return rerankers.RerankerModel(
       rerankers.RerankerConfig(t5=TINY, scorer=scorer, scoring_token_id=7, yes_token_id=3,
                                no_token_id=4, input_length=12),
-      ranking_losses.pairwise_logistic_loss, rerankers.ListsConfig(list_size=4))
+      functools.partial(ranking_losses.poly1_softmax_loss, epsilon=2.0),
+      rerankers.ListsConfig(list_size=4))
 
 
 # --------------------------------------------------------------------------- capabilities
@@ -179,6 +181,7 @@ def test_with_t5_keeps_the_model_and_changes_only_the_fields_asked(make):
       k: v for k, v in desc.items() if k != 'config'}  # loss (and lists) kept
   assert {k: v for k, v in new['config'].items() if k != 't5'} == {
       k: v for k, v in desc['config'].items() if k != 't5'}  # heads, template kept
+  assert again.loss is model.loss  # a configured loss too (model.json holds its name only)
   assert model.t5_config.remat != 'full'  # the original is untouched
   with pytest.raises(TypeError):
     model.with_t5(no_such_field=1)

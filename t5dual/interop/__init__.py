@@ -33,7 +33,8 @@ def load_initial_params(path: str, model, shardings=None):
       checkpoints are read slice by slice, each device reading its own; fresh
       parameters are created sharded; layers of a scanned model are read into
       their slice of the stack. A t5dual checkpoint of another kind or layout is
-      read in its own layout on the same mesh (the standard logical axis rules)
+      read in its own layout on the same mesh (the standard logical axis rules and
+      the source model's own)
       and grafted. Without, host numpy arrays (a t5dual checkpoint: on this
       process's devices).
   Raises:

@@ -43,7 +43,7 @@ from typing import Callable, Container, Mapping, Optional
 
 import numpy as np
 
-from t5dual.data import sources
+from t5dual.data import pipeline, sources
 from t5dual.vocab import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,24 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
                      source=f'{run_name} + {qrels_file}')
 
 
+def list_choices(seed: int, position: int, num_positive: int, num_negative: int,
+                 num_positives: int, list_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The list at stream `position` of a query with `num_positive` positives and
+  `num_negative` negatives: (positives taken, negatives taken, order), indices into
+  the query's positives and negatives, and the permutation of [positives taken +
+  negatives taken] that is the list order (no position carries the label).
+
+  Shared by ListBatcher and the store's list batcher (data/store_batchers.py).
+  """
+  rng = np.random.default_rng([seed, position, _LIST_STREAM])
+  n_pos = min(num_positives, num_positive)
+  n_neg = min(list_size - n_pos, num_negative)
+  pos = rng.choice(num_positive, n_pos, replace=False)
+  neg = rng.choice(num_negative, n_neg, replace=False)
+  return pos, neg, rng.permutation(n_pos + n_neg)
+
+
 # The features holding token ids, which the scorer runs over.
 LIST_TOKEN_FEATURES = ('inputs',)
 
@@ -303,15 +321,7 @@ class ListBatcher:
       raise ValueError(f'input_length must be >= 2 (a token and EOS), got {self.input_length}')
     if not len(self.lists):
       raise ValueError('no training lists')
-    self._perms: dict[int, np.ndarray] = {}
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) > 4:
-        self._perms.clear()
-      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-          len(self.lists))
-    return self._perms[epoch]
+    self._order = pipeline.EpochOrder(self.seed, len(self.lists))
 
   def positions(self, step: int, shard_index: int = 0, num_shards: int = 1
                 ) -> np.ndarray:
@@ -326,24 +336,15 @@ class ListBatcher:
   def list_indices(self, step: int, shard_index: int = 0, num_shards: int = 1
                    ) -> np.ndarray:
     """Which query each row of slice `shard_index` of batch `step` holds."""
-    positions = self.positions(step, shard_index, num_shards)
-    n = len(self.lists)
-    epochs = positions // n
-    out = np.empty(len(positions), np.int64)
-    for epoch in np.unique(epochs):  # a batch spans one epoch, or two at a boundary
-      rows = epochs == epoch
-      out[rows] = self._permutation(int(epoch))[positions[rows] % n]
-    return out
+    return self._order.rows(self.positions(step, shard_index, num_shards))
 
   def sample(self, position: int, query: int) -> tuple[list[int], list[float]]:
     """(document rows, labels) of the list at stream `position`, in list order."""
-    rng = np.random.default_rng([self.seed, position, _LIST_STREAM])
     positives, negatives = self.lists.positives[query], self.lists.negatives[query]
-    n_pos = min(self.num_positives, len(positives))
-    n_neg = min(self.list_size - n_pos, len(negatives))
-    picked = [positives[i] for i in rng.choice(len(positives), n_pos, replace=False)]
-    picked += [(negatives[i], 0.0) for i in rng.choice(len(negatives), n_neg, replace=False)]
-    picked = [picked[i] for i in rng.permutation(len(picked))]  # no position carries the label
+    pos, neg, order = list_choices(self.seed, position, len(positives), len(negatives),
+                                   self.num_positives, self.list_size)
+    picked = [positives[i] for i in pos] + [(negatives[i], 0.0) for i in neg]
+    picked = [picked[i] for i in order]
     return [r for r, _ in picked], [y for _, y in picked]
 
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:

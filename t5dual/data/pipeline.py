@@ -166,8 +166,13 @@ def pair_batch_spec(batch_size: int, feature_lengths: dict, num_negatives: int =
 def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
                  feature_lengths: Optional[dict] = None, num_negatives: int = 0,
                  seed: int = 0):
-  """Batcher for a local source, or a seqio task when `source` names one."""
+  """Batcher for a local source ('store:<dir>' a prepared store), or a seqio task when
+  `source` names one."""
   lengths = dict(feature_lengths or DEFAULT_FEATURE_LENGTHS)
+  if source.startswith('store:'):  # a prepared store (data/store.py)
+    from t5dual.data import store_batchers
+    return store_batchers.pair_batcher(source, tokenizer, batch_size, lengths, num_negatives,
+                                       seed)
   try:
     examples = sources.load_examples(source)
   except sources.UnknownSourceError as local_error:

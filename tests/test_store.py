@@ -325,3 +325,38 @@ def test_joined_pieces_equal_the_filled_template(which, tokenizer, shared_dir):
                                     template, length)
       got = np.asarray([_assembled(tokenizer, template, q, d, length) for q, d in pairs])
       np.testing.assert_array_equal(got, want, err_msg=template)
+
+
+def test_synthetic_msmarco_prepares_and_trains_from_the_store(shared_dir, tmp_path):
+  """The benchmark's generator at a tiny scale, its two stores, batches equal to memory."""
+  data = str(tmp_path / 'msmarco')
+  subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'make_synthetic_msmarco.py'),
+                  f'--out_dir={data}', '--scale=0.0002', '--depth=60', '--negatives=5',
+                  f'--real={shared_dir / "data" / "scifact"}'], check=True, capture_output=True)
+  info = json.load(open(os.path.join(data, 'synthetic.json')))
+  assert (info['passages'], info['queries']) == (1768, 101)
+  assert len(open(os.path.join(data, 'run.trec')).readlines()) == 101 * 60
+  tok = vocab.Tokenizer(str(shared_dir / 'vocab' / 't5_spiece.model'))
+  run = os.path.join(data, 'run.trec')
+  for args in ([f'--source=beir:{data}', f'--run={run}', '--max_rank=60',
+                f'--teacher={os.path.join(data, "teacher.trec")}'],
+               [f'--source=jsonl:{os.path.join(data, "negatives.jsonl")}']):
+    out = str(tmp_path / ('lists' if len(args) > 1 else 'pairs'))
+    done = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'prepare_data.py'),
+                           *args, f'--vocabulary={tok.path}', f'--out_dir={out}',
+                           '--max_length=63', '--shard_size=500', '--verify'],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+  memory = pipeline.make_batcher(f'jsonl:{os.path.join(data, "negatives.jsonl")}', tok, 8,
+                                 {'inputs': 16, 'targets': 64}, 5)
+  stored = pipeline.make_batcher(f'store:{tmp_path / "pairs"}', tok, 8,
+                                 {'inputs': 16, 'targets': 64}, 5)
+  for step in (0, 13, 10**6):
+    _assert_batches_equal(stored.batch(step), memory.batch(step))
+  memory = lists.ListBatcher(lists.load_lists(data, 'train', run, max_rank=60,
+                                              teacher_path=os.path.join(data, 'teacher.trec')),
+                             tok, 4, list_size=8, input_length=64)
+  stored = store_batchers.StoreListBatcher(store.Store(str(tmp_path / 'lists'), tok), tok, 4,
+                                           list_size=8, input_length=64)
+  for step in (0, 7, 10**6):
+    _assert_batches_equal(stored.batch(step), memory.batch(step))

@@ -170,7 +170,7 @@ def test_a_far_step_reads_in_milliseconds(beir_store, jsonl_store, tokenizer):
     batcher.batch(10**6)  # the epoch's permutation, once
     start = time.perf_counter()
     batcher.batch(10**6 + 1)
-    assert time.perf_counter() - start < 0.05
+    assert time.perf_counter() - start < 0.1  # milliseconds: a few rows read, nothing else
 
 
 def test_store_must_match_the_configuration(beir_store, jsonl_store, tokenizer, run_files):

@@ -73,20 +73,11 @@ def read_run(path: str, query_ids: Container[str], doc_ids: Container[str]
   seen: dict[tuple[str, str], int] = {}
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
-      if not line.strip():
+      entry = parse_run_line(line, path, lineno)
+      if entry is None:
         continue
-      parts = line.split()
+      qid, doc_id, value = entry
       where = f'{path}:{lineno}'
-      if len(parts) != 6:
-        raise sources.DataError(f'{where}: expected "qid Q0 docid rank score tag", '
-                                f'got {line.strip()!r}')
-      qid, _, doc_id, _, score, _ = parts
-      try:
-        value = float(score)
-      except ValueError:
-        raise sources.DataError(f'{where}: score {score!r} is not a number') from None
-      if not math.isfinite(value):
-        raise sources.DataError(f'{where}: score {score!r} is not finite')
       if qid not in query_ids:
         raise sources.DataError(f'{where}: query id {qid!r} is not in queries.jsonl')
       if doc_id not in doc_ids:
@@ -99,6 +90,26 @@ def read_run(path: str, query_ids: Container[str], doc_ids: Container[str]
   if not rows:
     raise sources.DataError(f'{path}: empty run file')
   return {qid: [(d, -s) for s, _, d in sorted(r)] for qid, r in rows.items()}
+
+
+def parse_run_line(line: str, path: str, lineno: int) -> Optional[tuple[str, str, float]]:
+  """(query id, document id, score) of a TREC run line, None for a blank one; DataError
+  names the file and line of a malformed one."""
+  parts = line.split()
+  if not parts:
+    return None
+  where = f'{path}:{lineno}'
+  if len(parts) != 6:
+    raise sources.DataError(f'{where}: expected "qid Q0 docid rank score tag", '
+                            f'got {line.strip()!r}')
+  qid, _, doc_id, _, score, _ = parts
+  try:
+    value = float(score)
+  except ValueError:
+    raise sources.DataError(f'{where}: score {score!r} is not a number') from None
+  if not math.isfinite(value):
+    raise sources.DataError(f'{where}: score {score!r} is not finite')
+  return qid, doc_id, value
 
 
 def read_teacher(path: str, query_ids: Container[str], doc_ids: Container[str]
@@ -215,6 +226,20 @@ def build_lists(queries: Mapping[str, str], doc_ids: list[str], documents: list[
   return out
 
 
+def read_qrels(path: str, query_ids: Container[str], doc_ids: Container[str]
+               ) -> dict[str, dict[str, int]]:
+  """{query id: {document id: relevance}} of a qrels file whose every line names a known
+  query and document (DataError names the file and line otherwise)."""
+  qrels: dict[str, dict[str, int]] = {}
+  for lineno, qid, did, score in sources._qrels_rows(path):  # line-numbered reader
+    if qid not in query_ids:
+      raise sources.DataError(f'{path}:{lineno}: query id {qid!r} is not in queries.jsonl')
+    if did not in doc_ids:
+      raise sources.DataError(f'{path}:{lineno}: corpus id {did!r} is not in corpus.jsonl')
+    qrels.setdefault(qid, {})[did] = score
+  return qrels
+
+
 def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, float]]', *,
                min_rank: int = 1,
                max_rank: int = 100, min_relevance: int = 1,
@@ -228,15 +253,7 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
   known_docs = set(doc_ids)
   queries = sources.read_beir_queries(beir)
   qrels_file = sources.qrels_path(beir, split)
-  qrels: dict[str, dict[str, int]] = {}
-  for lineno, qid, did, score in sources._qrels_rows(qrels_file):  # line-numbered reader
-    if qid not in queries:
-      raise sources.DataError(f'{qrels_file}:{lineno}: query id {qid!r} is not in '
-                              'queries.jsonl')
-    if did not in known_docs:
-      raise sources.DataError(f'{qrels_file}:{lineno}: corpus id {did!r} is not in '
-                              'corpus.jsonl')
-    qrels.setdefault(qid, {})[did] = score
+  qrels = read_qrels(qrels_file, queries, known_docs)
   if isinstance(run, str):
     run_name = run
     run = read_run(run, queries, known_docs)

@@ -52,8 +52,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
+import pathlib
 import shutil
 import string
 import time
@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from t5dual import cli
+from t5dual import cli, export
 from t5dual.data import sources
 from t5dual.t5 import EOS_ID
 
@@ -81,30 +81,11 @@ class StoreError(sources.DataError):
 
 # --------------------------------------------------------------------------- files
 
-def _sha256_file(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
+_sha256_file, _write_json, _read_json = export._sha256_file, export._write_json, export._read_json
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: dict) -> None:
-  _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + '\n').encode())
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise StoreError(f'{path}: not valid JSON ({e.msg}); the store is damaged') from None
+  export._write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
 
 
 def _file_record(path: str, dtype: Optional[str] = None) -> dict:
@@ -418,10 +399,10 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
     doc_rows = {}
-    for doc_id, text in _beir_corpus(path):
+    for doc_id, text in sources.iter_beir_corpus(path):
       doc_rows[doc_id] = corpus.add(doc_id, text)
     query_rows, query_texts = {}, {}
-    for qid, text in _beir_queries(path):
+    for qid, text in sources.iter_beir_queries(path):
       query_rows[qid] = queries.add(qid, text)
       query_texts[qid] = hashlib.blake2b(text.encode(), digest_size=8).digest()
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
@@ -447,34 +428,6 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
   say(f'{out_dir}: prepared in {time.time() - started:.0f} s, '
       f'{sum(f["bytes"] for f in files.values()) / 2**20:.1f} MiB')
   return manifest
-
-
-def _beir_corpus(folder: str) -> Iterator[tuple[str, str]]:
-  """(id, text) of corpus.jsonl, checked as sources.read_beir_corpus checks it."""
-  path = os.path.join(folder, 'corpus.jsonl')
-  seen = set()
-  for lineno, rec in sources.iter_jsonl(path):
-    doc_id = sources._field(rec, '_id', path, lineno)
-    if doc_id in seen:
-      raise sources.DataError(f'{path}:{lineno}: duplicate _id {doc_id!r}')
-    seen.add(doc_id)
-    title = rec.get('title') or ''
-    if not isinstance(title, str):
-      raise sources.DataError(f'{path}:{lineno}: field \'title\' is {type(title).__name__}, '
-                              'not text')
-    yield doc_id, sources.join_text([title, sources._field(rec, 'text', path, lineno,
-                                                            allow_empty=True)])
-
-
-def _beir_queries(folder: str) -> Iterator[tuple[str, str]]:
-  path = os.path.join(folder, 'queries.jsonl')
-  seen = set()
-  for lineno, rec in sources.iter_jsonl(path):
-    qid = sources._field(rec, '_id', path, lineno)
-    if qid in seen:
-      raise sources.DataError(f'{path}:{lineno}: duplicate _id {qid!r}')
-    seen.add(qid)
-    yield qid, sources._field(rec, 'text', path, lineno, allow_empty=True).strip()
 
 
 def _part_done(out_dir: str, part: str) -> Optional[dict]:
@@ -578,6 +531,7 @@ def _run_groups(path: str, query_rows: dict, doc_rows: dict
                 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """(query id, document rows, scores) per query of a TREC run, by descending score (ties:
   file order), checked as lists.read_run checks it. A query's lines must be together."""
+  from t5dual.data import lists as lists_lib
   seen_queries: dict[str, int] = {}
   qid, rows, scores, first = None, [], [], {}
 
@@ -587,20 +541,11 @@ def _run_groups(path: str, query_rows: dict, doc_rows: dict
 
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
-      parts = line.split()
-      if not parts:
+      entry = lists_lib.parse_run_line(line, path, lineno)
+      if entry is None:
         continue
+      q, doc_id, value = entry
       where = f'{path}:{lineno}'
-      if len(parts) != 6:
-        raise sources.DataError(f'{where}: expected "qid Q0 docid rank score tag", '
-                                f'got {line.strip()!r}')
-      q, _, doc_id, _, score, _ = parts
-      try:
-        value = float(score)
-      except ValueError:
-        raise sources.DataError(f'{where}: score {score!r} is not a number') from None
-      if not math.isfinite(value):
-        raise sources.DataError(f'{where}: score {score!r} is not finite')
       if q != qid:
         if q in seen_queries:
           raise sources.DataError(f'{where}: query {q!r} again after other queries (first '
@@ -640,15 +585,8 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
   if done is not None:
     return done
   qrels_file = sources.qrels_path(folder, split)
-  qrels: dict[str, dict[int, int]] = {}
-  for lineno, qid, did, score in sources._qrels_rows(qrels_file):
-    if qid not in query_rows:
-      raise sources.DataError(f'{qrels_file}:{lineno}: query id {qid!r} is not in '
-                              'queries.jsonl')
-    if did not in doc_rows:
-      raise sources.DataError(f'{qrels_file}:{lineno}: corpus id {did!r} is not in '
-                              'corpus.jsonl')
-    qrels.setdefault(qid, {})[doc_rows[did]] = score
+  qrels = {q: {doc_rows[d]: rel for d, rel in judged.items()}
+           for q, judged in lists_lib.read_qrels(qrels_file, query_rows, doc_rows).items()}
   teacher = None
   if options.teacher:
     texts = lists_lib.read_teacher(options.teacher, query_rows, doc_rows)

@@ -167,6 +167,7 @@ def main(argv):
     shutil.rmtree(path, ignore_errors=True)
   py = sys.executable
   rows = []
+  load_start = os.getloadavg()[0]
   gen = measured([py, 'scripts/make_synthetic_msmarco.py', f'--out_dir={data}',
                   f'--scale={args.scale}'])
   with open(os.path.join(data, 'synthetic.json')) as f:
@@ -216,7 +217,9 @@ def main(argv):
            f'{info["queries"] * info["depth"]} entries, {info["negatives"]} hard negatives; '
            f'generated in {gen["seconds"]:.0f} s), tiny models, T5 vocabulary, '
            f'`python scripts/benchmark_data.py --scale={args.scale}`; each row its own '
-           'process, peak = its maximum resident set:', '',
+           f'process, peak = its maximum resident set; load average {load_start:.1f} at the '
+           f'start, {os.getloadavg()[0]:.1f} at the end (other jobs share the cores: times '
+           'are upper bounds):', '',
            '| what | time | peak host memory | notes |', '|---|---|---|---|', *rows]
   if args.formats:
     table += ['', 'Format (1M rows of ~80 uint16 ids; batch = 1024 x 31 random rows cut to 64):',

@@ -6,10 +6,10 @@ hard negatives) into a directory that any number of hosts read without loading i
 whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
 and produce exactly the batches of pipeline.PairBatcher / lists.ListBatcher.
 
-Why flat arrays and not ArrayRecord (+ Grain): on 1M rows of ~80 tokens (BENCHMARKS.md,
-"Prepared store: the format"), raw arrays write 80x faster, are 27% smaller and read a
-random batch 2.4x faster, and a batch here is a pure function of (seed, step, shard):
-the index sampler and iterator state Grain provides are already the batchers'.
+Why raw arrays and not ArrayRecord (+ Grain): on 1M rows of ~80 ids (BENCHMARKS.md,
+"Training data: prepared store vs in memory"), they write 30x faster, are 27% smaller
+and read a random batch 7x faster, and a batch here is a pure function of (seed, step,
+shard): the index sampler and iterator state Grain provides are the batchers' already.
 
 Layout (every array a raw little-endian file; dtype and length in the manifest):
 
@@ -118,13 +118,11 @@ class _Arrays:
     return records
 
 
-def fingerprint(path: str, sha: bool = True) -> dict:
+def fingerprint(path: str) -> dict:
   """What the store remembers of an input file: where, size, mtime and sha256."""
   stat = os.stat(path)
-  out = {'path': os.path.abspath(path), 'bytes': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
-  if sha:
-    out['sha256'] = _sha256_file(path)
-  return out
+  return {'path': os.path.abspath(path), 'bytes': stat.st_size,
+          'mtime_ns': stat.st_mtime_ns, 'sha256': _sha256_file(path)}
 
 
 # --------------------------------------------------------------------------- token tables
@@ -395,7 +393,7 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
   kind, path, split = parse_source(source)
   corpus, queries = table('corpus'), table('queries')
   if kind == 'jsonl':
-    pairs = _prepare_jsonl(path, out_dir, corpus, queries)
+    pairs = _prepare_pairs(path, sources.iter_jsonl(path), out_dir, corpus, queries)
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
     doc_rows = {}
@@ -482,9 +480,12 @@ def _prepare_beir_pairs(folder, split, out_dir, doc_rows, query_rows, query_text
                                                  'first_without_negatives': 0})
 
 
-def _prepare_jsonl(path, out_dir, corpus: _TableWriter, queries: _TableWriter) -> dict:
-  """Pairs of sources.jsonl_pairs: the corpus is the distinct document texts (positives and
-  negatives, ids by text as jsonl_pairs gives them), the queries the distinct query texts."""
+def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
+                   corpus: _TableWriter, queries: _TableWriter) -> dict:
+  """Pairs of sources.jsonl_pairs from (line, {"query", "positive", "negatives"?}) records
+  (a JSONL file's, or any source's turned into such records, e.g. TFDS): the corpus is the
+  distinct document texts (positives and negatives, ids by text as jsonl_pairs gives
+  them), the queries the distinct query texts. `path` names the source in errors."""
   done = _part_done(out_dir, 'pairs')
   arrays = None if done is not None else _Arrays(os.path.join(out_dir, 'pairs'), _PAIR_DTYPES)
   q_rows, d_rows = {}, {}
@@ -498,7 +499,7 @@ def _prepare_jsonl(path, out_dir, corpus: _TableWriter, queries: _TableWriter) -
       rows[key] = writer.add(str(len(rows)), text)
     return rows[key]
 
-  for lineno, rec in sources.iter_jsonl(path):
+  for lineno, rec in records:
     query = sources._field(rec, 'query', path, lineno, allow_empty=True).strip()
     positive = sources._field(rec, 'positive', path, lineno, allow_empty=True).strip()
     negatives = rec.get('negatives', [])

@@ -242,30 +242,39 @@ class _Interrupt(Exception):
 
 def test_interrupted_prepare_continues_to_the_same_store(demo_collection, run_files, tokenizer,
                                                          beir_store, tmp_path):
-  out = str(tmp_path / 'store')
   options = store.ListOptions(run_files[0], min_rank=2, max_rank=25)
-  shards = []
+  prepare = lambda out, **kw: store.prepare(  # noqa: E731
+      f'beir:{demo_collection}:train', out, tokenizer, max_length=40, shard_size=64,
+      lists=options, **kw)
+  messages = []
+  prepare(str(tmp_path / 'whole'), progress=messages.append)
+  shard_messages = [m for m in messages if 'shard' in m]
+  assert any(m.startswith('lists: run shard 3 ') for m in shard_messages)
+  # Stopped after the 2nd corpus shard, in the queries, and after the 4th shard of the run.
+  for stop_after in (2, 5, len(shard_messages) - 3):
+    out = str(tmp_path / f'stopped-{stop_after}')
+    shards = []
 
-  def interrupt_after_two():
-    shards.append(1)
-    if len(shards) == 2:
-      raise _Interrupt
-  with pytest.raises(_Interrupt):
-    store.prepare(f'beir:{demo_collection}:train', out, tokenizer, max_length=40, shard_size=64,
-                  lists=options, _after_shard=interrupt_after_two)
-  assert not os.path.exists(os.path.join(out, store.MANIFEST))
-  before = _files(out)
-  tokenized = []
-  store.prepare(f'beir:{demo_collection}:train', out, tokenizer, max_length=40, shard_size=64,
-                lists=options, progress=tokenized.append)
-  assert not any('corpus: shard 0 ' in m or 'corpus: shard 1 ' in m for m in tokenized)
-  assert before['corpus/shard-00000.json'] == _files(out)['corpus/shard-00000.json']
-  expected, got = _files(beir_store), _files(out)
-  assert set(got) == set(expected)
-  for name in expected:
-    if name not in (store.PLAN, store.MANIFEST):  # they name the store's own inputs: equal too
-      assert got[name] == expected[name], name
-  assert json.loads(got[store.MANIFEST])['files'] == json.loads(expected[store.MANIFEST])['files']
+    def interrupt():
+      shards.append(1)
+      if len(shards) == stop_after:
+        raise _Interrupt
+    with pytest.raises(_Interrupt):
+      prepare(out, _after_shard=interrupt)
+    assert not os.path.exists(os.path.join(out, store.MANIFEST))
+    before = _files(out)
+    resumed = []
+    prepare(out, progress=resumed.append)
+    # What was complete was neither done again nor changed.
+    assert [m for m in resumed if 'shard' in m] == shard_messages[stop_after:]
+    assert before['corpus/shard-00000.json'] == _files(out)['corpus/shard-00000.json']
+    expected, got = _files(beir_store), _files(out)
+    assert set(got) == set(expected)
+    for name in expected:
+      if name not in (store.PLAN, store.MANIFEST):  # they name the store's own inputs
+        assert got[name] == expected[name], name
+    assert (json.loads(got[store.MANIFEST])['files']
+            == json.loads(expected[store.MANIFEST])['files'])
 
 
 def test_prepare_killed_with_sigkill_continues(pairs_jsonl, jsonl_store, tokenizer, tmp_path):

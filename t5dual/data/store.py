@@ -57,7 +57,7 @@ import pathlib
 import shutil
 import string
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -105,6 +105,10 @@ class _Arrays:
 
   def append(self, name: str, values) -> None:
     self._files[name].write(np.asarray(values, self.dtypes[name]).tobytes())
+
+  def append_file(self, name: str, path: str) -> None:
+    with open(path, 'rb') as f:
+      shutil.copyfileobj(f, self._files[name], 1 << 24)
 
   def close(self) -> dict:
     records = {}
@@ -167,11 +171,7 @@ class _TableWriter:
     k = len(self.shards)
     tag = _shard_tag(k)
     record_path = os.path.join(self.folder, f'shard-{tag}.json')
-    record = _read_json(record_path) if os.path.exists(record_path) else None
-    if record is not None and not all(
-        os.path.exists(p) and os.path.getsize(p) == r['bytes']
-        for p, r in ((os.path.join(self.folder, n), r) for n, r in record['files'].items())):
-      record = None  # a file of the shard went missing: tokenize it again
+    record = _complete_record(record_path)  # None: absent, or a file went missing
     if record is not None:
       if record.get('rows') != len(self._ids):
         raise StoreError(f'{record_path}: {record.get("rows")} rows, but the input now gives '
@@ -406,7 +406,8 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
     pairs = _prepare_beir_pairs(path, split, out_dir, doc_rows, query_rows, query_texts)
     if lists is not None:
-      meta['lists'] = _prepare_lists(path, split, out_dir, doc_rows, query_rows, lists, say)
+      meta['lists'] = _prepare_lists(path, split, out_dir, doc_rows, query_rows, lists,
+                                     shard_size, say, _after_shard)
   meta['pairs'] = pairs
   files = {}
   for name in TABLES:
@@ -528,20 +529,23 @@ def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
                        'first_without_negatives': first_without})
 
 
-def _run_groups(path: str, query_rows: dict, doc_rows: dict
-                ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-  """(query id, document rows, scores) per query of a TREC run, by descending score (ties:
-  file order), checked as lists.read_run checks it. A query's lines must be together."""
+def _run_groups(path: str, query_rows: dict, doc_rows: dict, skip_to: int = 0,
+                seen: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
+  """(query id, document rows, scores, its last line) per query of a TREC run, by
+  descending score (ties: file order), checked as lists.read_run checks it. A query's
+  lines must be together. Lines up to `skip_to` (queries `seen`) were read before."""
   from t5dual.data import lists as lists_lib
-  seen_queries: dict[str, int] = {}
-  qid, rows, scores, first = None, [], [], {}
+  seen_queries: dict[str, int] = dict.fromkeys(seen, 0)
+  qid, rows, scores, first, last = None, [], [], {}, 0
 
   def group():
     order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
-    return qid, np.asarray(rows, np.int32)[order], np.asarray(scores, np.float64)[order]
+    return qid, np.asarray(rows, np.int32)[order], np.asarray(scores, np.float64)[order], last
 
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
+      if lineno <= skip_to:
+        continue
       entry = lists_lib.parse_run_line(line, path, lineno)
       if entry is None:
         continue
@@ -550,8 +554,9 @@ def _run_groups(path: str, query_rows: dict, doc_rows: dict
       if q != qid:
         if q in seen_queries:
           raise sources.DataError(f'{where}: query {q!r} again after other queries (first '
-                                  f'on line {seen_queries[q]}); a prepared store reads a '
-                                  "run one query at a time: sort the run by query")
+                                  f'on line {seen_queries[q] or "<= " + str(skip_to)}); a '
+                                  'prepared store reads a run one query at a time: sort '
+                                  'the run by query')
         if q not in query_rows:
           raise sources.DataError(f'{where}: query id {q!r} is not in queries.jsonl')
         if qid is not None:
@@ -564,10 +569,12 @@ def _run_groups(path: str, query_rows: dict, doc_rows: dict
       if row in first:
         raise sources.DataError(f'{where}: document {doc_id!r} listed twice for query '
                                 f'{q!r} (first on line {first[row]})')
-      first[row] = lineno
+      first[row] = last = lineno
       rows.append(row)
       scores.append(value)
   if qid is None:
+    if skip_to:
+      return
     raise sources.DataError(f'{path}: empty run file')
   yield group()
 
@@ -579,11 +586,12 @@ _LIST_DTYPES = {'query_row': 'int32', 'pos_offsets': 'int64', 'pos_rows': 'int32
 
 
 def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOptions,
-                   say) -> dict:
+                   shard_size, say, after_shard) -> dict:
   """The lists of lists.load_lists: same queries, order, positives, negatives, teacher."""
   from t5dual.data import lists as lists_lib
   done = _part_done(out_dir, 'lists')
   if done is not None:
+    _remove_run_shards(out_dir)  # stopped after done.json, before removing them
     return done
   qrels_file = sources.qrels_path(folder, split)
   qrels = {q: {doc_rows[d]: rel for d, rel in judged.items()}
@@ -595,32 +603,28 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
   dtypes = dict(_LIST_DTYPES)
   if teacher is None:
     del dtypes['pos_teacher'], dtypes['neg_teacher']
-  arrays = _Arrays(os.path.join(out_dir, 'lists'), dtypes)
-  negatives: dict[str, tuple[int, int]] = {}  # query -> (start, count) in neg_rows
-  total, run_queries = 0, set()
-  for qid, rows, scores in _run_groups(options.run, query_rows, doc_rows):
-    run_queries.add(qid)
-    judged = qrels.get(qid)
-    if not judged:
-      continue
-    known = None if teacher is None else teacher.get(qid, {})
-    window = slice(options.min_rank - 1, options.max_rank)
-    rows, scores = rows[window], scores[window]
-    keep = np.fromiter((judged.get(r, 0) <= 0 and (known is None or r in known)
-                        for r in rows.tolist()), bool, len(rows))
-    rows, scores = rows[keep], scores[keep]
-    negatives[qid] = (total, len(rows))
-    total += len(rows)
-    arrays.append('neg_rows', rows)
-    arrays.append('neg_scores', scores)
-    if known is not None:
-      arrays.append('neg_teacher', [known[r] for r in rows.tolist()])
-    if len(run_queries) % 100_000 == 0:
-      say(f'lists: {len(run_queries)} queries of the run')
-  skipped = {'no positive': 0, 'no negative in the rank window': 0,
-             'no teacher score for a positive': 0}
+  shards = _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size,
+                       say, after_shard)
+  folder = os.path.join(out_dir, 'lists')
+  arrays = _Arrays(folder, dtypes)
+  read = lambda name, k: np.fromfile(os.path.join(folder, f'{name}-{_shard_tag(k)}.bin'),  # noqa: E731
+                                     np.int32)
+  run_rows = np.concatenate([read('queries', k) for k in range(len(shards))])
+  counts = np.concatenate([read('counts', k) for k in range(len(shards))]).astype(np.int64)
+  starts = np.cumsum(counts) - counts
+  # query row -> (start, count) in neg_rows: the run's queries with a judgement.
+  negatives = {r: (s, c) for r, s, c in zip(run_rows.tolist(), starts.tolist(),
+                                            counts.tolist()) if c}
+  for name in dtypes:
+    if name.startswith('neg_') and name not in ('neg_start', 'neg_count'):
+      for k in range(len(shards)):
+        arrays.append_file(name, os.path.join(folder, f'{name}-{_shard_tag(k)}.bin'))
+  total = int(counts.sum())
+  judged_rows = {query_rows[q] for q in qrels}
+  skipped = {'no positive': len(set(run_rows.tolist()) - judged_rows),  # run-only queries
+             'no negative in the rank window': 0, 'no teacher score for a positive': 0}
   pos_offsets, count = [0], 0
-  for qid in dict.fromkeys(list(qrels) + list(run_queries)):
+  for qid in qrels:
     judged = qrels.get(qid, {})
     positives = [(r, float(rel)) for r, rel in judged.items() if rel >= options.min_relevance]
     if not positives:
@@ -632,7 +636,7 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
       if not positives:
         skipped['no teacher score for a positive'] += 1
         continue
-    start, n_neg = negatives.get(qid, (0, 0))
+    start, n_neg = negatives.get(query_rows[qid], (0, 0))
     if not n_neg:
       skipped['no negative in the rank window'] += 1
       continue
@@ -655,9 +659,102 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
     shutil.rmtree(os.path.join(out_dir, 'lists'))
     raise sources.DataError(f'{source}: no query has both a positive and a negative in '
                             f'ranks [{options.min_rank}, {options.max_rank}] ({skipped})')
-  return _finish_part(out_dir, 'lists', arrays, {'rows': count, 'negatives': total,
-                                                 'teacher': teacher is not None,
-                                                 'skipped': skipped})
+  meta = _finish_part(out_dir, 'lists', arrays, {'rows': count, 'negatives': total,
+                                                  'teacher': teacher is not None,
+                                                  'skipped': skipped})
+  _remove_run_shards(out_dir)
+  return meta
+
+
+_RUN_SHARD_FILES = ('queries', 'counts', 'neg_rows', 'neg_scores', 'neg_teacher', 'shard')
+
+
+def _remove_run_shards(out_dir: str) -> None:
+  """The run's shards, once their contents are in the lists' files (done.json)."""
+  folder = os.path.join(out_dir, 'lists')
+  for name in os.listdir(folder):
+    if name.split('-')[0] in _RUN_SHARD_FILES and name.split('-')[-1][:5].isdigit():
+      os.remove(os.path.join(folder, name))
+
+
+def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size, say,
+                after_shard) -> list[dict]:
+  """One pass over the run, cut every max(1, shard_size // 16) queries (a depth-1000 run:
+  16M entries a shard at the default) into lists/<array>-0000k.bin: per run query its
+  row ('queries') and how many negatives it keeps ('counts'), and those negatives'
+  rows, first-stage scores and teacher scores. Shards whose record exists are kept, and
+  the run is read on from the line after them."""
+  folder = os.path.join(out_dir, 'lists')
+  os.makedirs(folder, exist_ok=True)
+  names = {'neg_rows': np.int32, 'neg_scores': np.float32}
+  if teacher is not None:
+    names['neg_teacher'] = np.float32
+  shards = []
+  while True:
+    record = _complete_record(os.path.join(folder, f'shard-{_shard_tag(len(shards))}.json'))
+    if record is None:
+      break
+    shards.append(record)
+  qid_of_row = {r: q for q, r in query_rows.items()} if shards else {}
+  seen = [qid_of_row[r] for k in range(len(shards)) for r in np.fromfile(
+      os.path.join(folder, f'queries-{_shard_tag(k)}.bin'), np.int32).tolist()]
+  per_shard = max(1, shard_size // 16)
+  buffer = {name: [] for name in names}
+  run_rows, counts, last_line = [], [], shards[-1]['last_line'] if shards else 0
+
+  def flush():
+    tag = _shard_tag(len(shards))
+    data = {f'queries-{tag}.bin': np.asarray(run_rows, np.int32).tobytes(),
+            f'counts-{tag}.bin': np.asarray(counts, np.int32).tobytes()}
+    for name, dtype in names.items():
+      data[f'{name}-{tag}.bin'] = np.concatenate(buffer[name]).astype(dtype).tobytes()
+      buffer[name].clear()
+    record = {'queries': len(run_rows), 'last_line': last_line, 'files': {}}
+    for name, content in data.items():
+      _write_atomic(os.path.join(folder, name), content)
+      record['files'][name] = {'bytes': len(content),
+                               'sha256': hashlib.sha256(content).hexdigest()}
+    _write_json(os.path.join(folder, f'shard-{tag}.json'), record)
+    shards.append(record)
+    run_rows.clear()
+    counts.clear()
+    say(f'lists: run shard {len(shards) - 1} (up to line {last_line})')
+    if after_shard is not None:
+      after_shard()
+
+  window = slice(options.min_rank - 1, options.max_rank)
+  for qid, rows, scores, last_line in _run_groups(options.run, query_rows, doc_rows,
+                                                  last_line, seen):
+    judged = qrels.get(qid)
+    known = None if teacher is None else teacher.get(qid, {})
+    rows, scores = rows[window], scores[window]
+    keep = np.fromiter((bool(judged) and judged.get(r, 0) <= 0 and
+                        (known is None or r in known) for r in rows.tolist()), bool, len(rows))
+    rows, scores = rows[keep], scores[keep]
+    run_rows.append(query_rows[qid])
+    counts.append(len(rows))
+    buffer['neg_rows'].append(rows)
+    buffer['neg_scores'].append(scores)
+    if known is not None:
+      buffer['neg_teacher'].append(np.asarray([known[r] for r in rows.tolist()], np.float64))
+    if len(run_rows) == per_shard:
+      flush()
+  if run_rows:
+    flush()
+  return shards
+
+
+def _complete_record(record_path: str) -> Optional[dict]:
+  """A shard's record if it and every file it lists (right size) exist, else None."""
+  if not os.path.exists(record_path):
+    return None
+  record = _read_json(record_path)
+  folder = os.path.dirname(record_path)
+  for name, r in record['files'].items():
+    path = os.path.join(folder, name)
+    if not os.path.exists(path) or os.path.getsize(path) != r['bytes']:
+      return None
+  return record
 
 
 # --------------------------------------------------------------------------- reading

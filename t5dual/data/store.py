@@ -28,6 +28,8 @@ Layout (every array a raw little-endian file; dtype and length in the manifest):
                                  neg_rows, neg_scores (first-stage scores, rank order)
                                  (, neg_teacher): the run's window, judged documents and
                                  documents without a teacher score left out
+  lists/<array>-0000k.bin        while preparing: shard k of the pass over the run
+                                 (removed once the lists are complete)
   <part>/done.json               the part (pairs, lists) is complete
   manifest.json                  written last: plan, counts, every file's bytes and sha256
 
@@ -35,15 +37,15 @@ Token ids are uint16 where the vocabulary fits, else int32. A row is cut at read
 to `length - 1` ids and EOS appended, which is `Tokenizer.encode` for any length up to
 max_length + 1. Every file is written under a temporary name and renamed, and shard
 records come after their files, so an interrupted prepare continues from the last
-complete shard (the corpus and queries) or part (pairs, lists), and ends with the same
-store. Opening checks every file's size (and with verify=True its sha256), the
+complete shard (of the corpus, the queries, the run) and ends with the same store. Opening checks every file's size (and with verify=True its sha256), the
 tokenizer, and the inputs where they are still present: a damaged or stale store is one
 line naming the file.
 
 What prepare holds in memory: the ids of documents and queries (id -> row), the qrels,
-per pair a few integers, the teacher's scores when given; never texts beyond one shard,
-never the run (read one query at a time: each query's lines must be together, as TREC
-runs are written).
+per pair a few integers (JSONL: a 12-byte digest per distinct text), a few integers per
+query of the run, the teacher's scores when given (lists.read_teacher); never texts
+beyond one shard, never more of the run than one shard (read one query at a time: each
+query's lines must be together, as TREC runs are written).
 """
 
 from __future__ import annotations

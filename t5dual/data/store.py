@@ -33,13 +33,14 @@ Layout (every array a raw little-endian file; dtype and length in the manifest):
   <part>/done.json               the part (pairs, lists) is complete
   manifest.json                  written last: plan, counts, every file's bytes and sha256
 
-Token ids are uint16 where the vocabulary fits, else int32. A row is cut at read time
-to `length - 1` ids and EOS appended, which is `Tokenizer.encode` for any length up to
+Token ids are uint16 where the vocabulary fits, else int32. A row is cut at read time to
+`length - 1` ids and EOS appended, which is `Tokenizer.encode` for any length up to
 max_length + 1. Every file is written under a temporary name and renamed, and shard
 records come after their files, so an interrupted prepare continues from the last
-complete shard (of the corpus, the queries, the run) and ends with the same store. Opening checks every file's size (and with verify=True its sha256), the
-tokenizer, and the inputs where they are still present: a damaged or stale store is one
-line naming the file.
+complete shard (of the corpus, the queries, the run) and ends with the same store.
+Opening checks every file's size (and with verify=True its sha256), the tokenizer, and
+the inputs where they are still present: a damaged or stale store is one line naming the
+file.
 
 What prepare holds in memory: the ids of documents and queries (id -> row), the qrels,
 per pair a few integers (JSONL: a 12-byte digest per distinct text), a few integers per
@@ -609,10 +610,10 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
                        say, after_shard)
   folder = os.path.join(out_dir, 'lists')
   arrays = _Arrays(folder, dtypes)
-  read = lambda name, k: np.fromfile(os.path.join(folder, f'{name}-{_shard_tag(k)}.bin'),  # noqa: E731
-                                     np.int32)
-  run_rows = np.concatenate([read('queries', k) for k in range(len(shards))])
-  counts = np.concatenate([read('counts', k) for k in range(len(shards))]).astype(np.int64)
+  def read(name):  # an int32 array of the run's shards, whole: a few per query of the run
+    return np.concatenate([np.fromfile(os.path.join(folder, f'{name}-{_shard_tag(k)}.bin'),
+                                       np.int32) for k in range(len(shards))])
+  run_rows, counts = read('queries'), read('counts').astype(np.int64)
   starts = np.cumsum(counts) - counts
   # query row -> (start, count) in neg_rows: the run's queries with a judgement.
   negatives = {r: (s, c) for r, s, c in zip(run_rows.tolist(), starts.tolist(),

@@ -129,7 +129,8 @@ class StoreListBatcher:
   def list_indices(self, step: int, shard_index: int = 0, num_shards: int = 1) -> np.ndarray:
     return self._order.rows(self.positions(step, shard_index, num_shards))
 
-  def sample(self, position: int, query: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+  def sample(self, position: int, query: int
+             ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """(document rows, labels, teacher scores or None) of the list at `position`."""
     p0, p1 = int(self._pos_offsets[query]), int(self._pos_offsets[query + 1])
     n0, n_neg = int(self._neg_start[query]), int(self._neg_count[query])

@@ -3,7 +3,7 @@
 # pinned versions, then runs the job. Nothing needs an activated virtualenv.
 #   bash scripts/run.sh demo    [demo flags]    train, export, retrieve, report metrics
 #   bash scripts/run.sh test    [pytest flags]  the test suite
-#   bash scripts/run.sh train|eval|export|convert|rerank|plan [flags]
+#   bash scripts/run.sh train|eval|export|convert|rerank|plan|prepare_data [flags]
 #                                               scripts/<job>.py with the same set-up
 # Conversions to Hugging Face / sentence-transformers need PyTorch: the `test`
 # job installs it, or set T5DUAL_EXTRAS=torch for the others.
@@ -48,9 +48,9 @@ case "$job" in
   # Two workers, each test file on one (its module fixtures start their processes once);
   # T5DUAL_TEST_WORKERS=0 runs in this process, and flags given here come after these.
   test) exec python -m pytest -q tests -n "${T5DUAL_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
-  train|eval|export|convert|rerank|plan)
+  train|eval|export|convert|rerank|plan|prepare_data)
     [ -f "scripts/$job.py" ] || { echo "scripts/$job.py does not exist" >&2; exit 2; }
     exec python "scripts/$job.py" "$@" ;;
-  *) echo "usage: bash scripts/run.sh demo|test|train|eval|export|convert|rerank|plan|extras [args]" >&2
+  *) echo "usage: bash scripts/run.sh demo|test|train|eval|export|convert|rerank|plan|prepare_data|extras [args]" >&2
      exit 2 ;;
 esac

@@ -416,13 +416,18 @@ class RerankerModel:
 
   def make_batcher(self, source: str, tokenizer: Tokenizer, batch_size: int,
                    feature_lengths: dict, seed: int = 0, num_negatives: int = 0):
-    """Training lists of a BEIR split ('beir:<folder>[:<split>]' or a folder)."""
+    """Training lists of a BEIR split ('beir:<folder>[:<split>]' or a folder) or of a
+    prepared store ('store:<dir>', data/store.py)."""
     from t5dual.data import lists as lists_lib
     if num_negatives:
       raise ValueError('NUM_NEGATIVES is for dual encoders; a reranker samples its negatives '
                        'from the first-stage run (ListsConfig.list_size)')
-    folder, split = beir_source(source)
     cfg = self.lists
+    if source.startswith('store:'):  # a prepared store (data/store.py)
+      from t5dual.data import store_batchers
+      return store_batchers.list_batcher(source, tokenizer, batch_size, cfg,
+                                         feature_lengths['inputs'], self.config.template, seed)
+    folder, split = beir_source(source)
     run = cfg.first_stage_run
     if run is None:
       from t5dual import bm25

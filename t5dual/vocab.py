@@ -48,6 +48,16 @@ class Tokenizer:
       out[row, :len(ids)] = ids
     return out
 
+  def encode_ids(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Ids of each text, no EOS, cut at `max_length` (the prepared store's rows,
+    data/store.py; `encode` of them is `ids[:length - 1] + [EOS]` for length <= max_length + 1)."""
+    return [ids[:max_length] for ids in self._sp.encode(list(texts))]
+
+  def sha256(self) -> str:
+    """Checksum of the SentencePiece model: what a prepared store was tokenized with."""
+    import hashlib
+    return hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids if i not in (PAD_ID, EOS_ID)])
 

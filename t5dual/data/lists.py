@@ -43,7 +43,7 @@ from typing import Callable, Container, Mapping, Optional
 
 import numpy as np
 
-from t5dual.data import sources
+from t5dual.data import pipeline, sources
 from t5dual.vocab import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,20 +73,11 @@ def read_run(path: str, query_ids: Container[str], doc_ids: Container[str]
   seen: dict[tuple[str, str], int] = {}
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):
-      if not line.strip():
+      entry = parse_run_line(line, path, lineno)
+      if entry is None:
         continue
-      parts = line.split()
+      qid, doc_id, value = entry
       where = f'{path}:{lineno}'
-      if len(parts) != 6:
-        raise sources.DataError(f'{where}: expected "qid Q0 docid rank score tag", '
-                                f'got {line.strip()!r}')
-      qid, _, doc_id, _, score, _ = parts
-      try:
-        value = float(score)
-      except ValueError:
-        raise sources.DataError(f'{where}: score {score!r} is not a number') from None
-      if not math.isfinite(value):
-        raise sources.DataError(f'{where}: score {score!r} is not finite')
       if qid not in query_ids:
         raise sources.DataError(f'{where}: query id {qid!r} is not in queries.jsonl')
       if doc_id not in doc_ids:
@@ -99,6 +90,26 @@ def read_run(path: str, query_ids: Container[str], doc_ids: Container[str]
   if not rows:
     raise sources.DataError(f'{path}: empty run file')
   return {qid: [(d, -s) for s, _, d in sorted(r)] for qid, r in rows.items()}
+
+
+def parse_run_line(line: str, path: str, lineno: int) -> Optional[tuple[str, str, float]]:
+  """(query id, document id, score) of a TREC run line, None for a blank one; DataError
+  names the file and line of a malformed one."""
+  parts = line.split()
+  if not parts:
+    return None
+  where = f'{path}:{lineno}'
+  if len(parts) != 6:
+    raise sources.DataError(f'{where}: expected "qid Q0 docid rank score tag", '
+                            f'got {line.strip()!r}')
+  qid, _, doc_id, _, score, _ = parts
+  try:
+    value = float(score)
+  except ValueError:
+    raise sources.DataError(f'{where}: score {score!r} is not a number') from None
+  if not math.isfinite(value):
+    raise sources.DataError(f'{where}: score {score!r} is not finite')
+  return qid, doc_id, value
 
 
 def read_teacher(path: str, query_ids: Container[str], doc_ids: Container[str]
@@ -215,6 +226,20 @@ def build_lists(queries: Mapping[str, str], doc_ids: list[str], documents: list[
   return out
 
 
+def read_qrels(path: str, query_ids: Container[str], doc_ids: Container[str]
+               ) -> dict[str, dict[str, int]]:
+  """{query id: {document id: relevance}} of a qrels file whose every line names a known
+  query and document (DataError names the file and line otherwise)."""
+  qrels: dict[str, dict[str, int]] = {}
+  for lineno, qid, did, score in sources._qrels_rows(path):  # line-numbered reader
+    if qid not in query_ids:
+      raise sources.DataError(f'{path}:{lineno}: query id {qid!r} is not in queries.jsonl')
+    if did not in doc_ids:
+      raise sources.DataError(f'{path}:{lineno}: corpus id {did!r} is not in corpus.jsonl')
+    qrels.setdefault(qid, {})[did] = score
+  return qrels
+
+
 def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, float]]', *,
                min_rank: int = 1,
                max_rank: int = 100, min_relevance: int = 1,
@@ -228,15 +253,7 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
   known_docs = set(doc_ids)
   queries = sources.read_beir_queries(beir)
   qrels_file = sources.qrels_path(beir, split)
-  qrels: dict[str, dict[str, int]] = {}
-  for lineno, qid, did, score in sources._qrels_rows(qrels_file):  # line-numbered reader
-    if qid not in queries:
-      raise sources.DataError(f'{qrels_file}:{lineno}: query id {qid!r} is not in '
-                              'queries.jsonl')
-    if did not in known_docs:
-      raise sources.DataError(f'{qrels_file}:{lineno}: corpus id {did!r} is not in '
-                              'corpus.jsonl')
-    qrels.setdefault(qid, {})[did] = score
+  qrels = read_qrels(qrels_file, queries, known_docs)
   if isinstance(run, str):
     run_name = run
     run = read_run(run, queries, known_docs)
@@ -247,6 +264,24 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
   return build_lists(queries, doc_ids, documents, qrels, run, min_rank=min_rank,
                      max_rank=max_rank, min_relevance=min_relevance, teacher=teacher,
                      source=f'{run_name} + {qrels_file}')
+
+
+def list_choices(seed: int, position: int, num_positive: int, num_negative: int,
+                 num_positives: int, list_size: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The list at stream `position` of a query with `num_positive` positives and
+  `num_negative` negatives: (positives taken, negatives taken, order), indices into
+  the query's positives and negatives, and the permutation of [positives taken +
+  negatives taken] that is the list order (no position carries the label).
+
+  Shared by ListBatcher and the store's list batcher (data/store_batchers.py).
+  """
+  rng = np.random.default_rng([seed, position, _LIST_STREAM])
+  n_pos = min(num_positives, num_positive)
+  n_neg = min(list_size - n_pos, num_negative)
+  pos = rng.choice(num_positive, n_pos, replace=False)
+  neg = rng.choice(num_negative, n_neg, replace=False)
+  return pos, neg, rng.permutation(n_pos + n_neg)
 
 
 # The features holding token ids, which the scorer runs over.
@@ -303,15 +338,7 @@ class ListBatcher:
       raise ValueError(f'input_length must be >= 2 (a token and EOS), got {self.input_length}')
     if not len(self.lists):
       raise ValueError('no training lists')
-    self._perms: dict[int, np.ndarray] = {}
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) > 4:
-        self._perms.clear()
-      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-          len(self.lists))
-    return self._perms[epoch]
+    self._order = pipeline.EpochOrder(self.seed, len(self.lists))
 
   def positions(self, step: int, shard_index: int = 0, num_shards: int = 1
                 ) -> np.ndarray:
@@ -326,24 +353,15 @@ class ListBatcher:
   def list_indices(self, step: int, shard_index: int = 0, num_shards: int = 1
                    ) -> np.ndarray:
     """Which query each row of slice `shard_index` of batch `step` holds."""
-    positions = self.positions(step, shard_index, num_shards)
-    n = len(self.lists)
-    epochs = positions // n
-    out = np.empty(len(positions), np.int64)
-    for epoch in np.unique(epochs):  # a batch spans one epoch, or two at a boundary
-      rows = epochs == epoch
-      out[rows] = self._permutation(int(epoch))[positions[rows] % n]
-    return out
+    return self._order.rows(self.positions(step, shard_index, num_shards))
 
   def sample(self, position: int, query: int) -> tuple[list[int], list[float]]:
     """(document rows, labels) of the list at stream `position`, in list order."""
-    rng = np.random.default_rng([self.seed, position, _LIST_STREAM])
     positives, negatives = self.lists.positives[query], self.lists.negatives[query]
-    n_pos = min(self.num_positives, len(positives))
-    n_neg = min(self.list_size - n_pos, len(negatives))
-    picked = [positives[i] for i in rng.choice(len(positives), n_pos, replace=False)]
-    picked += [(negatives[i], 0.0) for i in rng.choice(len(negatives), n_neg, replace=False)]
-    picked = [picked[i] for i in rng.permutation(len(picked))]  # no position carries the label
+    pos, neg, order = list_choices(self.seed, position, len(positives), len(negatives),
+                                   self.num_positives, self.list_size)
+    picked = [positives[i] for i in pos] + [(negatives[i], 0.0) for i in neg]
+    picked = [picked[i] for i in order]
     return [r for r, _ in picked], [y for _, y in picked]
 
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:

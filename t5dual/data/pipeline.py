@@ -47,42 +47,20 @@ class PairBatcher:
       if missing:
         raise cli.ConfigError(f'num_negatives={self.num_negatives} but {len(missing)} examples '
                               f'have no negatives (first: example {missing[0]})')
-    self._perms: dict[int, np.ndarray] = {}
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) > 4:
-        self._perms.clear()
-      rng = np.random.default_rng([self.seed, epoch])
-      self._perms[epoch] = rng.permutation(len(self.examples))
-    return self._perms[epoch]
+    self._order = EpochOrder(self.seed, len(self.examples))
 
   def example_indices(self, step: int, shard_index: int = 0,
                       num_shards: int = 1) -> np.ndarray:
     """Indices of the examples of global batch `step`, slice `shard_index` of `num_shards`
     (partitioning.DataLayout: the rows one data shard of the mesh loads)."""
-    per_shard = _rows_per_shard(self.batch_size, num_shards)
-    n = len(self.examples)
-    start = step * self.batch_size + shard_index * per_shard
-    positions = np.arange(start, start + per_shard)
-    epochs = positions // n
-    out = np.empty(per_shard, np.int64)
-    for epoch in np.unique(epochs):  # a batch spans one epoch, or two at a boundary
-      rows = epochs == epoch
-      out[rows] = self._permutation(int(epoch))[positions[rows] % n]
-    return out
+    return self._order.rows(stream_positions(self.batch_size, step, shard_index, num_shards))
 
   def _negative_picks(self, step: int, shard_index: int, num_shards: int) -> list:
     """Which negatives each row of the slice takes: drawn for the whole global batch from
     one generator keyed by (seed, step), then sliced, so that a row's negatives are the
     same whatever the number of shards (one process or a pod)."""
-    ex = self.examples
-    rng = np.random.default_rng([self.seed, step, 0, 1])
-    picks = [rng.choice(len(ex.negatives[i]), self.num_negatives,
-                        replace=len(ex.negatives[i]) < self.num_negatives)
-             for i in self.example_indices(step)]
-    per_shard = self.batch_size // num_shards
-    return picks[shard_index * per_shard:(shard_index + 1) * per_shard]
+    counts = [len(self.examples.negatives[i]) for i in self.example_indices(step)]
+    return negative_choices(self.seed, step, counts, self.num_negatives, shard_index, num_shards)
 
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     idx = self.example_indices(step, shard_index, num_shards)
@@ -111,6 +89,58 @@ def _rows_per_shard(batch_size: int, num_shards: int) -> int:
   return batch_size // num_shards
 
 
+def stream_positions(batch_size: int, step: int, shard_index: int = 0,
+                     num_shards: int = 1) -> np.ndarray:
+  """Stream positions of global batch `step`, slice `shard_index` of `num_shards`:
+  step * B + [k * B / n, (k + 1) * B / n)."""
+  per_shard = _rows_per_shard(batch_size, num_shards)
+  start = step * batch_size + shard_index * per_shard
+  return np.arange(start, start + per_shard)
+
+
+class EpochOrder:
+  """The endless stream over n examples in which epoch e visits them in
+  `permutation(seed, e)`: `rows(positions)` are the examples at those stream positions.
+
+  Shared by the in-memory batchers and the store batchers (data/store_batchers.py),
+  so both draw the same examples. Holds the permutations of the last few epochs
+  (n int64 each: the one O(collection) array a batcher keeps).
+  """
+
+  def __init__(self, seed: int, n: int):
+    self.seed, self.n = seed, n
+    self._perms: dict[int, np.ndarray] = {}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) > 4:
+        self._perms.clear()
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+    return self._perms[epoch]
+
+  def rows(self, positions: np.ndarray) -> np.ndarray:
+    epochs = positions // self.n
+    out = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):  # a batch spans one epoch, or two at a boundary
+      rows = epochs == epoch
+      out[rows] = self.permutation(int(epoch))[positions[rows] % self.n]
+    return out
+
+
+def negative_choices(seed: int, step: int, counts, num_negatives: int, shard_index: int = 0,
+                     num_shards: int = 1) -> list:
+  """Which of its `counts[i]` hard negatives each row of global batch `step` takes
+  (indices into the row's negatives), for slice `shard_index` of `num_shards`.
+
+  Drawn for the whole global batch from one generator keyed by (seed, step), then
+  sliced, so that a row's negatives are the same whatever the number of shards.
+  """
+  rng = np.random.default_rng([seed, step, 0, 1])
+  picks = [rng.choice(c, num_negatives, replace=c < num_negatives) for c in counts]
+  per_shard = len(picks) // num_shards
+  return picks[shard_index * per_shard:(shard_index + 1) * per_shard]
+
+
 # The features holding token ids, which the encoders run over (the rest are ids for
 # duplicate masking).
 PAIR_TOKEN_FEATURES = ('inputs', 'targets', 'negative_targets')
@@ -136,8 +166,13 @@ def pair_batch_spec(batch_size: int, feature_lengths: dict, num_negatives: int =
 def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
                  feature_lengths: Optional[dict] = None, num_negatives: int = 0,
                  seed: int = 0):
-  """Batcher for a local source, or a seqio task when `source` names one."""
+  """Batcher for a local source ('store:<dir>' a prepared store), or a seqio task when
+  `source` names one."""
   lengths = dict(feature_lengths or DEFAULT_FEATURE_LENGTHS)
+  if source.startswith('store:'):  # a prepared store (data/store.py)
+    from t5dual.data import store_batchers
+    return store_batchers.pair_batcher(source, tokenizer, batch_size, lengths, num_negatives,
+                                       seed)
   try:
     examples = sources.load_examples(source)
   except sources.UnknownSourceError as local_error:

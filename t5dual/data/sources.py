@@ -148,8 +148,17 @@ def read_beir_corpus(folder: str) -> tuple[list[str], list[str]]:
   "text" must be present and a string but may be empty, as may "title"; a
   document with neither keeps its id and an empty text.
   """
+  ids, texts = [], []
+  for doc_id, text in iter_beir_corpus(folder):
+    ids.append(doc_id)
+    texts.append(text)
+  return ids, texts
+
+
+def iter_beir_corpus(folder: str) -> Iterator[tuple[str, str]]:
+  """(id, text) of each document of corpus.jsonl, one at a time (read_beir_corpus)."""
   path = os.path.join(folder, 'corpus.jsonl')
-  ids, texts, seen = [], [], {}
+  seen = {}
   for lineno, rec in iter_jsonl(path):
     doc_id = _field(rec, '_id', path, lineno)
     if doc_id in seen:
@@ -159,21 +168,24 @@ def read_beir_corpus(folder: str) -> tuple[list[str], list[str]]:
     if not isinstance(title, str):
       raise DataError(f'{path}:{lineno}: field \'title\' is {type(title).__name__}, not text')
     text = _field(rec, 'text', path, lineno, allow_empty=True)
-    ids.append(doc_id)
-    texts.append(join_text([title, text]))
-  return ids, texts
+    yield doc_id, join_text([title, text])
 
 
 def read_beir_queries(folder: str) -> dict[str, str]:
   """{query id: text} of queries.jsonl, in file order; a text may be empty."""
+  return dict(iter_beir_queries(folder))
+
+
+def iter_beir_queries(folder: str) -> Iterator[tuple[str, str]]:
+  """(id, text) of each query of queries.jsonl, one at a time (read_beir_queries)."""
   path = os.path.join(folder, 'queries.jsonl')
-  queries = {}
+  seen = set()
   for lineno, rec in iter_jsonl(path):
     qid = _field(rec, '_id', path, lineno)
-    if qid in queries:
+    if qid in seen:
       raise DataError(f'{path}:{lineno}: duplicate _id {qid!r}')
-    queries[qid] = _field(rec, 'text', path, lineno, allow_empty=True).strip()
-  return queries
+    seen.add(qid)
+    yield qid, _field(rec, 'text', path, lineno, allow_empty=True).strip()
 
 
 def _qrels_rows(path: str) -> Iterator[tuple[int, str, str, int]]:

@@ -1,0 +1,837 @@
+"""A prepared store: training data tokenized once, read by index from memory-mapped files.
+
+`prepare(...)` turns a BEIR folder (its training pairs and, with a first-stage run,
+reranker training lists, optionally with teacher scores) or a JSONL pair file (with
+hard negatives) into a directory that any number of hosts read without loading it
+whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
+and produce exactly the batches of pipeline.PairBatcher / lists.ListBatcher.
+
+Why raw arrays and not ArrayRecord (+ Grain): on 1M rows of ~80 ids (BENCHMARKS.md,
+"Training data: prepared store vs in memory"), they write 30x faster, are 27% smaller
+and read a random batch 7x faster, and a batch here is a pure function of (seed, step,
+shard): the index sampler and iterator state Grain provides are the batchers' already.
+
+Layout (every array a raw little-endian file; dtype and length in the manifest):
+
+  plan.json                      what is prepared from (inputs' size/mtime/sha256, the
+                                 tokenizer's sha256, max_length, shard_size, list window)
+  corpus/tokens-0000k.bin        token ids of rows k*shard_size.., cut at max_length, no EOS
+  corpus/offsets-0000k.bin       int64 [rows + 1] into that shard's tokens
+  corpus/ids-0000k.txt           the rows' ids, one per line
+  corpus/shard-0000k.json        written last: the shard is complete (sizes, sha256)
+  queries/...                    the same for queries
+  pairs/*.bin                    per training pair: query_row, doc_row, query_id, doc_id
+                                 (the in-memory batcher's duplicate-masking ids),
+                                 neg_offsets [pairs + 1] into neg_rows / neg_ids
+  lists/*.bin                    per training list: query_row, pos_offsets into pos_rows,
+                                 pos_labels (, pos_teacher); neg_start, neg_count into
+                                 neg_rows, neg_scores (first-stage scores, rank order)
+                                 (, neg_teacher): the run's window, judged documents and
+                                 documents without a teacher score left out
+  lists/<array>-0000k.bin        while preparing: shard k of the pass over the run
+                                 (removed once the lists are complete)
+  <part>/done.json               the part (pairs, lists) is complete
+  manifest.json                  written last: plan, counts, every file's bytes and sha256
+
+Token ids are uint16 where the vocabulary fits, else int32. A row is cut at read time to
+`length - 1` ids and EOS appended, which is `Tokenizer.encode` for any length up to
+max_length + 1. Every file is written under a temporary name and renamed, and shard
+records come after their files, so an interrupted prepare continues from the last
+complete shard (of the corpus, the queries, the run) and ends with the same store.
+Opening checks every file's size (and with verify=True its sha256), the tokenizer, and
+the inputs where they are still present: a damaged or stale store is one line naming the
+file.
+
+What prepare holds in memory: the ids of documents and queries (id -> row), the qrels,
+per pair a few integers (JSONL: a 12-byte digest per distinct text), a few integers per
+query of the run, the teacher's scores when given (lists.read_teacher); never texts
+beyond one shard, never more of the run than one shard (read one query at a time: each
+query's lines must be together, as TREC runs are written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import string
+import time
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from t5dual import cli, export
+from t5dual.data import sources
+from t5dual.t5 import EOS_ID
+
+log = logging.getLogger(__name__)
+
+FORMAT = 't5dual.store/1'
+PLAN = 'plan.json'
+MANIFEST = 'manifest.json'
+DEFAULT_SHARD_SIZE = 1 << 18
+DEFAULT_MAX_LENGTH = 512
+TABLES = ('corpus', 'queries')
+
+
+class StoreError(sources.DataError):
+  """A store that is incomplete, damaged, stale, or prepared for something else."""
+
+
+# --------------------------------------------------------------------------- files
+
+_sha256_file, _write_json, _read_json = export._sha256_file, export._write_json, export._read_json
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  export._write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+
+
+def _file_record(path: str, dtype: Optional[str] = None) -> dict:
+  record = {'bytes': os.path.getsize(path), 'sha256': _sha256_file(path)}
+  if dtype is not None:
+    record['dtype'] = dtype
+  return record
+
+
+class _Arrays:
+  """Raw array files of one part, appended to in chunks and renamed when complete."""
+
+  def __init__(self, folder: str, dtypes: dict):
+    self.folder, self.dtypes = folder, dtypes
+    os.makedirs(folder, exist_ok=True)
+    self._files = {name: open(os.path.join(folder, name + '.bin.tmp'), 'wb') for name in dtypes}
+
+  def append(self, name: str, values) -> None:
+    self._files[name].write(np.asarray(values, self.dtypes[name]).tobytes())
+
+  def append_file(self, name: str, path: str) -> None:
+    with open(path, 'rb') as f:
+      shutil.copyfileobj(f, self._files[name], 1 << 24)
+
+  def close(self) -> dict:
+    records = {}
+    for name, f in self._files.items():
+      f.flush()
+      os.fsync(f.fileno())
+      f.close()
+      path = os.path.join(self.folder, name + '.bin')
+      os.replace(path + '.tmp', path)
+      records[name + '.bin'] = _file_record(path, self.dtypes[name])
+    return records
+
+
+def fingerprint(path: str) -> dict:
+  """What the store remembers of an input file: where, size, mtime and sha256."""
+  stat = os.stat(path)
+  return {'path': os.path.abspath(path), 'bytes': stat.st_size,
+          'mtime_ns': stat.st_mtime_ns, 'sha256': _sha256_file(path)}
+
+
+# --------------------------------------------------------------------------- token tables
+
+def token_dtype(vocab_size: int) -> str:
+  return 'uint16' if vocab_size <= 1 << 16 else 'int32'
+
+
+def _shard_tag(k: int) -> str:
+  return f'{k:05d}'
+
+
+class _TableWriter:
+  """Rows (id, text) of a table, tokenized and written shard by shard.
+
+  A shard whose record exists is not tokenized again: its rows are only counted, so a
+  resumed prepare reads its input from the start but does the work only once.
+  """
+
+  def __init__(self, folder: str, tokenizer, max_length: int, shard_size: int,
+               progress: Optional[Callable[[str], None]] = None):
+    self.folder, self.tokenizer = folder, tokenizer
+    self.max_length, self.shard_size = max_length, shard_size
+    self.dtype = token_dtype(tokenizer.vocab_size)
+    self.progress = progress
+    self.rows = 0
+    self.shards: list[dict] = []
+    self._ids: list[str] = []
+    self._texts: list[str] = []
+    os.makedirs(folder, exist_ok=True)
+
+  def add(self, row_id: str, text: str) -> int:
+    """Appends a row; returns its row number."""
+    self._ids.append(row_id)
+    self._texts.append(text)
+    self.rows += 1
+    if len(self._ids) == self.shard_size:
+      self._flush()
+    return self.rows - 1
+
+  def _flush(self) -> None:
+    k = len(self.shards)
+    tag = _shard_tag(k)
+    record_path = os.path.join(self.folder, f'shard-{tag}.json')
+    record = _complete_record(record_path)  # None: absent, or a file went missing
+    if record is not None:
+      if record.get('rows') != len(self._ids):
+        raise StoreError(f'{record_path}: {record.get("rows")} rows, but the input now gives '
+                         f'{len(self._ids)} for this shard; prepare into a new directory')
+    else:
+      ids = self.tokenizer.encode_ids(self._texts, self.max_length)
+      lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+      offsets = np.zeros(len(ids) + 1, np.int64)
+      np.cumsum(lengths, out=offsets[1:])
+      tokens = np.fromiter((t for x in ids for t in x), self.dtype, int(offsets[-1]))
+      files = {f'tokens-{tag}.bin': tokens.tobytes(), f'offsets-{tag}.bin': offsets.tobytes(),
+               f'ids-{tag}.txt': ''.join(i + '\n' for i in self._ids).encode('utf-8')}
+      record = {'rows': len(self._ids), 'tokens': int(offsets[-1]), 'files': {}}
+      for name, data in files.items():
+        path = os.path.join(self.folder, name)
+        _write_atomic(path, data)
+        record['files'][name] = {'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+      _write_json(record_path, record)
+      if self.progress:
+        self.progress(f'{os.path.basename(self.folder)}: shard {k} ({self.rows} rows)')
+    self.shards.append(record)
+    self._ids, self._texts = [], []
+
+  def close(self) -> dict:
+    if self._ids or not self.shards:
+      self._flush()
+    return {'rows': self.rows, 'dtype': self.dtype, 'num_shards': len(self.shards),
+            'tokens': sum(s['tokens'] for s in self.shards)}
+
+
+class TokenTable:
+  """Memory-mapped token rows of a table: `gather(rows, length)` -> [n, length] int32."""
+
+  def __init__(self, folder: str, meta: dict, shard_size: int):
+    self.rows, self.shard_size = meta['rows'], shard_size
+    dtype = np.dtype(meta['dtype'])
+    self._tokens, self._offsets = [], []
+    for k in range(meta['num_shards']):
+      tag = _shard_tag(k)
+      self._tokens.append(_memmap(os.path.join(folder, f'tokens-{tag}.bin'), dtype))
+      self._offsets.append(_memmap(os.path.join(folder, f'offsets-{tag}.bin'), np.int64))
+
+  def __len__(self) -> int:
+    return self.rows
+
+  def pieces(self, rows) -> list[np.ndarray]:
+    """The stored ids of each row (at most max_length, no EOS)."""
+    out = []
+    for row in np.asarray(rows, np.int64).tolist():
+      k, local = divmod(row, self.shard_size)
+      off = self._offsets[k]
+      out.append(np.asarray(self._tokens[k][off[local]:off[local + 1]]))
+    return out
+
+  def gather(self, rows, length: int) -> np.ndarray:
+    """[len(rows), length] int32: each row's ids cut at length - 1, EOS, 0-padded
+    (`Tokenizer.encode` of its text, for length <= max_length + 1)."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    out = np.zeros((len(rows), length), np.int32)
+    shard, local = np.divmod(rows, self.shard_size)
+    cols = np.arange(length - 1)
+    for k in np.unique(shard).tolist():
+      sel = np.nonzero(shard == k)[0]
+      off = self._offsets[k]
+      start, end = off[local[sel]], off[local[sel] + 1]
+      count = np.minimum(end - start, length - 1)
+      keep = cols[None, :] < count[:, None]
+      if self._tokens[k].size:
+        index = np.where(keep, start[:, None] + cols[None, :], 0)
+        out[sel, :length - 1] = np.where(keep, self._tokens[k][index], 0)
+      out[sel, count] = EOS_ID
+    return out
+
+
+def _memmap(path: str, dtype) -> np.ndarray:
+  if not os.path.getsize(path):
+    return np.zeros(0, dtype)
+  return np.memmap(path, dtype=dtype, mode='r')
+
+
+# --------------------------------------------------------------------------- templates
+
+def template_pieces(template: str) -> tuple[list[str], list[str]]:
+  """(literals, fields) of a reranker template: literal[0] field[0] literal[1] ... literal[-1].
+
+  The store assembles a reranker input from the separately tokenized literals and the
+  stored query and document ids. That equals tokenizing the filled template because
+  SentencePiece (split_by_whitespace, as T5's model and the test models have) never
+  makes a piece across whitespace and collapses repeated whitespace: so each field must
+  be set off by whitespace or the template's ends. ValueError otherwise.
+  """
+  literals, fields = [''], []
+  for literal, field, spec, conv in string.Formatter().parse(template):
+    literals[-1] += literal
+    if field is not None:
+      if field not in ('query', 'document') or spec or conv:
+        raise ValueError(f'template {template!r}: only {{query}} and {{document}} fields')
+      fields.append(field)
+      literals.append('')
+  for i, field in enumerate(fields):
+    before, after = literals[i], literals[i + 1]
+    if (before and not before[-1].isspace()) or (after and not after[0].isspace()):
+      raise ValueError(f'template {template!r}: a prepared store needs whitespace (or the '
+                       f'template\'s start or end) on both sides of {{{field}}}, since it '
+                       'joins separately tokenized pieces; add spaces, or train from beir:')
+  return literals, fields
+
+
+# --------------------------------------------------------------------------- prepare
+
+@dataclasses.dataclass(frozen=True)
+class ListOptions:
+  """The reranker training lists a store holds (data/lists.py: the same selection)."""
+
+  run: str
+  min_rank: int = 1
+  max_rank: int = 100
+  min_relevance: int = 1
+  teacher: Optional[str] = None
+
+  def __post_init__(self):
+    if not 1 <= self.min_rank <= self.max_rank:
+      raise cli.ConfigError(f'rank window must satisfy 1 <= min_rank <= max_rank, got '
+                            f'[{self.min_rank}, {self.max_rank}]')
+    if self.min_relevance < 1:
+      raise cli.ConfigError(f'min_relevance must be >= 1, got {self.min_relevance}')
+
+
+def parse_source(source: str) -> tuple[str, str, str]:
+  """(kind, path, split) of 'beir:<folder>[:<split>]', 'jsonl:<path>' or a bare path."""
+  kind, _, rest = source.partition(':')
+  if kind == 'beir':
+    folder, _, split = rest.partition(':')
+    return 'beir', folder, split or 'train'
+  if kind == 'jsonl':
+    return 'jsonl', rest, ''
+  if os.path.isdir(source):
+    return 'beir', source, 'train'
+  if os.path.isfile(source):
+    return 'jsonl', source, ''
+  raise sources.UnknownSourceError(f'{source!r}: prepare reads beir:<folder>[:<split>] or '
+                                   'jsonl:<path>')
+
+
+def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> list[str]:
+  if kind == 'jsonl':
+    files = [path]
+  else:
+    files = [os.path.join(path, 'corpus.jsonl'), os.path.join(path, 'queries.jsonl'),
+             sources.qrels_path(path, split)]
+  if lists is not None:
+    files += [lists.run] + ([lists.teacher] if lists.teacher else [])
+  for f in files:
+    if not os.path.isfile(f):
+      raise StoreError(f'{f}: file not found')
+  return files
+
+
+def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
+              shard_size: int = DEFAULT_SHARD_SIZE, lists: Optional[ListOptions] = None) -> dict:
+  kind, path, split = parse_source(source)
+  if kind == 'jsonl' and lists is not None:
+    raise cli.ConfigError('training lists come from a BEIR folder (its qrels) and a run, '
+                          'not from a JSONL pair file')
+  if max_length < 1 or shard_size < 1:
+    raise cli.ConfigError(f'max_length and shard_size must be positive, got {max_length}, '
+                          f'{shard_size}')
+  return {'format': FORMAT, 'kind': kind, 'split': split,
+          'inputs': [fingerprint(f) for f in _inputs(kind, path, split, lists)],
+          'tokenizer': {'path': tokenizer.path, 'sha256': tokenizer.sha256(),
+                        'vocab_size': tokenizer.vocab_size},
+          'max_length': max_length, 'shard_size': shard_size,
+          'lists': None if lists is None else dict(
+              dataclasses.asdict(lists), run=os.path.abspath(lists.run),
+              teacher=lists.teacher and os.path.abspath(lists.teacher))}
+
+
+def _check_plan(out_dir: str, plan: dict) -> None:
+  path = os.path.join(out_dir, PLAN)
+  if os.path.exists(path):
+    old = _read_json(path)
+    if old != json.loads(json.dumps(plan)):
+      diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+      raise StoreError(f'{out_dir} holds a store prepared from something else (differs in: '
+                       f'{", ".join(diff)}); use a new directory or delete it')
+  else:
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(path, plan)
+
+
+def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,
+            shard_size: int = DEFAULT_SHARD_SIZE, lists: Optional[ListOptions] = None,
+            progress: Optional[Callable[[str], None]] = None,
+            _after_shard: Optional[Callable[[], None]] = None) -> dict:
+  """Prepares (or finishes preparing) the store of `source` in `out_dir`; returns the manifest.
+
+  source: 'beir:<folder>[:<split>]' (pairs of the split's qrels; with `lists`, reranker
+  lists from a first-stage run) or 'jsonl:<path>' (pairs with hard negatives).
+  """
+  plan = make_plan(source, tokenizer, max_length, shard_size, lists)
+  _check_plan(out_dir, plan)
+  if os.path.exists(os.path.join(out_dir, MANIFEST)):
+    log.info('%s: already prepared', out_dir)
+    return Store(out_dir, tokenizer).manifest
+  say = progress or (lambda msg: log.info('%s', msg))
+  started = time.time()
+
+  def table(name):
+    writer = _TableWriter(os.path.join(out_dir, name), tokenizer, max_length, shard_size, say)
+    if _after_shard is not None:
+      flush = writer._flush
+
+      def flush_then_hook():
+        flush()
+        _after_shard()
+      writer._flush = flush_then_hook
+    return writer
+
+  kind, path, split = parse_source(source)
+  corpus, queries = table('corpus'), table('queries')
+  if kind == 'jsonl':
+    pairs = _prepare_pairs(path, sources.iter_jsonl(path), out_dir, corpus, queries)
+    meta = {'corpus': corpus.close(), 'queries': queries.close()}
+  else:
+    doc_rows = {}
+    for doc_id, text in sources.iter_beir_corpus(path):
+      doc_rows[doc_id] = corpus.add(doc_id, text)
+    query_rows, query_texts = {}, {}
+    for qid, text in sources.iter_beir_queries(path):
+      query_rows[qid] = queries.add(qid, text)
+      query_texts[qid] = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    meta = {'corpus': corpus.close(), 'queries': queries.close()}
+    pairs = _prepare_beir_pairs(path, split, out_dir, doc_rows, query_rows, query_texts)
+    if lists is not None:
+      meta['lists'] = _prepare_lists(path, split, out_dir, doc_rows, query_rows, lists,
+                                     shard_size, say, _after_shard)
+  meta['pairs'] = pairs
+  files = {}
+  for name in TABLES:
+    for k in range(meta[name]['num_shards']):
+      record = _read_json(os.path.join(out_dir, name, f'shard-{_shard_tag(k)}.json'))
+      dtypes = {'tokens': meta[name]['dtype'], 'offsets': 'int64'}
+      for fname, rec in record['files'].items():
+        dtype = dtypes.get(fname.split('-')[0])
+        files[f'{name}/{fname}'] = dict(rec, **({'dtype': dtype} if dtype else {}))
+  for part in ('pairs', 'lists'):
+    done = os.path.join(out_dir, part, 'done.json')
+    if os.path.exists(done):
+      for fname, rec in _read_json(done)['files'].items():
+        files[f'{part}/{fname}'] = rec
+  manifest = dict(plan, counts=meta, files=files)
+  _write_json(os.path.join(out_dir, MANIFEST), manifest)
+  say(f'{out_dir}: prepared in {time.time() - started:.0f} s, '
+      f'{sum(f["bytes"] for f in files.values()) / 2**20:.1f} MiB')
+  return manifest
+
+
+def _part_done(out_dir: str, part: str) -> Optional[dict]:
+  path = os.path.join(out_dir, part, 'done.json')
+  return _read_json(path)['meta'] if os.path.exists(path) else None
+
+
+def _finish_part(out_dir: str, part: str, arrays: _Arrays, meta: dict) -> dict:
+  _write_json(os.path.join(out_dir, part, 'done.json'), {'files': arrays.close(), 'meta': meta})
+  return meta
+
+
+_PAIR_DTYPES = {'query_row': 'int32', 'doc_row': 'int32', 'query_id': 'int32',
+                'doc_id': 'int32', 'neg_offsets': 'int64', 'neg_rows': 'int32',
+                'neg_ids': 'int32'}
+
+
+def _prepare_beir_pairs(folder, split, out_dir, doc_rows, query_rows, query_texts) -> dict:
+  """The positive pairs of sources.beir_pairs, in its order and with its ids."""
+  done = _part_done(out_dir, 'pairs')
+  if done is not None:
+    return done
+  path = sources.qrels_path(folder, split)
+  arrays = _Arrays(os.path.join(out_dir, 'pairs'), _PAIR_DTYPES)
+  q_intern, d_intern = sources._Interner(), sources._Interner()
+  cols = {k: [] for k in ('query_row', 'doc_row', 'query_id', 'doc_id')}
+  missing = {}
+  skipped = 0
+  for lineno, qid, did, score in sources._qrels_rows(path):
+    if qid not in query_rows:
+      raise sources.DataError(f'{path}:{lineno}: query id {qid!r} is not in queries.jsonl')
+    if score < 1:
+      continue
+    if did not in doc_rows:
+      missing.setdefault(did, lineno)
+      skipped += 1
+      continue
+    cols['query_row'].append(query_rows[qid])
+    cols['doc_row'].append(doc_rows[did])
+    cols['query_id'].append(q_intern(query_texts[qid]))  # by text, as beir_pairs
+    cols['doc_id'].append(d_intern(did))
+  sources.warn_missing_documents(path, [f'{d!r} on line {n}' for d, n in missing.items()],
+                                 skipped, 'those pairs are skipped')
+  if not cols['query_row']:
+    raise sources.DataError(f'{path}: no positive pairs (score >= 1) with a document in '
+                            'corpus.jsonl')
+  for k, v in cols.items():
+    arrays.append(k, v)
+  n = len(cols['query_row'])
+  arrays.append('neg_offsets', np.zeros(n + 1, np.int64))
+  return _finish_part(out_dir, 'pairs', arrays, {'rows': n, 'without_negatives': n,
+                                                 'first_without_negatives': 0})
+
+
+def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
+                   corpus: _TableWriter, queries: _TableWriter) -> dict:
+  """Pairs of sources.jsonl_pairs from (line, {"query", "positive", "negatives"?}) records
+  (a JSONL file's, or any source's turned into such records, e.g. TFDS): the corpus is the
+  distinct document texts (positives and negatives, ids by text as jsonl_pairs gives
+  them), the queries the distinct query texts. `path` names the source in errors."""
+  done = _part_done(out_dir, 'pairs')
+  arrays = None if done is not None else _Arrays(os.path.join(out_dir, 'pairs'), _PAIR_DTYPES)
+  q_rows, d_rows = {}, {}
+  cols = {k: [] for k in ('query_row', 'doc_row', 'neg_rows')}
+  neg_offsets = [0]
+  without, first_without = 0, -1
+
+  def row(rows, writer, text):
+    key = hashlib.blake2b(text.encode(), digest_size=12).digest()
+    if key not in rows:
+      rows[key] = writer.add(str(len(rows)), text)
+    return rows[key]
+
+  for lineno, rec in records:
+    query = sources._field(rec, 'query', path, lineno, allow_empty=True).strip()
+    positive = sources._field(rec, 'positive', path, lineno, allow_empty=True).strip()
+    negatives = rec.get('negatives', [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+      raise sources.DataError(f'{path}:{lineno}: "negatives" must be a list of strings')
+    if not negatives:
+      without += 1
+      if first_without < 0:
+        first_without = len(cols['query_row'])
+    cols['query_row'].append(row(q_rows, queries, query))
+    cols['doc_row'].append(row(d_rows, corpus, positive))
+    cols['neg_rows'].extend(row(d_rows, corpus, n.strip()) for n in negatives)
+    neg_offsets.append(len(cols['neg_rows']))
+  if not cols['query_row']:
+    raise sources.DataError(f'{path}: no examples')
+  if done is not None:
+    return done
+  for k, v in cols.items():
+    arrays.append(k, v)
+  arrays.append('query_id', cols['query_row'])  # rows are the ids by text
+  arrays.append('doc_id', cols['doc_row'])
+  arrays.append('neg_ids', cols['neg_rows'])
+  arrays.append('neg_offsets', neg_offsets)
+  return _finish_part(out_dir, 'pairs', arrays,
+                      {'rows': len(cols['query_row']), 'without_negatives': without,
+                       'first_without_negatives': first_without})
+
+
+def _run_groups(path: str, query_rows: dict, doc_rows: dict, skip_to: int = 0,
+                seen: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
+  """(query id, document rows, scores, its last line) per query of a TREC run, by
+  descending score (ties: file order), checked as lists.read_run checks it. A query's
+  lines must be together. Lines up to `skip_to` (queries `seen`) were read before."""
+  from t5dual.data import lists as lists_lib
+  seen_queries: dict[str, int] = dict.fromkeys(seen, 0)
+  qid, rows, scores, first, last = None, [], [], {}, 0
+
+  def group():
+    order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
+    return qid, np.asarray(rows, np.int32)[order], np.asarray(scores, np.float64)[order], last
+
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if lineno <= skip_to:
+        continue
+      entry = lists_lib.parse_run_line(line, path, lineno)
+      if entry is None:
+        continue
+      q, doc_id, value = entry
+      where = f'{path}:{lineno}'
+      if q != qid:
+        if q in seen_queries:
+          raise sources.DataError(f'{where}: query {q!r} again after other queries (first '
+                                  f'on line {seen_queries[q] or "<= " + str(skip_to)}); a '
+                                  'prepared store reads a run one query at a time: sort '
+                                  'the run by query')
+        if q not in query_rows:
+          raise sources.DataError(f'{where}: query id {q!r} is not in queries.jsonl')
+        if qid is not None:
+          yield group()
+        qid, rows, scores, first = q, [], [], {}
+        seen_queries[q] = lineno
+      row = doc_rows.get(doc_id)
+      if row is None:
+        raise sources.DataError(f'{where}: document id {doc_id!r} is not in corpus.jsonl')
+      if row in first:
+        raise sources.DataError(f'{where}: document {doc_id!r} listed twice for query '
+                                f'{q!r} (first on line {first[row]})')
+      first[row] = last = lineno
+      rows.append(row)
+      scores.append(value)
+  if qid is None:
+    if skip_to:
+      return
+    raise sources.DataError(f'{path}: empty run file')
+  yield group()
+
+
+_LIST_DTYPES = {'query_row': 'int32', 'pos_offsets': 'int64', 'pos_rows': 'int32',
+                'pos_labels': 'float32', 'pos_teacher': 'float32', 'neg_start': 'int64',
+                'neg_count': 'int32', 'neg_rows': 'int32', 'neg_scores': 'float32',
+                'neg_teacher': 'float32'}
+
+
+def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOptions,
+                   shard_size, say, after_shard) -> dict:
+  """The lists of lists.load_lists: same queries, order, positives, negatives, teacher."""
+  from t5dual.data import lists as lists_lib
+  done = _part_done(out_dir, 'lists')
+  if done is not None:
+    _remove_run_shards(out_dir)  # stopped after done.json, before removing them
+    return done
+  qrels_file = sources.qrels_path(folder, split)
+  qrels = {q: {doc_rows[d]: rel for d, rel in judged.items()}
+           for q, judged in lists_lib.read_qrels(qrels_file, query_rows, doc_rows).items()}
+  teacher = None
+  if options.teacher:
+    texts = lists_lib.read_teacher(options.teacher, query_rows, doc_rows)
+    teacher = {q: {doc_rows[d]: s for d, s in scores.items()} for q, scores in texts.items()}
+  dtypes = dict(_LIST_DTYPES)
+  if teacher is None:
+    del dtypes['pos_teacher'], dtypes['neg_teacher']
+  shards = _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size,
+                       say, after_shard)
+  folder = os.path.join(out_dir, 'lists')
+  arrays = _Arrays(folder, dtypes)
+  def read(name):  # an int32 array of the run's shards, whole: a few per query of the run
+    return np.concatenate([np.fromfile(os.path.join(folder, f'{name}-{_shard_tag(k)}.bin'),
+                                       np.int32) for k in range(len(shards))])
+  run_rows, counts = read('queries'), read('counts').astype(np.int64)
+  starts = np.cumsum(counts) - counts
+  # query row -> (start, count) in neg_rows: the run's queries with a judgement.
+  negatives = {r: (s, c) for r, s, c in zip(run_rows.tolist(), starts.tolist(),
+                                            counts.tolist()) if c}
+  for name in dtypes:
+    if name.startswith('neg_') and name not in ('neg_start', 'neg_count'):
+      for k in range(len(shards)):
+        arrays.append_file(name, os.path.join(folder, f'{name}-{_shard_tag(k)}.bin'))
+  total = int(counts.sum())
+  judged_rows = {query_rows[q] for q in qrels}
+  skipped = {'no positive': len(set(run_rows.tolist()) - judged_rows),  # run-only queries
+             'no negative in the rank window': 0, 'no teacher score for a positive': 0}
+  pos_offsets, count = [0], 0
+  for qid in qrels:
+    judged = qrels.get(qid, {})
+    positives = [(r, float(rel)) for r, rel in judged.items() if rel >= options.min_relevance]
+    if not positives:
+      skipped['no positive'] += 1
+      continue
+    known = None if teacher is None else teacher.get(qid, {})
+    if known is not None:
+      positives = [(r, rel) for r, rel in positives if r in known]
+      if not positives:
+        skipped['no teacher score for a positive'] += 1
+        continue
+    start, n_neg = negatives.get(query_rows[qid], (0, 0))
+    if not n_neg:
+      skipped['no negative in the rank window'] += 1
+      continue
+    arrays.append('query_row', [query_rows[qid]])
+    arrays.append('pos_rows', [r for r, _ in positives])
+    arrays.append('pos_labels', [y for _, y in positives])
+    if known is not None:
+      arrays.append('pos_teacher', [known[r] for r, _ in positives])
+    pos_offsets.append(pos_offsets[-1] + len(positives))
+    arrays.append('neg_start', [start])
+    arrays.append('neg_count', [n_neg])
+    count += 1
+  arrays.append('pos_offsets', pos_offsets)
+  skipped = {k: v for k, v in skipped.items() if v}
+  source = f'{options.run} + {qrels_file}'
+  if skipped:
+    log.warning('%s: skipped %d queries (%s); %d lists remain', source, sum(skipped.values()),
+                ', '.join(f'{v} with {k}' for k, v in skipped.items()), count)
+  if not count:
+    shutil.rmtree(os.path.join(out_dir, 'lists'))
+    raise sources.DataError(f'{source}: no query has both a positive and a negative in '
+                            f'ranks [{options.min_rank}, {options.max_rank}] ({skipped})')
+  meta = _finish_part(out_dir, 'lists', arrays, {'rows': count, 'negatives': total,
+                                                  'teacher': teacher is not None,
+                                                  'skipped': skipped})
+  _remove_run_shards(out_dir)
+  return meta
+
+
+_RUN_SHARD_FILES = ('queries', 'counts', 'neg_rows', 'neg_scores', 'neg_teacher', 'shard')
+
+
+def _remove_run_shards(out_dir: str) -> None:
+  """The run's shards, once their contents are in the lists' files (done.json)."""
+  folder = os.path.join(out_dir, 'lists')
+  for name in os.listdir(folder):
+    if name.split('-')[0] in _RUN_SHARD_FILES and name.split('-')[-1][:5].isdigit():
+      os.remove(os.path.join(folder, name))
+
+
+def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size, say,
+                after_shard) -> list[dict]:
+  """One pass over the run, cut every max(1, shard_size // 16) queries (a depth-1000 run:
+  16M entries a shard at the default) into lists/<array>-0000k.bin: per run query its
+  row ('queries') and how many negatives it keeps ('counts'), and those negatives'
+  rows, first-stage scores and teacher scores. Shards whose record exists are kept, and
+  the run is read on from the line after them."""
+  folder = os.path.join(out_dir, 'lists')
+  os.makedirs(folder, exist_ok=True)
+  names = {'neg_rows': np.int32, 'neg_scores': np.float32}
+  if teacher is not None:
+    names['neg_teacher'] = np.float32
+  shards = []
+  while True:
+    record = _complete_record(os.path.join(folder, f'shard-{_shard_tag(len(shards))}.json'))
+    if record is None:
+      break
+    shards.append(record)
+  qid_of_row = {r: q for q, r in query_rows.items()} if shards else {}
+  seen = [qid_of_row[r] for k in range(len(shards)) for r in np.fromfile(
+      os.path.join(folder, f'queries-{_shard_tag(k)}.bin'), np.int32).tolist()]
+  per_shard = max(1, shard_size // 16)
+  buffer = {name: [] for name in names}
+  run_rows, counts, last_line = [], [], shards[-1]['last_line'] if shards else 0
+
+  def flush():
+    tag = _shard_tag(len(shards))
+    data = {f'queries-{tag}.bin': np.asarray(run_rows, np.int32).tobytes(),
+            f'counts-{tag}.bin': np.asarray(counts, np.int32).tobytes()}
+    for name, dtype in names.items():
+      data[f'{name}-{tag}.bin'] = np.concatenate(buffer[name]).astype(dtype).tobytes()
+      buffer[name].clear()
+    record = {'queries': len(run_rows), 'last_line': last_line, 'files': {}}
+    for name, content in data.items():
+      _write_atomic(os.path.join(folder, name), content)
+      record['files'][name] = {'bytes': len(content),
+                               'sha256': hashlib.sha256(content).hexdigest()}
+    _write_json(os.path.join(folder, f'shard-{tag}.json'), record)
+    shards.append(record)
+    run_rows.clear()
+    counts.clear()
+    say(f'lists: run shard {len(shards) - 1} (up to line {last_line})')
+    if after_shard is not None:
+      after_shard()
+
+  window = slice(options.min_rank - 1, options.max_rank)
+  for qid, rows, scores, last_line in _run_groups(options.run, query_rows, doc_rows,
+                                                  last_line, seen):
+    judged = qrels.get(qid)
+    known = None if teacher is None else teacher.get(qid, {})
+    rows, scores = rows[window], scores[window]
+    keep = np.fromiter((bool(judged) and judged.get(r, 0) <= 0 and
+                        (known is None or r in known) for r in rows.tolist()), bool, len(rows))
+    rows, scores = rows[keep], scores[keep]
+    run_rows.append(query_rows[qid])
+    counts.append(len(rows))
+    buffer['neg_rows'].append(rows)
+    buffer['neg_scores'].append(scores)
+    if known is not None:
+      buffer['neg_teacher'].append(np.asarray([known[r] for r in rows.tolist()], np.float64))
+    if len(run_rows) == per_shard:
+      flush()
+  if run_rows:
+    flush()
+  return shards
+
+
+def _complete_record(record_path: str) -> Optional[dict]:
+  """A shard's record if it and every file it lists (right size) exist, else None."""
+  if not os.path.exists(record_path):
+    return None
+  record = _read_json(record_path)
+  folder = os.path.dirname(record_path)
+  for name, r in record['files'].items():
+    path = os.path.join(folder, name)
+    if not os.path.exists(path) or os.path.getsize(path) != r['bytes']:
+      return None
+  return record
+
+
+# --------------------------------------------------------------------------- reading
+
+class Store:
+  """A prepared store, opened for reading: token tables and memory-mapped arrays.
+
+  Opening reads the manifest and checks every file's size (verify=True: its sha256),
+  the tokenizer (when given) and the inputs still present where they were; StoreError
+  names the file otherwise. Nothing is loaded whole.
+  """
+
+  def __init__(self, path: str, tokenizer=None, verify: bool = False):
+    self.path = path
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+      raise StoreError(f'{path}: no such store directory (prepare it with '
+                       'scripts/prepare_data.py)')
+    if not os.path.exists(manifest_path):
+      raise StoreError(f'{manifest_path}: missing; the store is incomplete (run '
+                       'scripts/prepare_data.py again to finish it)')
+    self.manifest = m = _read_json(manifest_path)
+    if m.get('format') != FORMAT:
+      raise StoreError(f'{manifest_path}: format {m.get("format")!r}, expected {FORMAT!r}')
+    for name, record in m['files'].items():
+      file = os.path.join(path, name)
+      if not os.path.exists(file):
+        raise StoreError(f'{file}: missing; the store is damaged, prepare it again')
+      if os.path.getsize(file) != record['bytes']:
+        raise StoreError(f'{file}: {os.path.getsize(file)} bytes, the manifest says '
+                         f'{record["bytes"]}; the store is damaged, prepare it again')
+      if verify and _sha256_file(file) != record['sha256']:
+        raise StoreError(f'{file}: checksum differs from the manifest; the store is damaged, '
+                         'prepare it again')
+    for source in m['inputs']:
+      self._check_input(source)
+    if tokenizer is not None and tokenizer.sha256() != m['tokenizer']['sha256']:
+      raise StoreError(f'{manifest_path}: prepared with the vocabulary {m["tokenizer"]["path"]}, '
+                       f'not {tokenizer.path} (their checksums differ); prepare the store '
+                       'with this vocabulary')
+    self.max_length = m['max_length']
+    counts = m['counts']
+    self.corpus = TokenTable(os.path.join(path, 'corpus'), counts['corpus'], m['shard_size'])
+    self.queries = TokenTable(os.path.join(path, 'queries'), counts['queries'],
+                              m['shard_size'])
+    self.pairs = counts['pairs']
+    self.lists = counts.get('lists')
+
+  def _check_input(self, source: dict) -> None:
+    path = source['path']
+    if not os.path.exists(path):  # a store copied to another host: it stands alone
+      return
+    stat = os.stat(path)
+    changed = stat.st_size != source['bytes'] or (
+        stat.st_mtime_ns != source['mtime_ns'] and _sha256_file(path) != source['sha256'])
+    if changed:
+      raise StoreError(f'{path}: changed since the store {self.path} was prepared from it; '
+                       'prepare the store again')
+
+  def array(self, part: str, name: str) -> np.ndarray:
+    """A memory-mapped array of a part ('pairs', 'lists')."""
+    record = self.manifest['files'].get(f'{part}/{name}.bin')
+    if record is None:
+      raise StoreError(f'{self.path}: holds no {part}/{name} (prepared without it)')
+    return _memmap(os.path.join(self.path, part, name + '.bin'), np.dtype(record['dtype']))
+
+  def check_length(self, length: int, what: str) -> None:
+    if length - 1 > self.max_length:
+      raise cli.ConfigError(f'{what} is {length}, but the store {self.path} holds at most '
+                            f'{self.max_length} ids per text (max_length); prepare it with '
+                            f'--max_length {length - 1} or more')
+
+
+def size_bytes(path: str) -> int:
+  """Bytes of the store's files."""
+  return sum(r['bytes'] for r in _read_json(os.path.join(path, MANIFEST))['files'].values())
+

@@ -1,0 +1,371 @@
+"""The prepared store: batches equal to the in-memory batchers', damaged or stale stores
+refused, interrupted prepares continued, reranker inputs assembled from stored ids."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from t5dual import cli, rerankers, t5, vocab
+from t5dual.data import lists, pipeline, sources, store, store_batchers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LENGTHS = {'inputs': 12, 'targets': 20}
+
+
+def _assert_batches_equal(a, b):
+  assert set(a) == set(b)
+  for key in a:
+    assert a[key].dtype == b[key].dtype, key
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _concat(batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+@pytest.fixture(scope='module')
+def tokenizer(demo_collection):
+  return vocab.Tokenizer(os.path.join(demo_collection, 'spm.model'))
+
+
+@pytest.fixture(scope='module')
+def run_files(demo_collection, tmp_path_factory):
+  """A depth-30 TREC run over the training queries (each query's lines together, worst
+  first: ranks come from scores), with ties, and a teacher (JSONL scores) for it."""
+  folder = tmp_path_factory.mktemp('runs')
+  doc_ids, _ = sources.read_beir_corpus(demo_collection)
+  qrels = sources.read_qrels(demo_collection, 'train')
+  rng = np.random.default_rng(0)
+  lines, teacher = [], []
+  for q, judged in qrels.items():
+    docs = list(rng.choice(doc_ids, 30, replace=False))
+    if q != list(qrels)[0]:  # the first query's positive is missing from the run
+      docs[int(rng.integers(30))] = next(iter(judged))
+    docs = list(dict.fromkeys(docs))
+    scores = np.round(rng.normal(size=len(docs)), 1)  # ties among 30 scores
+    for r, (d, s) in enumerate(zip(docs, scores), 1):
+      lines.append(f'{q} Q0 {d} {r} {s} run')
+    # The teacher scores all but a few documents (those are never sampled with it).
+    teacher.append({'query_id': q, 'scores': {d: float(rng.normal()) for d in docs[:-3]}})
+  (folder / 'run.trec').write_text('\n'.join(lines[::-1]) + '\n')
+  with open(folder / 'teacher.jsonl', 'w') as f:
+    f.writelines(json.dumps(t) + '\n' for t in teacher)
+  return str(folder / 'run.trec'), str(folder / 'teacher.jsonl')
+
+
+@pytest.fixture(scope='module')
+def pairs_jsonl(demo_collection, tmp_path_factory):
+  """JSONL pairs of the demo's training split with 1..6 hard negatives each (shared texts)."""
+  path = str(tmp_path_factory.mktemp('jsonl') / 'pairs.jsonl')
+  doc_ids, texts = sources.read_beir_corpus(demo_collection)
+  ex = sources.beir_pairs(demo_collection, 'train')
+  rng = np.random.default_rng(1)
+  with open(path, 'w') as f:
+    for q, p in zip(ex.queries, ex.positives):
+      negs = [texts[i] for i in rng.choice(len(texts), int(rng.integers(1, 7)), replace=False)]
+      f.write(json.dumps({'query': q, 'positive': p, 'negatives': negs}) + '\n')
+  return path
+
+
+@pytest.fixture(scope='module')
+def beir_store(demo_collection, run_files, tokenizer, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('stores') / 'beir')
+  store.prepare(f'beir:{demo_collection}:train', out, tokenizer, max_length=40, shard_size=64,
+                lists=store.ListOptions(run_files[0], min_rank=2, max_rank=25))
+  return out
+
+
+@pytest.fixture(scope='module')
+def teacher_store(demo_collection, run_files, tokenizer, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('stores') / 'teacher')
+  store.prepare(f'beir:{demo_collection}', out, tokenizer, max_length=40, shard_size=50,
+                lists=store.ListOptions(run_files[0], max_rank=30, teacher=run_files[1]))
+  return out
+
+
+@pytest.fixture(scope='module')
+def jsonl_store(pairs_jsonl, tokenizer, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('stores') / 'jsonl')
+  store.prepare(f'jsonl:{pairs_jsonl}', out, tokenizer, max_length=40, shard_size=100)
+  return out
+
+
+@pytest.mark.parametrize('seed', [0, 5])
+def test_pair_batches_equal_the_in_memory_batcher(demo_collection, beir_store, tokenizer, seed):
+  memory = pipeline.make_batcher(f'beir:{demo_collection}:train', tokenizer, 16, LENGTHS,
+                                 seed=seed)
+  stored = pipeline.make_batcher(f'store:{beir_store}', tokenizer, 16, LENGTHS, seed=seed)
+  assert isinstance(stored, store_batchers.StorePairBatcher)
+  for step in (0, 1, 7, 23):  # 23: past the first epoch
+    _assert_batches_equal(stored.batch(step), memory.batch(step))
+    for n in (2, 4):
+      slices = [stored.batch(step, k, n) for k in range(n)]
+      for k in range(n):
+        _assert_batches_equal(slices[k], memory.batch(step, k, n))
+      _assert_batches_equal(_concat(slices), memory.batch(step))
+
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_hard_negative_batches_equal_the_in_memory_batcher(pairs_jsonl, jsonl_store, tokenizer,
+                                                           seed):
+  lengths = {'inputs': 10, 'targets': 41}  # 41: the whole stored length (40) and EOS
+  memory = pipeline.make_batcher(f'jsonl:{pairs_jsonl}', tokenizer, 8, lengths, 4, seed)
+  stored = pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, lengths, 4, seed)
+  for step in (0, 2, 11, 40):
+    _assert_batches_equal(stored.batch(step), memory.batch(step))
+    slices = [stored.batch(step, k, 4) for k in range(4)]
+    for k in range(4):
+      _assert_batches_equal(slices[k], memory.batch(step, k, 4))
+    _assert_batches_equal(_concat(slices), memory.batch(step))
+
+
+def _reranker(template=None, **lists_config):
+  tiny = t5.T5Config(vocab_size=256, emb_dim=8, num_heads=1, head_dim=4, mlp_dim=8,
+                     num_layers=1)
+  return rerankers.RerankerModel(
+      rerankers.RerankerConfig(t5=tiny, scoring_token_id=5, template=template),
+      lists=rerankers.ListsConfig(**lists_config))
+
+
+@pytest.mark.parametrize('template', [None, 'Query: {query} Document: {document} Relevant:',
+                                      '{document} | {query}'])
+def test_list_batches_equal_the_in_memory_batcher(demo_collection, beir_store, run_files,
+                                                  tokenizer, template):
+  config = dict(first_stage_run=run_files[0], list_size=6, num_positives=1, min_rank=2,
+                max_rank=25)
+  model = _reranker(template, **config)
+  for seed in (0, 9):
+    memory = model.make_batcher(f'beir:{demo_collection}', tokenizer, 4, {'inputs': 30}, seed)
+    stored = model.make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30}, seed)
+    assert len(stored) == len(memory.lists)
+    for step in (0, 3, 30):
+      _assert_batches_equal(stored.batch(step), memory.batch(step))
+      slices = [stored.batch(step, k, 2) for k in range(2)]
+      _assert_batches_equal(_concat(slices), memory.batch(step))
+
+
+def test_teacher_lists_equal_the_in_memory_batcher(demo_collection, teacher_store, run_files,
+                                                   tokenizer):
+  run, teacher = run_files
+  memory = lists.ListBatcher(
+      lists.load_lists(demo_collection, 'train', run, max_rank=30, teacher_path=teacher),
+      tokenizer, 4, list_size=8, input_length=41, num_positives=1, seed=2)
+  stored = store_batchers.StoreListBatcher(store.Store(teacher_store, tokenizer), tokenizer, 4,
+                                           list_size=8, input_length=41, seed=2)
+  for step in (0, 1, 17):
+    _assert_batches_equal(stored.batch(step), memory.batch(step))
+
+
+def test_a_far_step_reads_in_milliseconds(beir_store, jsonl_store, tokenizer):
+  pairs = pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, LENGTHS, 4)
+  model = _reranker(list_size=6, min_rank=2, max_rank=25)
+  lists_batcher = model.make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30})
+  for batcher in (pairs, lists_batcher):
+    batcher.batch(10**6)  # the epoch's permutation, once
+    start = time.perf_counter()
+    batcher.batch(10**6 + 1)
+    assert time.perf_counter() - start < 0.1  # milliseconds: a few rows read, nothing else
+
+
+def test_store_must_match_the_configuration(beir_store, jsonl_store, tokenizer, run_files):
+  with pytest.raises(cli.ConfigError, match='max_length'):
+    pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, {'inputs': 12, 'targets': 42})
+  with pytest.raises(cli.ConfigError, match='MAX_RANK is 100'):
+    _reranker(min_rank=2).make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30})
+  with pytest.raises(cli.ConfigError, match='have no negatives'):
+    pipeline.make_batcher(f'store:{beir_store}', tokenizer, 8, LENGTHS, num_negatives=2)
+  with pytest.raises(store.StoreError, match='holds no training lists'):
+    _reranker().make_batcher(f'store:{jsonl_store}', tokenizer, 4, {'inputs': 30})
+  with pytest.raises(ValueError, match='whitespace'):
+    store.template_pieces('Query:{query} Document: {document}')
+
+
+def _one_line(excinfo):
+  assert '\n' not in str(excinfo.value)
+  return str(excinfo.value)
+
+
+def test_damaged_or_stale_store_is_refused_in_one_line(demo_collection, beir_store, tokenizer,
+                                                       tmp_path):
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(beir_store, copy)
+  store.Store(copy, tokenizer, verify=True)
+  tokens = os.path.join(copy, 'corpus', 'tokens-00001.bin')
+  data = bytearray(open(tokens, 'rb').read())
+  data[3] ^= 1  # same size, one bit changed: only the checksum sees it
+  open(tokens, 'wb').write(bytes(data))
+  store.Store(copy, tokenizer)
+  with pytest.raises(store.StoreError) as e:
+    store.Store(copy, tokenizer, verify=True)
+  assert 'tokens-00001.bin: checksum' in _one_line(e)
+  open(tokens, 'ab').write(b'\0\0')
+  with pytest.raises(store.StoreError) as e:
+    store.Store(copy, tokenizer)
+  assert 'tokens-00001.bin' in _one_line(e) and 'bytes' in str(e.value)
+  os.remove(tokens)
+  with pytest.raises(store.StoreError, match='tokens-00001.bin: missing'):
+    store.Store(copy, tokenizer)
+  # Another vocabulary.
+  other = vocab.Tokenizer(vocab.train_sentencepiece(
+      ['alpha beta gamma delta'] * 20, str(tmp_path / 'other'), 30))
+  with pytest.raises(store.StoreError) as e:
+    store.Store(beir_store, other)
+  assert 'vocabulary' in _one_line(e)
+  # An input changed since: a prepare-time copy of the folder, edited.
+  folder = str(tmp_path / 'beir')
+  shutil.copytree(demo_collection, folder)
+  stale = str(tmp_path / 'stale')
+  store.prepare(f'beir:{folder}', stale, tokenizer, max_length=16)
+  with open(os.path.join(folder, 'qrels', 'train.tsv'), 'a') as f:
+    f.write('\n')
+  with pytest.raises(store.StoreError) as e:
+    pipeline.make_batcher(f'store:{stale}', tokenizer, 8, LENGTHS)
+  assert 'train.tsv: changed since' in _one_line(e)
+  with pytest.raises(store.StoreError, match='prepared from something else'):
+    store.prepare(f'beir:{folder}', str(tmp_path / 'copy'), tokenizer, max_length=16)
+
+
+def _files(path):
+  return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), 'rb').read()
+          for d, _, fs in os.walk(path) for f in fs}
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_interrupted_prepare_continues_to_the_same_store(demo_collection, run_files, tokenizer,
+                                                         beir_store, tmp_path):
+  options = store.ListOptions(run_files[0], min_rank=2, max_rank=25)
+  prepare = lambda out, **kw: store.prepare(  # noqa: E731
+      f'beir:{demo_collection}:train', out, tokenizer, max_length=40, shard_size=64,
+      lists=options, **kw)
+  messages = []
+  prepare(str(tmp_path / 'whole'), progress=messages.append)
+  shard_messages = [m for m in messages if 'shard' in m]
+  assert any(m.startswith('lists: run shard 3 ') for m in shard_messages)
+  # Stopped after the 2nd corpus shard, in the queries, and after the 4th shard of the run.
+  for stop_after in (2, 5, len(shard_messages) - 3):
+    out = str(tmp_path / f'stopped-{stop_after}')
+    shards = []
+
+    def interrupt():
+      shards.append(1)
+      if len(shards) == stop_after:
+        raise _Interrupt
+    with pytest.raises(_Interrupt):
+      prepare(out, _after_shard=interrupt)
+    assert not os.path.exists(os.path.join(out, store.MANIFEST))
+    before = _files(out)
+    resumed = []
+    prepare(out, progress=resumed.append)
+    # What was complete was neither done again nor changed.
+    assert [m for m in resumed if 'shard' in m] == shard_messages[stop_after:]
+    assert before['corpus/shard-00000.json'] == _files(out)['corpus/shard-00000.json']
+    expected, got = _files(beir_store), _files(out)
+    assert set(got) == set(expected)
+    for name in expected:
+      if name not in (store.PLAN, store.MANIFEST):  # they name the store's own inputs
+        assert got[name] == expected[name], name
+    assert (json.loads(got[store.MANIFEST])['files']
+            == json.loads(expected[store.MANIFEST])['files'])
+
+
+def test_prepare_killed_with_sigkill_continues(pairs_jsonl, jsonl_store, tokenizer, tmp_path):
+  out = str(tmp_path / 'store')
+  script = (f'import os, sys; sys.path.insert(0, {REPO!r})\n'
+            'from t5dual import vocab\nfrom t5dual.data import store\n'
+            f'tok = vocab.Tokenizer({tokenizer.path!r})\n'
+            'n = [0]\n'
+            'def kill():\n'
+            '  n[0] += 1\n'
+            '  if n[0] == 2: os.kill(os.getpid(), 9)\n'
+            f'store.prepare("jsonl:{pairs_jsonl}", {out!r}, tok, max_length=40, '
+            'shard_size=100, _after_shard=kill)\n')
+  done = subprocess.run([sys.executable, '-c', script], capture_output=True, timeout=300)
+  assert done.returncode == -9, done.stderr.decode()[-2000:]
+  store.prepare(f'jsonl:{pairs_jsonl}', out, tokenizer, max_length=40, shard_size=100)
+  expected, got = _files(jsonl_store), _files(out)
+  assert {k for k in got if k != store.PLAN} == {k for k in expected if k != store.PLAN}
+  for name in expected:
+    if name not in (store.PLAN, store.MANIFEST):
+      assert got[name] == expected[name], name
+
+
+# Texts that stress the joins: odd whitespace, unicode that NFKC changes, empty texts.
+ODD_TEXTS = ['plain words here', '  leading and trailing  ', 'tabs\tand\nnew lines',
+             'non\u00a0breaking\u2003em space\u3000ideographic', 'ｆｕｌｌ ｗｉｄｔｈ ＡＢＣ',
+             'ligature ﬁne ½ ² ℃', 'combining e\u0301 \u0301start', 'Ünïcödé naïve café',
+             '中文文本 日本語 한국어', 'emoji 🙂 ok', '', ' ', '"quotes" (brackets) a-b_c',
+             'Query: Document: inside', '\u00a8diaeresis alone', 'x' * 300]
+
+
+def _assembled(tokenizer, template, query, document, length):
+  literals, fields = store.template_pieces(template)
+  pieces = tokenizer.encode_ids([t.strip() for t in literals] + [query, document], 10**6)
+  texts = {'query': pieces[-2], 'document': pieces[-1]}
+  ids = list(pieces[0])
+  for field, literal in zip(fields, pieces[1:len(literals)]):
+    ids += texts[field] + literal
+  ids = ids[:length - 1] + [1]
+  return ids + [0] * (length - len(ids))
+
+
+@pytest.mark.parametrize('which', ['demo', 't5'])
+def test_joined_pieces_equal_the_filled_template(which, tokenizer, shared_dir):
+  if which == 't5':
+    tokenizer = vocab.Tokenizer(str(shared_dir / 'vocab' / 't5_spiece.model'))
+  corpus = [json.loads(line)['text'] for line, _ in
+            zip(open(shared_dir / 'data' / 'scifact' / 'corpus.jsonl'), range(50))]
+  queries = ODD_TEXTS + corpus[:5]
+  documents = ODD_TEXTS + corpus
+  for template in [rerankers.DEFAULT_TEMPLATE, *rerankers.DEFAULT_TEMPLATES.values(),
+                   '{query} {document}', ' {document}\t|| {query} ']:
+    for length in (16, 512):
+      pairs = [(q, d) for q in queries for d in documents[:12]] + [
+          (q, d) for q, d in zip(queries * 4, documents)]
+      want = rerankers.encode_pairs(tokenizer, [q for q, _ in pairs], [d for _, d in pairs],
+                                    template, length)
+      got = np.asarray([_assembled(tokenizer, template, q, d, length) for q, d in pairs])
+      np.testing.assert_array_equal(got, want, err_msg=template)
+
+
+def test_synthetic_msmarco_prepares_and_trains_from_the_store(shared_dir, tmp_path):
+  """The benchmark's generator at a tiny scale, its two stores, batches equal to memory."""
+  data = str(tmp_path / 'msmarco')
+  subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'make_synthetic_msmarco.py'),
+                  f'--out_dir={data}', '--scale=0.0002', '--depth=60', '--negatives=5',
+                  f'--real={shared_dir / "data" / "scifact"}'], check=True, capture_output=True)
+  info = json.load(open(os.path.join(data, 'synthetic.json')))
+  assert (info['passages'], info['queries']) == (1768, 101)
+  assert len(open(os.path.join(data, 'run.trec')).readlines()) == 101 * 60
+  tok = vocab.Tokenizer(str(shared_dir / 'vocab' / 't5_spiece.model'))
+  run = os.path.join(data, 'run.trec')
+  for args in ([f'--source=beir:{data}', f'--run={run}', '--max_rank=60',
+                f'--teacher={os.path.join(data, "teacher.trec")}'],
+               [f'--source=jsonl:{os.path.join(data, "negatives.jsonl")}']):
+    out = str(tmp_path / ('lists' if len(args) > 1 else 'pairs'))
+    done = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'prepare_data.py'),
+                           *args, f'--vocabulary={tok.path}', f'--out_dir={out}',
+                           '--max_length=63', '--shard_size=500', '--verify'],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+  memory = pipeline.make_batcher(f'jsonl:{os.path.join(data, "negatives.jsonl")}', tok, 8,
+                                 {'inputs': 16, 'targets': 64}, 5)
+  stored = pipeline.make_batcher(f'store:{tmp_path / "pairs"}', tok, 8,
+                                 {'inputs': 16, 'targets': 64}, 5)
+  for step in (0, 13, 10**6):
+    _assert_batches_equal(stored.batch(step), memory.batch(step))
+  memory = lists.ListBatcher(lists.load_lists(data, 'train', run, max_rank=60,
+                                              teacher_path=os.path.join(data, 'teacher.trec')),
+                             tok, 4, list_size=8, input_length=64)
+  stored = store_batchers.StoreListBatcher(store.Store(str(tmp_path / 'lists'), tok), tok, 4,
+                                           list_size=8, input_length=64)
+  for step in (0, 7, 10**6):
+    _assert_batches_equal(stored.batch(step), memory.batch(step))

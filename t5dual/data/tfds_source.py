@@ -52,7 +52,7 @@ def _builder(name: str):
     raise TfdsError(f'tfds:{name} (data_dir {data_dir or "TFDS default"}): {first}') from None
   if not builder.is_prepared():
     raise TfdsError(f'tfds:{name} is not prepared in {builder.data_dir}; prepare it first '
-                    "(download_and_prepare with file_format='array_record')")
+                    "(tfds build --file_format=array_record)")
   return builder
 
 
@@ -68,9 +68,9 @@ def open_split(name: str, split: str) -> Sequence[dict]:
   builder = _builder(name)
   if not random_access(builder):
     raise TfdsError(f'tfds:{name} is prepared as {builder.info.file_format.value}, which '
-                    "cannot be read by row; prepare it again with file_format='array_record' "
-                    '(download_and_prepare(download_config=tfds.download.DownloadConfig('
-                    "file_format='array_record')))")
+                    "cannot be read by row; prepare it again as array_record (tfds build "
+                    "--file_format=array_record, or tfds.builder(name, file_format="
+                    "'array_record').download_and_prepare())")
   if split not in builder.info.splits:
     raise TfdsError(f'tfds:{name} has no split {split!r} (splits: '
                     f'{", ".join(sorted(builder.info.splits))})')

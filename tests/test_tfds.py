@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip('tensorflow_datasets')
 pytest.importorskip('array_record')
 
-from t5dual import cli, corpus, encoding, export, models, t5, train_lib, trainer, vocab  # noqa: E402
+from t5dual import (cli, corpus, encoding, export, models, t5, train_lib, trainer,  # noqa: E402
+                    vocab)
 from t5dual.data import pipeline, sources, tfds_source  # noqa: E402
 import tfds_pairs  # noqa: E402  tests/helpers
 

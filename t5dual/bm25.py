@@ -19,6 +19,7 @@ bm25s builds from the whole list of texts.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import logging
 import re
@@ -64,7 +65,8 @@ class _TermIds:
     self.vocab: dict[str, int] = {}          # stem -> term id
     self._words: dict[str, int] = {}         # word -> term id (stopwords absent)
 
-  def __call__(self, texts: Iterable[str]) -> list[list[int]]:
+  def __call__(self, texts: Iterable[str]) -> list[array.array]:
+    """Each text's term ids, in text order (4 bytes a token: the index's largest input)."""
     out = []
     for text in texts:
       ids = []
@@ -76,7 +78,7 @@ class _TermIds:
           term = self.vocab.setdefault(self._stem(word), len(self.vocab))
           self._words[word] = term
         ids.append(term)
-      out.append(ids)
+      out.append(array.array('i', ids))
     return out
 
 

@@ -140,11 +140,26 @@ class _Scan:
     self.digest.update(text)
 
 
+class _ScannedCorpus(Corpus):
+  """A corpus whose first pass kept the ids, the empty rows and the digest of the texts."""
+
+  def _keep(self, scan: _Scan) -> None:
+    self.ids, self._empty, self._sha256 = scan.ids, scan.empty, scan.digest.hexdigest()
+
+  @property
+  def texts_sha256(self) -> str:
+    return self._sha256
+
+  def validate(self) -> None:
+    validate_ids(self.ids, self.name)
+    warn_empty(self.name, self.ids, self._empty)
+
+
 # (record, file, line, row) -> (id, text); raises DataError naming the file and line.
 ParseFn = Callable[[dict, str, int, int], tuple[str, str]]
 
 
-class JsonlCorpus(Corpus):
+class JsonlCorpus(_ScannedCorpus):
   """A JSONL file read a range of rows at a time.
 
   One pass (`JsonlCorpus(path, parse)`) parses every line, checks the ids and
@@ -167,7 +182,7 @@ class JsonlCorpus(Corpus):
       scan.add(doc_id, text)
       offsets.append(offset)
       lines.append(lineno)
-    self.ids, self._empty, self._sha256 = scan.ids, scan.empty, scan.digest.hexdigest()
+    self._keep(scan)
     self._offsets, self._lines = np.frombuffer(offsets, np.int64), np.frombuffer(lines, np.int64)
 
   def texts(self, start: int, stop: int) -> list[str]:
@@ -190,16 +205,8 @@ class JsonlCorpus(Corpus):
                       'while in use')
     return out
 
-  @property
-  def texts_sha256(self) -> str:
-    return self._sha256
 
-  def validate(self) -> None:
-    validate_ids(self.ids, self.name)
-    warn_empty(self.name, self.ids, self._empty)
-
-
-class RecordsCorpus(Corpus):
+class RecordsCorpus(_ScannedCorpus):
   """A random-access sequence of example dicts (e.g. `tfds.data_source(...)`): one pass
   for the ids and the digest, then `texts(start, stop)` reads those records alone."""
 
@@ -215,23 +222,13 @@ class RecordsCorpus(Corpus):
                         f'{seen[doc_id]})')
       seen[doc_id] = row
       scan.add(doc_id, text)
-    self.ids, self._empty, self._sha256 = scan.ids, scan.empty, scan.digest.hexdigest()
+    self._keep(scan)
 
   def _parse(self, example: dict, row: int) -> tuple[str, str]:
-    where = f'{self.name} example {row}'
-    field = self._id_field if self._id_field and self._id_field in example else None
-    return _id_of(example, field, str(row), where), _join_fields(example, self._fields, where)
+    return _example(example, row, self._id_field, self._fields, self.name)
 
   def texts(self, start: int, stop: int) -> list[str]:
     return [self._parse(self._records[row], row)[1] for row in range(start, stop)]
-
-  @property
-  def texts_sha256(self) -> str:
-    return self._sha256
-
-  def validate(self) -> None:
-    validate_ids(self.ids, self.name)
-    warn_empty(self.name, self.ids, self._empty)
 
 
 def beir_corpus(folder: str) -> JsonlCorpus:
@@ -315,12 +312,19 @@ def read_tf_dataset(dataset, id_field: Optional[str], text_fields: Sequence[str]
   """
   ids, texts, seen = [], [], {}
   for row, example in enumerate(dataset.as_numpy_iterator()):
-    where = f'{name} example {row}'
-    field = id_field if id_field and id_field in example else None
-    doc_id = _id_of(example, field, str(row), where)
+    doc_id, text = _example(example, row, id_field, text_fields, name)
     if doc_id in seen:
-      raise DataError(f'{where}: duplicate id {doc_id!r} (first in example {seen[doc_id]})')
+      raise DataError(f'{name} example {row}: duplicate id {doc_id!r} (first in example '
+                      f'{seen[doc_id]})')
     seen[doc_id] = row
     ids.append(doc_id)
-    texts.append(_join_fields(example, text_fields, where))
+    texts.append(text)
   return ids, texts
+
+
+def _example(example: dict, row: int, id_field: Optional[str], text_fields: Sequence[str],
+             name: str) -> tuple[str, str]:
+  """(id, text) of a dataset example; the id is the row number without `id_field`."""
+  where = f'{name} example {row}'
+  field = id_field if id_field and id_field in example else None
+  return _id_of(example, field, str(row), where), _join_fields(example, text_fields, where)

@@ -400,3 +400,22 @@ def test_export_and_bm25_hold_one_chunk_of_texts(setup, tmp_path):
       encode, setup['tok'], source, str(tmp_path / 'out'), options))
   assert peak < budget
   assert manifest['count'] == len(source) and manifest['num_shards'] == 80
+
+
+def test_jsonl_corpus_reads_any_range_of_rows(tmp_path):
+  """Rows are found by byte offset (a BOM, blank lines and non-ASCII text included) and
+  read the same as read_jsonl_corpus; a file changed after the first pass is an error."""
+  path = tmp_path / 'docs.jsonl'
+  rows = [{'id': f'x{i}', 'body': f'é{i} ' * i} for i in range(7)]
+  lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+  path.write_bytes(('\ufeff' + '\n\n'.join(lines[:3]) + '\n\n' + '\n'.join(lines[3:]) + '\n'
+                    ).encode('utf-8'))
+  want = corpus.read_jsonl_corpus(str(path), 'id', ['body'])
+  source = corpus.JsonlCorpus(str(path), corpus.jsonl_parser('id', ['body']))
+  assert source.ids == want[0] and source.texts_sha256 == corpus.sha256_strings(want[1])
+  for start, stop in ((0, 7), (0, 1), (2, 5), (6, 7), (3, 3)):
+    assert source.texts(start, stop) == want[1][start:stop]
+  assert [t for _, chunk in source.chunks(3) for t in chunk] == want[1]
+  path.write_text('\n'.join(json.dumps(dict(r, id=f'y{i}')) for i, r in enumerate(rows)))
+  with pytest.raises(sources.DataError, match=r"docs.jsonl:1: id 'y0' where 'x0' was .*changed"):
+    source.texts(0, 2)

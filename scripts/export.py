@@ -8,6 +8,8 @@ Sources (one of): --beir FOLDER (its corpus, or with --beir_part=queries its
 queries), --jsonl FILE (--id_field, --text_fields), --tfds NAME --split SPLIT
 or --seqio_task NAME --split SPLIT (TensorFlow extras; --id_field and
 --text_fields name the features; without an id field, ids are row numbers).
+Files and TFDS datasets prepared as array_record ($TFDS_DATA_DIR) are read one
+shard of texts at a time; other TFDS formats and seqio tasks are read whole.
 --side=query encodes with the query side (the left tower), --side=document
 with the document side (the right tower); --tower=left/right says the same.
 Empty texts are encoded as EOS only, with one warning giving their count. Run

@@ -107,6 +107,9 @@ def test_tfrecord_dataset_is_refused_for_training_in_one_line(dataset, monkeypat
     pipeline.make_batcher(SOURCE, dataset['tok'], 8, LENGTHS, num_negatives=1)
   with pytest.raises(tfds_source.TfdsError, match="no split 'test'"):
     pipeline.make_batcher(f'{SOURCE}:1.0.0:test', dataset['tok'], 8, LENGTHS)
+  with pytest.raises(tfds_source.TfdsError, match='tfds:no_such_pairs ') as e:
+    pipeline.make_batcher('tfds:no_such_pairs', dataset['tok'], 8, LENGTHS)
+  assert '\n' not in str(e.value)
 
 
 def _export_script():

@@ -42,14 +42,20 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return ':'.join(parts), 'train'
 
 
-def _builder(name: str):
+def _find_builder(name: str):
+  """tfds.builder in $TFDS_DATA_DIR (or TFDS's default); a one-line TfdsError if unknown."""
   import tensorflow_datasets as tfds
   data_dir = os.environ.get('TFDS_DATA_DIR')
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises DatasetNotFoundError, ValueError, ... by cause
     first = (str(e).splitlines() or [type(e).__name__])[0]
     raise TfdsError(f'tfds:{name} (data_dir {data_dir or "TFDS default"}): {first}') from None
+
+
+def _builder(name: str):
+  """The prepared dataset's builder."""
+  builder = _find_builder(name)
   if not builder.is_prepared():
     raise TfdsError(f'tfds:{name} is not prepared in {builder.data_dir}; prepare it first '
                     "(tfds build --file_format=array_record)")
@@ -148,10 +154,10 @@ def tfds_corpus(name: str, split: str, id_field: Optional[str],
   (through `tfds.load`, as before)."""
   import tensorflow_datasets as tfds
   label = f'{name}:{split}'
-  data_dir = os.environ.get('TFDS_DATA_DIR')
-  builder = tfds.builder(name, data_dir=data_dir)
+  builder = _find_builder(name)
   if builder.is_prepared() and random_access(builder):
     return corpus.RecordsCorpus(open_split(name, split), id_field, text_fields, label)
-  dataset = tfds.load(name, split=split, shuffle_files=False, data_dir=data_dir)
+  dataset = tfds.load(name, split=split, shuffle_files=False,
+                      data_dir=os.environ.get('TFDS_DATA_DIR'))
   return corpus.InMemoryCorpus(*corpus.read_tf_dataset(dataset, id_field, text_fields, label),
                                label)

@@ -8,6 +8,8 @@ Sources (one of): --beir FOLDER (its corpus, or with --beir_part=queries its
 queries), --jsonl FILE (--id_field, --text_fields), --tfds NAME --split SPLIT
 or --seqio_task NAME --split SPLIT (TensorFlow extras; --id_field and
 --text_fields name the features; without an id field, ids are row numbers).
+Files and TFDS datasets prepared as array_record ($TFDS_DATA_DIR) are read one
+shard of texts at a time; other TFDS formats and seqio tasks are read whole.
 --side=query encodes with the query side (the left tower), --side=document
 with the document side (the right tower); --tower=left/right says the same.
 Empty texts are encoded as EOS only, with one warning giving their count. Run
@@ -63,33 +65,33 @@ def add_source_flags(parser: argparse.ArgumentParser) -> None:
                    help='comma-separated fields joined with a space (missing ones skipped)')
 
 
-def read_source(args) -> tuple[list[str], list[str], str]:
-  """(ids, texts, name of the source for messages)."""
-  from t5dual.data import sources
+def read_source(args) -> corpus.Corpus:
+  """The corpus to export; files and TFDS datasets prepared as array_record are read a
+  shard at a time, other tf.data sources (seqio tasks) whole."""
   given = [n for n in ('beir', 'jsonl', 'tfds', 'seqio_task') if getattr(args, n)]
   if len(given) != 1:
     raise cli.UserError(f'give exactly one source (--beir, --jsonl, --tfds, --seqio_task), '
                         f'got {given or "none"}')
   fields = [f for f in args.text_fields.split(',') if f]
   if args.beir:
+    from t5dual.data import sources
     part = args.beir_part or args.side.beir_part
     name = os.path.join(args.beir, f'{part}.jsonl')
     if part == 'corpus':
-      return (*sources.read_beir_corpus(args.beir), name)
+      return corpus.beir_corpus(args.beir)
     queries = sources.read_beir_queries(args.beir)
-    return list(queries), list(queries.values()), name
+    return corpus.InMemoryCorpus(list(queries), list(queries.values()), name)
   if args.jsonl:
-    return (*corpus.read_jsonl_corpus(args.jsonl, args.id_field, fields), args.jsonl)
+    return corpus.JsonlCorpus(args.jsonl, corpus.jsonl_parser(args.id_field, fields))
   if args.tfds:
-    import tensorflow_datasets as tfds
-    dataset = tfds.load(args.tfds, split=args.split, shuffle_files=False)
-    name = f'{args.tfds}:{args.split}'
-    return (*corpus.read_tf_dataset(dataset, args.id_field, fields, name), name)
+    from t5dual.data import tfds_source
+    return tfds_source.tfds_corpus(args.tfds, args.split, args.id_field, fields)
   import seqio
   task = seqio.get_mixture_or_task(args.seqio_task)
   dataset = task.source.get_dataset(split=args.split, shuffle=False)
   name = f'{args.seqio_task}:{args.split}'
-  return (*corpus.read_tf_dataset(dataset, args.id_field, fields, name), name)
+  return corpus.InMemoryCorpus(*corpus.read_tf_dataset(dataset, args.id_field, fields, name),
+                               name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,7 +121,7 @@ def main(argv=None) -> None:
   distributed.initialize_from_flags(args)
   from t5dual import checkpoints, evaluation
   args.model_dir = evaluation.require_dual_encoder(args.model_dir, 'export.py')
-  ids, texts, name = read_source(args)
+  source = read_source(args)
   partitioner = distributed.host_partitioner(args.model_parallel)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       args.model_dir, args.step, partitioner)
@@ -129,10 +131,10 @@ def main(argv=None) -> None:
       dtype=args.dtype, parquet=args.parquet,
       buckets=args.buckets,
       progress=not args.no_progress)
-  manifest = export.export_embeddings(
+  manifest = export.export_corpus(
       encoding.make_encode_fn(model, params, args.side, partitioner=partitioner), tokenizer,
-      ids, texts, args.out_dir, options, model_info=checkpoints.read_model_json(args.model_dir),
-      step=step, name=name)
+      source, args.out_dir, options, model_info=checkpoints.read_model_json(args.model_dir),
+      step=step)
   if manifest is not None:
     log.info('%s: %d vectors of dimension %d (%s) in %d shards', args.out_dir,
              manifest['count'], manifest['dimension'], manifest['dtype'],

@@ -10,18 +10,24 @@ configuration of the shared BM25 reference (medquad test nDCG@10 0.5529).
 writes a TREC run (read back by t5dual.retrieval.read_trec_run, usable as the
 first stage of scripts/rerank.py or as the negatives pool of
 t5dual.data.lists) for the queries that have qrels in the split.
+
+The corpus is read and tokenized a chunk of texts at a time: the index keeps
+each document's term ids (one growing vocabulary of stems), never the texts.
+The tokens are bm25s.tokenize's, so the index and its scores are the ones
+bm25s builds from the whole list of texts.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import logging
-from typing import Sequence
+import re
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from t5dual import cli, retrieval
-from t5dual.data import sources
+from t5dual import cli, corpus, retrieval
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,39 @@ def _tokenize(texts: Sequence[str], stemmer):
   return bm25s.tokenize(list(texts), stopwords='en', stemmer=stemmer, show_progress=False)
 
 
+class _TermIds:
+  """bm25s.tokenize's tokens as ids of one vocabulary of stems that grows chunk by chunk.
+
+  As bm25s: lower-cased words of two or more word characters (its token pattern),
+  English stopwords dropped, then PyStemmer's Snowball stem; each distinct word
+  is stemmed once.
+  """
+
+  def __init__(self, stemmer):
+    bm25s = _bm25s()
+    self._split = re.compile(r'(?u)\b\w\w+\b').findall
+    self._stopwords = set(bm25s.tokenization._infer_stopwords('en'))
+    self._stem = stemmer.stemWord
+    self.vocab: dict[str, int] = {}          # stem -> term id
+    self._words: dict[str, int] = {}         # word -> term id (stopwords absent)
+
+  def __call__(self, texts: Iterable[str]) -> list[array.array]:
+    """Each text's term ids, in text order (4 bytes a token: the index's largest input)."""
+    out = []
+    for text in texts:
+      ids = []
+      for word in self._split(text.lower()):
+        term = self._words.get(word)
+        if term is None:
+          if word in self._stopwords:
+            continue
+          term = self.vocab.setdefault(self._stem(word), len(self.vocab))
+          self._words[word] = term
+        ids.append(term)
+      out.append(array.array('i', ids))
+    return out
+
+
 @dataclasses.dataclass
 class BM25Index:
   """A bm25s index over a corpus, with the corpus ids in index order."""
@@ -55,16 +94,25 @@ class BM25Index:
   def build(cls, doc_ids: Sequence[str], texts: Sequence[str], k1: float = 1.5,
             b: float = 0.75) -> 'BM25Index':
     """Indexes `texts` (one per id in `doc_ids`)."""
-    bm25s = _bm25s()
-    import Stemmer
     if len(doc_ids) != len(texts):
       raise ValueError(f'{len(doc_ids)} document ids for {len(texts)} texts')
-    if not doc_ids:
+    return cls.build_from_corpus(corpus.InMemoryCorpus(doc_ids, texts), k1, b)
+
+  @classmethod
+  def build_from_corpus(cls, source: corpus.Corpus, k1: float = 1.5, b: float = 0.75,
+                        chunk_size: int = 10_000) -> 'BM25Index':
+    """Indexes a corpus read `chunk_size` texts at a time; only term ids are kept."""
+    bm25s = _bm25s()
+    import Stemmer
+    if not len(source):
       raise ValueError('cannot index an empty corpus')
     stemmer = Stemmer.Stemmer('english')
+    terms, doc_terms = _TermIds(stemmer), []
+    for _, texts in source.chunks(chunk_size):
+      doc_terms += terms(texts)
     retriever = bm25s.BM25(k1=k1, b=b, method='lucene')
-    retriever.index(_tokenize(texts, stemmer), show_progress=False)
-    return cls(list(doc_ids), retriever, stemmer)
+    retriever.index((doc_terms, terms.vocab), show_progress=False)
+    return cls(list(source.ids), retriever, stemmer)
 
   def search(self, query_ids: Sequence[str], query_texts: Sequence[str], k: int) -> Run:
     """The top-k run, {query id: {doc id: score}} in descending score order.
@@ -91,8 +139,8 @@ def beir_run(folder: str, split: str = 'test', k: int = 100, k1: float = 1.5,
   from t5dual import evaluation
   qrels = evaluation.load_qrels(folder, split)
   qids, qtexts = evaluation.beir_queries_with_qrels(folder, qrels)
-  doc_ids, doc_texts = sources.read_beir_corpus(folder)
-  log.info('BM25: indexing %s of %s', cli.plural(len(doc_ids), 'document'), folder)
-  index = BM25Index.build(doc_ids, doc_texts, k1=k1, b=b)
+  documents = corpus.beir_corpus(folder)
+  log.info('BM25: indexing %s of %s', cli.plural(len(documents), 'document'), folder)
+  index = BM25Index.build_from_corpus(documents, k1=k1, b=b)
   log.info('BM25: top-%d of %s', k, cli.plural(len(qids), f'{split} query', f'{split} queries'))
   return index.search(qids, qtexts, k)

@@ -208,12 +208,14 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
   """
   import json
   import jax
-  from t5dual import checkpoints, encoding, export, retrieval
+  from t5dual import checkpoints, corpus, encoding, export, retrieval
   model_dir = require_dual_encoder(model_dir, 'eval.py run')
   qrels = load_qrels(beir, split)
-  texts = {Side.DOCUMENT: sources.read_beir_corpus(beir),
-           Side.QUERY: beir_queries_with_qrels(beir, qrels)}
-  warn_missing_documents(qrels, texts[Side.DOCUMENT][0], sources.qrels_path(beir, split))
+  # The documents are read a shard at a time by the export; only their ids stay in memory.
+  texts = {Side.DOCUMENT: corpus.beir_corpus(beir),
+           Side.QUERY: corpus.InMemoryCorpus(*beir_queries_with_qrels(beir, qrels),
+                                             os.path.join(beir, 'queries.jsonl'))}
+  warn_missing_documents(qrels, texts[Side.DOCUMENT].ids, sources.qrels_path(beir, split))
   k = k or search_depth(measures)
   model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
       model_dir, step, partitioner)
@@ -221,13 +223,12 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
   out = out_dir or os.path.join(model_dir, 'eval', f'{name}-{split}-{step}')
   info = checkpoints.read_model_json(model_dir)
   embeddings = {}
-  for side, (ids, side_texts) in texts.items():
+  for side, source in texts.items():
     options = export.ExportOptions(max_length=lengths[side.feature], side=side,
                                    **(export_options or {}))
     part = os.path.join(out, side.beir_part)
     encode = encoding.make_encode_fn(model, params, side, partitioner=partitioner)
-    export.export_embeddings(encode, tokenizer, ids, side_texts, part, options, info, step,
-                             name=os.path.join(beir, f'{side.beir_part}.jsonl'))
+    export.export_corpus(encode, tokenizer, source, part, options, info, step)
     embeddings[side] = export.open_embeddings(part)
   run_path = os.path.join(out, 'run.trec')
   summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -51,15 +51,6 @@ class ExportError(sources.DataError):
 
 
 # --------------------------------------------------------------------------- files
-
-def _sha256_strings(strings: Sequence[str]) -> str:
-  h = hashlib.sha256()
-  for s in strings:
-    b = s.encode('utf-8')
-    h.update(len(b).to_bytes(8, 'little'))
-    h.update(b)
-  return h.hexdigest()
-
 
 def _sha256_file(path: str) -> str:
   with open(path, 'rb') as f:
@@ -166,9 +157,15 @@ class ExportOptions:
       _import_pyarrow()  # before any shard is written
 
 
-def make_plan(ids: Sequence[str], texts: Sequence[str], options: ExportOptions,
-              model_info: Optional[dict] = None, step: Optional[int] = None) -> dict:
-  """What an export directory holds; two runs may only share a directory with equal plans."""
+def make_plan(ids: Sequence[str], texts: Union[Sequence[str], corpus.Corpus],
+              options: ExportOptions, model_info: Optional[dict] = None,
+              step: Optional[int] = None) -> dict:
+  """What an export directory holds; two runs may only share a directory with equal plans.
+
+  `texts` is the list of texts, or a `corpus.Corpus` (whose digest is computed once).
+  """
+  texts_sha256 = (texts.texts_sha256 if isinstance(texts, corpus.Corpus)
+                  else corpus.sha256_strings(texts))
   return {
       'format': FORMAT,
       'model': model_info or {},
@@ -179,8 +176,8 @@ def make_plan(ids: Sequence[str], texts: Sequence[str], options: ExportOptions,
       'count': len(ids),
       'shard_size': options.shard_size,
       'num_shards': encoding.round_up(len(ids), options.shard_size) // options.shard_size,
-      'ids_sha256': _sha256_strings(ids),
-      'texts_sha256': _sha256_strings(texts),
+      'ids_sha256': corpus.sha256_strings(ids),
+      'texts_sha256': texts_sha256,
       'parquet': options.parquet,
   }
 
@@ -205,22 +202,33 @@ def export_embeddings(encode_fn: encoding.EncodeFn, tokenizer, ids: Sequence[str
                       process_index: Optional[int] = None,
                       process_count: Optional[int] = None,
                       name: str = 'export input') -> Optional[dict]:
+  """`export_corpus` of (ids, texts) lists."""
+  return export_corpus(encode_fn, tokenizer, corpus.InMemoryCorpus(ids, texts, name), out_dir,
+                       options, model_info, step, process_index, process_count)
+
+
+def export_corpus(encode_fn: encoding.EncodeFn, tokenizer, source: corpus.Corpus,
+                  out_dir: str, options: ExportOptions, model_info: Optional[dict] = None,
+                  step: Optional[int] = None, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Optional[dict]:
   """Encodes this process's shards that are not complete yet; returns the manifest.
 
   `process_index` / `process_count` default to JAX's. The manifest is written
   (and returned) once every shard of every process is complete; on a real
   multi-host run the processes wait for each other and process 0 writes it.
   Otherwise None is returned (other simulated processes still have work).
-  `name` says where the texts come from, in messages; empty texts are encoded
-  (as EOS only) with one warning.
+  The texts are read one shard at a time (`source.texts`), so a corpus read from
+  a file holds one shard of texts in memory. `source.name` says where the texts
+  come from, in messages; empty texts are encoded (as EOS only) with one warning.
   """
-  corpus.validate_corpus(ids, texts, name)
+  source.validate()
+  ids = source.ids
   multihost = process_index is None and jax.process_count() > 1
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ExportError(f'process_index {process_index} not in [0, {process_count})')
-  plan = make_plan(ids, texts, options, model_info, step)
+  plan = make_plan(ids, source, options, model_info, step)
   _check_plan(out_dir, plan, process_index)
   num_shards, size = plan['num_shards'], options.shard_size
   mine = range(process_index, num_shards, process_count)
@@ -236,7 +244,7 @@ def export_embeddings(encode_fn: encoding.EncodeFn, tokenizer, ids: Sequence[str
   try:
     for n in todo:
       start, stop = n * size, min((n + 1) * size, len(ids))
-      vectors = encoding.encode_texts(encode_fn, tokenizer, texts[start:stop],
+      vectors = encoding.encode_texts(encode_fn, tokenizer, source.texts(start, stop),
                                       options.max_length, options.batch_size, options.buckets,
                                       on_batch=bar.advance)
       _write_shard(out_dir, n, num_shards, start, list(ids[start:stop]),
@@ -324,7 +332,7 @@ def finalize(out_dir: str) -> dict:
   dims = {s['dim'] for s in shards}
   if len(dims) != 1:
     raise ExportError(f'{out_dir}: shards disagree on the dimension: {sorted(dims)}')
-  if len(ids) != plan['count'] or _sha256_strings(ids) != plan['ids_sha256']:
+  if len(ids) != plan['count'] or corpus.sha256_strings(ids) != plan['ids_sha256']:
     raise ExportError(f'{out_dir}: the shards hold {len(ids)} ids that do not match the '
                       f'{plan["count"]} ids of the plan')
   manifest = dict(plan, dimension=dims.pop(), shards=shards)

@@ -213,3 +213,28 @@ def test_seqio_task_matches_numpy_path(tmp_path, spm):
   np.testing.assert_array_equal(got['inputs'], tok.encode(ex.queries, 6))
   np.testing.assert_array_equal(got['targets'], tok.encode(ex.positives, 10))
   assert len(set(got['doc_ids'].tolist())) == 8
+
+
+def test_seqio_resume_past_the_skip_limit_is_one_line(tmp_path, spm):
+  """A seqio run resumes by re-reading the examples before its step: the same batches up to
+  max_skipped_examples, then a one-line ConfigError pointing at the store."""
+  seqio_tasks = pytest.importorskip('t5dual.data.seqio_tasks',
+                                    reason='seqio extra (TensorFlow, seqio) not installed')
+  from t5dual import cli
+  lines = [json.dumps({'query': f'question {i}', 'positive': f'answer {i} ' * (i % 5 + 1)})
+           for i in range(24)]
+  path = _write(tmp_path / 'r.jsonl', lines)
+  seqio_tasks.register_pair_task('t5dual_test_resume', f'jsonl:{path}', spm)
+  lengths = {'inputs': 6, 'targets': 10}
+  make = lambda: seqio_tasks.SeqioBatcher('t5dual_test_resume', 4, lengths, seed=5,
+                                          max_skipped_examples=12)
+  batcher = make()
+  uninterrupted = [batcher.batch(s) for s in range(5)]
+  resumed = make().batch(3)  # skips 12 examples: at the limit
+  for key in uninterrupted[3]:
+    np.testing.assert_array_equal(resumed[key], uninterrupted[3][key])
+  with pytest.raises(cli.ConfigError, match=r'step 4 would re-read and skip 16 examples.*'
+                     r'scripts/prepare_data\.py') as e:
+    make().batch(4)
+  assert '\n' not in str(e.value)
+  assert make().batch(0)['inputs'].shape == (4, 6)

@@ -341,3 +341,81 @@ def test_jsonl_and_tf_dataset_readers(tmp_path):
                                               r'UTF-8 \(byte 0xff at position 4\)'):
     corpus.read_tf_dataset(Dataset([{'docid': b'x', 'text': b'body\xff'}]), 'docid', ['text'],
                            'ds:test')
+
+
+def _large_beir_corpus(folder, docs=4000, words=10, word_length=400):
+  """A corpus.jsonl of docs * words * word_length (16 MB) characters of text in few,
+  long words: many bytes of text, few tokens (BM25 keeps the tokens, never the text)."""
+  rng = np.random.default_rng(0)
+  letters = np.array(list('abcdefghijklmnopqrstuvwxyz'))
+  pool = [''.join(rng.choice(letters, word_length)) for _ in range(50)]
+  folder.mkdir()
+  with open(folder / 'corpus.jsonl', 'w') as f:
+    for i in range(docs):
+      text = ' '.join(pool[j] for j in rng.integers(0, len(pool), words))
+      f.write(json.dumps({'_id': f'd{i}', 'title': '', 'text': text}) + '\n')
+  return docs * words * (word_length + 1)
+
+
+def _peak_traced_bytes(fn):
+  """(fn(), the peak of Python and NumPy allocations while it ran)."""
+  import tracemalloc
+  tracemalloc.start()
+  try:
+    out = fn()
+    return out, tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+def test_export_and_bm25_hold_one_chunk_of_texts(setup, tmp_path):
+  """A corpus read from its file is indexed and exported holding one chunk (shard) of
+  texts: the peak of allocations stays a fraction of the text's size, which reading the
+  whole corpus exceeds."""
+  from t5dual import bm25
+  folder = tmp_path / 'beir'
+  text_bytes = _large_beir_corpus(folder)
+  budget = text_bytes // 4
+  everything, peak = _peak_traced_bytes(lambda: sources.read_beir_corpus(str(folder)))
+  assert peak > text_bytes  # the measure sees a corpus held whole
+
+  source, peak = _peak_traced_bytes(lambda: corpus.beir_corpus(str(folder)))
+  assert peak < budget
+  assert source.ids == everything[0] and source.texts_sha256 == corpus.sha256_strings(
+      everything[1])
+  assert source.texts(1234, 1240) == everything[1][1234:1240]
+  del everything
+
+  bm25.BM25Index.build(['a', 'b'], ['warm up', 'the imports'])  # imports are not the corpus
+  index, peak = _peak_traced_bytes(
+      lambda: bm25.BM25Index.build_from_corpus(source, chunk_size=100))
+  assert peak < budget
+  assert index.doc_ids == source.ids
+
+  def encode(ids):  # the vectors do not matter here, only what the export holds
+    return np.asarray(ids[:, :4], np.float32)
+  options = export.ExportOptions(max_length=8, side='document', batch_size=16, shard_size=50,
+                                 progress=False)
+  manifest, peak = _peak_traced_bytes(lambda: export.export_corpus(
+      encode, setup['tok'], source, str(tmp_path / 'out'), options))
+  assert peak < budget
+  assert manifest['count'] == len(source) and manifest['num_shards'] == 80
+
+
+def test_jsonl_corpus_reads_any_range_of_rows(tmp_path):
+  """Rows are found by byte offset (a BOM, blank lines and non-ASCII text included) and
+  read the same as read_jsonl_corpus; a file changed after the first pass is an error."""
+  path = tmp_path / 'docs.jsonl'
+  rows = [{'id': f'x{i}', 'body': f'é{i} ' * i} for i in range(7)]
+  lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+  path.write_bytes(('\ufeff' + '\n\n'.join(lines[:3]) + '\n\n' + '\n'.join(lines[3:]) + '\n'
+                    ).encode('utf-8'))
+  want = corpus.read_jsonl_corpus(str(path), 'id', ['body'])
+  source = corpus.JsonlCorpus(str(path), corpus.jsonl_parser('id', ['body']))
+  assert source.ids == want[0] and source.texts_sha256 == corpus.sha256_strings(want[1])
+  for start, stop in ((0, 7), (0, 1), (2, 5), (6, 7), (3, 3)):
+    assert source.texts(start, stop) == want[1][start:stop]
+  assert [t for _, chunk in source.chunks(3) for t in chunk] == want[1]
+  path.write_text('\n'.join(json.dumps(dict(r, id=f'y{i}')) for i, r in enumerate(rows)))
+  with pytest.raises(sources.DataError, match=r"docs.jsonl:1: id 'y0' where 'x0' was .*changed"):
+    source.texts(0, 2)

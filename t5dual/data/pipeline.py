@@ -30,7 +30,7 @@ class PairBatcher:
   [B, N, Ld] and 'negative_ids' [B, N].
   """
 
-  examples: sources.PairExamples
+  examples: sources.PairExamples  # or any sequence of pairs with `rows` (RandomAccessPairs)
   tokenizer: Tokenizer
   batch_size: int
   feature_lengths: dict = dataclasses.field(
@@ -64,21 +64,23 @@ class PairBatcher:
 
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     idx = self.example_indices(step, shard_index, num_shards)
-    ex = self.examples
+    # Only this slice's rows are read: with examples read by row (a TFDS data source)
+    # a resumed run reads one batch, not every batch before it.
+    ex = self.examples.rows(idx)
     lq, ld = self.feature_lengths['inputs'], self.feature_lengths['targets']
     out = {
-        'inputs': self.tokenizer.encode([ex.queries[i] for i in idx], lq),
-        'targets': self.tokenizer.encode([ex.positives[i] for i in idx], ld),
-        'query_ids': np.asarray([ex.query_ids[i] for i in idx], np.int32),
-        'doc_ids': np.asarray([ex.doc_ids[i] for i in idx], np.int32),
+        'inputs': self.tokenizer.encode(ex.queries, lq),
+        'targets': self.tokenizer.encode(ex.positives, ld),
+        'query_ids': np.asarray(ex.query_ids, np.int32),
+        'doc_ids': np.asarray(ex.doc_ids, np.int32),
     }
     if self.num_negatives:
       picks = self._negative_picks(step, shard_index, num_shards)
-      texts = [ex.negatives[i][k] for i, ks in zip(idx, picks) for k in ks]
+      texts = [negs[k] for negs, ks in zip(ex.negatives, picks) for k in ks]
       out['negative_targets'] = self.tokenizer.encode(texts, ld).reshape(
           len(idx), self.num_negatives, ld)
       out['negative_ids'] = np.asarray(
-          [[ex.negative_ids[i][k] for k in ks] for i, ks in zip(idx, picks)], np.int32)
+          [[ids[k] for k in ks] for ids, ks in zip(ex.negative_ids, picks)], np.int32)
     return out
 
 
@@ -166,9 +168,13 @@ def pair_batch_spec(batch_size: int, feature_lengths: dict, num_negatives: int =
 def make_batcher(source: str, tokenizer: Tokenizer, batch_size: int,
                  feature_lengths: Optional[dict] = None, num_negatives: int = 0,
                  seed: int = 0):
-  """Batcher for a local source ('store:<dir>' a prepared store), or a seqio task when
-  `source` names one."""
+  """Batcher for a local source, a prepared store ('store:<dir>'), a TFDS dataset
+  ('tfds:...', read by row), or a seqio task when `source` names one."""
   lengths = dict(feature_lengths or DEFAULT_FEATURE_LENGTHS)
+  if source.startswith('tfds:'):
+    from t5dual.data import tfds_source
+    return PairBatcher(tfds_source.tfds_pairs(source, num_negatives), tokenizer, batch_size,
+                       lengths, num_negatives, seed)
   if source.startswith('store:'):  # a prepared store (data/store.py)
     from t5dual.data import store_batchers
     return store_batchers.pair_batcher(source, tokenizer, batch_size, lengths, num_negatives,

@@ -15,11 +15,13 @@ NumPy path's (`vocab.Tokenizer`) for the same vocabulary.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from t5dual import cli
 from t5dual.data import sources
 
 
@@ -83,22 +85,41 @@ def _map(dataset, fn):
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+# A resumed seqio run re-reads and skips every example before its step (seqio's pipeline
+# has no random access: preprocessors may filter or split examples); past this many
+# examples per host it is refused. A task module (mixture_or_task_module) may set it.
+MAX_SKIPPED_EXAMPLES = 1_000_000
+
+
 class SeqioBatcher:
   """`batch(step)` over a seqio task, with the PairBatcher's interface.
 
   The order is fixed by the seed; a resumed run skips the batches already
-  seen, so it continues with the same data.
+  seen, so it continues with the same data. Skipping costs reading and
+  tokenizing them all again, so resuming past `max_skipped_examples` examples
+  (per host) is a one-line ConfigError that says to prepare the task into the
+  store (scripts/prepare_data.py), which is read by row.
   """
 
   def __init__(self, task_name: str, batch_size: int, feature_lengths: dict,
-               seed: int = 0, shuffle: bool = True):
+               seed: int = 0, shuffle: bool = True,
+               max_skipped_examples: Optional[int] = None):
     self.task = seqio.get_mixture_or_task(task_name)
     self.batch_size, self.lengths = batch_size, dict(feature_lengths)
     self.seed, self.shuffle = seed, shuffle
+    self.max_skipped_examples = (MAX_SKIPPED_EXAMPLES if max_skipped_examples is None
+                                 else max_skipped_examples)
     self._iter, self._next = None, None
 
   def _dataset(self, start: int, shard_index: int, num_shards: int):
     per_host = self.batch_size // num_shards
+    skipped = start * per_host
+    if skipped > self.max_skipped_examples:
+      raise cli.ConfigError(
+          f'seqio task {self.task.name!r}: resuming at step {start} would re-read and skip '
+          f'{skipped:,} examples (limit seqio_tasks.MAX_SKIPPED_EXAMPLES = '
+          f'{self.max_skipped_examples:,}); prepare the task into the store '
+          '(scripts/prepare_data.py) and train from it, which resumes without re-reading')
     ds = self.task.get_dataset(
         self.lengths, split='train', shuffle=self.shuffle, seed=self.seed, num_epochs=None,
         shard_info=seqio.ShardInfo(shard_index, num_shards), use_cached=False)

@@ -65,6 +65,11 @@ class PairExamples:
   def __len__(self) -> int:
     return len(self.queries)
 
+  def rows(self, indices) -> 'PairExamples':
+    """The examples at `indices`, in that order (what one batch reads)."""
+    return PairExamples(*([getattr(self, f.name)[i] for i in indices]
+                          for f in dataclasses.fields(self)))
+
 
 # --------------------------------------------------------------------------- lines and JSONL
 
@@ -74,21 +79,39 @@ def iter_lines(path: str, error: type = DataError) -> Iterator[tuple[int, str]]:
   Lines are decoded one by one so that bad bytes are reported with their line
   (a UTF-8 byte-order mark at the start is accepted).
   """
+  for lineno, _, line in iter_lines_at(path, error):
+    yield lineno, line
+
+
+def iter_lines_at(path: str, error: type = DataError, offset: int = 0, first_line: int = 1
+                  ) -> Iterator[tuple[int, int, str]]:
+  """(1-based line, byte offset, text) of the lines from byte `offset` on (which starts
+  line `first_line`): `iter_lines` that can start in the middle of a file, so that a
+  reader holding the offsets of its rows re-reads any range of them alone."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: file not found')
   with open(path, 'rb') as f:
-    for lineno, raw in enumerate(f, 1):
+    f.seek(offset)
+    for lineno, raw in enumerate(f, first_line):
       try:
         line = raw.decode('utf-8-sig' if lineno == 1 else 'utf-8')
       except UnicodeDecodeError as e:
         raise error(f'{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column '
                     f'{e.start + 1}); convert the file to UTF-8') from None
-      yield lineno, line.rstrip('\r\n')
+      yield lineno, offset, line.rstrip('\r\n')
+      offset += len(raw)
 
 
 def iter_jsonl(path: str, error: type = DataError) -> Iterator[tuple[int, dict]]:
   """(1-based line, object) for each non-blank line; malformed lines raise `error`."""
-  for lineno, line in iter_lines(path, error):
+  for lineno, _, record in iter_jsonl_at(path, error):
+    yield lineno, record
+
+
+def iter_jsonl_at(path: str, error: type = DataError, offset: int = 0, first_line: int = 1
+                  ) -> Iterator[tuple[int, int, dict]]:
+  """(1-based line, byte offset, object) for each non-blank line from byte `offset` on."""
+  for lineno, at, line in iter_lines_at(path, error, offset, first_line):
     if not line.strip():
       continue
     try:
@@ -97,7 +120,7 @@ def iter_jsonl(path: str, error: type = DataError) -> Iterator[tuple[int, dict]]
       raise error(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
     if not isinstance(record, dict):
       raise error(f'{path}:{lineno}: expected a JSON object')
-    yield lineno, record
+    yield lineno, at, record
 
 
 def _field(record: dict, key: str, path: str, lineno: int, allow_empty=False) -> str:
@@ -146,7 +169,8 @@ def read_beir_corpus(folder: str) -> tuple[list[str], list[str]]:
   """(ids, texts) of corpus.jsonl; a text is the title and the text joined.
 
   "text" must be present and a string but may be empty, as may "title"; a
-  document with neither keeps its id and an empty text.
+  document with neither keeps its id and an empty text. (`t5dual.corpus.beir_corpus`
+  reads the same file a chunk of rows at a time.)
   """
   ids, texts = [], []
   for doc_id, text in iter_beir_corpus(folder):
@@ -160,15 +184,20 @@ def iter_beir_corpus(folder: str) -> Iterator[tuple[str, str]]:
   path = os.path.join(folder, 'corpus.jsonl')
   seen = {}
   for lineno, rec in iter_jsonl(path):
-    doc_id = _field(rec, '_id', path, lineno)
+    doc_id, text = beir_document(rec, path, lineno)
     if doc_id in seen:
       raise DataError(f'{path}:{lineno}: duplicate _id {doc_id!r} (first on line {seen[doc_id]})')
     seen[doc_id] = lineno
-    title = rec.get('title') or ''
-    if not isinstance(title, str):
-      raise DataError(f'{path}:{lineno}: field \'title\' is {type(title).__name__}, not text')
-    text = _field(rec, 'text', path, lineno, allow_empty=True)
-    yield doc_id, join_text([title, text])
+    yield doc_id, text
+
+
+def beir_document(rec: dict, path: str, lineno: int) -> tuple[str, str]:
+  """(id, title and text joined) of one corpus.jsonl record."""
+  doc_id = _field(rec, '_id', path, lineno)
+  title = rec.get('title') or ''
+  if not isinstance(title, str):
+    raise DataError(f'{path}:{lineno}: field \'title\' is {type(title).__name__}, not text')
+  return doc_id, join_text([title, _field(rec, 'text', path, lineno, allow_empty=True)])
 
 
 def read_beir_queries(folder: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 

@@ -20,8 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5dual import (checkpoints, cli, gin_utils, model_api, models, partitioning, t5, train_lib,
-                    trainer, vocab)
-from t5dual.data import demo
+                    trainer)
 import cli_output  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +29,8 @@ GIN_FILES = ['gin/models/sde.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp('demo'))
-  demo.write_demo_beir(os.path.join(folder, 'data'), num_docs=200, num_concepts=40)
-  spm = vocab.train_sentencepiece(demo.demo_texts(os.path.join(folder, 'data')),
-                                  os.path.join(folder, 'spm'), vocab_size=512)
-  return os.path.join(folder, 'data'), spm
+def demo_data(demo_beir):
+  return demo_beir(200, 40, 512)
 
 
 @pytest.fixture

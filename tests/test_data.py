@@ -196,6 +196,7 @@ def test_each_epoch_visits_every_example_once(spm, tmp_path):
   assert list(epoch) != list(np.concatenate([b.example_indices(s) for s in range(3, 6)]))
 
 
+@pytest.mark.slow
 def test_seqio_task_matches_numpy_path(tmp_path, spm):
   seqio_tasks = pytest.importorskip('t5dual.data.seqio_tasks',
                                     reason='seqio extra (TensorFlow, seqio) not installed')

@@ -121,6 +121,7 @@ def _test_qrels(data):
 
 # --------------------------------------------------------------------------- a whole chain
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
   model_dir, log = chain
@@ -173,6 +174,7 @@ def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
   assert not os.path.exists(os.path.join(_stage_dir(model_dir, 2), 'teacher.trec.partial'))
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_data):
   model_dir, _ = chain
@@ -236,6 +238,7 @@ def _snapshot(model_dir):
   return files, _record(model_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_rerunning_a_complete_chain_trains_nothing(chain, demo_data, env):
   model_dir, _ = chain
@@ -252,6 +255,7 @@ def test_rerunning_a_complete_chain_trains_nothing(chain, demo_data, env):
   assert 'evaluating' not in again.stderr and 'evaluation recorded' in again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_kill_9_in_stage_2_then_the_rerun_resumes_stage_2(chain, demo_data, env, tmp_path):
   reference, _ = chain
@@ -438,6 +442,7 @@ def _bm25(data):
   return bm25.beir_run(data, 'train', k=MAX_RANK)
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_path, monkeypatch,
                                                        caplog):
@@ -480,6 +485,7 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
   assert open(teacher).read() == open(reference).read()
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_chain_directory_stands_for_its_final_model(chain, tmp_path, caplog):
   model_dir, _ = chain

@@ -21,6 +21,7 @@ def _one_device():
   return partitioning.Partitioner(devices=tuple(jax.devices()[:1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat,microbatches', [('none', 1), ('full', 1), ('none', 4)])
 def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microbatches):
   import dataclasses
@@ -44,6 +45,7 @@ def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microb
   assert planning.fits(plan, 1 << 30) and not planning.fits(plan, 1 << 10)
 
 
+@pytest.mark.slow
 def test_grad_cache_holds_one_chunks_activations():
   # Batch 32, 4 chunks of 8: XLA's temporaries shrink with the chunk (the closed form's
   # activations by 4x exactly), the arguments stay the same.
@@ -124,6 +126,7 @@ def test_the_planned_batch_is_the_batch_that_trains(demo_data):
   assert with_negatives['negative_targets'].shape == (6, 3, 12)
 
 
+@pytest.mark.slow
 def test_hard_negatives_are_planned():
   # NUM_NEGATIVES=7 encodes 8 documents per query: the planned batch, activations and
   # FLOPs grow with them (and the compiled step sees the same batch).

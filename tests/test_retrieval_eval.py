@@ -467,6 +467,7 @@ def _cli(script, *args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(beir, tmp_path):
   """Bad input to scripts/eval.py and scripts/export.py: exit 2 and exactly one stderr
   line, 'error: <file>:<line>: ...', without a traceback."""

@@ -275,6 +275,7 @@ def test_config_of_each_start_is_kept_and_a_failed_start_writes_none(demo_data, 
   assert configs[0].startswith('config-20') and configs[0].endswith('Z.gin')
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_with_the_steps_that_exist(demo_data, tmp_path):
   model_dir = str(tmp_path / 'run')
   _run(model_dir, demo_data, 4)

@@ -19,6 +19,8 @@ import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
 import cli_output  # tests/helpers
 
+# Every test reads the reranker its module fixture trains.
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 40
 CANDIDATES = 20
@@ -58,7 +60,6 @@ def trained(tmp_path_factory, demo_beir):
               test_run=test_run, work=work)
 
 
-@pytest.mark.slow
 def test_training_improves_reranking_over_the_initial_model(trained):
   folder, model = trained['folder'], trained['model']
   qrels = evaluation.load_qrels(folder, 'test')
@@ -80,7 +81,6 @@ def test_training_improves_reranking_over_the_initial_model(trained):
   assert after > max(initial, random_order) + 0.1, (initial, random_order, after)
 
 
-@pytest.mark.slow
 def test_reloads_by_kind(trained):
   model, _, _, _, _ = checkpoints.restore_for_inference(trained['model_dir'])
   assert isinstance(model, rerankers.RerankerModel)
@@ -89,7 +89,6 @@ def test_reloads_by_kind(trained):
   assert model.lists == trained['model'].lists
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_rerank_cli_writes_the_models_own_scores(trained):
   out = str(trained['work'] / 'reranked.trec')
@@ -122,7 +121,6 @@ def test_rerank_cli_writes_the_models_own_scores(trained):
                           width=128, both_sides=True)
 
 
-@pytest.mark.slow
 def test_rerank_cli_errors_are_one_line(trained, tmp_path):
   bad_run = tmp_path / 'bad.trec'
   bad_run.write_text('q1 Q0 d1 1 0.5 t\nq1 Q0 d2 2\n')
@@ -142,7 +140,6 @@ def test_rerank_cli_errors_are_one_line(trained, tmp_path):
   assert not (tmp_path / 'out.trec').exists()
 
 
-@pytest.mark.slow
 def test_dual_encoder_commands_refuse_a_reranker_in_one_line(trained, tmp_path):
   """eval.py run and export.py encode with a dual encoder: a reranker directory is named as
   such, with the command that takes it, before anything is read or written."""

@@ -2,7 +2,9 @@
 # One command per job on a fresh machine: creates .venv, installs t5dual with
 # pinned versions, then runs the job. Nothing needs an activated virtualenv.
 #   bash scripts/run.sh demo    [demo flags]    train, export, retrieve, report metrics
-#   bash scripts/run.sh test    [pytest flags]  the test suite
+#   bash scripts/run.sh test    [pytest flags]  the test suite, then its 25 slowest tests
+#   bash scripts/run.sh test-fast [pytest flags] the fast tier: not slow, not multiprocess
+#                                               (T5DUAL_RECORD_DURATIONS=1: tests/DURATIONS.md)
 #   bash scripts/run.sh train|eval|export|convert|rerank|plan|prepare_data [flags]
 #                                               scripts/<job>.py with the same set-up
 # Conversions to Hugging Face / sentence-transformers need PyTorch: the `test`
@@ -18,7 +20,7 @@ PY="${PYTHON:-python3}"
 extras_for() {  # extras_for JOB: the job's extras, then the accelerator's
   local base accel
   case "$1" in
-    test) base="all" ;;   # seqio/TF for the seqio tests, torch/transformers references
+    test|test-fast) base="all" ;;   # seqio/TF for the seqio tests, torch/transformers references
     demo) base="demo" ;;
     *) base="${T5DUAL_EXTRAS:-demo}" ;;
   esac
@@ -47,10 +49,16 @@ case "$job" in
   demo) exec python scripts/demo.py "$@" ;;
   # Two workers, each test file on one (its module fixtures start their processes once);
   # T5DUAL_TEST_WORKERS=0 runs in this process, and flags given here come after these.
-  test) exec python -m pytest -q tests -n "${T5DUAL_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+  # Tiers (pytest.ini, README "Test tiers"): `test` runs all, `test-fast` leaves out the slow and
+  # multi-process tests; with T5DUAL_RECORD_DURATIONS=1, tests/conftest.py writes the durations
+  # of the tests that ran into tests/DURATIONS.md, which tests/test_tiers.py checks markers by.
+  test) exec python -m pytest -q tests -n "${T5DUAL_TEST_WORKERS:-2}" --dist loadfile \
+          --durations=25 "$@" ;;
+  test-fast) exec python -m pytest -q tests -n "${T5DUAL_TEST_WORKERS:-2}" --dist loadfile \
+               -m "not slow and not multiprocess" --durations=10 "$@" ;;
   train|eval|export|convert|rerank|plan|prepare_data)
     [ -f "scripts/$job.py" ] || { echo "scripts/$job.py does not exist" >&2; exit 2; }
     exec python "scripts/$job.py" "$@" ;;
-  *) echo "usage: bash scripts/run.sh demo|test|train|eval|export|convert|rerank|plan|prepare_data|extras [args]" >&2
+  *) echo "usage: bash scripts/run.sh demo|test|test-fast|train|eval|export|convert|rerank|plan|prepare_data|extras [args]" >&2
      exit 2 ;;
 esac

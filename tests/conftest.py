@@ -1,3 +1,4 @@
+import collections
 import os
 import pathlib
 
@@ -16,6 +17,8 @@ def shared_dir():
 import sys  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / 'helpers'))
 
+import durations_record  # noqa: E402  tests/helpers
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
@@ -25,20 +28,73 @@ def _seed_torch():
     sys.modules['torch'].manual_seed(0)
 
 
-def pytest_configure(config):
-  # Tiers: `pytest -m "not slow"` for everyday work; the README's test command runs all.
-  config.addinivalue_line('markers', 'slow: minutes of work (multi-process jobs, training runs)')
-  config.addinivalue_line('markers', 'multiprocess: starts several processes joined by '
-                          'jax.distributed')
+# ------------------------------------------------------------------------------ demo data
+
+@pytest.fixture(scope='session')
+def demo_beir(tmp_path_factory):
+  """Builds demo BEIR collections and their SentencePiece vocabularies once per test process.
+
+  A function (num_docs, num_concepts, vocab_size, *, lexical_overlap=0.0, extra_texts=(),
+  vocabulary_in_folder=False) -> (folder, spm_model_path): modules that ask for the same
+  collection share its folder, and the same vocabulary its file, so a test must copy a folder
+  before it changes it. The vocabulary is trained on the collection's texts plus extra_texts;
+  with vocabulary_in_folder it is `spm.model` inside a folder of its own (the layout that
+  processes started by a test find from the folder alone).
+  """
+  from t5dual import vocab
+  from t5dual.data import demo
+  folders, vocabularies = {}, {}
+
+  def build(num_docs, num_concepts, vocab_size, *, lexical_overlap=0.0, extra_texts=(),
+            vocabulary_in_folder=False):
+    collection = (num_docs, num_concepts, lexical_overlap, vocabulary_in_folder)
+    if collection not in folders:
+      name = f'demo_{num_docs}_{num_concepts}' + (f'_overlap{lexical_overlap}' * bool(lexical_overlap))
+      folder = str(tmp_path_factory.mktemp(name) / 'data')
+      demo.write_demo_beir(folder, num_docs=num_docs, num_concepts=num_concepts,
+                           lexical_overlap=lexical_overlap)
+      folders[collection] = folder
+    folder = folders[collection]
+    key = collection + (vocab_size, tuple(extra_texts))
+    if key not in vocabularies:
+      prefix = (os.path.join(folder, 'spm') if vocabulary_in_folder else
+                str(tmp_path_factory.mktemp(f'spm_{vocab_size}') / 'spm'))
+      vocabularies[key] = vocab.train_sentencepiece(demo.demo_texts(folder) + list(extra_texts),
+                                                    prefix, vocab_size)
+    return folder, vocabularies[key]
+
+  return build
 
 
 @pytest.fixture(scope='session')
-def demo_collection(tmp_path_factory):
+def demo_collection(demo_beir):
   """The demo BEIR collection (200 documents, 40 concepts) with its 256-piece SentencePiece
-  model as `spm.model` inside: built once per test process for the modules that share it."""
-  from t5dual import vocab
-  from t5dual.data import demo
-  folder = str(tmp_path_factory.mktemp('demo_collection') / 'data')
-  demo.write_demo_beir(folder, num_docs=200, num_concepts=40)
-  vocab.train_sentencepiece(demo.demo_texts(folder), os.path.join(folder, 'spm'), 256)
+  model as `spm.model` inside, for the modules whose processes read both from one folder."""
+  folder, _ = demo_beir(200, 40, 256, vocabulary_in_folder=True)
   return folder
+
+
+# ------------------------------------------------------------------------------ test tiers
+# Markers are declared in pytest.ini (strict). The record of durations (tests/DURATIONS.md)
+# keeps the tiers honest: test_tiers.py fails when a test recorded as slow lacks `slow`.
+
+_SECONDS = collections.defaultdict(float)  # test id -> setup + call + teardown, this run
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  # Before `-m` deselects anything, so that test_tiers checks every collected test in any tier.
+  config.stash[durations_record.COLLECTED] = {
+      item.nodeid: {mark.name for mark in item.iter_markers()} for item in items}
+
+
+def pytest_runtest_logreport(report):
+  # With xdist this runs on the controller too, which receives the workers' reports.
+  _SECONDS[report.nodeid] += report.duration
+
+
+def pytest_sessionfinish(session):
+  config = session.config
+  if os.environ.get(durations_record.ENV) == '1' and not hasattr(config, 'workerinput'):
+    workers = getattr(config.option, 'numprocesses', None) or 0
+    durations_record.update(_SECONDS, f'{workers} workers' if workers else '1 process')

@@ -260,6 +260,7 @@ def _ids(seed, batch=5, length=12, vocab=50):
   return ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['jax_nn', 'seq_lengths'])
 def test_dual_encoder_embeddings_and_gradients_match_xla(seq_lengths_attention, attention):
   batch = {'inputs': _ids(0)[:4], 'targets': _ids(1)[:4]}
@@ -282,6 +283,7 @@ def test_dual_encoder_embeddings_and_gradients_match_xla(seq_lengths_attention, 
                                                     width=128, both_sides=True), grads2, grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['jax_nn', 'seq_lengths'])
 def test_rankt5_encdec_scores_match_xla(seq_lengths_attention, attention):
   # The decoder's one step: causal self-attention with a bias, cross-attention with padding.

@@ -34,6 +34,7 @@ elif not a.encode_only:
 '''
 
 
+@pytest.mark.slow
 def test_workloads_and_peer_ratios(tmp_path, shared_dir, monkeypatch):
   bench = script_modules.load_script('benchmark_speed')
   # Each workload runs in a child process with this environment.
@@ -90,6 +91,8 @@ def test_error_line_is_the_errors_own():
   assert bench.error_line('', -9) == 'exit -9'
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_failed_workloads_keep_their_error_and_exit_1(tmp_path, monkeypatch):
   """attention='cudnn' as the GPU host would get it wrong on the gin defaults (dropout 0.1),
   and on a machine without cuDNN (this one): each row says why, the command exits 1."""

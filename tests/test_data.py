@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 
 from t5dual import cli, corpus, evaluation, retrieval, vocab
-from t5dual.data import demo, pipeline, sources
+from t5dual.data import pipeline, sources
 
 
 @pytest.fixture(scope='module')
-def spm(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('spm')
-  demo.write_demo_beir(str(folder / 'data'), num_docs=200, num_concepts=40)
-  return vocab.train_sentencepiece(demo.demo_texts(str(folder / 'data')),
-                                   str(folder / 'spm'), vocab_size=300)
+def spm(demo_beir):
+  return demo_beir(200, 40, 300)[1]
 
 
 def _write(path, lines):
@@ -199,6 +196,7 @@ def test_each_epoch_visits_every_example_once(spm, tmp_path):
   assert list(epoch) != list(np.concatenate([b.example_indices(s) for s in range(3, 6)]))
 
 
+@pytest.mark.slow
 def test_seqio_task_matches_numpy_path(tmp_path, spm):
   seqio_tasks = pytest.importorskip('t5dual.data.seqio_tasks',
                                     reason='seqio extra (TensorFlow, seqio) not installed')

@@ -42,6 +42,7 @@ def _table(out):
   return rows
 
 
+@pytest.mark.slow
 def test_demo_prints_every_stage_from_its_run_files(demo_script, tmp_path, capsys):
   work = tmp_path / 'demo'
   demo_script.main(['--workdir', str(work), '--gin.TRAIN_STEPS=150', '--gin.BATCH_SIZE=32',

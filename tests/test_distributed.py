@@ -67,6 +67,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_missing_peer_fails_fast_with_one_line(tmp_path):
   """Process 0 of 2 (its peer never starts) and process 1 of 2 (no coordinator listens) of
   a real script stop after the 3 s timeout with one line naming the coordinator, the

@@ -14,7 +14,7 @@ import pytest
 import jax
 
 from t5dual import corpus, encoding, export, models, t5, vocab
-from t5dual.data import demo, sources
+from t5dual.data import sources
 from t5dual.sides import Side
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,13 +26,11 @@ OPTIONS = dict(max_length=32, side='document', batch_size=8, shard_size=40, buck
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, demo_beir):
   """A generated BEIR folder (120 docs), its vocabulary and a tiny random SDE model."""
   root = tmp_path_factory.mktemp('export')
-  folder = str(root / 'beir')
-  demo.write_demo_beir(folder, num_docs=120, num_concepts=40)
-  tok = vocab.Tokenizer(vocab.train_sentencepiece(demo.demo_texts(folder), str(root / 'spm'),
-                                                  300))
+  folder, spm = demo_beir(120, 40, 300)
+  tok = vocab.Tokenizer(spm)
   ids, texts = sources.read_beir_corpus(folder)
   # Short, medium and long documents, so that the length buckets 8, 16, 32 are all used.
   texts = [' '.join(t.split()[:2]) if i % 3 == 0 else t if i % 3 == 1 else f'{t} {t} {t}'
@@ -73,6 +71,7 @@ def files(folder):
   return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
 
 
+@pytest.mark.slow
 def test_export_matches_direct_encoding_in_input_order(setup, tmp_path):
   encoder = CountingEncoder(setup['encode'])
   opts = export.ExportOptions(dtype='float32', **OPTIONS)
@@ -184,6 +183,7 @@ KILLED_EXPORT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_killed_process_resumes_to_identical_files(setup, tmp_path):
   options = dict(OPTIONS, shard_size=25, dtype='float32', parquet=True)
   corpus = tmp_path / 'corpus.json'
@@ -273,6 +273,7 @@ def test_empty_texts_are_encoded_with_one_warning(setup, tmp_path, caplog):
                                 encode(tok.encode(['some words'], 32))[0].astype(np.float32))
 
 
+@pytest.mark.multiprocess
 def test_progress_reaches_100_percent_once(setup, tmp_path):
   """tqdm's close() redraws the bar: the last batch must not draw 100% as well."""
   script = textwrap.dedent(f'''

@@ -48,6 +48,8 @@ def _gradient_tolerance(r):
 LOSS_ERROR = dict(magnitude=100, depth=4, width=64, both_sides=True)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_grad_cache_equals_the_full_batch_on_a_sharded_mesh(results):
   r = results['grad_cache']
   tolerances.assert_close(r['loss'], r['ref_loss'], **LOSS_ERROR)
@@ -56,6 +58,8 @@ def test_grad_cache_equals_the_full_batch_on_a_sharded_mesh(results):
   assert r['grad_scale'] > 1e3 * _gradient_tolerance(r)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_trainers_grad_cache_step_matches_the_reference(results):
   r = results['grad_cache_step']
   assert r['bad_step'] == 0 and r['params_moved'] > 0
@@ -69,6 +73,8 @@ def test_the_trainers_grad_cache_step_matches_the_reference(results):
       tolerances.assert_close(r['metrics'][name], want, **LOSS_ERROR, err_msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_grad_cache_with_dropout_is_the_gradient_of_its_chunks(results):
   # Each chunk keeps its own dropout key in both passes: the gradient is exactly that of the
   # loss of the embeddings the first pass computed.
@@ -79,6 +85,8 @@ def test_grad_cache_with_dropout_is_the_gradient_of_its_chunks(results):
   assert abs(r['no_dropout_loss'] - r['loss']) > 100 * tolerances.tolerance(**LOSS_ERROR)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_accumulation_equals_the_full_batch_for_a_listwise_reranker(results):
   r = results['accumulate']
   # Softmax cross-entropy over 4 documents (size <= log 4 + the score range) averaged over

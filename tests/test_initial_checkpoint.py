@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from t5dual import checkpoints, models, optim, t5, train_lib, trainer, vocab
-from t5dual.data import demo, pipeline, sources
+from t5dual.data import pipeline, sources
 from t5dual.interop import hf, load_initial_params, t5x
 
 HELPERS = pathlib.Path(__file__).resolve().parent / 'helpers'
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_every_format_restores_into_a_model_parallel_layout(tmp_path):
   # One process with 8 CPU devices, mesh (2, 4): T5X, Hugging Face and t5dual directories,
   # into scanned and unrolled dual encoders and rerankers (sharded_restore.py lists the
@@ -65,12 +67,12 @@ def test_a_checkpoint_of_another_shape_is_one_line_before_anything_is_written(tm
   assert not model_dir.exists()
 
 
-def test_training_starts_from_hf_checkpoint(tmp_path):
+@pytest.mark.slow
+@pytest.mark.torch
+def test_training_starts_from_hf_checkpoint(tmp_path, demo_beir):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  data = str(tmp_path / 'data')
-  demo.write_demo_beir(data, num_docs=100, num_concepts=30)
-  spm = vocab.train_sentencepiece(demo.demo_texts(data), str(tmp_path / 'spm'), 200)
+  data, spm = demo_beir(100, 30, 200)
   torch.manual_seed(0)
   hf_cfg = transformers.T5Config(vocab_size=200, d_model=16, d_kv=4, d_ff=24, num_layers=2,
                                  num_heads=4, feed_forward_proj='gated-gelu')

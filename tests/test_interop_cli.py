@@ -40,6 +40,8 @@ def _assert_params_equal(a, b):
     np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
   config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
   params = _random_params(config)
@@ -162,6 +164,8 @@ def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, conver
   assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
+@pytest.mark.torch
 def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, convert, spm):
   from t5dual import layer_layout
   from t5dual.interop import load_initial_params

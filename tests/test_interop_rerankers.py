@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
@@ -60,6 +61,7 @@ def test_hf_folder_to_reranker_to_hf_folder(tmp_path, variant):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['in', 'out']  # no temporary left
 
 
+@pytest.mark.slow
 def test_t5x_checkpoint_loads_whole_into_a_yes_no_reranker(tmp_path):
   cfg, model = tiny_hf('t5.1.1', seed=1)
   tree = t5dual_params(model)

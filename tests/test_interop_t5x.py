@@ -100,6 +100,7 @@ def test_real_t5x_retrieval_checkpoint_loads_completely(shared_dir):
                             magnitude=np.abs(emb).max(), depth=5, width=768, both_sides=True)
 
 
+@pytest.mark.torch
 def test_real_t5x_retrieval_checkpoint_encodes_like_transformers(shared_dir):
   """t5dual's embeddings = transformers' T5 1.0 encoder + mean pool + projection + L2 norm."""
   torch = pytest.importorskip('torch')
@@ -297,6 +298,7 @@ SHARDED_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_sharded_read_reads_only_each_devices_slice(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu',

@@ -6,6 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 st_losses = pytest.importorskip('sentence_transformers.sentence_transformer.losses')
 

@@ -239,6 +239,7 @@ def test_schedule_warmup_then_linear_decay_to_zero():
                              atol=tolerances.tolerance(1e-3, depth=3))  # a few float32 ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', [dict(remat='full'), dict(attention='jax_nn')])
 def test_remat_and_attention_variants_match_default(variant):
   ids = _ids(seed=3)

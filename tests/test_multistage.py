@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, cli, gin_utils, multistage, rerankers, reranking, vocab
-from t5dual.data import demo
+from t5dual import checkpoints, cli, gin_utils, multistage, rerankers, reranking
 from t5dual.data import lists as lists_lib
 from trec_files import assert_in_score_order  # tests/helpers
 
@@ -29,13 +28,8 @@ BATCH_SIZE, INPUT_LENGTH, MAX_RANK = 4, 32, 8
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp('demo'))
-  data = os.path.join(folder, 'data')
-  demo.write_demo_beir(data, num_docs=200, num_concepts=30)
-  spm = vocab.train_sentencepiece(demo.demo_texts(data), os.path.join(folder, 'spm'),
-                                  vocab_size=256)
-  return data, spm
+def demo_data(demo_beir):
+  return demo_beir(200, 30, 256)
 
 
 def _bindings(model_dir, data, spm):
@@ -127,6 +121,8 @@ def _test_qrels(data):
 
 # --------------------------------------------------------------------------- a whole chain
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
   model_dir, log = chain
   data, _ = demo_data
@@ -178,6 +174,8 @@ def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
   assert not os.path.exists(os.path.join(_stage_dir(model_dir, 2), 'teacher.trec.partial'))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_data):
   model_dir, _ = chain
   data, _ = demo_data
@@ -240,6 +238,8 @@ def _snapshot(model_dir):
   return files, _record(model_dir)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_rerunning_a_complete_chain_trains_nothing(chain, demo_data, env):
   model_dir, _ = chain
   data, spm = demo_data
@@ -255,6 +255,8 @@ def test_rerunning_a_complete_chain_trains_nothing(chain, demo_data, env):
   assert 'evaluating' not in again.stderr and 'evaluation recorded' in again.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_kill_9_in_stage_2_then_the_rerun_resumes_stage_2(chain, demo_data, env, tmp_path):
   reference, _ = chain
   data, spm = demo_data
@@ -440,6 +442,8 @@ def _bm25(data):
   return bm25.beir_run(data, 'train', k=MAX_RANK)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_path, monkeypatch,
                                                        caplog):
   model_dir, _ = chain
@@ -481,6 +485,8 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
   assert open(teacher).read() == open(reference).read()
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_chain_directory_stands_for_its_final_model(chain, tmp_path, caplog):
   model_dir, _ = chain
   with caplog.at_level('INFO'):

@@ -102,6 +102,8 @@ def sharded_grads(eight_devices):
   return results, eight_devices['INDIVISIBLE']
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_eight_devices_data_and_model_parallel(eight_devices, reference):
   tolerances.assert_close(json.loads(eight_devices['LOSSES']), reference, **LOSS_ERROR)
 
@@ -114,12 +116,16 @@ def two_processes(launched):
           'model_dir': str(folder / 'run'), 'export_dir': str(folder / 'export')}
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_as_one(two_processes, reference):
   assert two_processes['DEVICES'] == '4 PROCESSES 2'
   tolerances.assert_close(json.loads(two_processes['LOSSES']), reference, **LOSS_ERROR)
   assert two_processes['GATHER'] == 'ok'
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_write_their_own_export_shards(two_processes, data_dir):
   from t5dual import checkpoints, encoding, export
   from t5dual.data import sources
@@ -146,6 +152,8 @@ CASES = [((8, 1), (1, 1)), ((4, 2), (1, 1)), ((2, 4), (1, 1)), ((1, 8), (1, 1)),
          ((2, 4), (2, 2))]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('mesh,dims', CASES)
 def test_loss_and_gradients_equal_one_device(sharded_grads, mesh, dims):
   r = sharded_grads[0][(mesh, dims)]
@@ -158,6 +166,8 @@ def test_loss_and_gradients_equal_one_device(sharded_grads, mesh, dims):
     assert r['next_kernel_spec'] == r['kernel_param_spec']
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize('mesh,dims', CASES)
 def test_parameters_and_adafactor_moments_are_partitioned_by_the_rules(sharded_grads, mesh,
                                                                        dims):
@@ -176,6 +186,8 @@ def test_parameters_and_adafactor_moments_are_partitioned_by_the_rules(sharded_g
   assert r['v_col_shard'] == [64 // model]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_an_indivisible_axis_names_the_parameter_and_the_sizes_that_work(sharded_grads):
   # 12 heads over model_parallel 8, found from abstract shapes before any allocation.
   assert sharded_grads[1] == (

@@ -21,6 +21,7 @@ def _one_device():
   return partitioning.Partitioner(devices=tuple(jax.devices()[:1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat,microbatches', [('none', 1), ('full', 1), ('none', 4)])
 def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microbatches):
   import dataclasses
@@ -44,6 +45,7 @@ def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microb
   assert planning.fits(plan, 1 << 30) and not planning.fits(plan, 1 << 10)
 
 
+@pytest.mark.slow
 def test_grad_cache_holds_one_chunks_activations():
   # Batch 32, 4 chunks of 8: XLA's temporaries shrink with the chunk (the closed form's
   # activations by 4x exactly), the arguments stay the same.
@@ -73,22 +75,19 @@ def test_model_flops_count_every_matmul_of_the_encoders():
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
+def demo_data(tmp_path_factory, demo_beir):
   """A demo BEIR folder with a BM25 run over its training split, a JSONL of pairs with hard
   negatives, and a tokenizer."""
   import json
   from t5dual import bm25, retrieval, vocab
-  from t5dual.data import demo
   folder = tmp_path_factory.mktemp('plan_data')
-  data = str(folder / 'beir')
-  demo.write_demo_beir(data, num_docs=60, num_concepts=12)
+  data, spm = demo_beir(60, 12, 100)
   run = str(folder / 'bm25.trec')
   retrieval.write_trec_run(run, bm25.beir_run(data, 'train', k=20))
   pairs = folder / 'pairs.jsonl'
   pairs.write_text(''.join(json.dumps({'query': f'q {i}', 'positive': f'p {i}',
                                        'negatives': [f'n {i} a', f'n {i} b']}) + '\n'
                            for i in range(12)))
-  spm = vocab.train_sentencepiece(demo.demo_texts(data), str(folder / 'spm'), vocab_size=100)
   return {'beir': data, 'run': run, 'pairs': f'jsonl:{pairs}', 'tokenizer': vocab.Tokenizer(spm)}
 
 
@@ -127,6 +126,7 @@ def test_the_planned_batch_is_the_batch_that_trains(demo_data):
   assert with_negatives['negative_targets'].shape == (6, 3, 12)
 
 
+@pytest.mark.slow
 def test_hard_negatives_are_planned():
   # NUM_NEGATIVES=7 encodes 8 documents per query: the planned batch, activations and
   # FLOPs grow with them (and the compiled step sees the same batch).
@@ -205,6 +205,8 @@ def test_without_the_run_file_is_one_line_and_help_names_gin_file(tmp_path):
   assert usage.returncode == 0 and '--gin_file=FILE' in usage.stdout, usage.stdout
 
 
+@pytest.mark.tpu_backend
+@pytest.mark.multiprocess
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                     reason="libtpu not installed (pip install -e '.[tpu]')")
 def test_tiny_model_compiles_for_a_tpu_topology(tmp_path):

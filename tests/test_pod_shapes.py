@@ -178,6 +178,7 @@ def data_shards_across_processes(data_dir, initial_checkpoints, tmp_path_factory
                                     initial_checkpoints)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize('scenario', SCENARIOS)
 def test_model_axis_across_two_processes(model_axis_across_processes, scenario):
   out, outs = model_axis_across_processes
@@ -185,6 +186,7 @@ def test_model_axis_across_two_processes(model_axis_across_processes, scenario):
   _assert_same_training(out / 'pod' / scenario, out / 'one' / scenario)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize('scenario', SCENARIOS)
 def test_data_shards_spanning_processes_with_2d_partitioning(data_shards_across_processes,
                                                              scenario):

@@ -13,12 +13,14 @@ import pytest
 
 from t5dual import checkpoints, evaluation, ranking_losses, reranking, rerankers, retrieval, t5
 from t5dual import train_lib, trainer
-from t5dual.data import demo, sources
-from t5dual.vocab import Tokenizer, train_sentencepiece
+from t5dual.data import sources
+from t5dual.vocab import Tokenizer
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
 import cli_output  # tests/helpers
 
+# Every test reads the reranker its module fixture trains.
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 40
 CANDIDATES = 20
@@ -37,11 +39,9 @@ def _random_run(folder, split, seed):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, demo_beir):
   work = tmp_path_factory.mktemp('reranker')
-  folder = str(work / 'data')
-  demo.write_demo_beir(folder, num_docs=300, num_concepts=30)
-  vocab = train_sentencepiece(demo.demo_texts(folder), str(work / 'spm'), vocab_size=400)
+  folder, vocab = demo_beir(300, 30, 400)
   train_run = str(work / 'train.trec')
   retrieval.write_trec_run(train_run, _random_run(folder, 'train', 0))
   test_run = str(work / 'test.trec')
@@ -89,6 +89,7 @@ def test_reloads_by_kind(trained):
   assert model.lists == trained['model'].lists
 
 
+@pytest.mark.multiprocess
 def test_rerank_cli_writes_the_models_own_scores(trained):
   out = str(trained['work'] / 'reranked.trec')
   proc = subprocess.run(

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
@@ -97,6 +98,7 @@ def test_enc_score_is_a_dense_layer_on_the_pooled_hf_encoder_output(pooling):
                              atol=float32_tolerance(magnitude))
 
 
+@pytest.mark.slow
 def test_parameter_trees_and_logical_axes():
   base = t5.T5Config(vocab_size=70, emb_dim=24, num_heads=3, head_dim=10, mlp_dim=40,
                      num_layers=2, dtype='float32')
@@ -118,6 +120,7 @@ def test_parameter_trees_and_logical_axes():
       assert tuple(axes['decoder/logits_dense/kernel']) == ('embed', 'vocab')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scorer', rerankers.SCORERS)
 def test_dropout_only_when_not_deterministic(scorer):
   config = rerankers.RerankerConfig(

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from t5dual import bm25, checkpoints, cli, evaluation, reranking, rerankers, retrieval, t5
-from t5dual.data import demo, sources
-from t5dual.vocab import Tokenizer, train_sentencepiece
+from t5dual.data import sources
+from t5dual.vocab import Tokenizer
 from script_modules import load_script  # tests/helpers
 from trec_files import assert_in_score_order, read_as_written  # tests/helpers
 import cli_output  # tests/helpers
@@ -29,14 +29,12 @@ DEPTH, TOP_K = 30, 10
 
 
 @pytest.fixture(scope='module')
-def collection(tmp_path_factory):
+def collection(tmp_path_factory, demo_beir):
   """A demo BEIR folder, its vocabulary, a random 'enc' reranker directory, a BM25 run of the
   test queries plus two queries unknown to the folder and a judged-nowhere-in-test query."""
   work = tmp_path_factory.mktemp('reranking')
-  folder = str(work / 'data')
-  demo.write_demo_beir(folder, num_docs=150, num_concepts=20, lexical_overlap=0.5)
-  vocab = train_sentencepiece(demo.demo_texts(folder) + ['Query: Document: Relevant:'],
-                              str(work / 'spm'), vocab_size=300)
+  folder, vocab = demo_beir(150, 20, 300, lexical_overlap=0.5,
+                            extra_texts=['Query: Document: Relevant:'])
   config = rerankers.RerankerConfig(
       t5=t5.t5_config('tiny', vocab_size=300, dtype='float32'), scorer='enc',
       input_length=LENGTH)
@@ -298,6 +296,7 @@ KILLED = textwrap.dedent('''
 ''' % LENGTH)
 
 
+@pytest.mark.multiprocess
 def test_score_pairs_resumes_after_kill_9(pairs_and_texts, collection, tmp_path):
   pairs, queries, docs, tok = pairs_and_texts
   args = str(tmp_path / 'args.json')

@@ -14,7 +14,7 @@ import pytest
 import jax
 
 from t5dual import encoding, evaluation, export, models, retrieval, t5, vocab
-from t5dual.data import demo, sources
+from t5dual.data import sources
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
 import cli_output  # tests/helpers
@@ -107,6 +107,7 @@ TWO_DEVICES = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_exact_search_spreads_queries_over_devices():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
@@ -133,13 +134,11 @@ def test_faiss_flat_matches_exact():
 
 
 @pytest.fixture(scope='module')
-def beir(tmp_path_factory):
+def beir(tmp_path_factory, demo_beir):
   """A generated BEIR folder, its vocabulary, and a tiny random SDE model."""
   root = tmp_path_factory.mktemp('beir')
-  folder = str(root / 'data')
-  demo.write_demo_beir(folder, num_docs=160, num_concepts=40)
-  tok = vocab.Tokenizer(vocab.train_sentencepiece(demo.demo_texts(folder), str(root / 'spm'),
-                                                  300))
+  folder, spm = demo_beir(160, 40, 300)
+  tok = vocab.Tokenizer(spm)
   model = models.DualEncoderModel(models.DualEncoderConfig(
       t5=t5.t5_config('tiny', dtype='float32', vocab_size=tok.vocab_size), projection_dim=16))
   params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
@@ -306,6 +305,7 @@ def _model_dir(beir, path):
   manager.close()
 
 
+@pytest.mark.multiprocess
 def test_eval_script_chains_export_retrieve_evaluate(beir, tmp_path):
   model_dir, out = str(tmp_path / 'model'), str(tmp_path / 'eval')
   _model_dir(beir, model_dir)
@@ -419,6 +419,7 @@ def _collection_like_cranfield(source, folder):
   return corpus[5]['_id']
 
 
+@pytest.mark.multiprocess
 def test_eval_run_on_a_collection_with_empty_documents(beir, tmp_path, caplog):
   """Empty and title-only documents are encoded, with one warning; neither an unjudged
   query nor a missing document stops the run, and training warns about the same
@@ -466,6 +467,7 @@ def _cli(script, *args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(beir, tmp_path):
   """Bad input to scripts/eval.py and scripts/export.py: exit 2 and exactly one stderr
   line, 'error: <file>:<line>: ...', without a traceback."""

@@ -113,6 +113,7 @@ def _sde(config):
   return models.DualEncoderModel(models.DualEncoderConfig(t5=config, projection_dim=12))
 
 
+@pytest.mark.slow
 def test_scanned_sde_dual_encoder_equals_unrolled():
   # Scanned with a named policy rematerialised inside the scan; unrolled without remat.
   unrolled = _sde(_config())
@@ -133,6 +134,7 @@ def test_scanned_sde_dual_encoder_equals_unrolled():
   assert np.isfinite(noisy) and abs(float(noisy) - float(loss)) > 1e-4
 
 
+@pytest.mark.slow
 def test_scanned_encdec_reranker_equals_unrolled():
   config = rerankers.RerankerConfig(t5=_config(num_decoder_layers=3), scorer='encdec',
                                     scoring_token_id=7)

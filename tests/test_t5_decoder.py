@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
@@ -80,6 +81,7 @@ def test_attention_kernels_agree():
   np.testing.assert_allclose(jax_nn, xla, rtol=0, atol=float32_tolerance(xla))
 
 
+@pytest.mark.slow
 def test_remat_changes_nothing():
   cfg, model = tiny_hf('t5.1.1', seed=3)
   ids = padded_ids(np.random.default_rng(3), 2, 9, cfg.vocab_size)

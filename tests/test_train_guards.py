@@ -20,8 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5dual import (checkpoints, cli, gin_utils, model_api, models, partitioning, t5, train_lib,
-                    trainer, vocab)
-from t5dual.data import demo
+                    trainer)
 import cli_output  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,12 +29,8 @@ GIN_FILES = ['gin/models/sde.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp('demo'))
-  demo.write_demo_beir(os.path.join(folder, 'data'), num_docs=200, num_concepts=40)
-  spm = vocab.train_sentencepiece(demo.demo_texts(os.path.join(folder, 'data')),
-                                  os.path.join(folder, 'spm'), vocab_size=512)
-  return os.path.join(folder, 'data'), spm
+def demo_data(demo_beir):
+  return demo_beir(200, 40, 512)
 
 
 @pytest.fixture
@@ -280,6 +275,7 @@ def test_config_of_each_start_is_kept_and_a_failed_start_writes_none(demo_data, 
   assert configs[0].startswith('config-20') and configs[0].endswith('Z.gin')
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_with_the_steps_that_exist(demo_data, tmp_path):
   model_dir = str(tmp_path / 'run')
   _run(model_dir, demo_data, 4)

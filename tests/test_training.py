@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from t5dual import checkpoints, models, optim, t5, trainer, vocab
-from t5dual.data import demo, pipeline, sources
+from t5dual.data import pipeline, sources
 import tolerances  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,12 +19,8 @@ LENGTHS = {'inputs': 12, 'targets': 16}
 
 
 @pytest.fixture(scope='module')
-def demo_data(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp('demo'))
-  demo.write_demo_beir(os.path.join(folder, 'data'), num_docs=400, num_concepts=60)
-  spm = vocab.train_sentencepiece(demo.demo_texts(os.path.join(folder, 'data')),
-                                  os.path.join(folder, 'spm'), vocab_size=512)
-  return os.path.join(folder, 'data'), spm
+def demo_data(demo_beir):
+  return demo_beir(400, 60, 512)
 
 
 def _setup(demo_data, arch='sde', loss='samtone', batch_size=32):
@@ -61,6 +57,7 @@ def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
                        description)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch,loss', [('sde', 'samtone'), ('ade_spl', 'pair')])
 def test_training_lowers_loss_and_raises_p_at_1(demo_data, tmp_path, arch, loss):
   model, batcher = _setup(demo_data, arch, loss)
@@ -85,6 +82,7 @@ class _InterruptingBatcher:
     return self.batcher.batch(step, *args)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -105,6 +103,7 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
                             width=128, both_sides=True, err_msg=f'step {step}')
 
 
+@pytest.mark.slow
 def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
   """GradCache through the trainer: the same losses and parameters as the whole batch at once
   (without dropout, whose masks would differ), step after step."""
@@ -141,6 +140,7 @@ def _all_params(model_dir):
   return step, [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
+@pytest.mark.slow
 def test_exploding_learning_rate_saves_nothing_past_the_last_good_step(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   desc = checkpoints.model_description(model, demo_data[1], LENGTHS)
@@ -190,6 +190,8 @@ def _train_cmd(model_dir, data, spm, steps):
           '--gin.trainer.TrainerConfig.log_every=1']
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   data, spm = demo_data
   model_dir = str(tmp_path / 'run')
@@ -229,6 +231,7 @@ def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   assert f'TRAIN_STEPS = {total}' in second
 
 
+@pytest.mark.slow
 def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
   pytest.importorskip('t5dual.data.seqio_tasks', reason='seqio extra not installed')
   from t5dual import train_lib

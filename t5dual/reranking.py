@@ -334,7 +334,7 @@ def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[st
   if dtype is not None:
     config = dataclasses.replace(model.config, t5=dataclasses.replace(model.config.t5,
                                                                       dtype=dtype))
-    model = rerankers.RerankerModel(config, model.loss, model.lists)
+    model = rerankers.RerankerModel(config, model.loss)
   return model, params, step, tokenizer, lengths.get('inputs', model.config.input_length)
 
 

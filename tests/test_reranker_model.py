@@ -13,7 +13,7 @@ import pytest
 
 from t5dual import checkpoints, evaluation, ranking_losses, reranking, rerankers, retrieval, t5
 from t5dual import train_lib, trainer
-from t5dual.data import demo, sources
+from t5dual.data import demo, sources, tasks
 from t5dual.vocab import Tokenizer, train_sentencepiece
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
@@ -49,14 +49,14 @@ def trained(tmp_path_factory):
   config = rerankers.RerankerConfig(
       t5=t5.t5_config('tiny', vocab_size=400, dtype='float32', num_layers=2),
       scorer='encdec', scoring_token_id=100, input_length=LENGTH)
-  model = rerankers.RerankerModel(config, ranking_losses.softmax_loss,
-                                  rerankers.ListsConfig(first_stage_run=train_run, list_size=8))
+  model = rerankers.RerankerModel(config, ranking_losses.softmax_loss)
+  task = tasks.ListTask(first_stage_run=train_run, list_size=8)
   model_dir = str(work / 'model')
-  train_lib.run(model_dir, model, f'beir:{folder}:train', vocab, batch_size=8,
+  train_lib.run(model_dir, model, f'beir:{folder}:train', vocab, task=task, batch_size=8,
                 task_feature_lengths={'inputs': LENGTH}, train_steps=120, learning_rate=1e-2,
                 trainer_config=trainer.TrainerConfig(log_every=60, save_every=120,
                                                      progress_bar=False, tensorboard=False))
-  return dict(folder=folder, vocab=vocab, model=model, model_dir=model_dir,
+  return dict(folder=folder, vocab=vocab, model=model, task=task, model_dir=model_dir,
               test_run=test_run, work=work)
 
 
@@ -86,7 +86,9 @@ def test_reloads_by_kind(trained):
   assert isinstance(model, rerankers.RerankerModel)
   assert model.config == trained['model'].config
   assert model.loss is ranking_losses.softmax_loss
-  assert model.lists == trained['model'].lists
+  # The lists it trained on are its task's, recorded beside it in model.json.
+  assert tasks.from_description(checkpoints.read_model_json(trained['model_dir'])) == (
+      trained['task'])
 
 
 def test_rerank_cli_writes_the_models_own_scores(trained):

@@ -249,10 +249,6 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
                      source=f'{run_name} + {qrels_file}')
 
 
-# The features holding token ids, which the scorer runs over.
-LIST_TOKEN_FEATURES = ('inputs',)
-
-
 def list_batch_spec(batch_size: int, list_size: int, input_length: int,
                     teacher: bool = False) -> dict:
   """Shapes and dtypes (jax.ShapeDtypeStruct) of `batch_size` rows of ListBatcher batches
@@ -345,6 +341,11 @@ class ListBatcher:
     picked += [(negatives[i], 0.0) for i in rng.choice(len(negatives), n_neg, replace=False)]
     picked = [picked[i] for i in rng.permutation(len(picked))]  # no position carries the label
     return [r for r, _ in picked], [y for _, y in picked]
+
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up (`list_batch_spec`)."""
+    return list_batch_spec(self.batch_size, self.list_size, self.input_length,
+                           teacher=self.lists.teacher is not None)
 
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     positions = self.positions(step, shard_index, num_shards)

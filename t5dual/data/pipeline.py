@@ -84,6 +84,10 @@ class PairBatcher:
     per_shard = self.batch_size // num_shards
     return picks[shard_index * per_shard:(shard_index + 1) * per_shard]
 
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up (`pair_batch_spec`)."""
+    return pair_batch_spec(self.batch_size, self.feature_lengths, self.num_negatives)
+
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     idx = self.example_indices(step, shard_index, num_shards)
     ex = self.examples
@@ -109,11 +113,6 @@ def _rows_per_shard(batch_size: int, num_shards: int) -> int:
     raise cli.ConfigError(f'batch size {batch_size} is not divisible by the {num_shards} data '
                           'shards of the mesh')
   return batch_size // num_shards
-
-
-# The features holding token ids, which the encoders run over (the rest are ids for
-# duplicate masking).
-PAIR_TOKEN_FEATURES = ('inputs', 'targets', 'negative_targets')
 
 
 def pair_batch_spec(batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:

@@ -55,8 +55,8 @@ the stage directory's teacher.trec.partial/ (checksummed, each written
 atomically), so a run killed while scoring resumes at the first missing chunk;
 the scores are then written once, atomically, to teacher.trec (reused on
 resume) and become the teacher of the stage's task (dataclasses.replace of its
-data/tasks.ListTask; the model is the stage's, untouched). An explicit TEACHER file (a TREC run
-or JSONL of scores) works in any stage without this.
+data/tasks.ListTask; the model is the stage's, untouched). An explicit TEACHER
+file (a TREC run or JSONL of scores) works in any stage without this.
 
 Multi-host runs (scripts/train.py --multihost): every process runs the chain;
 process 0 alone evaluates, writes stages.json and makes MODEL_DIR/final.

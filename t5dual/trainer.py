@@ -375,8 +375,11 @@ def check_batch(batch: dict, spec: dict, rows: Optional[int] = None) -> None:
   if set(batch) != set(spec):
     extra, missing = sorted(set(batch) - set(spec)), sorted(set(spec) - set(batch))
     name = (extra or missing)[0]
-    raise BatchMismatchError(f'batch entry {name!r} is {"not in" if extra else "missing from"} '
-                             f'the batch spec the step was compiled for ({sorted(spec)})')
+    if extra:
+      raise BatchMismatchError(f'batch entry {name!r} is not in the batch spec the step was '
+                               f'compiled for ({sorted(spec)})')
+    raise BatchMismatchError(f'batch entry {name!r} of the batch spec the step was compiled '
+                             f'for is missing from the batch ({sorted(batch)})')
   for name, want in spec.items():
     shape = tuple(want.shape)
     if rows is not None:

@@ -129,6 +129,7 @@ def test_the_planned_batch_is_the_batch_that_trains(demo_data):
     real = {k: ((6,) + v.shape[1:], v.dtype) for k, v in local.items()}
     planned = task.batch_spec(6, lengths)
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in planned.items()} == real, name
+    assert batcher.batch_spec() == planned, name  # what trainer.train is given by tests
     model_api.check_batch_spec(model, planned)
   _, sde, task = _dual_encoders()[1]
   with_negatives = task.batch_spec(6, {'inputs': 8, 'targets': 12})

@@ -479,3 +479,27 @@ def test_metrics_must_be_the_ones_the_model_declares(tmp_path):
                   str(tmp_path / 'run'),
                   trainer.TrainerConfig(total_steps=1, progress_bar=False, tensorboard=False),
                   batch_spec=_ToyBatcher(4, 8, 0).batch_spec())
+
+
+def test_a_batch_that_differs_from_the_spec_is_one_error_naming_the_entry(tmp_path):
+  # The step is compiled for the spec before the loop; a batcher whose batches differ
+  # stops the run at its first batch, naming the entry, before any step runs.
+  spec = _ToyBatcher(4, 8, 0).batch_spec()
+  config = trainer.TrainerConfig(total_steps=2, progress_bar=False, tensorboard=False)
+  narrow = {**spec, 'x': jax.ShapeDtypeStruct((8, 3), np.float32)}
+  with pytest.raises(trainer.BatchMismatchError,
+                     match=r"^batch entry 'x' is float32\[8, 4\], but the step was compiled "
+                           r"for float32\[8, 3\]$"):
+    trainer.train(_ToyRegression(dim=3), _ToyBatcher(4, 8, 0), optax.sgd(0.1),
+                  str(tmp_path / 'run'), config, batch_spec=narrow)
+  with pytest.raises(trainer.BatchMismatchError, match=r"^batch entry 'z' is not in the batch "
+                                                       r"spec the step was compiled for"):
+    trainer.check_batch({'z': np.zeros(2), **{k: np.zeros(v.shape, v.dtype)
+                                               for k, v in spec.items()}}, spec)
+  with pytest.raises(trainer.BatchMismatchError, match=r"^batch entry 'y' is float64\[8\]"):
+    trainer.check_batch({'x': np.zeros((8, 4), np.float32), 'y': np.zeros(8)}, spec)
+  with pytest.raises(trainer.BatchMismatchError, match=r"^batch entry 'y' of the batch spec "
+                                                       r"the step was compiled for is missing"):
+    trainer.check_batch({'x': np.zeros((8, 4), np.float32)}, spec)
+  trainer.check_batch({'x': np.zeros((2, 4), np.float32), 'y': np.zeros(2, np.float32)},
+                      spec, rows=2)  # one of 4 data shards' slices

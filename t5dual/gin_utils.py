@@ -14,8 +14,9 @@ errors are `cli.ConfigError`s with one-line messages.
 
 Scopes set up several calls of one function, T5X-style: the stages of a
 multistage chain (configs/runs/two_stage_rerank.gin) are `@stage/...`
-references, named by `scope_name` and trained by `in_scope(train_lib.run)`,
-so the chain itself (t5dual/multistage.py) needs no gin.
+references, named by `scope_name` and set up by `in_scope(train_lib.configured_setup)`
+(train_lib.run's configuration in the stage's scope, `configured_arguments`), so the
+chain itself (t5dual/multistage.py) needs no gin.
 """
 
 from __future__ import annotations

@@ -163,3 +163,20 @@ def test_dual_encoder_commands_refuse_a_reranker_in_one_line(trained, tmp_path):
   assert sorted(os.listdir(tmp_path)) == []
   assert not os.path.exists(os.path.join(trained['model_dir'], 'eval'))
 
+
+
+def test_a_model_directory_from_before_tasks_still_loads():
+  # model.json written before data/tasks.py held the lists in a 'lists' entry of the
+  # model: the model loads without it, and the entry reads back as the task.
+  config = rerankers.RerankerConfig(t5=t5.t5_config('tiny', vocab_size=400),
+                                    scoring_token_id=100)
+  old = {**rerankers.RerankerModel(config).describe(), 'kind': 'reranker',
+         'loss': 'kl_distillation_loss',
+         'lists': {'first_stage_run': 'run.trec', 'list_size': 16, 'num_positives': 1,
+                   'min_rank': 2, 'max_rank': 50, 'teacher': 'teacher.trec'}}
+  model = checkpoints.model_from_description(old)
+  assert model.config == config and model.loss is ranking_losses.kl_distillation_loss
+  assert not hasattr(model, 'lists')
+  assert tasks.from_description(old) == tasks.ListTask(
+      first_stage_run='run.trec', list_size=16, min_rank=2, max_rank=50,
+      teacher='teacher.trec')

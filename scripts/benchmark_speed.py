@@ -126,15 +126,15 @@ def _peak_memory_gib():
   return None if peak is None else peak / (1 << 30)
 
 
-def _train_step_row(a, model, batch_np, lengths, name, unit, per_step, grad_strategy):
+def _train_step_row(a, model, task, batch_np, lengths, name, unit, per_step, grad_strategy):
   """Times the trainer's own step (shardings, donation, guard, gradient strategy) on a
-  batch shaped as the model's batcher shapes them (model.batch_spec)."""
+  batch shaped as the task's batcher shapes them (task.batch_spec, data/tasks.py)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from t5dual import optim, partitioning, trainer
   rows = len(next(iter(batch_np.values())))
-  spec = {k: (v.shape, np.dtype(v.dtype)) for k, v in model.batch_spec(rows, lengths).items()}
+  spec = {k: (v.shape, np.dtype(v.dtype)) for k, v in task.batch_spec(rows, lengths).items()}
   if {k: (v.shape, v.dtype) for k, v in batch_np.items()} != spec:
     raise ValueError(f'{name}: the synthetic batch is not shaped as {model.name} batches: {spec}')
   tx = optim.adafactor(1e-3)
@@ -158,6 +158,7 @@ def run_one(a):
   """One workload in this process; returns its row (a dict)."""
   import numpy as np
   from t5dual import models, planning, rerankers, t5
+  from t5dual.data import tasks
   rng = np.random.default_rng(0)
   ids = lambda *shape: rng.integers(2, 32000, size=shape).astype(np.int32)
   name = a.one
@@ -174,22 +175,25 @@ def run_one(a):
              'query_ids': np.arange(a.batch, dtype=np.int32),
              'doc_ids': np.arange(a.batch, dtype=np.int32)}
     lengths = {'inputs': a.q_len, 'targets': a.d_len}
-    row = _train_step_row(a, model, batch, lengths, name, 'pairs/s', a.batch, a.grad_strategy)
-    row['flops'] = planning.train_model_flops(model, a.batch, lengths)
+    task = tasks.PairTask()
+    row = _train_step_row(a, model, task, batch, lengths, name, 'pairs/s', a.batch,
+                          a.grad_strategy)
+    row['flops'] = planning.train_model_flops(model, task.batch_spec(a.batch, lengths))
     row['shape'] = f'{a.batch} x {a.q_len}/{a.d_len}'
   elif name == 'W3':
     model = rerankers.RerankerModel(
-        rerankers.RerankerConfig(t5=cfg, scorer='encdec', input_length=a.in_len),
-        lists=rerankers.ListsConfig(list_size=a.list_size))
+        rerankers.RerankerConfig(t5=cfg, scorer='encdec', input_length=a.in_len))
+    task = tasks.ListTask(list_size=a.list_size)
     labels = np.zeros((a.queries, a.list_size), np.float32)
     labels[:, 0] = 1.0  # the peer's: first candidate relevant
     batch = {'inputs': ids(a.queries, a.list_size, a.in_len), 'labels': labels,
              'where': np.ones((a.queries, a.list_size), bool)}
     # A reranker's microbatches are accumulated (exact for its per-list losses).
     strategy = 'accumulate' if a.grad_strategy == 'grad_cache' else a.grad_strategy
-    row = _train_step_row(a, model, batch, {'inputs': a.in_len}, name, 'sequences/s',
+    row = _train_step_row(a, model, task, batch, {'inputs': a.in_len}, name, 'sequences/s',
                           a.queries * a.list_size, strategy)
-    row['flops'] = planning.train_model_flops(model, a.queries, {'inputs': a.in_len})
+    row['flops'] = planning.train_model_flops(model, task.batch_spec(a.queries,
+                                                                     {'inputs': a.in_len}))
     row['shape'] = f'{a.queries} x {a.list_size} x {a.in_len}'
   elif name in ('W2', 'W2b'):
     row = _encode_row(a, cfg, ids)

@@ -15,7 +15,8 @@ target's HBM; with --search, a step that does not fit is retried with 'full'
 remat, then on meshes with 2x, 4x, ... the model-parallel size (the same devices;
 parameters that would not split are skipped), then with more microbatches (GradCache for dual encoders, accumulation
 for rerankers: the same gradient, fewer activations alive), then with halved
-batches, until one fits (t5dual/planning.py). The gradient strategy of the run
+batches, until one fits (planning.search). The batch is the run's task's
+(data/tasks.py: hard negatives, teacher scores). The gradient strategy of the run
 (trainer.TrainerConfig.grad_strategy / num_microbatches in gin) is the first
 one tried.
 """
@@ -102,68 +103,42 @@ def main(argv):
   t_start = time.time()
   rows = []
 
-  def plan_fn(model, optimizer, partitioner, batch_size, feature_lengths, trainer_config,
-              num_negatives):
-    strategy = [trainer_config.grad_strategy, trainer_config.num_microbatches]
-    mesh = [partitioner]  # the partitioner the search has reached
+  def plan(c):
+    try:
+      p = planning.plan_train_step(c.model, setup.task, setup.optimizer, c.partitioner,
+                                   c.batch_size, setup.feature_lengths,
+                                   grad_strategy=c.grad_strategy,
+                                   num_microbatches=c.num_microbatches)
+    except Exception as e:  # a compile that fails is a finding, not a crash
+      p = planning.StepPlan('train', c.batch_size, error=(str(e).splitlines() or ['?'])[0][:200],
+                            grad_strategy=c.grad_strategy, num_microbatches=c.num_microbatches)
+    remat = _remat(c.model)
+    rows.append((p, remat, c.partitioner.mesh_shape))
+    print(_line(p, remat, c.partitioner, hbm), flush=True)
+    return p
 
-    def one(model, batch):
-      try:
-        p = planning.plan_train_step(model, optimizer, mesh[0], batch, feature_lengths,
-                                     grad_strategy=strategy[0], num_microbatches=strategy[1],
-                                     num_negatives=num_negatives)
-      except Exception as e:  # a compile that fails is a finding, not a crash
-        p = planning.StepPlan('train', batch, error=(str(e).splitlines() or ['?'])[0][:200],
-                              grad_strategy=strategy[0], num_microbatches=strategy[1])
-      remat = _remat(model)
-      rows.append((p, remat, mesh[0].mesh_shape))
-      print(_line(p, remat, mesh[0], hbm), flush=True)
-      return p
-
-    p = one(model, batch_size)
-    if args.search and planning.fits(p, hbm) is False:
-      # Cheapest first, keeping the batch (every in-batch negative) as long as possible:
-      # full remat, then more model parallelism, then microbatches, then smaller batches.
-      if isinstance(model, model_api.T5Model) and model.t5_config.remat != 'full':
-        full = model.with_t5(remat='full')
-        p = one(full, batch_size)
-        model = full
-      for wider in planning.wider_meshes(mesh[0], model, batch_size, args.max_meshes):
-        if planning.fits(p, hbm) is not False:
-          break
-        previous, mesh[0] = mesh[0], wider
-        p = one(model, batch_size)
-        if planning.fits(p, hbm) is False and p.error and 'RESOURCE_EXHAUSTED' not in p.error:
-          mesh[0] = previous  # did not compile for another reason: stay where it did
-      chunked = 'grad_cache' if isinstance(model, model_api.ContrastiveModel) else 'accumulate'
-      for m in planning.more_microbatches(batch_size, mesh[0].data_parallel, strategy[1]):
-        if planning.fits(p, hbm) is not False:
-          break
-        strategy[:] = [chunked, m]
-        p = one(model, batch_size)
-      for b in planning.smaller_batches(batch_size, mesh[0].data_parallel):
-        if planning.fits(p, hbm) is not False:
-          break
-        # As many microbatches as the smaller batch still splits into.
-        per_device = b // mesh[0].data_parallel
-        while strategy[1] > 1 and per_device % strategy[1]:
-          strategy[1] //= 2
-        if strategy[1] == 1:
-          strategy[0] = 'full'
-        p = one(model, b)
+  with partitioning.target_devices(devices):
+    # The run's own setup, checked as for training; nothing is read or written.
+    setup = train_lib.configured_setup(**overrides)
+    model = setup.model
+    config = setup.trainer_config
+    start = planning.Candidate(model, setup.partitioner, setup.batch_size,
+                               config.grad_strategy, config.num_microbatches)
+    chunked = 'grad_cache' if isinstance(model, model_api.ContrastiveModel) else 'accumulate'
+    if args.search:
+      last, _ = planning.search(start, plan, hbm, args.max_meshes, chunked)
+    else:
+      plan(start)
+      last = start
     if args.encode and isinstance(model, model_api.Encoder):  # a dual encoder's export
       try:
-        e = planning.plan_encode_step(model, mesh[0], args.encode_batch,
-                                      feature_lengths['targets'])
+        e = planning.plan_encode_step(last.model, last.partitioner, args.encode_batch,
+                                      setup.feature_lengths['targets'])
       except Exception as err:  # as for the train step: a finding
         e = planning.StepPlan('encode document', args.encode_batch,
                               error=(str(err).splitlines() or ['?'])[0][:200])
-      rows.append((e, _remat(model), mesh[0].mesh_shape))
-      print(_line(e, _remat(model), mesh[0], hbm), flush=True)
-    return model
-
-  with partitioning.target_devices(devices):
-    model = gin_utils.call_configured(train_lib.run, plan_fn=plan_fn, **overrides)
+      rows.append((e, _remat(last.model), last.partitioner.mesh_shape))
+      print(_line(e, _remat(last.model), last.partitioner, hbm), flush=True)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB -> GiB
   table = _table(args, argv, model, rows, hbm, time.time() - t_start, peak_rss, acc)
   print(table)

@@ -14,8 +14,9 @@ errors are `cli.ConfigError`s with one-line messages.
 
 Scopes set up several calls of one function, T5X-style: the stages of a
 multistage chain (configs/runs/two_stage_rerank.gin) are `@stage/...`
-references, named by `scope_name` and trained by `in_scope(train_lib.run)`,
-so the chain itself (t5dual/multistage.py) needs no gin.
+references, named by `scope_name` and set up by `in_scope(train_lib.configured_setup)`
+(train_lib.run's configuration in the stage's scope, `configured_arguments`), so the
+chain itself (t5dual/multistage.py) needs no gin.
 """
 
 from __future__ import annotations
@@ -419,3 +420,21 @@ def call_configured(fn: Callable, **kwargs):
 def operative_config() -> str:
   """The configuration used so far (gin's operative config), as gin file text."""
   return gin.operative_config_str()
+
+
+# --------------------------------------------------------------------------- arguments
+
+def configured_arguments(fn: Callable, **kwargs) -> dict:
+  """Every argument calling the configured `fn` in the current gin scope would pass it.
+
+  gin's bindings of `fn` (the configurables they reference built now, in this scope),
+  `kwargs` over them, and fn's own defaults for the rest: for a caller that needs a
+  function's configuration without calling it (train_lib.configured_setup builds the
+  setup `train_lib.run` is configured with). `fn` may be gin's wrapper of it (an
+  unevaluated `@f` reference).
+  """
+  target = inspect.unwrap(fn)
+  arguments = inspect.signature(target).bind(**{**gin.get_bindings(_selector(target)),
+                                                **kwargs})
+  arguments.apply_defaults()
+  return dict(arguments.arguments)

@@ -20,8 +20,9 @@ capability, never for a kind; `require` turns a missing one into one line.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
+from typing import Any, ClassVar, Mapping, Optional, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -42,6 +43,59 @@ class Batcher(Protocol):
     axis = batch rows): the rows one data shard of the mesh loads
     (partitioning.DataLayout)."""
 
+  def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch that `batch`'s slices make up, as jax.ShapeDtypeStructs (the
+    task's batch_spec for the batcher's settings, data/tasks.py)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+  """One entry of the batches a model takes: its axes and dtype, not its sizes.
+
+  Attributes:
+    axes: a name per dimension, 'batch' first (e.g. ('batch', 'list', 'input_length')).
+      Entries of one batch that name the same axis must agree on its size.
+    dtype: the numpy dtype name ('int32', 'float32', 'bool').
+    required: False for an entry the model uses when the batch has it (hard
+      negatives, ids that mask duplicates).
+  """
+
+  axes: tuple[str, ...]
+  dtype: str
+  required: bool = True
+
+
+class BatchSpecError(cli.UserError, ValueError):
+  """A task's batches are not what the model takes (a missing entry, a rank or dtype)."""
+
+
+def check_batch_spec(model: 'Model', spec: Mapping[str, Any], task: str = 'the task') -> None:
+  """Refuses a batch spec (name -> anything with .shape and .dtype) that `model` cannot
+  take: a required entry missing, an entry it does not read, a rank, dtype or shared
+  axis size that differs from `model.input_features`. One line naming the entry."""
+  features = model.input_features
+  missing = [k for k, f in features.items() if f.required and k not in spec]
+  if missing:
+    raise BatchSpecError(f'{task} gives no {missing[0]!r}, which a {model.name} needs '
+                         f'(its batches hold {sorted(spec)})')
+  unread = sorted(set(spec) - set(features))
+  if unread:
+    raise BatchSpecError(f'{task} gives {unread[0]!r}, which a {model.name} does not read '
+                         f'(it reads {sorted(features)})')
+  sizes: dict[str, tuple[int, str]] = {}
+  for name, entry in spec.items():
+    feature, shape = features[name], tuple(entry.shape)
+    if len(shape) != len(feature.axes):
+      raise BatchSpecError(f'{task}: {name!r} has shape {shape}, but a {model.name} takes '
+                           f'[{", ".join(feature.axes)}]')
+    if np.dtype(entry.dtype) != np.dtype(feature.dtype):
+      raise BatchSpecError(f'{task}: {name!r} is {np.dtype(entry.dtype)}, but a '
+                           f'{model.name} takes {feature.dtype}')
+    for axis, size in zip(feature.axes, shape):
+      seen, where = sizes.setdefault(axis, (size, name))
+      if seen != size:
+        raise BatchSpecError(f'{task}: {name!r} has {axis} {size} but {where!r} has {seen}')
+
 
 @runtime_checkable
 class Model(Protocol):
@@ -55,6 +109,10 @@ class Model(Protocol):
     vocab_size: rows of the token embedding (the tokenizer may not exceed it).
     name: a short human-readable name for log lines ('sde dual encoder').
     feature_names: the features its batches hold, keys of TASK_FEATURE_LENGTHS.
+    input_features: the batches it takes, {entry: Feature}: how the model states
+      its input. A task (data/tasks.py) makes the batches and their spec for a
+      batch size and feature lengths; train_lib's setup checks that spec against
+      these (`check_batch_spec`) before anything is read or written.
     token_features: the batch entries holding token ids, which its encoders run
       over (the planner counts activations and FLOPs from their shapes).
     logical_axis_rules: optional, (logical axis, mesh axis or None) pairs for
@@ -82,6 +140,12 @@ class Model(Protocol):
   @property
   def feature_names(self) -> tuple[str, ...]: ...
 
+  @property
+  def input_features(self) -> Mapping[str, Feature]: ...
+
+  @property
+  def token_features(self) -> tuple[str, ...]: ...
+
   def init_params(self, rng: Array) -> Params:
     """Freshly initialised parameters (unboxed pytree)."""
 
@@ -97,16 +161,6 @@ class Model(Protocol):
     accumulation over equal microbatches (trainer.TrainerConfig.grad_strategy
     'accumulate') gives the full-batch gradient.
     """
-
-  def make_batcher(self, source: str, tokenizer: Any, batch_size: int,
-                   feature_lengths: dict, seed: int = 0,
-                   num_negatives: int = 0) -> Batcher:
-    """The batcher this model trains on, reading the data source spec `source`."""
-
-  def batch_spec(self, batch_size: int, feature_lengths: dict,
-                 num_negatives: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of `batch_size` rows that `make_batcher`'s batches make up, as
-    jax.ShapeDtypeStructs: what the planner and the benchmarks compile for."""
 
   def describe(self) -> dict:
     """JSON-able description for model.json, without 'kind'.

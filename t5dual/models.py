@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from t5dual import losses as losses_lib
 from t5dual import model_api, t5
-from t5dual.data import pipeline
 from t5dual.sides import Side
 
 Array = jax.Array
@@ -192,7 +191,7 @@ class DualEncoderModel:
 
   Batches are dicts of numpy arrays: 'inputs' [B, Lq], 'targets' [B, Ld], and
   optionally 'negative_targets' [B, N, Ld], 'query_ids' [B], 'doc_ids' [B],
-  'negative_ids' [B, N] (see data/pipeline.PairBatcher).
+  'negative_ids' [B, N] (`input_features`; data/tasks.PairTask makes them).
   """
 
   kind = 'dual_encoder'
@@ -247,17 +246,18 @@ class DualEncoderModel:
     config = DualEncoderConfig(t5=t5.T5Config.from_dict(cfg.pop('t5')), **cfg)
     return cls(config, LossConfig(**desc.get('loss', {})))
 
-  def make_batcher(self, source: str, tokenizer: Any, batch_size: int, feature_lengths: dict,
-                   seed: int = 0, num_negatives: int = 0) -> model_api.Batcher:
-    """Pairs (and hard negatives) from a BEIR folder, a JSONL file or a seqio task."""
-    return pipeline.make_batcher(source, tokenizer, batch_size, feature_lengths,
-                                 num_negatives, seed=seed)
-
-  token_features = pipeline.PAIR_TOKEN_FEATURES
-
-  def batch_spec(self, batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:
-    """The global batch `make_batcher`'s batches make up, as jax.ShapeDtypeStructs."""
-    return pipeline.pair_batch_spec(batch_size, feature_lengths, num_negatives)
+  # The batches it takes (data/tasks.PairTask's): token ids of each side, and hard
+  # negatives and the ids that mask duplicates when the task has them.
+  input_features = {
+      'inputs': model_api.Feature(('batch', 'query_length'), 'int32'),
+      'targets': model_api.Feature(('batch', 'document_length'), 'int32'),
+      'negative_targets': model_api.Feature(('batch', 'negatives', 'document_length'),
+                                            'int32', required=False),
+      'query_ids': model_api.Feature(('batch',), 'int32', required=False),
+      'doc_ids': model_api.Feature(('batch',), 'int32', required=False),
+      'negative_ids': model_api.Feature(('batch', 'negatives'), 'int32', required=False),
+  }
+  token_features = ('inputs', 'targets', 'negative_targets')
 
   def _boxed_init(self, rng: Array, query_length: int, doc_length: int):
     q = jnp.ones((1, query_length), jnp.int32)

@@ -1,7 +1,8 @@
 """Multi-stage fine-tuning: a chain of training runs, each starting where the last one ended.
 
-A chain is a list of `Stage`s, each a configured call of `train_lib.run` with
-its own model and loss, data, learning rate, steps and batch size
+A chain is a list of `Stage`s, each the setup of a configured `train_lib.run`
+(train_lib.TrainSetup) with its own model and loss, task, learning rate, steps
+and batch size
 (configs/runs/two_stage_rerank.gin builds them from gin scopes, one scope per
 stage). `run_chain` trains them in order under one chain directory:
 
@@ -53,8 +54,9 @@ the rate and the time left as it goes. Finished chunks of scores are kept in
 the stage directory's teacher.trec.partial/ (checksummed, each written
 atomically), so a run killed while scoring resumes at the first missing chunk;
 the scores are then written once, atomically, to teacher.trec (reused on
-resume) and become the stage's TEACHER. An explicit TEACHER file (a TREC run
-or JSONL of scores) works in any stage without this.
+resume) and become the teacher of the stage's task (dataclasses.replace of its
+data/tasks.ListTask; the model is the stage's, untouched). An explicit TEACHER
+file (a TREC run or JSONL of scores) works in any stage without this.
 
 Multi-host runs (scripts/train.py --multihost): every process runs the chain;
 process 0 alone evaluates, writes stages.json and makes MODEL_DIR/final.
@@ -63,7 +65,6 @@ process 0 alone evaluates, writes stages.json and makes MODEL_DIR/final.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -95,10 +96,11 @@ class Stage:
   Attributes:
     name: names the stage and its directory stages/<i>-<name> (letters, digits,
       '_', '.', '-'); in gin, the stage's scope (`@gin_utils.scope_name()`).
-    train: `train_lib.run` as the stage configures it; called with model_dir,
-      run_config, initial_checkpoint_path (after stage 1) and prepare_model,
-      or with check_only=True to check the stage's settings (and, for a stage
-      taught by the previous one, a prepare_model that stands for its teacher).
+    setup: returns the stage's checked train_lib.TrainSetup; called with
+      model_dir, run_config, initial_checkpoint_path (after stage 1) and, for a
+      stage taught by the previous one, teacher_to_come=True. In gin,
+      `train_lib.configured_setup` in the stage's scope (`@gin_utils.in_scope()`):
+      train_lib.run's configuration there; nothing is read or written.
     evaluate: called with the stage's model directory once it is trained;
       returns a JSON-able summary whose 'metrics' maps a row name to
       {measure: value} (e.g. `rerank_evaluation`). None: no evaluation.
@@ -107,7 +109,7 @@ class Stage:
   """
 
   name: str
-  train: Callable[..., Any]
+  setup: Callable[..., Any]
   evaluate: Optional[Callable[[str], dict]] = None
   previous_stage_teacher: bool = False
 
@@ -116,8 +118,8 @@ class Stage:
       raise ParameterError(Stage, 'name', f'must be letters, digits, "_", "." or "-", got '
                            f'{self.name!r} (in gin, each stage is named after its scope: '
                            '@<name>/multistage.Stage())')
-    if not callable(self.train):
-      raise ParameterError(Stage, 'train', f'must be callable, got {self.train!r}')
+    if not callable(self.setup):
+      raise ParameterError(Stage, 'setup', f'must be callable, got {self.setup!r}')
     if self.evaluate is not None and not callable(self.evaluate):
       raise ParameterError(Stage, 'evaluate', f'must be callable or None, got '
                            f'{self.evaluate!r}')
@@ -200,12 +202,18 @@ def _check_untrained_stages(model_dir: str, stages: Sequence[Stage],
     return record, done
   for i, stage in enumerate(stages, 1):
     if not done[i - 1]:
-      # A stage taught by the previous one gets its teacher from prepare_model.
-      extra = {'prepare_model': _teacher_to_come} if stage.previous_stage_teacher else {}
-      model = stage.train(model_dir=stage_dir(model_dir, i, stage), check_only=True, **extra)
-      if stage.previous_stage_teacher:
-        _check_teacher_stage(model, i, stage)
+      _stage_setup(model_dir, i, stage)
   return record, done
+
+
+def _stage_setup(model_dir: str, index: int, stage: Stage, **kwargs):
+  """The checked setup of stage `index` (nothing read or written)."""
+  if stage.previous_stage_teacher:  # its task gets the teacher once the stage starts
+    kwargs['teacher_to_come'] = True
+  setup = stage.setup(model_dir=stage_dir(model_dir, index, stage), **kwargs)
+  if stage.previous_stage_teacher:
+    _check_teacher_stage(setup, index, stage)
+  return setup
 
 
 def summary_table(record: dict) -> str:
@@ -267,41 +275,41 @@ def _check_nothing_after_untrained(model_dir: str, stages: Sequence[Stage],
           'checkpoint?); move the later stage directories away to retrain them')
 
 
-def _check_teacher_stage(model, index: int, stage: Stage) -> None:
-  from t5dual import ranking_losses
+def _check_teacher_stage(setup, index: int, stage: Stage) -> None:
   where = f'stage {index} {stage.name!r} learns from the previous stage'
-  lists = getattr(model, 'lists', None)
-  if lists is None:
-    raise cli.ConfigError(f'{where}, but its {model.name} has no training lists with '
-                          'teacher scores (only rerankers distil)')
-  if lists.teacher is not None:
-    raise cli.ConfigError(f'{where} and also has the TEACHER {lists.teacher!r}; choose one')
-  if not ranking_losses.takes_teacher_scores(model.loss):
-    raise cli.ConfigError(f'{where}, but its loss {getattr(model.loss, "__name__", model.loss)}'
-                          ' does not use teacher scores (e.g. kl_distillation_loss, '
-                          'teacher_rank_pairwise_loss, margin_mse_loss)')
-
-
-def _teacher_to_come(model, source, **unused):
-  """Stands for the teacher a previous stage gives (only checked, never called)."""
-  raise AssertionError('only for check_only')
+  if not hasattr(setup.task, 'teacher'):
+    raise cli.ConfigError(f'{where}, but its task {type(setup.task).__name__} has no teacher '
+                          'scores (only rerankers distil)')
+  if setup.task.teacher is not None:
+    raise cli.ConfigError(f'{where} and also has the TEACHER {setup.task.teacher!r}; choose '
+                          'one')
+  if not getattr(setup.model, 'distils', False):
+    loss = setup.model.describe().get('loss')
+    raise cli.ConfigError(f'{where}, but its loss {loss} does not use teacher scores (e.g. '
+                          'kl_distillation_loss, teacher_rank_pairwise_loss, margin_mse_loss)')
 
 
 # --------------------------------------------------------------------------- one stage
 
 def _train_stage(model_dir, index, stage, previous, run_config, where) -> dict:
+  from t5dual import train_lib
   directory = stage_dir(model_dir, index, stage)
-  kwargs = {'model_dir': directory, 'run_config': run_config}
+  kwargs = {'run_config': run_config}
   if previous is not None:
     kwargs['initial_checkpoint_path'] = previous
+  setup = _stage_setup(model_dir, index, stage, **kwargs)
   teacher = None
-  if stage.previous_stage_teacher:
-    teacher = os.path.join(directory, TEACHER_FILE)
-    kwargs['prepare_model'] = lambda model, source, **consumption: (
-        with_previous_stage_teacher(model, source, previous, teacher, **consumption))
   log.info('%s: training in %s, starting from %s', where, directory,
            previous or 'its configured initial checkpoint (if any)')
-  result = stage.train(**kwargs)
+  if stage.previous_stage_teacher:
+    teacher = os.path.join(directory, TEACHER_FILE)
+    # Under the stage directory's lock: the scores are written into it.
+    with checkpoints.exclusive_writer(directory):
+      task = with_previous_stage_teacher(
+          setup.task, setup.source, previous, teacher, batch_size=setup.batch_size,
+          train_steps=setup.trainer_config.total_steps, seed=setup.trainer_config.seed)
+    setup = setup._replace(task=task, teacher_to_come=False)
+  result = train_lib.train(setup)
   step = _latest_step(directory)
   if step is None or step != result.get('step'):
     raise RuntimeError(f'{where}: training returned at step {result.get("step")} but the '
@@ -331,10 +339,11 @@ def _log_evaluation(where: str, summary: Optional[dict]) -> None:
            evaluation.format_table(summary.get('metrics') or {}))
 
 
-def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_path: str,
+def with_previous_stage_teacher(task, source: str, previous_dir: str, teacher_path: str,
                                 batch_size: Optional[int] = None,
                                 train_steps: Optional[int] = None, seed: int = 0):
-  """`model` with the previous stage's scores of its training candidates as its teacher.
+  """`task` (a data/tasks.ListTask) with the previous stage's scores of its training
+  candidates as its teacher.
 
   Scores the candidates the stage will consume (`training_candidates` with
   `batch_size`, `train_steps` and `seed`; all of them when those are None) with
@@ -346,15 +355,14 @@ def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_p
   if os.path.exists(teacher_path):
     log.info('teacher scores of %s: reusing %s', previous_dir, teacher_path)
   else:
-    from t5dual import rerankers, reranking, retrieval
-    from t5dual.data import sources
-    folder, split = rerankers.beir_source(source)
-    candidates, visited, total = training_candidates(folder, split, model.lists, batch_size,
+    from t5dual import reranking, retrieval
+    from t5dual.data import sources, tasks
+    folder, split = tasks.beir_source(source)
+    candidates, visited, total = training_candidates(folder, split, task, batch_size,
                                                      train_steps, seed)
     teacher, params, step, tokenizer, length = reranking.load_reranker(
         previous_dir, command='teacher scoring for the next stage')
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
-    lists = model.lists
     if visited < total:
       which = (f'the {visited} of {total} {split} queries that {train_steps} steps of '
                f'{batch_size} lists visit')
@@ -362,7 +370,7 @@ def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_p
       which = f'all {cli.plural(total, split + " query", split + " queries")}'
     log.info('teacher scores: the reranker in %s (step %d) scores %s of %s (judged positives '
              'and the first stage\'s ranks [%d, %d])', previous_dir, step,
-             cli.plural(len(pairs), 'candidate'), which, lists.min_rank, lists.max_rank)
+             cli.plural(len(pairs), 'candidate'), which, task.min_rank, task.max_rank)
     doc_ids, doc_texts = sources.read_beir_corpus(folder)
     work_dir = teacher_path + '.partial'
     scores = reranking.score_pairs(
@@ -383,18 +391,16 @@ def with_previous_stage_teacher(model, source: str, previous_dir: str, teacher_p
     if jax.process_index() == 0:
       shutil.rmtree(work_dir, ignore_errors=True)
     log.info('teacher scores written to %s', teacher_path)
-  taught = copy.copy(model)
-  taught.lists = dataclasses.replace(model.lists, teacher=teacher_path)
-  return taught
+  return dataclasses.replace(task, teacher=teacher_path)
 
 
-def training_candidates(folder: str, split: str, lists, batch_size: Optional[int] = None,
+def training_candidates(folder: str, split: str, task, batch_size: Optional[int] = None,
                         train_steps: Optional[int] = None, seed: int = 0
                         ) -> tuple[dict[str, list[str]], int, int]:
   """What a reranker's training lists can hold, for the queries a stage will visit.
 
-  `lists` is the model's rerankers.ListsConfig (first_stage_run None: BM25 of the
-  split, as RerankerModel.make_batcher computes it). The training lists are
+  `task` is the stage's data/tasks.ListTask (first_stage_run None: BM25 of the
+  split, as its make_batcher computes it). The training lists are
   built as the stage builds them without a teacher (data/lists.py): per query,
   its judged positives and the first-stage run's documents in ranks
   [min_rank, max_rank] that are not judged relevant. With `batch_size` and
@@ -408,17 +414,12 @@ def training_candidates(folder: str, split: str, lists, batch_size: Optional[int
   """
   import numpy as np
   from t5dual.data import lists as lists_lib
-  if lists.first_stage_run is None:
-    from t5dual import bm25
-    run = bm25.beir_run(folder, split, k=lists.max_rank)
-  else:
-    run = lists.first_stage_run
-  plain = lists_lib.load_lists(folder, split, run, min_rank=lists.min_rank,
-                               max_rank=lists.max_rank)
+  plain = lists_lib.load_lists(folder, split, task.first_stage(folder, split),
+                               min_rank=task.min_rank, max_rank=task.max_rank)
   rows = range(len(plain))
   if batch_size and train_steps and batch_size * train_steps < len(plain):
-    batcher = lists_lib.ListBatcher(plain, None, batch_size, list_size=lists.list_size,
-                                    num_positives=lists.num_positives, seed=seed)
+    batcher = lists_lib.ListBatcher(plain, None, batch_size, list_size=task.list_size,
+                                    num_positives=task.num_positives, seed=seed)
     visited = np.concatenate([batcher.list_indices(step) for step in range(train_steps)])
     rows = sorted(set(visited.tolist()))
   out = {}

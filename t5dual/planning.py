@@ -1,7 +1,8 @@
 """Ahead-of-time plans: compile the real train and encode steps for a target one does not own.
 
-`plan` lowers and compiles `trainer.build_train_step` (the step training runs)
-and the dual encoder's encode step with abstract shapes only
+`plan_train_step` lowers and compiles `trainer.build_train_step` (the step
+training runs) for the task's batch spec (data/tasks.py: the batch the trainer
+compiles for), and the dual encoder's encode step, with abstract shapes only
 (jax.ShapeDtypeStruct), for
 
   TPU topologies  'v4:4x4x4', 'v5e:16x16', 'v5p:8x8x8', 'v6e:16x16' through
@@ -17,6 +18,9 @@ beside XLA's compiled memory analysis (arguments, outputs, temporaries), the
 model FLOPs in closed form beside those of XLA's cost model (which counts the
 body of a scanned loop once: with scanned layers or microbatches it is far
 below the real count), and whether the step fits the target's HBM.
+
+`search` is the planner's policy for a step that does not fit (scripts/plan.py
+--search): which settings to try next, cheapest first.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,18 +92,8 @@ def target_devices(topology: str) -> tuple[list, Accelerator]:
 
 # --------------------------------------------------------------------------- shapes
 
-def abstract_batch(model, batch_size: int, feature_lengths: dict,
-                   num_negatives: int = 0) -> dict:
-  """The global batch a model trains on, as jax.ShapeDtypeStructs: the model's own
-  description (`model.batch_spec`), the one its batcher's batches are held to; hard
-  negatives (NUM_NEGATIVES) included."""
-  return model.batch_spec(batch_size, feature_lengths, num_negatives=num_negatives)
-
-
-def _sequences(model, batch_size: int, feature_lengths: dict, num_negatives: int
-               ) -> list[tuple[int, int]]:
-  """(sequences, tokens each) that the encoders run over in a batch of `batch_size` rows."""
-  spec = abstract_batch(model, batch_size, feature_lengths, num_negatives)
+def _sequences(model, spec: dict) -> list[tuple[int, int]]:
+  """(sequences, tokens each) that the encoders run over in a batch of `spec`."""
   return [(math.prod(spec[k].shape[:-1]), spec[k].shape[-1])
           for k in model.token_features if k in spec]
 
@@ -117,9 +111,9 @@ def _t5_configs(model) -> list[t5.T5Config]:
   return [model.t5_config] if isinstance(model, model_api.T5Model) else []
 
 
-def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
-                     model_parallel: int, num_negatives: int = 0) -> int:
-  """Closed-form estimate of the activations one device keeps for the backward pass.
+def activation_bytes(model, spec: dict, model_parallel: int) -> int:
+  """Closed-form estimate of the activations one device keeps for the backward pass
+  of the rows of `spec` (a task's batch spec of one device's rows of a microbatch).
 
   Per sequence of L tokens and layer: the layer input (L x d, activation dtype)
   is always kept; without remat ('none') also its attention logits and
@@ -136,7 +130,7 @@ def activation_bytes(model, batch_per_device: int, feature_lengths: dict,
   act = np.dtype(cfg.dtype).itemsize
   heads = max(1, cfg.num_heads // model_parallel)
   mlp = cfg.mlp_dim // model_parallel
-  seqs = _sequences(model, batch_per_device, feature_lengths, num_negatives)
+  seqs = _sequences(model, spec)
   total = 0
   for count, length in seqs:
     kept = count * length * cfg.emb_dim * act
@@ -165,9 +159,8 @@ def encoder_flops_per_token(cfg: t5.T5Config, length: int) -> float:
   return cfg.num_layers * (dense + attention)
 
 
-def train_model_flops(model, batch_size: int, feature_lengths: dict,
-                      num_negatives: int = 0) -> float:
-  """Model FLOPs of one train step over the global batch: 3 x the encoders' forward.
+def train_model_flops(model, spec: dict) -> float:
+  """Model FLOPs of one train step over the global batch `spec`: 3 x the encoders' forward.
 
   As in MFU's convention, recomputation (remat, GradCache's first pass) is not
   counted: it is the hardware's extra work, not the model's. The projection
@@ -179,8 +172,7 @@ def train_model_flops(model, batch_size: int, feature_lengths: dict,
     return 0.0
   cfg = cfgs[0]
   return 3 * sum(count * length * encoder_flops_per_token(cfg, length)
-                 for count, length in _sequences(model, batch_size, feature_lengths,
-                                                 num_negatives))
+                 for count, length in _sequences(model, spec))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -247,13 +239,13 @@ def _flops(compiled) -> Optional[float]:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
-def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, batch_size: int,
-                    feature_lengths: dict, compile: bool = True, grad_strategy: str = 'full',
-                    num_microbatches: int = 1, num_negatives: int = 0) -> StepPlan:
+def plan_train_step(model, task, optimizer, partitioner: partitioning.Partitioner,
+                    batch_size: int, feature_lengths: dict, compile: bool = True,
+                    grad_strategy: str = 'full', num_microbatches: int = 1) -> StepPlan:
   """Closed-form bytes, and (compile=True) XLA's compiled memory and FLOPs, of one train step.
 
-  The batch is the model's own (`abstract_batch`), with `num_negatives` hard
-  negatives per query for a dual encoder (train_lib.run's num_negatives).
+  The batch is the task's (`task.batch_spec`, data/tasks.py), the one the trainer
+  compiles its step for: hard negatives and teacher scores included.
 
   With grad_strategy 'grad_cache' or 'accumulate' (t5dual/gradients.py) only one
   microbatch's activations are alive at a time, which is what the estimate counts.
@@ -264,14 +256,13 @@ def plan_train_step(model, optimizer, partitioner: partitioning.Partitioner, bat
   plan.params = shard_bytes(layout.params)
   plan.opt_state = shard_bytes(layout.opt_state)
   plan.grads = plan.params  # float32 gradients laid out like the parameters
-  spec = abstract_batch(model, batch_size, feature_lengths, num_negatives)
+  spec = task.batch_spec(batch_size, feature_lengths)
   batch_sh = partitioner.batch_shardings(spec)
   plan.batch_bytes = shard_bytes(spec, batch_sh)
-  plan.activations = activation_bytes(
-      model, batch_size // partitioner.data_parallel // num_microbatches, feature_lengths,
-      partitioner.model_parallel, num_negatives)
-  plan.model_flops = train_model_flops(model, batch_size, feature_lengths,
-                                       num_negatives) / partitioner.num_devices
+  rows = batch_size // partitioner.data_parallel // num_microbatches
+  plan.activations = activation_bytes(model, task.batch_spec(rows, feature_lengths),
+                                      partitioner.model_parallel)
+  plan.model_flops = train_model_flops(model, spec) / partitioner.num_devices
   if not compile:
     return plan
   step, layout = trainer.build_train_step(model, optimizer, partitioner, spec, layout=layout,
@@ -366,6 +357,80 @@ def more_microbatches(batch_size: int, data_parallel: int, num_microbatches: int
   """Microbatch counts above `num_microbatches` to try, each splitting every device's rows."""
   per_device = batch_size // data_parallel
   return [m for m in (2, 4, 8, 16, 32, 64) if m > num_microbatches and per_device % m == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """Settings of a train step the search tries: the model (its remat), the mesh, the
+  global batch and how the gradients are computed."""
+
+  model: Any
+  partitioner: partitioning.Partitioner
+  batch_size: int
+  grad_strategy: str = 'full'
+  num_microbatches: int = 1
+
+
+def search(start: Candidate, plan: Callable[[Candidate], StepPlan], hbm_bytes: Optional[int],
+           max_meshes: int = 2, chunked_strategy: str = 'grad_cache'
+           ) -> tuple[Candidate, list[tuple[Candidate, StepPlan]]]:
+  """Plans `start`, then, while the step does not fit `hbm_bytes`, the next candidate.
+
+  Cheapest first, keeping the batch (every in-batch negative) as long as possible:
+  'full' remat; then meshes with 2x, 4x, ... the model-parallel size on the same
+  devices (up to `max_meshes`; a mesh whose step fails to compile for another reason
+  than memory is left again, the search going on from the mesh before); then more
+  microbatches with `chunked_strategy` ('grad_cache' for contrastive models,
+  'accumulate' otherwise: the same gradient,
+  fewer activations alive); then halved batches, with as many microbatches as each
+  still splits into. Stops at the first that fits (or whose fit is unknown).
+
+  Args:
+    plan: plans a candidate (plan_train_step, or fake memory figures in tests);
+      a compile that fails is a StepPlan with an error, not an exception.
+  Returns:
+    (where the search ended: the last candidate tried, or the mesh before one that did
+    not compile; every (candidate, plan) tried, in order).
+  """
+  tried = []
+
+  def one(candidate):
+    tried.append((candidate, plan(candidate)))
+    return tried[-1][1]
+
+  def fits_not(p):
+    return fits(p, hbm_bytes) is False
+
+  c = start
+  p = one(c)
+  if not fits_not(p):
+    return c, tried
+  if isinstance(c.model, model_api.T5Model) and c.model.t5_config.remat != 'full':
+    c = dataclasses.replace(c, model=c.model.with_t5(remat='full'))
+    p = one(c)
+  for wider in wider_meshes(c.partitioner, c.model, c.batch_size, max_meshes):
+    if not fits_not(p):
+      break
+    previous = c, p
+    c = dataclasses.replace(c, partitioner=wider)
+    p = one(c)
+    if p.error and 'RESOURCE_EXHAUSTED' not in p.error:
+      c, p = previous  # did not compile for another reason: go on from where it did
+  for m in more_microbatches(c.batch_size, c.partitioner.data_parallel, c.num_microbatches):
+    if not fits_not(p):
+      break
+    c = dataclasses.replace(c, grad_strategy=chunked_strategy, num_microbatches=m)
+    p = one(c)
+  for b in smaller_batches(c.batch_size, c.partitioner.data_parallel):
+    if not fits_not(p):
+      break
+    per_device, m = b // c.partitioner.data_parallel, c.num_microbatches
+    while m > 1 and per_device % m:
+      m //= 2
+    c = dataclasses.replace(c, batch_size=b, num_microbatches=m,
+                            grad_strategy='full' if m == 1 else c.grad_strategy)
+    p = one(c)
+  return c, tried
 
 
 def gib(n: Optional[float]) -> str:

@@ -37,7 +37,6 @@ Inputs are ids [B, L] (scores [B]) or lists of candidates [B, list, L] (scores
 from __future__ import annotations
 
 import dataclasses
-import os
 import string
 from typing import Callable, Optional, Sequence, Union
 
@@ -262,56 +261,15 @@ def yes_no_token_ids(tokenizer: Union[Tokenizer, str], yes: str = 'true',
 
 # --------------------------------------------------------------------------- the trainable model
 
-@dataclasses.dataclass(frozen=True)
-class ListsConfig:
-  """Where a reranker's training lists come from (see data/lists.py).
-
-  These are data settings, kept with the model because the trainer builds the
-  batcher through the model (model_api.Model.make_batcher).
-  """
-
-  # A TREC run over the training split whose window supplies the negatives;
-  # None: BM25 (t5dual.bm25) over the training corpus, computed at start-up.
-  first_stage_run: Optional[str] = None
-  list_size: int = 8               # candidates per query, 2..100
-  num_positives: int = 1
-  min_rank: int = 1                # negatives are sampled from ranks [min_rank, max_rank]
-  max_rank: int = 100
-  # Teacher scores for distillation losses: a TREC run or JSONL (data/lists.read_teacher).
-  teacher: Optional[str] = None
-
-  def __post_init__(self):
-    # Checked when gin builds the model, before any data is read or anything written;
-    # gin_utils.call_configured names the macro (LIST_SIZE, MIN_RANK, ...).
-    from t5dual.data import lists as lists_lib
-    from t5dual.trainer import ParameterError
-    for key in ('list_size', 'num_positives', 'min_rank', 'max_rank'):
-      value = getattr(self, key)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ParameterError(ListsConfig, key, f'must be an integer, got {value!r}')
-    low, high = lists_lib.MIN_LIST_SIZE, lists_lib.MAX_LIST_SIZE
-    if not low <= self.list_size <= high:
-      raise ParameterError(ListsConfig, 'list_size', f'must be in [{low}, {high}] (a positive '
-                           f'and at least one negative), got {self.list_size}')
-    if not 1 <= self.num_positives < self.list_size:
-      raise ParameterError(ListsConfig, 'num_positives', f'must be in [1, list_size '
-                           f'{self.list_size}), got {self.num_positives}')
-    if self.min_rank < 1:
-      raise ParameterError(ListsConfig, 'min_rank', f'must be >= 1, got {self.min_rank}')
-    if self.max_rank < self.min_rank:
-      raise ParameterError(ListsConfig, 'max_rank', f'must be >= min_rank {self.min_rank} '
-                           f'(negatives come from ranks [min_rank, max_rank]), got '
-                           f'{self.max_rank}')
-
-
 @model_api.register
 class RerankerModel:
   """A reranker with its ranking loss: the `model_api.Model` of kind 'reranker'.
 
-  Batches (data/lists.ListBatcher): 'inputs' [B, list, L] int32, 'labels'
-  [B, list] float32, 'where' [B, list] bool, and for distillation
-  'teacher_scores' [B, list]. The loss is any function with the signature of
-  `ranking_losses` (bound in gin); distillation losses get the teacher scores.
+  Batches (`input_features`; data/tasks.ListTask makes them): 'inputs' [B, list,
+  L] int32, 'labels' [B, list] float32, 'where' [B, list] bool, and for
+  distillation 'teacher_scores' [B, list]. The loss is any function with the
+  signature of `ranking_losses` (bound in gin); distillation losses get the teacher
+  scores. The model reads no files: its lists, and their teacher, are the task's.
   """
 
   kind = 'reranker'
@@ -324,11 +282,9 @@ class RerankerModel:
   interop_module = 't5dual.interop.rerankers'
 
   def __init__(self, config: RerankerConfig,
-               loss_fn: Callable[..., Array] = ranking_losses.softmax_loss,
-               lists: ListsConfig = ListsConfig()):
+               loss_fn: Callable[..., Array] = ranking_losses.softmax_loss):
     self.config = config
     self.loss = loss_fn
-    self.lists = lists
     self.module = scorer_module(config)
 
   @property
@@ -352,13 +308,13 @@ class RerankerModel:
     return self.config.t5
 
   def with_t5(self, **changes) -> 'RerankerModel':
-    """The same reranker, loss and lists with `changes` to its T5Config (model_api.T5Model).
+    """The same reranker and loss with `changes` to its T5Config (model_api.T5Model).
 
     The loss function itself is kept (model.json records its name only, which would
     lose the settings of a configured loss).
     """
     t5_config = dataclasses.replace(self.config.t5, **changes)
-    return type(self)(dataclasses.replace(self.config, t5=t5_config), self.loss, self.lists)
+    return type(self)(dataclasses.replace(self.config, t5=t5_config), self.loss)
 
   def init_params(self, rng: Array):
     return init_params(self.config, rng)
@@ -370,30 +326,25 @@ class RerankerModel:
     """ids [N, L] or [B, list, L] -> float32 scores [N] or [B, list] (inference)."""
     return self.module.apply({'params': params}, ids, True)
 
-  def check_training(self, teacher_to_come: bool = False) -> None:
-    """Refuses, before anything is read or written, a loss and a teacher that do not
-    go together, and first-stage or teacher files that do not exist.
+  @property
+  def distils(self) -> bool:
+    """Whether its loss learns from a teacher's scores (the batch's 'teacher_scores')."""
+    return ranking_losses.takes_teacher_scores(self.loss)
 
-    `teacher_to_come`: the teacher is given later (a chain's stage taught by the
-    previous one, multistage.py). Raises trainer.ParameterError naming the key.
-    """
-    from t5dual.trainer import ParameterError
-    distils = ranking_losses.takes_teacher_scores(self.loss)
-    teacher = self.lists.teacher
-    name = _loss_name(self.loss)
-    if distils and teacher is None and not teacher_to_come:
-      raise ParameterError(ListsConfig, 'teacher', f'the loss {name} distils from teacher '
-                           'scores, and none are given: set TEACHER to a TREC run or JSONL of '
-                           'scores (t5dual/data/lists.py), or choose a loss without a teacher')
-    if teacher is not None and not distils:
-      raise ParameterError(ListsConfig, 'teacher', f'is {teacher!r}, but the loss {name} does '
-                           'not use teacher scores: choose a distillation loss '
-                           '(kl_distillation_loss, teacher_rank_pairwise_loss, '
-                           'margin_mse_loss) or leave TEACHER unset')
-    for key in ('first_stage_run', 'teacher'):
-      path = getattr(self.lists, key)
-      if path is not None and '://' not in path and not os.path.isfile(path):
-        raise ParameterError(ListsConfig, key, f'{path}: file not found')
+  @property
+  def input_features(self) -> dict:
+    """The batches it takes: lists of token ids with labels, and a teacher's scores
+    when its loss distils."""
+    features = {
+        'inputs': model_api.Feature(('batch', 'list', 'input_length'), 'int32'),
+        'labels': model_api.Feature(('batch', 'list'), 'float32'),
+        'where': model_api.Feature(('batch', 'list'), 'bool'),
+    }
+    if self.distils:
+      features['teacher_scores'] = model_api.Feature(('batch', 'list'), 'float32')
+    return features
+
+  token_features = ('inputs',)
 
   def loss_fn(self, params, batch: dict[str, Array], dropout_rng: Optional[Array]):
     deterministic = dropout_rng is None
@@ -404,7 +355,7 @@ class RerankerModel:
     if ranking_losses.takes_teacher_scores(self.loss):
       if 'teacher_scores' not in batch:
         raise ValueError(f'{_loss_name(self.loss)} distils from a teacher: set the teacher '
-                         'of ListsConfig (TEACHER in gin)')
+                         'of the task (TEACHER in gin, data/tasks.ListTask.teacher)')
       extra['teacher_scores'] = batch['teacher_scores']
     loss = self.loss(scores, labels, where=where, **extra)
     metrics = {
@@ -414,67 +365,17 @@ class RerankerModel:
     }
     return loss, metrics
 
-  def make_batcher(self, source: str, tokenizer: Tokenizer, batch_size: int,
-                   feature_lengths: dict, seed: int = 0, num_negatives: int = 0):
-    """Training lists of a BEIR split ('beir:<folder>[:<split>]' or a folder) or of a
-    prepared store ('store:<dir>', data/store.py)."""
-    from t5dual.data import lists as lists_lib
-    if num_negatives:
-      raise ValueError('NUM_NEGATIVES is for dual encoders; a reranker samples its negatives '
-                       'from the first-stage run (ListsConfig.list_size)')
-    cfg = self.lists
-    if source.startswith('store:'):  # a prepared store (data/store.py)
-      from t5dual.data import store_batchers
-      return store_batchers.list_batcher(source, tokenizer, batch_size, cfg,
-                                         feature_lengths['inputs'], self.config.template, seed)
-    folder, split = beir_source(source)
-    run = cfg.first_stage_run
-    if run is None:
-      from t5dual import bm25
-      run = bm25.beir_run(folder, split, k=cfg.max_rank)
-    examples = lists_lib.load_lists(folder, split, run, min_rank=cfg.min_rank,
-                                    max_rank=cfg.max_rank, teacher_path=cfg.teacher)
-    template = self.config.template
-    return lists_lib.ListBatcher(
-        examples, tokenizer, batch_size, list_size=cfg.list_size,
-        input_length=feature_lengths['inputs'], num_positives=cfg.num_positives,
-        input_fn=lambda q, d: template.format(query=q, document=d), seed=seed)
-
-  token_features = ('inputs',)  # data/lists.LIST_TOKEN_FEATURES
-
-  def batch_spec(self, batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:
-    """The global batch `make_batcher`'s batches make up, as jax.ShapeDtypeStructs."""
-    from t5dual.data import lists as lists_lib
-    if num_negatives:
-      raise ValueError('NUM_NEGATIVES is for dual encoders; a reranker samples its negatives '
-                       'from the first-stage run (ListsConfig.list_size)')
-    return lists_lib.list_batch_spec(batch_size, self.lists.list_size, feature_lengths['inputs'],
-                                     teacher=self.lists.teacher is not None)
-
   def describe(self) -> dict:
-    return {'config': dataclasses.asdict(self.config), 'loss': _loss_name(self.loss),
-            'lists': dataclasses.asdict(self.lists)}
+    return {'config': dataclasses.asdict(self.config), 'loss': _loss_name(self.loss)}
 
   @classmethod
   def from_description(cls, desc: dict) -> 'RerankerModel':
     cfg = dict(desc['config'])
     config = RerankerConfig(t5=t5.T5Config.from_dict(cfg.pop('t5')), **cfg)
     loss = getattr(ranking_losses, desc.get('loss', ''), ranking_losses.softmax_loss)
-    return cls(config, loss, ListsConfig(**desc.get('lists', {})))
-
-
-def beir_source(source: str) -> tuple[str, str]:
-  """(folder, split) of a reranker's training data: 'beir:<folder>[:<split>]' or a folder.
-
-  The split defaults to 'train'. Raises sources.DataError if the folder does not exist.
-  """
-  from t5dual.data import sources
-  kind, _, rest = source.partition(':')
-  folder, _, split = rest.partition(':') if kind == 'beir' else (source, '', '')
-  if not os.path.isdir(folder):
-    raise sources.DataError(f'reranker training data must be a BEIR folder '
-                            f"('beir:<folder>[:<split>]'), got {source!r}")
-  return folder, split or 'train'
+    # A 'lists' entry (model directories written before data/tasks.py) is the task's,
+    # read back by tasks.from_description where a command needs it.
+    return cls(config, loss)
 
 
 def _loss_name(fn: Callable) -> str:

@@ -324,8 +324,13 @@ def train(model: model_api.Model, batcher: model_api.Batcher,
           model_description: Optional[dict] = None,
           initial_params: Optional[Any] = None,
           run_config: Optional[Callable[[], str]] = None,
-          partitioner: Optional[partitioning.Partitioner] = None) -> dict:
+          partitioner: Optional[partitioning.Partitioner] = None, *,
+          batch_spec: dict) -> dict:
   """Trains `model` on `batcher.batch(step)` until `config.total_steps`.
+
+  The step is compiled for `batch_spec` before the loop (the state is restored or
+  initialised first, so a step that does not compile fails before any data is
+  read); each batch must then equal the spec (`check_batch`).
 
   Args:
     model: a `model_api.Model`.
@@ -341,6 +346,8 @@ def train(model: model_api.Model, batcher: model_api.Batcher,
       config.gin (see checkpoints.keep_run_config) once the run has started.
     partitioner: the mesh and the logical-axis rules (default: data-parallel
       over all devices).
+    batch_spec: the global batch, {entry: jax.ShapeDtypeStruct} (the task's
+      batch_spec, data/tasks.py).
   Returns:
     The last logged metrics, with 'step'.
   Raises:
@@ -350,14 +357,42 @@ def train(model: model_api.Model, batcher: model_api.Batcher,
       (raised before anything is allocated or written).
     NonFiniteLossError: a step failed the finiteness check (nothing of it saved).
     preemption.PreemptedError: SIGTERM arrived; the step every process reached was saved.
+    BatchMismatchError: a batch differs from batch_spec.
   """
   with checkpoints.exclusive_writer(model_dir):
     return _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
-                  initial_params, run_config, partitioner or partitioning.Partitioner())
+                  initial_params, run_config, partitioner or partitioning.Partitioner(),
+                  batch_spec)
+
+
+class BatchMismatchError(ValueError):
+  """A batch is not what the step was compiled for: an internal failure of the batcher."""
+
+
+def check_batch(batch: dict, spec: dict, rows: Optional[int] = None) -> None:
+  """Raises BatchMismatchError naming the first entry of `batch` (numpy arrays) whose name,
+  shape or dtype differs from `spec`; `rows`: the rows a slice of the global batch holds
+  (the spec's leading dimension, divided over the data shards)."""
+  if set(batch) != set(spec):
+    extra, missing = sorted(set(batch) - set(spec)), sorted(set(spec) - set(batch))
+    name = (extra or missing)[0]
+    if extra:
+      raise BatchMismatchError(f'batch entry {name!r} is not in the batch spec the step was '
+                               f'compiled for ({sorted(spec)})')
+    raise BatchMismatchError(f'batch entry {name!r} of the batch spec the step was compiled '
+                             f'for is missing from the batch ({sorted(batch)})')
+  for name, want in spec.items():
+    shape = tuple(want.shape)
+    if rows is not None:
+      shape = (rows,) + shape[1:]
+    got = np.asarray(batch[name])
+    if got.shape != shape or got.dtype != np.dtype(want.dtype):
+      raise BatchMismatchError(f'batch entry {name!r} is {got.dtype}{list(got.shape)}, but the '
+                               f'step was compiled for {np.dtype(want.dtype)}{list(shape)}')
 
 
 def _train(model, batcher, optimizer, model_dir, config, schedule, model_description,
-           initial_params, run_config, partitioner) -> dict:
+           initial_params, run_config, partitioner, batch_spec) -> dict:
   primary = jax.process_index() == 0
   layout = state_layout(model, optimizer, partitioner)  # checks divisibility first
   if model_description is not None and primary:
@@ -379,7 +414,13 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
         params, opt_state = init_train_state(model, optimizer, partitioner, layout,
                                              config.seed, initial_params)
       bad_step = jax.device_put(jnp.int32(0), repl)
-      step_fn = None
+      # Compiled for the spec before the loop, as T5X compiles from the dataset's
+      # element_spec: every batch is then held to it.
+      step_fn, _ = build_train_step(model, optimizer, partitioner, batch_spec, config.seed,
+                                    layout, config.grad_strategy, config.num_microbatches)
+      with partitioner.context():
+        step_fn = step_fn.lower(params, opt_state, bad_step, batch_spec,
+                                jax.ShapeDtypeStruct((), jnp.int32)).compile()
 
       writer = _MetricsWriter(model_dir, config.tensorboard)
       writer.drop_after(start)
@@ -392,18 +433,16 @@ def _train(model, batcher, optimizer, model_dir, config, schedule, model_descrip
                    dynamic_ncols=True, mininterval=1.0)
       pending, last, window_start, examples = [], {'step': start}, time.time(), 0
       data = partitioner.data_layout  # the rows of each batch this process loads
+      rows = jax.tree.leaves(batch_spec)[0].shape[0] // data.num_shards
       def device_batch(step):
         local = batcher.batch(step, data.shard_index, data.num_shards)
-        return len(next(iter(local.values()))), partitioner.shard_batch(local)
+        check_batch(local, batch_spec, rows)
+        return rows, partitioner.shard_batch(local)
 
       watcher = stack.enter_context(preemption.Watcher())
       for step, (local_size, batch) in prefetch.prefetch(
           device_batch, range(start, config.total_steps), config.prefetch):
         examples += local_size * data.num_shards
-        if step_fn is None:
-          step_fn, _ = build_train_step(model, optimizer, partitioner, batch, config.seed,
-                                        layout, config.grad_strategy,
-                                        config.num_microbatches)
         params, opt_state, bad_step, metrics = step_fn(params, opt_state, bad_step, batch,
                                                        jnp.int32(step))
         pending.append(metrics)

@@ -159,8 +159,7 @@ def _trace_models(lengths):
   traced = [(dual, batch)]
   for scorer in ('encdec', 'enc', 'yes_no'):
     reranker = rerankers.RerankerModel(
-        rerankers.RerankerConfig(t5=cfg, scorer=scorer, input_length=d_len),
-        lists=rerankers.ListsConfig(list_size=2))
+        rerankers.RerankerConfig(t5=cfg, scorer=scorer, input_length=d_len))
     traced.append((reranker, {'inputs': jnp.ones((2, 2, d_len), jnp.int32),
                               'labels': jnp.zeros((2, 2), jnp.float32),
                               'where': jnp.ones((2, 2), bool)}))
@@ -206,8 +205,7 @@ def test_rankt5_encdec_train_step_traces_with_cudnn(monkeypatch, jax_cudnn_check
   monkeypatch.setattr(t5, 'cudnn_unavailable', lambda: None)  # a Hopper GPU, as far as jax asks
   cfg = t5.t5_config('tiny', head_dim=64, dtype='bfloat16', attention='cudnn')
   model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=cfg, scorer='encdec',
-                                                           input_length=512),
-                                  lists=rerankers.ListsConfig(list_size=2))
+                                                           input_length=512))
   batch = {'inputs': jnp.ones((2, 2, 512), jnp.int32), 'labels': jnp.zeros((2, 2), jnp.float32),
            'where': jnp.ones((2, 2), bool)}
   rng = jax.random.PRNGKey(0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from t5dual import checkpoints, models, optim, t5, train_lib, trainer, vocab
-from t5dual.data import pipeline, sources
+from t5dual.data import pipeline, sources, tasks
 from t5dual.interop import hf, load_initial_params, t5x
 
 HELPERS = pathlib.Path(__file__).resolve().parent / 'helpers'
@@ -51,7 +51,7 @@ def test_a_checkpoint_of_another_shape_is_one_line_before_anything_is_written(tm
   model_dir = tmp_path / 'run'
   with pytest.raises(trainer.ParameterError) as e:
     train_lib.run(str(model_dir), wide, f'beir:{tmp_path}/no-data', str(tmp_path / 'none.model'),
-                  batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
+                  task=tasks.PairTask(), batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
                   train_steps=1, initial_checkpoint_path=ckpt)
   message = str(e.value)
   assert '\n' not in message
@@ -62,7 +62,7 @@ def test_a_checkpoint_of_another_shape_is_one_line_before_anything_is_written(tm
   with pytest.raises(trainer.ParameterError, match=r'^train_lib.run.initial_checkpoint_path: '
                      r'no T5X checkpoint at \S+/missing [^\n]*$'):
     train_lib.run(str(model_dir), wide, f'beir:{tmp_path}/no-data', str(tmp_path / 'none.model'),
-                  batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
+                  task=tasks.PairTask(), batch_size=2, task_feature_lengths={'inputs': 8, 'targets': 8},
                   train_steps=1, initial_checkpoint_path=str(tmp_path / 'missing'))
   assert not model_dir.exists()
 
@@ -98,7 +98,7 @@ def test_training_starts_from_hf_checkpoint(tmp_path, demo_beir):
   trainer.train(model, batcher, optim.adafactor(zero), model_dir,
                 trainer.TrainerConfig(total_steps=2, progress_bar=False, tensorboard=False),
                 zero, checkpoints.model_description(model, spm, batcher.feature_lengths),
-                initial)
+                initial, batch_spec=batcher.batch_spec())
   _, params, step, _, _ = checkpoints.restore_for_inference(model_dir)
   assert step == 2
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), initial)

@@ -35,8 +35,7 @@ def _reranker(scorer):
   return rerankers.RerankerModel(
       rerankers.RerankerConfig(t5=TINY, scorer=scorer, scoring_token_id=7, yes_token_id=3,
                                no_token_id=4, input_length=12),
-      functools.partial(ranking_losses.poly1_softmax_loss, epsilon=2.0),
-      rerankers.ListsConfig(list_size=4))
+      functools.partial(ranking_losses.poly1_softmax_loss, epsilon=2.0))
 
 
 # --------------------------------------------------------------------------- capabilities

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, cli, gin_utils, multistage, rerankers, reranking
+from t5dual import checkpoints, cli, gin_utils, multistage, reranking
 from t5dual.data import lists as lists_lib
+from t5dual.data import tasks
 from trec_files import assert_in_score_order  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,12 +189,15 @@ def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_
   assert first.loss.__name__ == 'lce_loss'
   assert second.loss.__name__ == 'teacher_rank_pairwise_loss'
   teacher_path = os.path.join(_stage_dir(model_dir, 2), multistage.TEACHER_FILE)
-  assert second.lists.teacher == teacher_path
+  # The teacher is the stage's task's (model.json records the task beside the model).
+  task = tasks.from_description(checkpoints.read_model_json(_stage_dir(model_dir, 2)))
+  assert task.teacher == teacher_path
 
   # Stage 2's first logged loss (step 1, before its first update) is the loss of stage
   # 1's final parameters on stage 2's first batch; and the teacher scores of that batch,
   # read from teacher.trec, are stage 1's scores of its candidates.
-  batcher = second.make_batcher(f'beir:{data}:train', tokenizer, BATCH_SIZE, lengths, seed=0)
+  batcher = task.make_batcher(f'beir:{data}:train', tokenizer, BATCH_SIZE, lengths, seed=0,
+                              template=second.template)
   batch = batcher.batch(0)
 
   @jax.jit
@@ -321,7 +325,7 @@ def _parse(model_dir, *extra, files=CHAIN_FILES):
 
 
 def test_stage_scoped_bindings_that_take_effect_pass(clean_gin, tmp_path):
-  bindings = _parse(tmp_path, 'distill/rerankers.ListsConfig.list_size = 6',
+  bindings = _parse(tmp_path, 'distill/tasks.ListTask.list_size = 6',
                     'distill/train_lib.run.batch_size = 8', 'CONTRASTIVE_STEPS = 3',
                     'contrastive/trainer.TrainerConfig.save_every = 3')
   gin_utils.check_bindings_used(bindings, multistage.run_chain)
@@ -380,10 +384,10 @@ def test_the_reverse_chain_distils_from_a_teacher_file_first(clean_gin, tmp_path
     ('contrastive/multistage.Stage.previous_stage_teacher = True',
      r"stage 1 'contrastive' sets previous_stage_teacher, but has no previous stage"),
     # Found when gin builds the stage's model, before BM25 or MODEL_DIR (no writer.lock).
-    ('LIST_SIZE = 1', r'^LIST_SIZE \(rerankers.ListsConfig.list_size\): must be in \[2, 100\]'),
-    ('MIN_RANK = 9', r'^MAX_RANK \(rerankers.ListsConfig.max_rank\): must be >= min_rank 9'),
-    ('contrastive/rerankers.ListsConfig.teacher = "/data/t.trec"',
-     r"^contrastive/rerankers.ListsConfig.teacher: is '/data/t.trec', but the loss lce_loss "
+    ('LIST_SIZE = 1', r'^LIST_SIZE \(data.tasks.ListTask.list_size\): must be in \[2, 100\]'),
+    ('MIN_RANK = 9', r'^MAX_RANK \(data.tasks.ListTask.max_rank\): must be >= min_rank 9'),
+    ('contrastive/tasks.ListTask.teacher = "/data/t.trec"',
+     r"^contrastive/data.tasks.ListTask.teacher: is '/data/t.trec', but the loss lce_loss "
      r'does not use teacher scores'),
 ])
 def test_a_bad_stage_stops_the_chain_before_any_stage_trains(clean_gin, tmp_path, binding,
@@ -418,7 +422,7 @@ def test_stages_cannot_change_once_recorded(tmp_path):
 
 def test_the_teacher_scores_only_the_queries_the_stage_visits(demo_data):
   data, _ = demo_data
-  lists = rerankers.ListsConfig(list_size=4, max_rank=MAX_RANK)
+  lists = tasks.ListTask(list_size=4, max_rank=MAX_RANK)
   everything, kept, total = multistage.training_candidates(data, 'train', lists)
   assert kept == total == len(everything)
   some, kept, total = multistage.training_candidates(data, 'train', lists, batch_size=4,
@@ -449,12 +453,11 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
   model_dir, _ = chain
   data, _ = demo_data
   stage1 = _stage_dir(model_dir, 1)
-  model, *_ = checkpoints.restore_for_inference(_stage_dir(model_dir, 2))
-  model.lists = rerankers.ListsConfig(list_size=4, max_rank=MAX_RANK)
+  task = tasks.ListTask(list_size=4, max_rank=MAX_RANK)
   kwargs = dict(batch_size=BATCH_SIZE, train_steps=STEPS['distill'], seed=0)
   monkeypatch.setattr(multistage, 'TEACHER_CHUNK_PAIRS', 64)
   reference = str(tmp_path / 'reference.trec')
-  multistage.with_previous_stage_teacher(model, f'beir:{data}:train', stage1, reference,
+  multistage.with_previous_stage_teacher(task, f'beir:{data}:train', stage1, reference,
                                          **kwargs)
   real, calls = reranking.make_score_fn, []
 
@@ -471,17 +474,17 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
   teacher = str(tmp_path / 'teacher.trec')
   monkeypatch.setattr(reranking, 'make_score_fn', stopping)
   with pytest.raises(KeyboardInterrupt):
-    multistage.with_previous_stage_teacher(model, f'beir:{data}:train', stage1, teacher,
+    multistage.with_previous_stage_teacher(task, f'beir:{data}:train', stage1, teacher,
                                            **kwargs)
   assert not os.path.exists(teacher)
   kept = [f for f in os.listdir(teacher + '.partial') if f.endswith('.json')]
   assert 'chunk-000000.json' in kept
   monkeypatch.setattr(reranking, 'make_score_fn', real)
   with caplog.at_level('INFO'):
-    taught = multistage.with_previous_stage_teacher(model, f'beir:{data}:train', stage1,
+    taught = multistage.with_previous_stage_teacher(task, f'beir:{data}:train', stage1,
                                                     teacher, **kwargs)
   assert 'were scored before' in caplog.text
-  assert taught.lists.teacher == teacher and not os.path.exists(teacher + '.partial')
+  assert taught.teacher == teacher and not os.path.exists(teacher + '.partial')
   assert open(teacher).read() == open(reference).read()
 
 

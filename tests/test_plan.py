@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from t5dual import models, optim, partitioning, planning, rerankers, t5
+from t5dual.data import tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = t5.T5Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
@@ -28,7 +29,7 @@ def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microb
   model = models.DualEncoderModel(models.DualEncoderConfig(
       t5=dataclasses.replace(TINY, remat=remat), architecture='sde', projection_dim=16))
   plan = planning.plan_train_step(
-      model, optim.adafactor(learning_rate=1e-3), _one_device(), 8,
+      model, tasks.PairTask(), optim.adafactor(learning_rate=1e-3), _one_device(), 8,
       {'inputs': 16, 'targets': 32}, grad_strategy='grad_cache' if microbatches > 1 else 'full',
       num_microbatches=microbatches)
   # The step's arguments are the parameters, the Adafactor state, the batch and two int32
@@ -50,9 +51,9 @@ def test_grad_cache_holds_one_chunks_activations():
   # Batch 32, 4 chunks of 8: XLA's temporaries shrink with the chunk (the closed form's
   # activations by 4x exactly), the arguments stay the same.
   model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
-  plans = [planning.plan_train_step(model, optim.adafactor(learning_rate=1e-3), _one_device(),
-                                    32, {'inputs': 16, 'targets': 32}, grad_strategy=strategy,
-                                    num_microbatches=m)
+  plans = [planning.plan_train_step(model, tasks.PairTask(), optim.adafactor(learning_rate=1e-3),
+                                    _one_device(), 32, {'inputs': 16, 'targets': 32},
+                                    grad_strategy=strategy, num_microbatches=m)
            for strategy, m in (('full', 1), ('grad_cache', 4))]
   full, cached = plans
   assert cached.activations * 4 == full.activations
@@ -67,11 +68,12 @@ def test_model_flops_count_every_matmul_of_the_encoders():
   # 2 x L x 16; 2 FLOPs each; x3 for forward and backward.
   per_token = lambda length: 2 * 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * length * 16)
   model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
-  assert planning.train_model_flops(model, 8, {'inputs': 16, 'targets': 32}) == 3 * 8 * (
+  pairs = tasks.PairTask().batch_spec(8, {'inputs': 16, 'targets': 32})
+  assert planning.train_model_flops(model, pairs) == 3 * 8 * (
       16 * per_token(16) + 32 * per_token(32))
-  reranker = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5),
-                                     lists=rerankers.ListsConfig(list_size=4))
-  assert planning.train_model_flops(reranker, 2, {'inputs': 12}) == 3 * 2 * 4 * 12 * per_token(12)
+  reranker = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5))
+  lists = tasks.ListTask(list_size=4).batch_spec(2, {'inputs': 12})
+  assert planning.train_model_flops(reranker, lists) == 3 * 2 * 4 * 12 * per_token(12)
 
 
 @pytest.fixture(scope='module')
@@ -93,36 +95,43 @@ def demo_data(tmp_path_factory, demo_beir):
 
 def _dual_encoders():
   return [(f'{arch}, {n} negatives', models.DualEncoderModel(
-      models.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=16)), n)
+      models.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=16)),
+           tasks.PairTask(num_negatives=n))
           for arch in ('sde', 'ade', 'ade_spl') for n in (0, 3)]
 
 
 def _rerankers(run):
+  from t5dual import ranking_losses
   return [(f'{scorer}{" with a teacher" if teacher else ""}', rerankers.RerankerModel(
       rerankers.RerankerConfig(t5=TINY, scorer=scorer, scoring_token_id=5, yes_token_id=5,
                                no_token_id=6),
-      lists=rerankers.ListsConfig(list_size=4, max_rank=20, first_stage_run=run,
-                                  teacher=run if teacher else None)), 0)
+      ranking_losses.kl_distillation_loss if teacher else ranking_losses.softmax_loss),
+           tasks.ListTask(list_size=4, max_rank=20, first_stage_run=run,
+                          teacher=run if teacher else None))
           for scorer in ('encdec', 'yes_no', 'enc') for teacher in (False, True)]
 
 
 def test_the_planned_batch_is_the_batch_that_trains(demo_data):
-  # Every kind: the planner's batch (the model's batch_spec) has the keys, shapes and
-  # dtypes of a real batch of the model's own batcher, hard negatives and teacher
-  # scores included; 3 data shards make up the global batch.
-  cases = ([(name, model, n, demo_data['pairs'], {'inputs': 8, 'targets': 12})
-            for name, model, n in _dual_encoders()] +
-           [(name, model, n, f'beir:{demo_data["beir"]}:train', {'inputs': 16})
-            for name, model, n in _rerankers(demo_data['run'])])
-  for name, model, negatives, source, lengths in cases:
-    batcher = model.make_batcher(source, demo_data['tokenizer'], 6, lengths,
-                                 num_negatives=negatives)
+  # Every kind: the planner's batch (the task's batch_spec, which the trainer compiles
+  # for) has the keys, shapes and dtypes of a real batch of the task's batcher, hard
+  # negatives and teacher scores included, and the model takes it; 3 data shards make
+  # up the global batch.
+  from t5dual import model_api
+  cases = ([(name, model, task, demo_data['pairs'], {'inputs': 8, 'targets': 12})
+            for name, model, task in _dual_encoders()] +
+           [(name, model, task, f'beir:{demo_data["beir"]}:train', {'inputs': 16})
+            for name, model, task in _rerankers(demo_data['run'])])
+  for name, model, task, source, lengths in cases:
+    batcher = task.make_batcher(source, demo_data['tokenizer'], 6, lengths,
+                                template=getattr(model, 'template', None))
     local = batcher.batch(1, shard_index=1, num_shards=3)
     real = {k: ((6,) + v.shape[1:], v.dtype) for k, v in local.items()}
-    planned = planning.abstract_batch(model, 6, lengths, negatives)
+    planned = task.batch_spec(6, lengths)
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in planned.items()} == real, name
-  _, sde, _ = _dual_encoders()[1]
-  with_negatives = planning.abstract_batch(sde, 6, {'inputs': 8, 'targets': 12}, 3)
+    assert batcher.batch_spec() == planned, name  # what trainer.train is given by tests
+    model_api.check_batch_spec(model, planned)
+  _, sde, task = _dual_encoders()[1]
+  with_negatives = task.batch_spec(6, {'inputs': 8, 'targets': 12})
   assert with_negatives['negative_targets'].shape == (6, 3, 12)
 
 
@@ -133,8 +142,8 @@ def test_hard_negatives_are_planned():
   model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
   lengths = {'inputs': 16, 'targets': 32}
   opt = optim.adafactor(learning_rate=1e-3)
-  plain, hard = (planning.plan_train_step(model, opt, _one_device(), 8, lengths,
-                                          num_negatives=n) for n in (0, 7))
+  plain, hard = (planning.plan_train_step(model, tasks.PairTask(num_negatives=n), opt,
+                                          _one_device(), 8, lengths) for n in (0, 7))
   per_token = lambda length: 2 * 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * length * 16)
   assert hard.model_flops == 3 * 8 * (16 * per_token(16) + 8 * 32 * per_token(32))
   assert hard.batch_bytes == plain.batch_bytes + 4 * 8 * 7 * (32 + 1)
@@ -143,13 +152,13 @@ def test_hard_negatives_are_planned():
 
 
 def test_reranker_batch_and_bytes():
-  model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5),
-                                  lists=rerankers.ListsConfig(list_size=4))
-  spec = planning.abstract_batch(model, 2, {'inputs': 12})
+  model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scoring_token_id=5))
+  task = tasks.ListTask(list_size=4)
+  spec = task.batch_spec(2, {'inputs': 12})
   assert {k: v.shape for k, v in spec.items()} == {
       'inputs': (2, 4, 12), 'labels': (2, 4), 'where': (2, 4)}
-  plan = planning.plan_train_step(model, optim.adafactor(learning_rate=1e-3), _one_device(),
-                                  2, {'inputs': 12})
+  plan = planning.plan_train_step(model, task, optim.adafactor(learning_rate=1e-3),
+                                  _one_device(), 2, {'inputs': 12})
   assert plan.compiled_arguments == plan.params + plan.opt_state + plan.batch_bytes + 8
 
 
@@ -217,3 +226,72 @@ def test_tiny_model_compiles_for_a_tpu_topology(tmp_path):
   assert 'v5e:2x2' in table and 'HBM per device: 16.00 GiB' in table
   row = next(line for line in table.splitlines() if line.startswith('| train |'))
   assert '| (2, 2) |' in row and '| yes |' in row, row
+
+
+# --------------------------------------------------------------------------- the search
+
+def _search(fits_when, hbm=100, batch=16, **kwargs):
+  """planning.search over 8 abstract devices with fake memory figures: a candidate needs
+  50 bytes if fits_when(candidate) is True, 200 if False; a string is a compile error."""
+  import dataclasses
+  model = models.DualEncoderModel(models.DualEncoderConfig(
+      t5=dataclasses.replace(TINY, num_heads=8, remat='none'), projection_dim=16))
+  eight = partitioning.Partitioner(ici_mesh_shape=(8, 1), devices=tuple(range(8)))
+
+  def plan(c):
+    verdict = fits_when(c)
+    if isinstance(verdict, str):
+      return planning.StepPlan('train', c.batch_size, error=verdict)
+    return planning.StepPlan('train', c.batch_size, activations=50 if verdict else 200)
+  end, tried = planning.search(planning.Candidate(model, eight, batch), plan, hbm, **kwargs)
+  settings = lambda c: (c.model.config.t5.remat, c.partitioner.mesh_shape, c.batch_size,
+                        c.grad_strategy, c.num_microbatches)
+  if end is not tried[-1][0]:  # the search stepped back from its last try
+    return [settings(c) for c, _ in tried] + ['back to', settings(end)]
+  return [settings(c) for c, _ in tried]
+
+
+def test_the_search_stops_at_the_first_step_that_fits():
+  assert _search(lambda c: True) == [('none', (8, 1), 16, 'full', 1)]
+  assert _search(lambda c: c.model.config.t5.remat == 'full') == [
+      ('none', (8, 1), 16, 'full', 1), ('full', (8, 1), 16, 'full', 1)]
+  # Without an HBM limit nothing is known not to fit: nothing else is tried.
+  assert _search(lambda c: False, hbm=None) == [('none', (8, 1), 16, 'full', 1)]
+
+
+def test_the_search_goes_from_cheapest_to_smaller_batches():
+  assert _search(lambda c: False, chunked_strategy='accumulate') == [
+      ('none', (8, 1), 16, 'full', 1), ('full', (8, 1), 16, 'full', 1),
+      # wider model-parallel meshes on the same 8 devices (max_meshes 2)
+      ('full', (4, 2), 16, 'full', 1), ('full', (2, 4), 16, 'full', 1),
+      # more microbatches of the 8 rows per device, the same gradient
+      ('full', (2, 4), 16, 'accumulate', 2), ('full', (2, 4), 16, 'accumulate', 4),
+      ('full', (2, 4), 16, 'accumulate', 8),
+      # halved batches, with as many microbatches as each still splits into
+      ('full', (2, 4), 8, 'accumulate', 4), ('full', (2, 4), 4, 'accumulate', 2),
+      ('full', (2, 4), 2, 'full', 1)]
+  # Microbatches with GradCache for contrastive models; the first that fits ends it.
+  tried = _search(lambda c: c.num_microbatches == 4)
+  assert tried[-2:] == [('full', (2, 4), 16, 'grad_cache', 2),
+                        ('full', (2, 4), 16, 'grad_cache', 4)]
+
+
+def test_a_mesh_that_does_not_compile_for_another_reason_is_left():
+  # The (4, 2) mesh fails to compile (not for memory): the search goes on from (8, 1), 2
+  # rows per device; running out of memory is a finding that keeps the mesh.
+  def verdict(c):
+    if c.partitioner.mesh_shape == (4, 2):
+      return 'INTERNAL: no such collective'
+    return False
+  assert _search(verdict, max_meshes=1) == [
+      ('none', (8, 1), 16, 'full', 1), ('full', (8, 1), 16, 'full', 1),
+      ('full', (4, 2), 16, 'full', 1), ('full', (8, 1), 16, 'grad_cache', 2),
+      ('full', (8, 1), 8, 'full', 1)]
+  # Nothing left to try after the failed mesh (one row per device): the search ends back
+  # on (8, 1), where the encode step is then planned.
+  assert _search(verdict, max_meshes=1, batch=8) == [
+      ('none', (8, 1), 8, 'full', 1), ('full', (8, 1), 8, 'full', 1),
+      ('full', (4, 2), 8, 'full', 1), 'back to', ('full', (8, 1), 8, 'full', 1)]
+  oom = _search(lambda c: 'RESOURCE_EXHAUSTED: out of memory' if c.num_microbatches == 1
+                else True, max_meshes=1)
+  assert oom[-2:] == [('full', (4, 2), 16, 'full', 1), ('full', (4, 2), 16, 'grad_cache', 2)]

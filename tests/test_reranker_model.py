@@ -2,7 +2,6 @@
 scripts/rerank.py: training must improve the ranking, and the reranked run must hold
 exactly the model's scores."""
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from t5dual import checkpoints, evaluation, ranking_losses, reranking, rerankers, retrieval, t5
 from t5dual import train_lib, trainer
-from t5dual.data import sources
+from t5dual.data import sources, tasks
 from t5dual.vocab import Tokenizer
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
@@ -49,14 +48,14 @@ def trained(tmp_path_factory, demo_beir):
   config = rerankers.RerankerConfig(
       t5=t5.t5_config('tiny', vocab_size=400, dtype='float32', num_layers=2),
       scorer='encdec', scoring_token_id=100, input_length=LENGTH)
-  model = rerankers.RerankerModel(config, ranking_losses.softmax_loss,
-                                  rerankers.ListsConfig(first_stage_run=train_run, list_size=8))
+  model = rerankers.RerankerModel(config, ranking_losses.softmax_loss)
+  task = tasks.ListTask(first_stage_run=train_run, list_size=8)
   model_dir = str(work / 'model')
-  train_lib.run(model_dir, model, f'beir:{folder}:train', vocab, batch_size=8,
+  train_lib.run(model_dir, model, f'beir:{folder}:train', vocab, task=task, batch_size=8,
                 task_feature_lengths={'inputs': LENGTH}, train_steps=120, learning_rate=1e-2,
                 trainer_config=trainer.TrainerConfig(log_every=60, save_every=120,
                                                      progress_bar=False, tensorboard=False))
-  return dict(folder=folder, vocab=vocab, model=model, model_dir=model_dir,
+  return dict(folder=folder, vocab=vocab, model=model, task=task, model_dir=model_dir,
               test_run=test_run, work=work)
 
 
@@ -86,7 +85,9 @@ def test_reloads_by_kind(trained):
   assert isinstance(model, rerankers.RerankerModel)
   assert model.config == trained['model'].config
   assert model.loss is ranking_losses.softmax_loss
-  assert model.lists == trained['model'].lists
+  # The lists it trained on are its task's, recorded beside it in model.json.
+  assert tasks.from_description(checkpoints.read_model_json(trained['model_dir'])) == (
+      trained['task'])
 
 
 @pytest.mark.multiprocess
@@ -162,3 +163,20 @@ def test_dual_encoder_commands_refuse_a_reranker_in_one_line(trained, tmp_path):
   assert sorted(os.listdir(tmp_path)) == []
   assert not os.path.exists(os.path.join(trained['model_dir'], 'eval'))
 
+
+
+def test_a_model_directory_from_before_tasks_still_loads():
+  # model.json written before data/tasks.py held the lists in a 'lists' entry of the
+  # model: the model loads without it, and the entry reads back as the task.
+  config = rerankers.RerankerConfig(t5=t5.t5_config('tiny', vocab_size=400),
+                                    scoring_token_id=100)
+  old = {**rerankers.RerankerModel(config).describe(), 'kind': 'reranker',
+         'loss': 'kl_distillation_loss',
+         'lists': {'first_stage_run': 'run.trec', 'list_size': 16, 'num_positives': 1,
+                   'min_rank': 2, 'max_rank': 50, 'teacher': 'teacher.trec'}}
+  model = checkpoints.model_from_description(old)
+  assert model.config == config and model.loss is ranking_losses.kl_distillation_loss
+  assert not hasattr(model, 'lists')
+  assert tasks.from_description(old) == tasks.ListTask(
+      first_stage_run='run.trec', list_size=16, min_rank=2, max_rank=50,
+      teacher='teacher.trec')

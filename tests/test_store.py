@@ -4,15 +4,15 @@ refused, interrupted prepares continued, reranker inputs assembled from stored i
 import json
 import os
 import shutil
+import functools
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from t5dual import cli, rerankers, t5, vocab
-from t5dual.data import lists, pipeline, sources, store, store_batchers
+from t5dual.data import lists, pipeline, sources, store, store_batchers, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 20}
@@ -126,11 +126,13 @@ def test_hard_negative_batches_equal_the_in_memory_batcher(pairs_jsonl, jsonl_st
 
 
 def _reranker(template=None, **lists_config):
+  """A reranker's lists task, with the template its model reads (RankT5's by default)."""
   tiny = t5.T5Config(vocab_size=256, emb_dim=8, num_heads=1, head_dim=4, mlp_dim=8,
                      num_layers=1)
-  return rerankers.RerankerModel(
-      rerankers.RerankerConfig(t5=tiny, scoring_token_id=5, template=template),
-      lists=rerankers.ListsConfig(**lists_config))
+  model = rerankers.RerankerModel(
+      rerankers.RerankerConfig(t5=tiny, scoring_token_id=5, template=template))
+  return functools.partial(tasks.ListTask(**lists_config).make_batcher,
+                           template=model.template)
 
 
 @pytest.mark.parametrize('template', [None, 'Query: {query} Document: {document} Relevant:',
@@ -139,10 +141,10 @@ def test_list_batches_equal_the_in_memory_batcher(demo_collection, beir_store, r
                                                   tokenizer, template):
   config = dict(first_stage_run=run_files[0], list_size=6, num_positives=1, min_rank=2,
                 max_rank=25)
-  model = _reranker(template, **config)
+  make_batcher = _reranker(template, **config)
   for seed in (0, 9):
-    memory = model.make_batcher(f'beir:{demo_collection}', tokenizer, 4, {'inputs': 30}, seed)
-    stored = model.make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30}, seed)
+    memory = make_batcher(f'beir:{demo_collection}', tokenizer, 4, {'inputs': 30}, seed)
+    stored = make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30}, seed)
     assert len(stored) == len(memory.lists)
     for step in (0, 3, 30):
       _assert_batches_equal(stored.batch(step), memory.batch(step))
@@ -162,26 +164,31 @@ def test_teacher_lists_equal_the_in_memory_batcher(demo_collection, teacher_stor
     _assert_batches_equal(stored.batch(step), memory.batch(step))
 
 
-def test_a_far_step_reads_in_milliseconds(beir_store, jsonl_store, tokenizer):
-  pairs = pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, LENGTHS, 4)
-  model = _reranker(list_size=6, min_rank=2, max_rank=25)
-  lists_batcher = model.make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30})
-  for batcher in (pairs, lists_batcher):
-    batcher.batch(10**6)  # the epoch's permutation, once
-    start = time.perf_counter()
-    batcher.batch(10**6 + 1)
-    assert time.perf_counter() - start < 0.1  # milliseconds: a few rows read, nothing else
+def test_a_far_step_equals_the_in_memory_batch(demo_collection, beir_store, jsonl_store,
+                                               pairs_jsonl, tokenizer, run_files):
+  """Step 10**6 is computed from (seed, step) alone, as the in-memory batchers compute it:
+  no batch before it is read (BENCHMARKS.md has its time from a fresh process)."""
+  far = 10**6
+  stored = pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, LENGTHS, 4)
+  memory = pipeline.make_batcher(f'jsonl:{pairs_jsonl}', tokenizer, 8, LENGTHS, 4)
+  _assert_batches_equal(stored.batch(far, 1, 2), memory.batch(far, 1, 2))
+  config = dict(first_stage_run=run_files[0], list_size=6, num_positives=1, min_rank=2,
+                max_rank=25)
+  make_batcher = _reranker(**config)
+  _assert_batches_equal(
+      make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30}).batch(far),
+      make_batcher(f'beir:{demo_collection}', tokenizer, 4, {'inputs': 30}).batch(far))
 
 
 def test_store_must_match_the_configuration(beir_store, jsonl_store, tokenizer, run_files):
   with pytest.raises(cli.ConfigError, match='max_length'):
     pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, {'inputs': 12, 'targets': 42})
   with pytest.raises(cli.ConfigError, match='MAX_RANK is 100'):
-    _reranker(min_rank=2).make_batcher(f'store:{beir_store}', tokenizer, 4, {'inputs': 30})
+    _reranker(min_rank=2)(f'store:{beir_store}', tokenizer, 4, {'inputs': 30})
   with pytest.raises(cli.ConfigError, match='have no negatives'):
     pipeline.make_batcher(f'store:{beir_store}', tokenizer, 8, LENGTHS, num_negatives=2)
   with pytest.raises(store.StoreError, match='holds no training lists'):
-    _reranker().make_batcher(f'store:{jsonl_store}', tokenizer, 4, {'inputs': 30})
+    _reranker()(f'store:{jsonl_store}', tokenizer, 4, {'inputs': 30})
   with pytest.raises(ValueError, match='whitespace'):
     store.template_pieces('Query:{query} Document: {document}')
 

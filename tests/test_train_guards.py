@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from t5dual import (checkpoints, cli, gin_utils, model_api, models, partitioning, t5, train_lib,
                     trainer)
+from t5dual.data import tasks
 import cli_output  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +53,7 @@ def _run(model_dir, demo_data, steps, **kw):
       log_every=1, save_every=2, progress_bar=False, tensorboard=False))
   kw.setdefault('task_feature_lengths', LENGTHS)
   kw.setdefault('learning_rate', 1e-2)
+  kw.setdefault('task', tasks.PairTask())
   return train_lib.run(model_dir, kw.pop('model', _model()),
                        kw.pop('source', f'beir:{data}:train'), kw.pop('vocab', spm),
                        batch_size=8, train_steps=steps, **kw)
@@ -130,17 +132,17 @@ RERANKER_FILES = ['gin/models/rankt5_encdec.gin', 'gin/sizes/tiny.gin',
 
 
 @pytest.mark.parametrize('binding,message', [
-    ('LIST_SIZE = 1', r'^LIST_SIZE \(rerankers.ListsConfig.list_size\): must be in \[2, 100\] '),
-    ('MIN_RANK = 101', r'^MAX_RANK \(rerankers.ListsConfig.max_rank\): must be >= min_rank 101 '),
-    ('rerankers.ListsConfig.num_positives = 8',
-     r'^rerankers.ListsConfig.num_positives: must be in \[1, list_size 8\), got 8$'),
+    ('LIST_SIZE = 1', r'^LIST_SIZE \(data.tasks.ListTask.list_size\): must be in \[2, 100\] '),
+    ('MIN_RANK = 101', r'^MAX_RANK \(data.tasks.ListTask.max_rank\): must be >= min_rank 101 '),
+    ('tasks.ListTask.num_positives = 8',
+     r'^data.tasks.ListTask.num_positives: must be in \[1, list_size 8\), got 8$'),
     ('LOSS_FN = @ranking_losses.kl_distillation_loss',
-     r'^TEACHER \(rerankers.ListsConfig.teacher\): the loss kl_distillation_loss distils from '
+     r'^TEACHER \(data.tasks.ListTask.teacher\): the loss kl_distillation_loss distils from '
      r'teacher scores, and none are given: set TEACHER'),
-    ("TEACHER = '{teacher}'", r"^TEACHER \(rerankers.ListsConfig.teacher\): is '.*t.trec', but "
+    ("TEACHER = '{teacher}'", r"^TEACHER \(data.tasks.ListTask.teacher\): is '.*t.trec', but "
                               r'the loss softmax_loss does not use teacher scores'),
     ("FIRST_STAGE_RUN = '/nonexistent/run.trec'",
-     r'^FIRST_STAGE_RUN \(rerankers.ListsConfig.first_stage_run\): /nonexistent/run.trec: '
+     r'^FIRST_STAGE_RUN \(data.tasks.ListTask.first_stage_run\): /nonexistent/run.trec: '
      r'file not found$'),
 ])
 def test_reranker_settings_that_cannot_work_stop_before_anything_runs(clean_gin, tmp_path,
@@ -182,16 +184,19 @@ def test_batch_size_must_split_over_the_data_parallel_devices(tmp_path, monkeypa
   monkeypatch.setattr(jax, 'device_count', lambda: 4)
   with pytest.raises(trainer.ParameterError, match=r'6 is not divisible by the data-parallel '
                      r'size 4 \(4 devices / model_parallel 1\)'):
-    train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model', batch_size=6,
+    train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model',
+                  task=tasks.PairTask(), batch_size=6,
                   task_feature_lengths=LENGTHS)
   with pytest.raises(cli.ConfigError, match='Partitioner.num_partitions: 3 does not divide'):
-    train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model', batch_size=6,
+    train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model',
+                  task=tasks.PairTask(), batch_size=6,
                   task_feature_lengths=LENGTHS,
                   partitioner=partitioning.Partitioner(num_partitions=3))
   assert not (tmp_path / 'a').exists()
   # 2 data-parallel groups of 2 devices: the settings pass, the vocabulary is next.
   with pytest.raises(FileNotFoundError, match='/no/spm.model'):
-    train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model', batch_size=6,
+    train_lib.run(str(tmp_path / 'a'), _model(), 'beir:/x', '/no/spm.model',
+                  task=tasks.PairTask(), batch_size=6,
                   task_feature_lengths=LENGTHS,
                   partitioner=partitioning.Partitioner(num_partitions=2))
 
@@ -223,7 +228,7 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_taken_over(tmp_path)
     # trainer.train stops there too, before writing anything.
     with pytest.raises(checkpoints.ModelDirBusyError):
       trainer.train(_model(), None, optax.sgd(0.1), model_dir,
-                    model_description={'kind': 'dual_encoder'})
+                    model_description={'kind': 'dual_encoder'}, batch_spec={})
     assert not os.path.exists(os.path.join(model_dir, 'model.json'))
   finally:
     holder.send_signal(signal.SIGKILL)
@@ -247,7 +252,7 @@ def test_unwritable_directories_are_found_before_training(tmp_path):
   with pytest.raises(cli.UserError, match=f'^{model_dir}/checkpoints exists and is not a '
                                           f'directory$'):
     trainer.train(_model(), None, optax.sgd(0.1), str(model_dir),
-                  model_description={'kind': 'dual_encoder'})
+                  model_description={'kind': 'dual_encoder'}, batch_spec={})
   assert sorted(os.listdir(model_dir)) == ['checkpoints', 'writer.lock']
   as_file = tmp_path / 'file'
   as_file.write_text('')
@@ -369,15 +374,12 @@ class _ToyRegression:
     mse = jnp.mean((batch['x'] @ params['w'] - batch['y']) ** 2)
     return mse, {k: mse for k in self.reports}
 
-  def make_batcher(self, source, tokenizer, batch_size, feature_lengths, seed=0,
-                   num_negatives=0):
-    return _ToyBatcher(self.dim, batch_size, seed)
-
   token_features = ()  # no token ids: no encoder activations to plan
 
-  def batch_spec(self, batch_size, feature_lengths, num_negatives=0):
-    return {'x': jax.ShapeDtypeStruct((batch_size, self.dim), np.float32),
-            'y': jax.ShapeDtypeStruct((batch_size,), np.float32)}
+  @property
+  def input_features(self):
+    return {'x': model_api.Feature(('batch', 'dim'), 'float32'),
+            'y': model_api.Feature(('batch',), 'float32')}
 
   def describe(self):
     return {'config': {'dim': self.dim}}
@@ -387,10 +389,34 @@ class _ToyRegression:
     return cls(desc['config']['dim'])
 
 
+class _ToyTask:
+  """Gaussian inputs of `dim` features, and their targets: the data of _ToyRegression."""
+
+  def __init__(self, dim):
+    self.dim = dim
+
+  def make_batcher(self, source, tokenizer, batch_size, feature_lengths, seed=0,
+                   input_fn=None):
+    return _ToyBatcher(self.dim, batch_size, seed)
+
+  def batch_spec(self, batch_size, feature_lengths):
+    return {'x': jax.ShapeDtypeStruct((batch_size, self.dim), np.float32),
+            'y': jax.ShapeDtypeStruct((batch_size,), np.float32)}
+
+  def check_paths(self):
+    pass
+
+  def describe(self):
+    return {'kind': 'toy', 'dim': self.dim}
+
+
 class _ToyBatcher:
   def __init__(self, dim, batch_size, seed):
     self.dim, self.batch_size, self.seed = dim, batch_size, seed
     self.w = np.arange(1, dim + 1, dtype=np.float32) / dim
+
+  def batch_spec(self):
+    return _ToyTask(self.dim).batch_spec(self.batch_size, {})
 
   def batch(self, step, process_index=0, process_count=1):
     x = np.random.default_rng([self.seed, step]).normal(size=(self.batch_size, self.dim))
@@ -417,7 +443,7 @@ def test_any_registered_kind_trains_and_reloads(demo_data, tmp_path, monkeypatch
   model_dir = str(tmp_path / 'run')
   model = _ToyRegression(dim=3)
   assert isinstance(model, model_api.Model)
-  _run(model_dir, demo_data, 40, model=model, task_feature_lengths={'inputs': 4},
+  _run(model_dir, demo_data, 40, model=model, task=_ToyTask(3), task_feature_lengths={'inputs': 4},
        learning_rate=0.2, optimizer_fn=optax.sgd, trainer_config=trainer.TrainerConfig(log_every=10, save_every=20, tensorboard=False))
   with open(os.path.join(model_dir, 'model.json')) as f:
     assert json.load(f)['kind'] == 'toy_regression'
@@ -448,4 +474,29 @@ def test_metrics_must_be_the_ones_the_model_declares(tmp_path):
                                       r"\['loss', 'mse'\] and progress_metrics \['mse'\]"):
     trainer.train(_ToyRegression(reports=('loss',)), _ToyBatcher(4, 8, 0), optax.sgd(0.1),
                   str(tmp_path / 'run'),
-                  trainer.TrainerConfig(total_steps=1, progress_bar=False, tensorboard=False))
+                  trainer.TrainerConfig(total_steps=1, progress_bar=False, tensorboard=False),
+                  batch_spec=_ToyBatcher(4, 8, 0).batch_spec())
+
+
+def test_a_batch_that_differs_from_the_spec_is_one_error_naming_the_entry(tmp_path):
+  # The step is compiled for the spec before the loop; a batcher whose batches differ
+  # stops the run at its first batch, naming the entry, before any step runs.
+  spec = _ToyBatcher(4, 8, 0).batch_spec()
+  config = trainer.TrainerConfig(total_steps=2, progress_bar=False, tensorboard=False)
+  narrow = {**spec, 'x': jax.ShapeDtypeStruct((8, 3), np.float32)}
+  with pytest.raises(trainer.BatchMismatchError,
+                     match=r"^batch entry 'x' is float32\[8, 4\], but the step was compiled "
+                           r"for float32\[8, 3\]$"):
+    trainer.train(_ToyRegression(dim=3), _ToyBatcher(4, 8, 0), optax.sgd(0.1),
+                  str(tmp_path / 'run'), config, batch_spec=narrow)
+  with pytest.raises(trainer.BatchMismatchError, match=r"^batch entry 'z' is not in the batch "
+                                                       r"spec the step was compiled for"):
+    trainer.check_batch({'z': np.zeros(2), **{k: np.zeros(v.shape, v.dtype)
+                                               for k, v in spec.items()}}, spec)
+  with pytest.raises(trainer.BatchMismatchError, match=r"^batch entry 'y' is float64\[8\]"):
+    trainer.check_batch({'x': np.zeros((8, 4), np.float32), 'y': np.zeros(8)}, spec)
+  with pytest.raises(trainer.BatchMismatchError, match=r"^batch entry 'y' of the batch spec "
+                                                       r"the step was compiled for is missing"):
+    trainer.check_batch({'x': np.zeros((8, 4), np.float32)}, spec)
+  trainer.check_batch({'x': np.zeros((2, 4), np.float32), 'y': np.zeros(2, np.float32)},
+                      spec, rows=2)  # one of 4 data shards' slices

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from t5dual import checkpoints, models, optim, t5, trainer, vocab
-from t5dual.data import pipeline, sources
+from t5dual.data import pipeline, sources, tasks
 import tolerances  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
   config = trainer.TrainerConfig(total_steps=steps, progress_bar=False, tensorboard=False,
                                  **cfg)
   return trainer.train(model, batcher, optim.adafactor(sched), model_dir, config, sched,
-                       description)
+                       description, batch_spec=batcher.batch_spec())
 
 
 @pytest.mark.slow
@@ -80,6 +80,9 @@ class _InterruptingBatcher:
     if step == self.at_step:
       raise _Interrupt()
     return self.batcher.batch(step, *args)
+
+  def batch_spec(self):
+    return self.batcher.batch_spec()
 
 
 @pytest.mark.slow
@@ -242,7 +245,7 @@ def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   model, _ = _setup(demo_data)
   result = train_lib.run(
-      str(tmp_path / 'run'), model, 'my_demo_task', spm, batch_size=8,
+      str(tmp_path / 'run'), model, 'my_demo_task', spm, task=tasks.PairTask(), batch_size=8,
       task_feature_lengths=LENGTHS, train_steps=3, mixture_or_task_module='my_tasks',
       trainer_config=trainer.TrainerConfig(log_every=1, progress_bar=False,
                                            tensorboard=False))

@@ -284,10 +284,6 @@ def list_choices(seed: int, position: int, num_positive: int, num_negative: int,
   return pos, neg, rng.permutation(n_pos + n_neg)
 
 
-# The features holding token ids, which the scorer runs over.
-LIST_TOKEN_FEATURES = ('inputs',)
-
-
 def list_batch_spec(batch_size: int, list_size: int, input_length: int,
                     teacher: bool = False) -> dict:
   """Shapes and dtypes (jax.ShapeDtypeStruct) of `batch_size` rows of ListBatcher batches
@@ -363,6 +359,11 @@ class ListBatcher:
     picked = [positives[i] for i in pos] + [(negatives[i], 0.0) for i in neg]
     picked = [picked[i] for i in order]
     return [r for r, _ in picked], [y for _, y in picked]
+
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up (`list_batch_spec`)."""
+    return list_batch_spec(self.batch_size, self.list_size, self.input_length,
+                           teacher=self.lists.teacher is not None)
 
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     positions = self.positions(step, shard_index, num_shards)

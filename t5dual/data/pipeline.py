@@ -62,6 +62,10 @@ class PairBatcher:
     counts = [len(self.examples.negatives[i]) for i in self.example_indices(step)]
     return negative_choices(self.seed, step, counts, self.num_negatives, shard_index, num_shards)
 
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up (`pair_batch_spec`)."""
+    return pair_batch_spec(self.batch_size, self.feature_lengths, self.num_negatives)
+
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     idx = self.example_indices(step, shard_index, num_shards)
     # Only this slice's rows are read: with examples read by row (a TFDS data source)
@@ -141,11 +145,6 @@ def negative_choices(seed: int, step: int, counts, num_negatives: int, shard_ind
   picks = [rng.choice(c, num_negatives, replace=c < num_negatives) for c in counts]
   per_shard = len(picks) // num_shards
   return picks[shard_index * per_shard:(shard_index + 1) * per_shard]
-
-
-# The features holding token ids, which the encoders run over (the rest are ids for
-# duplicate masking).
-PAIR_TOKEN_FEATURES = ('inputs', 'targets', 'negative_targets')
 
 
 def pair_batch_spec(batch_size: int, feature_lengths: dict, num_negatives: int = 0) -> dict:

@@ -129,6 +129,11 @@ class SeqioBatcher:
     ds = ds.padded_batch(per_host, padded_shapes=shapes, drop_remainder=True)
     return ds.skip(start).prefetch(2).as_numpy_iterator()
 
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up: pairs without hard negatives."""
+    from t5dual.data import pipeline
+    return pipeline.pair_batch_spec(self.batch_size, self.lengths)
+
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     if self._iter is None or step != self._next:
       self._iter = self._dataset(step, shard_index, num_shards)

@@ -56,6 +56,10 @@ class StorePairBatcher:
     return self._order.rows(pipeline.stream_positions(self.batch_size, step, shard_index,
                                                       num_shards))
 
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up (pipeline.pair_batch_spec)."""
+    return pipeline.pair_batch_spec(self.batch_size, self.feature_lengths, self.num_negatives)
+
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     idx = self.example_indices(step, shard_index, num_shards)
     lq, ld = self.feature_lengths['inputs'], self.feature_lengths['targets']
@@ -152,6 +156,11 @@ class StoreListBatcher:
     ids = np.concatenate(parts)[:self.input_length - 1]
     return np.append(ids, EOS_ID)
 
+  def batch_spec(self) -> dict:
+    """The global batch its `batch` slices make up (lists.list_batch_spec)."""
+    return lists_lib.list_batch_spec(self.batch_size, self.list_size, self.input_length,
+                                     teacher=self.teacher)
+
   def batch(self, step: int, shard_index: int = 0, num_shards: int = 1) -> dict:
     positions = self.positions(step, shard_index, num_shards)
     lists = self.list_indices(step, shard_index, num_shards)
@@ -193,7 +202,7 @@ def pair_batcher(spec: str, tokenizer, batch_size: int, feature_lengths: dict,
 def list_batcher(spec: str, tokenizer, batch_size: int, lists_config, input_length: int,
                  template: str, seed: int = 0) -> StoreListBatcher:
   """The reranker's lists from a store, which must hold the lists `lists_config`
-  (rerankers.ListsConfig) asks for: the same run, rank window and teacher."""
+  (data/tasks.ListTask) asks for: the same run, rank window and teacher."""
   store = open_store(spec, tokenizer)
   if store.lists is None:
     raise store_lib.StoreError(f'{store.path}: holds no training lists (prepare it with --run)')

@@ -48,6 +48,9 @@ class SlowBatcher:
     time.sleep(self.seconds)
     return self.batcher.batch(step, shard_index, num_shards)
 
+  def batch_spec(self):
+    return self.batcher.batch_spec()
+
 
 def pair_batcher(data_dir):
   from t5dual import vocab
@@ -137,7 +140,8 @@ def run_scenario(name, data_dir, out_dir, partitioner, steps):
                                       progress_bar=False, tensorboard=False, **overrides),
                 schedule, checkpoints.model_description(
                     model, os.path.join(data_dir, 'spm.model'), lengths),
-                initial_params=params, partitioner=partitioner)
+                initial_params=params, partitioner=partitioner,
+                batch_spec=batcher.batch_spec())
 
 
 def main(argv):

@@ -30,7 +30,8 @@ def run(data_dir: str, model_dir: str, model_parallel: int) -> list:
                 trainer.TrainerConfig(total_steps=4, log_every=1, save_every=2,
                                       progress_bar=False, tensorboard=False), sched,
                 model_description=checkpoints.model_description(model, spm, lengths),
-                partitioner=partitioning.Partitioner(num_partitions=model_parallel))
+                partitioner=partitioning.Partitioner(num_partitions=model_parallel),
+                batch_spec=batcher.batch_spec())
   with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
     return [json.loads(line)['loss'] for line in f]
 

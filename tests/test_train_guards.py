@@ -396,7 +396,7 @@ class _ToyTask:
     self.dim = dim
 
   def make_batcher(self, source, tokenizer, batch_size, feature_lengths, seed=0,
-                   input_fn=None):
+                   template=None):
     return _ToyBatcher(self.dim, batch_size, seed)
 
   def batch_spec(self, batch_size, feature_lengths):

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from t5dual import cli, model_api
+from t5dual import cli, fileio, model_api
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,7 @@ def write_model_json(model_dir: str, desc: dict) -> None:
     if (old.get('kind'), old.get('config')) != (new.get('kind'), new.get('config')):
       raise cli.ConfigError(f'{path} describes a different model than this run; use a new '
                             'MODEL_DIR or delete the old one')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(desc, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_json(path, desc, indent=2, sort_keys=True)
 
 
 def read_model_json(model_dir: str) -> dict:
@@ -230,10 +227,8 @@ def keep_run_config(model_dir: str, text: str) -> str:
     while os.path.exists(path):  # two starts within one second
       path = os.path.join(model_dir, f'config-{stamp}-{n}.gin')
       n += 1
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with fileio.atomic_write(path) as f:
     f.write(text)
-  os.replace(tmp, path)
   return path
 
 

@@ -27,7 +27,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from t5dual import cli, distributed, encoding, partitioning, rerankers
+from t5dual import cli, distributed, encoding, fileio, partitioning, rerankers
 from t5dual.data.sources import Run
 
 log = logging.getLogger(__name__)
@@ -93,20 +93,8 @@ def _sha256_file(path: str) -> str:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-def _write_atomic(path: str, write) -> None:
-  """`write(tmp)`, fsync, rename: `path` is absent or complete, even after kill -9."""
-  tmp = f'{path}.tmp{jax.process_index()}'
-  write(tmp)
-  with open(tmp, 'rb') as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, obj) -> None:
-  def write(tmp):
-    with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=1)
-  _write_atomic(path, write)
+  fileio.write_json(path, obj, indent=1, tmp_suffix=f'.tmp{jax.process_index()}')
 
 
 def _chunk_files(work_dir: str, index: int) -> tuple[str, str]:
@@ -132,10 +120,8 @@ def _load_chunk(work_dir: str, index: int, size: int) -> Optional[np.ndarray]:
 
 def _save_chunk(work_dir: str, index: int, scores: np.ndarray) -> None:
   data, record = _chunk_files(work_dir, index)
-  def write(tmp):
-    with open(tmp, 'wb') as f:
-      np.save(f, scores)
-  _write_atomic(data, write)
+  with fileio.atomic_write(data, 'wb', tmp_suffix=f'.tmp{jax.process_index()}') as f:
+    np.save(f, scores)
   # The record last: a chunk counts as done only once its data is complete.
   _write_json(record, {'count': len(scores), 'sha256': _sha256_file(data)})
 

@@ -344,7 +344,7 @@ def in_scope(fn: Callable) -> Callable:
   in a stage's scope (`train = @gin_utils.in_scope()` with `in_scope.fn =
   @train_lib.run`, inside `@stage/multistage.Stage()`), this returns a
   function that re-enters that scope, so the caller needs no gin. A
-  `trainer.ParameterError` raised inside records the scope, so the error names
+  `cli.ParameterError` raised inside records the scope, so the error names
   the scoped binding that set the bad value.
   """
   scope = gin.current_scope()
@@ -395,7 +395,7 @@ def call_configured(fn: Callable, **kwargs):
   """Calls the gin-configured version of `fn` (registered dynamically by the gin files).
 
   Errors the user can fix come out as one-line `cli.UserError`s: a
-  `trainer.ParameterError` names the gin binding (or macro) that set the bad
+  `cli.ParameterError` names the gin binding (or macro) that set the bad
   value, and a ValueError/TypeError raised while gin builds one of fn's
   configured arguments (e.g. a config dataclass refusing a value) names that
   configurable.

@@ -75,7 +75,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from t5dual import checkpoints, cli, fileio
-from t5dual.trainer import ParameterError
+from t5dual.cli import ParameterError
 
 log = logging.getLogger(__name__)
 

@@ -278,15 +278,14 @@ def _restore(args, kinds=('dual_encoder',)):
   if kind not in kinds:
     raise cli.UserError(f'{args.model_dir} holds a {kind} model; {args.command} converts '
                         f'{" or ".join(k.replace("_", " ") for k in kinds)} models')
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      args.model_dir, args.step)
-  params = jax.tree.map(np.asarray, params)
+  restored = checkpoints.restore_for_inference(args.model_dir, args.step)
+  params = jax.tree.map(np.asarray, restored.params)
   # Every format out names layers layers_{i}: a model trained with scanned layers
   # is written unrolled (exactly: slices of the stacked arrays).
   params = layer_layout.scan_to_unrolled(params)
-  model = layer_layout.unscanned_model(model)
-  print(f'read {getattr(model, "name", kind)} model {args.model_dir} at step {step}')
-  return model.config, params, step, tokenizer.path, lengths
+  model = layer_layout.unscanned_model(restored.model)
+  print(f'read {getattr(model, "name", kind)} model {args.model_dir} at step {restored.step}')
+  return model.config, params, restored.step, restored.tokenizer.path, restored.feature_lengths
 
 
 def _print_written(folder: str) -> None:

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -287,16 +287,35 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
         f'({type(e).__name__}: {reason}); {hint}') from e
 
 
+class RestoredModel(NamedTuple):
+  """What `restore_for_inference` reads from a model directory.
+
+  model: the model `model.json` describes (model_api.Model).
+  params: its parameters at `step`, laid out as `restore_params` lays them out.
+  step: the checkpoint's training step.
+  tokenizer: the vocabulary the model was trained with (vocab.Tokenizer).
+  feature_lengths: the training run's sequence lengths per feature, e.g.
+    {'inputs': 64, 'targets': 256} for a dual encoder, {'inputs': 512} for a reranker.
+  """
+  model: Any
+  params: Any
+  step: int
+  tokenizer: Any
+  feature_lengths: dict[str, int]
+
+
 def restore_for_inference(model_dir: str, step: Optional[int] = None, partitioner=None,
-                          shardings: Optional[Any] = None):
-  """(model, params, step, tokenizer, feature_lengths) of a trained model directory.
+                          shardings: Optional[Any] = None) -> RestoredModel:
+  """The model, parameters, step, tokenizer and feature lengths of a trained model directory.
 
   The parameters as `restore_params` restores them.
   """
   from t5dual.vocab import Tokenizer
   desc = read_model_json(model_dir)
   model, params, step = restore_params(model_dir, step, partitioner, shardings)
-  return model, params, step, Tokenizer(desc['vocab_path']), desc['feature_lengths']
+  return RestoredModel(model=model, params=params, step=step,
+                       tokenizer=Tokenizer(desc['vocab_path']),
+                       feature_lengths=desc['feature_lengths'])
 
 
 def restore_params(model_dir: str, step: Optional[int] = None, partitioner=None,

@@ -315,13 +315,14 @@ def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[st
   if kind != rerankers.RerankerModel.kind:
     raise cli.UserError(f'{model_dir} holds a {kind or "?"} model, not a reranker '
                         '(scripts/eval.py run evaluates dual encoders)')
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      model_dir, step, partitioner)
+  restored = checkpoints.restore_for_inference(model_dir, step, partitioner)
+  model = restored.model
   if dtype is not None:
     config = dataclasses.replace(model.config, t5=dataclasses.replace(model.config.t5,
                                                                       dtype=dtype))
     model = rerankers.RerankerModel(config, model.loss, model.lists)
-  return model, params, step, tokenizer, lengths.get('inputs', model.config.input_length)
+  return (model, restored.params, restored.step, restored.tokenizer,
+          restored.feature_lengths.get('inputs', model.config.input_length))
 
 
 def _first(ids) -> str:

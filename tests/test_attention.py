@@ -205,7 +205,7 @@ def test_cudnn_routing_is_never_wider_than_jax(jax_cudnn_checks):
 def test_rankt5_encdec_train_step_traces_with_cudnn(monkeypatch, jax_cudnn_checks):
   """W3 (RankT5-EncDec, 512 tokens) with the real 'cudnn' kernel: jax's checks run on every
   attention of the train step (before: NotImplementedError, Q 1, KV 512)."""
-  monkeypatch.setattr(t5, 'cudnn_unavailable', lambda: None)  # a Hopper GPU, as far as jax asks
+  monkeypatch.setattr(attention_lib, 'cudnn_unavailable', lambda: None)  # a Hopper GPU, as far as jax asks
   cfg = t5.t5_config('tiny', head_dim=64, dtype='bfloat16', attention='cudnn')
   model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=cfg, scorer='encdec',
                                                            input_length=512),

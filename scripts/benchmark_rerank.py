@@ -46,7 +46,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from t5dual import evaluation, retrieval  # noqa: E402
+from t5dual import evaluation, fileio, retrieval  # noqa: E402
 
 SCORER_GIN = {'encdec': 'gin/models/rankt5_encdec.gin', 'enc': 'gin/models/rankt5_enc.gin',
               'yes_no': 'gin/models/monot5.gin'}
@@ -130,9 +130,7 @@ def cached_json(path: str, make):
     with open(path) as f:
       return json.load(f)
   value = make()
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + '.tmp', path)
+  fileio.write_json(path, value, indent=2)
   return value
 
 
@@ -142,9 +140,7 @@ def bm25_run(args, split: str) -> str:
   path = os.path.join(args.workdir, f'bm25_{split}.trec')
   if not os.path.exists(path):
     from t5dual import bm25
-    retrieval.write_trec_run(path + '.tmp', bm25.beir_run(args.beir, split, k=args.top_k),
-                             tag='bm25')
-    os.replace(path + '.tmp', path)
+    retrieval.write_trec_run(path, bm25.beir_run(args.beir, split, k=args.top_k), tag='bm25')
   return path
 
 
@@ -187,8 +183,7 @@ def teacher_run(args, de: dict) -> str:
     temperature = checkpoints.read_model_json(de['dir'])['loss']['temperature']
     run = retrieval.read_trec_run(de_run(args, de, 'train'))
     scaled = {q: {d: s / temperature for d, s in docs.items()} for q, docs in run.items()}
-    retrieval.write_trec_run(path + '.tmp', scaled, tag='de-teacher')
-    os.replace(path + '.tmp', path)
+    retrieval.write_trec_run(path, scaled, tag='de-teacher')
   return path
 
 
@@ -211,8 +206,7 @@ def negatives_run(args, negatives: str, de: dict) -> str:
       order = list(order)
       # The run format needs scores: descending by interleaved rank.
       mixed[q] = {d: float(len(order) - i) for i, d in enumerate(order[:args.top_k])}
-    retrieval.write_trec_run(path + '.tmp', mixed, tag='bm25+de')
-    os.replace(path + '.tmp', path)
+    retrieval.write_trec_run(path, mixed, tag='bm25+de')
   return path
 
 

@@ -275,15 +275,14 @@ def _restore(args, capability=None, needs=None):
   if capability is not None:
     model_api.require(checkpoints.read_model(args.model_dir), capability, args.model_dir,
                       args.command, needs)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      args.model_dir, args.step)
-  params = jax.tree.map(np.asarray, params)
+  restored = checkpoints.restore_for_inference(args.model_dir, args.step)
+  params = jax.tree.map(np.asarray, restored.params)
   # Every format out names layers layers_{i}: a model trained with scanned layers
   # is written unrolled (exactly: slices of the stacked arrays).
   params = layer_layout.scan_to_unrolled(params)
-  model = layer_layout.unscanned_model(model)
-  print(f'read {model.name} model {args.model_dir} at step {step}')
-  return model, params, step, tokenizer.path, lengths
+  model = layer_layout.unscanned_model(restored.model)
+  print(f'read {model.name} model {args.model_dir} at step {restored.step}')
+  return model, params, restored.step, restored.tokenizer.path, restored.feature_lengths
 
 
 def _print_written(folder: str) -> None:

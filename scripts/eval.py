@@ -137,16 +137,16 @@ def _diagnose_inputs(model_dir: str, args) -> tuple:
   doc_ids, doc_texts = sources.read_beir_corpus(args.beir)
   qids, qtexts = evaluation.beir_queries_with_qrels(args.beir, qrels)
   q_rows, d_rows = diagnostics.query_positive_pairs(qids, doc_ids, qrels)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir,
-                                                                              args.step)
+  restored = checkpoints.restore_for_inference(model_dir, args.step)
 
   def encode(side, ids, texts):
     corpus.validate_corpus(ids, texts, os.path.join(args.beir, f'{side.beir_part}.jsonl'))
-    return encoding.encode_texts(encoding.make_encode_fn(model, params, side), tokenizer,
-                                 texts, lengths[side.feature], args.batch_size)
+    return encoding.encode_texts(
+        encoding.make_encode_fn(restored.model, restored.params, side), restored.tokenizer,
+        texts, restored.feature_lengths[side.feature], args.batch_size)
   docs = encode(Side.DOCUMENT, doc_ids, doc_texts)
   queries = encode(Side.QUERY, [qids[i] for i in q_rows], [qtexts[i] for i in q_rows])
-  return queries, docs[np.asarray(d_rows)], docs, step
+  return queries, docs[np.asarray(d_rows)], docs, restored.step
 
 
 def cmd_diagnose(args) -> dict:

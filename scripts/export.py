@@ -123,18 +123,18 @@ def main(argv=None) -> None:
   args.model_dir = evaluation.require_dual_encoder(args.model_dir, 'export.py')
   source = read_source(args)
   partitioner = distributed.host_partitioner(args.model_parallel)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      args.model_dir, args.step, partitioner)
+  restored = checkpoints.restore_for_inference(args.model_dir, args.step, partitioner)
   options = export.ExportOptions(
-      max_length=args.max_length or lengths[args.side.feature],
+      max_length=args.max_length or restored.feature_lengths[args.side.feature],
       side=args.side, batch_size=args.batch_size, shard_size=args.shard_size,
       dtype=args.dtype, parquet=args.parquet,
       buckets=args.buckets,
       progress=not args.no_progress)
   manifest = export.export_corpus(
-      encoding.make_encode_fn(model, params, args.side, partitioner=partitioner), tokenizer,
+      encoding.make_encode_fn(restored.model, restored.params, args.side,
+                              partitioner=partitioner), restored.tokenizer,
       source, args.out_dir, options, model_info=checkpoints.read_model_json(args.model_dir),
-      step=step)
+      step=restored.step)
   if manifest is not None:
     log.info('%s: %d vectors of dimension %d (%s) in %d shards', args.out_dir,
              manifest['count'], manifest['dimension'], manifest['dtype'],

@@ -23,13 +23,13 @@ import logging
 import os
 import socket
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from t5dual import cli, model_api
+from t5dual import cli, fileio, model_api
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,7 @@ def write_model_json(model_dir: str, desc: dict) -> None:
     if (old.get('kind'), old.get('config')) != (new.get('kind'), new.get('config')):
       raise cli.ConfigError(f'{path} describes a different model than this run; use a new '
                             'MODEL_DIR or delete the old one')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(desc, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_json(path, desc, indent=2, sort_keys=True)
 
 
 def read_model_json(model_dir: str) -> dict:
@@ -237,10 +234,8 @@ def keep_run_config(model_dir: str, text: str) -> str:
     while os.path.exists(path):  # two starts within one second
       path = os.path.join(model_dir, f'config-{stamp}-{n}.gin')
       n += 1
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
+  with fileio.atomic_write(path) as f:
     f.write(text)
-  os.replace(tmp, path)
   return path
 
 
@@ -299,16 +294,35 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
         f'({type(e).__name__}: {reason}); {hint}') from e
 
 
+class RestoredModel(NamedTuple):
+  """What `restore_for_inference` reads from a model directory.
+
+  model: the model `model.json` describes (model_api.Model).
+  params: its parameters at `step`, laid out as `restore_params` lays them out.
+  step: the checkpoint's training step.
+  tokenizer: the vocabulary the model was trained with (vocab.Tokenizer).
+  feature_lengths: the training run's sequence lengths per feature, e.g.
+    {'inputs': 64, 'targets': 256} for a dual encoder, {'inputs': 512} for a reranker.
+  """
+  model: Any
+  params: Any
+  step: int
+  tokenizer: Any
+  feature_lengths: dict[str, int]
+
+
 def restore_for_inference(model_dir: str, step: Optional[int] = None, partitioner=None,
-                          shardings: Optional[Any] = None):
-  """(model, params, step, tokenizer, feature_lengths) of a trained model directory.
+                          shardings: Optional[Any] = None) -> RestoredModel:
+  """The model, parameters, step, tokenizer and feature lengths of a trained model directory.
 
   The parameters as `restore_params` restores them.
   """
   from t5dual.vocab import Tokenizer
   desc = read_model_json(model_dir)
   model, params, step = restore_params(model_dir, step, partitioner, shardings)
-  return model, params, step, Tokenizer(desc['vocab_path']), desc['feature_lengths']
+  return RestoredModel(model=model, params=params, step=step,
+                       tokenizer=Tokenizer(desc['vocab_path']),
+                       feature_lengths=desc['feature_lengths'])
 
 
 def restore_params(model_dir: str, step: Optional[int] = None, partitioner=None,

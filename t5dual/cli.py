@@ -1,8 +1,8 @@
 """What every command-line entry point shares: logging, a quiet JAX start-up, and
 one-line errors for the user's mistakes.
 
-A script's `main` raises `UserError` (or a subclass: `DataError`, `ConfigError`)
-for anything the user can fix; `run_main` prints it as one `error: ...` line
+A script's `main` raises `UserError` (or a subclass: `DataError`, `ConfigError`,
+`ParameterError`) for anything the user can fix; `run_main` prints it as one `error: ...` line
 and exits with status 2. Any other exception is an internal failure and keeps
 its traceback.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 class UserError(Exception):
@@ -20,6 +20,35 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A configuration value (gin binding, flag) that cannot work."""
+
+
+class ParameterError(ConfigError):
+  """A bad value of the parameter `param` of `owner` (a function or class gin may configure).
+
+  gin_utils.call_configured turns it into a message naming the gin binding or
+  macro that set the value.
+  """
+
+  def __init__(self, owner: Callable, param: str, message: str):
+    self.owner, self.param, self.message = owner, param, message
+    module = owner.__module__.removeprefix('t5dual.')
+    super().__init__(f'{module}.{owner.__qualname__}.{param}: {message}')
+
+
+def is_int(value: Any) -> bool:
+  """A Python or NumPy integer, not a bool (gin reads `True` where `1` was meant as
+  happily as `1`, and bool is an int subclass)."""
+  import numpy as np  # here, so a script's --help does not import NumPy
+  return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def check_int(owner: Callable, param: str, value: Any, minimum: Optional[int] = None) -> None:
+  """Raises ParameterError (naming owner.param) unless `value` is an integer
+  (`is_int`) of at least `minimum`."""
+  if not is_int(value) or (minimum is not None and value < minimum):
+    wanted = {None: 'an integer', 0: 'a non-negative integer',
+              1: 'a positive integer'}.get(minimum, f'an integer >= {minimum}')
+    raise ParameterError(owner, param, f'must be {wanted}, got {value!r}')
 
 
 # Operating-system errors about paths the user gave are the user's to fix too.

@@ -206,9 +206,8 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
   out on this process's devices (default: replicated, the batch split over them;
   `distributed.host_partitioner` splits the model too).
   """
-  import json
   import jax
-  from t5dual import checkpoints, corpus, encoding, export, retrieval
+  from t5dual import checkpoints, corpus, encoding, export, fileio, retrieval
   model_dir = require_dual_encoder(model_dir, 'eval.py run')
   qrels = load_qrels(beir, split)
   # The documents are read a shard at a time by the export; only their ids stay in memory.
@@ -217,18 +216,19 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
                                              os.path.join(beir, 'queries.jsonl'))}
   warn_missing_documents(qrels, texts[Side.DOCUMENT].ids, sources.qrels_path(beir, split))
   k = k or search_depth(measures)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      model_dir, step, partitioner)
+  restored = checkpoints.restore_for_inference(model_dir, step, partitioner)
+  step = restored.step
   name = os.path.basename(os.path.normpath(beir))
   out = out_dir or os.path.join(model_dir, 'eval', f'{name}-{split}-{step}')
   info = checkpoints.read_model_json(model_dir)
   embeddings = {}
   for side, source in texts.items():
-    options = export.ExportOptions(max_length=lengths[side.feature], side=side,
+    options = export.ExportOptions(max_length=restored.feature_lengths[side.feature], side=side,
                                    **(export_options or {}))
     part = os.path.join(out, side.beir_part)
-    encode = encoding.make_encode_fn(model, params, side, partitioner=partitioner)
-    export.export_corpus(encode, tokenizer, source, part, options, info, step)
+    encode = encoding.make_encode_fn(restored.model, restored.params, side,
+                                     partitioner=partitioner)
+    export.export_corpus(encode, restored.tokenizer, source, part, options, info, step)
     embeddings[side] = export.open_embeddings(part)
   run_path = os.path.join(out, 'run.trec')
   summary = {'model_dir': model_dir, 'step': step, 'beir': beir, 'split': split, 'k': k,
@@ -239,6 +239,5 @@ def evaluate_checkpoint_on_beir(model_dir: str, beir: str, split: str = 'test',
                            exclude_identical_ids, **(search_kwargs or {}))
   retrieval.write_trec_run(run_path, run, tag)
   summary['metrics'] = evaluate(run, qrels, measures)
-  with open(os.path.join(out, 'metrics.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  fileio.write_json(os.path.join(out, 'metrics.json'), summary, indent=2)
   return summary

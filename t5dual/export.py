@@ -29,12 +29,12 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
-from t5dual import cli, corpus, encoding
+from t5dual import cli, corpus, encoding, fileio
 from t5dual.data import sources
 from t5dual.sides import Side
 
@@ -63,21 +63,8 @@ def shard_names(index: int, num_shards: int) -> dict[str, str]:
           'parquet': f'embeddings-{tag}.parquet', 'done': f'shard-{tag}.json'}
 
 
-def _write_atomic(path: str, write: Callable, tmp_suffix: str = '.tmp') -> None:
-  """`write(tmp_path)` then fsync and rename, so `path` is either absent or complete."""
-  tmp = path + tmp_suffix
-  write(tmp)
-  with open(tmp, 'rb') as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, obj: dict, tmp_suffix: str = '.tmp') -> None:
-  def write(tmp):
-    with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
-      f.write('\n')
-  _write_atomic(path, write, tmp_suffix)
+  fileio.write_json(path, obj, indent=1, sort_keys=True, tmp_suffix=tmp_suffix)
 
 
 def _read_json(path: str) -> dict:
@@ -105,7 +92,8 @@ def _write_parquet(path: str, ids: Sequence[str], vectors: np.ndarray) -> None:
   values = pa.array(vectors.reshape(-1))
   table = pa.table({'id': pa.array(list(ids), pa.string()),
                     'vector': pa.FixedSizeListArray.from_arrays(values, vectors.shape[1])})
-  _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+  with fileio.atomic_path(path) as tmp:
+    pq.write_table(table, tmp)
 
 
 def _shard_complete(out_dir: str, record_path: str, verify: bool) -> Optional[dict]:
@@ -295,16 +283,10 @@ def _write_shard(out_dir: str, index: int, num_shards: int, start: int, ids: lis
   names = shard_names(index, num_shards)
   paths = {k: os.path.join(out_dir, v) for k, v in names.items()}
 
-  def write_ids(tmp):
-    with open(tmp, 'w', encoding='utf-8', newline='\n') as f:
-      f.writelines(i + '\n' for i in ids)
-
-  def write_npy(tmp):
-    with open(tmp, 'wb') as f:
-      np.save(f, np.ascontiguousarray(vectors))
-
-  _write_atomic(paths['ids'], write_ids)
-  _write_atomic(paths['embeddings'], write_npy)
+  with fileio.atomic_write(paths['ids'], encoding='utf-8', newline='\n') as f:
+    f.writelines(i + '\n' for i in ids)
+  with fileio.atomic_write(paths['embeddings'], 'wb') as f:
+    np.save(f, np.ascontiguousarray(vectors))
   record = {'index': index, 'start': start, 'count': len(ids), 'dim': int(vectors.shape[1]),
             'process_index': process_index,
             'embeddings': names['embeddings'],

@@ -28,7 +28,7 @@ import functools
 import inspect
 import os
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import gin
 from gin import config as gin_config
@@ -41,6 +41,76 @@ DEFAULT_SEARCH_PATHS = (os.getcwd(), REPO_ROOT, os.path.join(REPO_ROOT, 'gin'),
                         os.path.join(REPO_ROOT, 'configs'))
 MACRO = 'gin.macro'
 REQUIRED = ('gin.REQUIRED', 'gin.constant')  # the config key of %gin.REQUIRED
+
+
+# --------------------------------------------------------------------------- gin internals
+#
+# gin-config (0.5.0) has no public API for what the checks below need: the table
+# of parsed bindings, the references inside a bound value, a configurable by its
+# name, and parsing a binding without applying it. These functions are the only
+# code that reads gin's internals, one function per internal, each naming it;
+# tests/test_gin_adapter.py runs every one against the installed gin, so an
+# upgrade that renames an internal fails there, naming the function to fix.
+
+
+class Reference(NamedTuple):
+  """A reference inside a bound value: `@f`, `@f()`, `@scope/f`, `%MACRO`, `%gin.REQUIRED`.
+
+  scopes: the scopes `@scope/f` calls f in (() for `@f`); for `%M`, M's name
+    split at '/' (gin stores a macro as the configurable 'gin.macro' in scope M).
+  selector: the referenced configurable's selector, MACRO for a macro.
+  key: gin's config key, (scope, selector); REQUIRED for %gin.REQUIRED.
+  function: the referenced function or class, None for a macro or constant.
+  """
+  scopes: tuple[str, ...]
+  selector: str
+  key: tuple[str, str]
+  function: Optional[Callable]
+
+
+def gin_bindings() -> dict[tuple[str, str], dict[str, Any]]:
+  """Every binding parsed so far, (scope, selector) -> {param: value}; macro M is
+  (M, MACRO) -> {'value': ...}. gin's own table (`gin.config._CONFIG`), not a copy:
+  read it, never write it."""
+  return gin_config._CONFIG
+
+
+def configurable_function(name: str) -> Optional[Callable]:
+  """The function or class registered as the configurable `name` (as gin's error
+  messages spell it), or None where none is. Reads
+  `gin.config._parse_context().get_configurable(name).wrapped`."""
+  configurable = gin_config._parse_context().get_configurable(name)
+  return None if configurable is None else configurable.wrapped
+
+
+def as_reference(value: Any) -> Optional[Reference]:
+  """The `Reference` a bound value is, or None for a plain value. Reads
+  gin.config.ConfigurableReference's `scopes`, `config_key` and `configurable.wrapped`."""
+  if not isinstance(value, gin_config.ConfigurableReference):
+    return None
+  key = tuple(value.config_key)
+  # A macro or constant (%gin.REQUIRED) is configurable too, wrapping gin's own function.
+  plain = key[1] in (MACRO, REQUIRED[1])
+  function = None if plain else getattr(value.configurable, 'wrapped', None)
+  return Reference(tuple(value.scopes or ()), key[1], key, function)
+
+
+def parse_binding_keys(binding: str) -> list[tuple[str, str, str]]:
+  """The bindings (scope, selector, param) a binding string sets, without applying it;
+  macro M: (M, MACRO, 'value'). Uses gin.config_parser.ConfigParser with
+  gin.config.ParserDelegate, BindingStatement and gin.config.ParsedBindingKey."""
+  keys = []
+  for statement in config_parser.ConfigParser(binding, gin_config.ParserDelegate(True)):
+    if not isinstance(statement, config_parser.BindingStatement):
+      continue
+    if not statement.arg_name:
+      name = f'{statement.scope}/{statement.selector}' if statement.scope else statement.selector
+      keys.append((name, MACRO, 'value'))
+    else:
+      parsed = gin_config.ParsedBindingKey.parse(
+          (statement.scope, statement.selector, statement.arg_name))
+      keys.append((*parsed.config_key, parsed.arg_name))
+  return keys
 
 
 def parse_flags(argv: Sequence[str]) -> tuple[list[str], list[str], argparse.Namespace]:
@@ -108,16 +178,16 @@ def _suggestion(gin_message: str) -> str:
   unknown = re.match(r"No configurable matching '([^']+)'", gin_message)
   if unknown:
     name, known = unknown.group(1), sorted({
-        _short(selector) for _, selector in gin_config._CONFIG if selector != MACRO})
+        _short(selector) for _, selector in gin_bindings() if selector != MACRO})
   else:
     unknown = re.match(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'",
                        gin_message)
     if not unknown:
       return ''
+    function = configurable_function(unknown.group(1))
     try:
-      configurable = gin_config._parse_context().get_configurable(unknown.group(1))
-      known = list(inspect.signature(configurable.wrapped).parameters)
-    except (AttributeError, TypeError, ValueError):
+      known = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):  # None, or a callable without a signature
       return ''
     name = unknown.group(2)
   near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
@@ -126,10 +196,11 @@ def _suggestion(gin_message: str) -> str:
 
 # --------------------------------------------------------------------------- bindings used
 
-def _references(value: Any) -> Iterator[gin_config.ConfigurableReference]:
+def _references(value: Any) -> Iterator[Reference]:
   """The configurable and macro references inside a bound value."""
-  if isinstance(value, gin_config.ConfigurableReference):
-    yield value
+  reference = as_reference(value)
+  if reference is not None:
+    yield reference
   elif isinstance(value, (list, tuple, set, frozenset)):
     for v in value:
       yield from _references(v)
@@ -172,7 +243,7 @@ def _reachable(root: Callable, calls: Optional[dict] = None) -> tuple[set, dict,
     effective = {}
     for i in range(len(scope) + 1):
       key = ('/'.join(scope[:i]), selector)
-      for param, value in gin_config._CONFIG.get(key, {}).items():
+      for param, value in gin_bindings().get(key, {}).items():
         effective[param] = (key, value)
     if calls is not None:
       calls[scope, selector] = {param: value for param, (_, value) in effective.items()}
@@ -181,32 +252,16 @@ def _reachable(root: Callable, calls: Optional[dict] = None) -> tuple[set, dict,
       who = key[0] if selector == MACRO else _short(selector)
       for ref in _references(value):
         # `@x/f` calls f in scope x (replacing the current one); `@f` keeps it.
-        ref_scope = tuple(ref.scopes) if ref.scopes else scope
-        ref_selector = ref.config_key[1]
-        if ref.config_key == REQUIRED:
+        ref_scope = ref.scopes or scope
+        ref_selector = ref.selector
+        if ref.key == REQUIRED:
           required.add(who if selector == MACRO else f'{who}.{param}')
           continue
         macro_name = '/'.join(ref_scope)
-        if ref_selector == MACRO and (macro_name, MACRO) not in gin_config._CONFIG:
+        if ref_selector == MACRO and (macro_name, MACRO) not in gin_bindings():
           undefined.setdefault(macro_name, who)
         stack.append((ref_scope, ref_selector))
   return used, undefined, sorted(required)
-
-
-def _binding_keys(binding: str) -> list[tuple[str, str, str]]:
-  """The bindings (scope, selector, param) a binding string sets; macro M: (M, MACRO, 'value')."""
-  keys = []
-  for statement in config_parser.ConfigParser(binding, gin_config.ParserDelegate(True)):
-    if not isinstance(statement, config_parser.BindingStatement):
-      continue
-    if not statement.arg_name:
-      name = f'{statement.scope}/{statement.selector}' if statement.scope else statement.selector
-      keys.append((name, MACRO, 'value'))
-    else:
-      parsed = gin_config.ParsedBindingKey.parse(
-          (statement.scope, statement.selector, statement.arg_name))
-      keys.append((*parsed.config_key, parsed.arg_name))
-  return keys
 
 
 def _shown_binding(scope: str, selector: str, param: str) -> str:
@@ -257,10 +312,10 @@ def check_bindings_used(bindings: Sequence[str], root: Callable,
   calls = {}
   used, undefined, required = _reachable(root, calls)
   _check_model_features(calls)
-  macros_defined = sorted(scope for scope, selector in gin_config._CONFIG if selector == MACRO)
-  checked = [(b.strip(), key) for b in bindings for key in _binding_keys(b)]
+  macros_defined = sorted(scope for scope, selector in gin_bindings() if selector == MACRO)
+  checked = [(b.strip(), key) for b in bindings for key in parse_binding_keys(b)]
   if scoped_bindings:
-    for (scope, selector), params in gin_config._CONFIG.items():
+    for (scope, selector), params in gin_bindings().items():
       if '/' in scope if selector == MACRO else scope:
         checked += [(_shown_binding(scope, selector, p), (scope, selector, p)) for p in params]
   for binding, key in checked:
@@ -292,10 +347,9 @@ _RUN_FILES = {
 def _resolve(value: Any) -> tuple[Any, list[str]]:
   """(value, the macros followed to it) of a bound value that may be %MACRO."""
   names = []
-  while (isinstance(value, gin_config.ConfigurableReference) and
-         value.config_key[1] == MACRO and value.scopes):
-    names.append('/'.join(value.scopes))
-    value = gin_config._CONFIG.get((names[-1], MACRO), {}).get('value')
+  while (ref := as_reference(value)) is not None and ref.selector == MACRO and ref.scopes:
+    names.append('/'.join(ref.scopes))
+    value = gin_bindings().get((names[-1], MACRO), {}).get('value')
   return value, names
 
 
@@ -308,7 +362,8 @@ def _check_model_features(calls: dict) -> None:
       continue
     model, _ = _resolve(params['model'])
     lengths, names = _resolve(params['task_feature_lengths'])
-    wrapped = getattr(getattr(model, 'configurable', None), 'wrapped', None)
+    model_ref = as_reference(model)
+    wrapped = None if model_ref is None else model_ref.function
     needs = getattr(wrapped, 'feature_names', None)
     if not isinstance(lengths, dict) or not isinstance(needs, tuple):
       continue
@@ -322,12 +377,12 @@ def _check_model_features(calls: dict) -> None:
 
 def is_bound(fn: Callable) -> bool:
   """Whether the gin configuration binds any parameter of `fn` (outside any scope)."""
-  return ('', _selector(fn)) in gin_config._CONFIG
+  return ('', _selector(fn)) in gin_bindings()
 
 
 def bound_parameters(fn: Callable) -> set[str]:
   """The parameters of `fn` the gin configuration binds (outside any scope)."""
-  return set(gin_config._CONFIG.get(('', _selector(fn)), {}))
+  return set(gin_bindings().get(('', _selector(fn)), {}))
 
 
 # --------------------------------------------------------------------------- stage scopes
@@ -345,7 +400,7 @@ def in_scope(fn: Callable) -> Callable:
   in a stage's scope (`train = @gin_utils.in_scope()` with `in_scope.fn =
   @train_lib.run`, inside `@stage/multistage.Stage()`), this returns a
   function that re-enters that scope, so the caller needs no gin. A
-  `trainer.ParameterError` raised inside records the scope, so the error names
+  `cli.ParameterError` raised inside records the scope, so the error names
   the scoped binding that set the bad value.
   """
   scope = gin.current_scope()
@@ -370,15 +425,10 @@ def _binding_name(owner: Callable, param: str, scope: str = '') -> str:
   '[scope/]module.fn.param' (the most specific binding that applies)."""
   parts = scope.split('/') if scope else []
   bound = [s for s in ('/'.join(parts[:i]) for i in range(len(parts), -1, -1))
-           if param in gin_config._CONFIG.get((s, _selector(owner)), {})]
+           if param in gin_bindings().get((s, _selector(owner)), {})]
   where = bound[0] if bound else ''
   name = _shown_binding(where, _selector(owner), param)
-  value = gin_config._CONFIG.get((where, _selector(owner)), {}).get(param)
-  macros = []
-  while (isinstance(value, gin_config.ConfigurableReference) and
-         value.config_key[1] == MACRO and value.scopes):
-    macros.append('/'.join(value.scopes))
-    value = gin_config._CONFIG.get((macros[-1], MACRO), {}).get('value')
+  _, macros = _resolve(gin_bindings().get((where, _selector(owner)), {}).get(param))
   return f'{" = ".join(macros)} ({name})' if macros else name
 
 
@@ -396,7 +446,7 @@ def call_configured(fn: Callable, **kwargs):
   """Calls the gin-configured version of `fn` (registered dynamically by the gin files).
 
   Errors the user can fix come out as one-line `cli.UserError`s: a
-  `trainer.ParameterError` names the gin binding (or macro) that set the bad
+  `cli.ParameterError` names the gin binding (or macro) that set the bad
   value, and a ValueError/TypeError raised while gin builds one of fn's
   configured arguments (e.g. a config dataclass refusing a value) names that
   configurable.

@@ -30,7 +30,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from t5dual import cli
+from t5dual import cli, fileio
 from t5dual.data import sources
 from t5dual.data.sources import Qrels, Run
 
@@ -130,8 +130,7 @@ def write_triples(path: str, records: list[dict], queries: Mapping[str, str],
                   corpus: Mapping[str, str]) -> int:
   """Writes the records as JSONL with their texts; returns the number of lines."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  with fileio.atomic_write(path, encoding='utf-8') as f:
     for r in records:
       for key, ids in (('query', [r['query_id']]), ('positive', [r['positive_id']]),
                        ('negatives', r['negative_ids'])):
@@ -143,5 +142,4 @@ def write_triples(path: str, records: list[dict], queries: Mapping[str, str],
       line = {'query': queries[r['query_id']], 'positive': corpus[r['positive_id']],
               'negatives': [corpus[d] for d in r['negative_ids']], **r}
       f.write(json.dumps(line, ensure_ascii=False) + '\n')
-  os.replace(tmp, path)
   return len(records)

@@ -169,6 +169,22 @@ def in_batch_softmax_loss(
 ) -> tuple[Array, dict[str, Array]]:
   """In-batch softmax loss with optional SamToNe terms.
 
+  Definition, with s(x, y) = <x, y> / tau and, for each row, only the candidates
+  the false-negative masks keep (module docstring):
+
+      C_i  = {d_j : all j} + {n_{j,k} : all j, k} + {q_j : j != i}   (last: SamToNe query side)
+      C'_i = {q_j : all j} + {d_j : j != i}                          (last: SamToNe doc side)
+      query_to_doc = (1/B) sum_i -log( exp(s(q_i, d_i)) / sum_{c in C_i}  exp(s(q_i, c)) )
+      doc_to_query = (1/B) sum_i -log( exp(s(d_i, q_i)) / sum_{c in C'_i} exp(s(d_i, c)) )
+      loss = query_to_doc + doc_to_query       (doc_to_query only if bidirectional)
+
+  The in-batch softmax of DPR (Karpukhin et al. 2020) and GTR / t5x_retrieval
+  (Ni et al. 2021); the doc->query direction is the bidirectional loss of Yang et
+  al. 2019 ("Improving Multilingual Sentence Embedding using Bi-directional Dual
+  Encoder with Additive Margin Softmax"); the same-tower blocks are SamToNe
+  (Moiseev et al. 2023, "SamToNe: Improving Contrastive Loss for Dual Encoder
+  Retrieval Models with Same Tower Negatives").
+
   Args:
     query: [B, D] L2-normalised query embeddings.
     doc: [B, D] L2-normalised embeddings of each query's positive document.
@@ -213,6 +229,16 @@ def pair_loss(
     negative_ids: Optional[Array] = None,
 ) -> tuple[Array, dict[str, Array]]:
   """PAIR loss: (1 - alpha) * query-centric + alpha * passage-centric.
+
+  Definition (Ren et al. 2021, "PAIR: Leveraging Passage-Centric Similarity
+  Relation for Improving Dense Passage Retrieval"), with s and the masks as in
+  `in_batch_softmax_loss`:
+
+      C_i = {d_j : all j} + {n_{j,k} : all j, k}
+      P_i = {q_i} + {d_j : j != i} + {n_{j,k} : all j, k}
+      query_centric   = (1/B) sum_i -log( exp(s(q_i, d_i)) / sum_{c in C_i} exp(s(q_i, c)) )
+      passage_centric = (1/B) sum_i -log( exp(s(d_i, q_i)) / sum_{c in P_i} exp(s(d_i, c)) )
+      loss = (1 - alpha) * query_centric + alpha * passage_centric
 
   Args: as `in_batch_softmax_loss`; alpha weighs the passage-centric term.
   Returns:

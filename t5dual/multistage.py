@@ -75,8 +75,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 
-from t5dual import checkpoints, cli
-from t5dual.trainer import ParameterError
+from t5dual import checkpoints, cli, fileio
+from t5dual.cli import ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -385,9 +385,7 @@ def with_previous_stage_teacher(task, source: str, previous_dir: str, teacher_pa
     for (q, d), score in zip(pairs, scores.tolist()):
       run.setdefault(q, {})[d] = score
     # Every process of a multi-host run holds all scores and writes the same file.
-    tmp = f'{teacher_path}.tmp{jax.process_index()}'
-    retrieval.write_trec_run(tmp, run, tag='t5dual-teacher')
-    os.replace(tmp, teacher_path)
+    retrieval.write_trec_run(teacher_path, run, tag='t5dual-teacher')
     if jax.process_index() == 0:
       shutil.rmtree(work_dir, ignore_errors=True)
     log.info('teacher scores written to %s', teacher_path)
@@ -486,9 +484,8 @@ def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
     if not os.path.exists(run):
       from t5dual import bm25, retrieval
       os.makedirs(eval_dir, exist_ok=True)
-      tmp = f'{run}.tmp{jax.process_index()}'  # every process writes the same run
-      retrieval.write_trec_run(tmp, bm25.beir_run(beir, split, k=depth), tag='bm25')
-      os.replace(tmp, run)
+      # Every process writes the same run (write_trec_run's temporaries are per process).
+      retrieval.write_trec_run(run, bm25.beir_run(beir, split, k=depth), tag='bm25')
   out = os.path.join(eval_dir, f'rerank-{name}-{split}-top{top_k}.trec')
   result = reranking.rerank_beir(model_dir, beir, split, run, out, top_k=top_k,
                                  measures=measures, batch_size=batch_size, progress=False,
@@ -528,10 +525,7 @@ def _read_record(model_dir: str) -> dict:
 def _write_record(model_dir: str, record: dict) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(model_dir, RECORD)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
+  fileio.write_json(os.path.join(model_dir, RECORD), record, indent=2)
 
 
 def _is_trained(model_dir: str, entry: dict) -> bool:
@@ -573,9 +567,5 @@ def _link_final(model_dir: str, target: str) -> str:
   if os.path.exists(link) and not os.path.islink(link):
     log.warning('%s exists and is not a link: not pointing it at the final stage', link)
     return os.path.join(model_dir, target)
-  tmp = link + '.tmp'
-  if os.path.lexists(tmp):
-    os.remove(tmp)
-  os.symlink(target, tmp)
-  os.replace(tmp, link)
+  fileio.atomic_symlink(target, link)
   return link

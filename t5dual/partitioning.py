@@ -157,14 +157,11 @@ class Partitioner:
     if self.logical_axis_rules is not None:
       object.__setattr__(self, 'logical_axis_rules',
                          tuple(tuple(r) for r in self.logical_axis_rules))
-    n = self.num_partitions
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-      raise self._error('num_partitions', f'must be a positive integer, got {n!r}')
+    cli.check_int(Partitioner, 'num_partitions', self.num_partitions, minimum=1)
     for name in ('ici_mesh_shape', 'dcn_mesh_shape'):
       shape = getattr(self, name)
-      if shape is not None and (len(shape) != len(MESH_AXES) or any(
-          isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
-          for s in shape)):
+      if shape is not None and (len(shape) != len(MESH_AXES) or not all(
+          cli.is_int(size) and size >= 1 for size in shape)):
         raise self._error(name, f'must be {len(MESH_AXES)} positive integers '
                           f'{MESH_AXES}, got {shape!r}')
     if self.dcn_mesh_shape is not None and self.ici_mesh_shape is None:

@@ -98,6 +98,14 @@ def pointwise_sigmoid_loss(scores: Array, labels: Array, *, where: Optional[Arra
                            reduce_fn: ReduceFn = jnp.mean) -> Array:
   """Sigmoid cross-entropy of each candidate against min(label, 1) (rax).
 
+  Definition, with y'_i = clip(y_i, 0, 1):
+
+      loss = mean over lists and i in V of
+             -[y'_i log sigmoid(s_i) + (1 - y'_i) log(1 - sigmoid(s_i))]
+
+  RankT5's pointwise loss (Zhuang et al. 2023, "RankT5: Fine-Tuning T5 for Text
+  Ranking with Ranking Losses").
+
   Args:
     scores: [B, L] model scores (logits).
     labels: [B, L] graded relevance; anything >= 1 counts as relevant.
@@ -117,6 +125,10 @@ def pairwise_logistic_loss(scores: Array, labels: Array, *, where: Optional[Arra
                            reduce_fn: ReduceFn = jnp.mean) -> Array:
   """RankNet: logistic loss on every valid pair whose labels differ (rax).
 
+  Definition (Burges et al. 2005, RankNet):
+
+      loss = mean over pairs (i, j), i, j in V, y_i > y_j, of log(1 + exp(-(s_i - s_j)))
+
   Args: as `pointwise_sigmoid_loss`; reduce_fn reduces over the valid pairs.
   Returns:
     The loss.
@@ -130,7 +142,14 @@ def softmax_loss(scores: Array, labels: Array, *, where: Optional[Array] = None,
                  weights: Optional[Array] = None,
                  label_fn: Callable[..., Array] = lambda labels, where: labels,
                  reduce_fn: ReduceFn = jnp.mean) -> Array:
-  """Listwise softmax cross-entropy -sum_i y_i log p_i (rax).
+  """Listwise softmax cross-entropy (rax; ListNet, Cao et al. 2007).
+
+  Definition, per list:
+
+      loss = -sum_{i in V} y_i log p_i,   p_i = exp(s_i) / sum_{j in V} exp(s_j)
+
+  averaged over the lists with a valid candidate. With one-hot labels this is the
+  in-batch softmax of the dual encoders (t5dual.losses).
 
   Labels are used as given (rax's default): a list with labels (2, 1, 0)
   weighs its two positives 2:1. Bind `label_fn = @rax.utils.normalize_probabilities`
@@ -154,7 +173,14 @@ def softmax_loss(scores: Array, labels: Array, *, where: Optional[Array] = None,
 def poly1_softmax_loss(scores: Array, labels: Array, *, where: Optional[Array] = None,
                        epsilon: float = 1.0, weights: Optional[Array] = None,
                        reduce_fn: ReduceFn = jnp.mean) -> Array:
-  """Poly-1 softmax: softmax_loss + epsilon * (1 - pt) (rax).
+  """Poly-1 softmax (rax; Leng et al. 2022, PolyLoss).
+
+  Definition, per list:
+
+      loss = -sum_{i in V} y_i log p_i + epsilon * (1 - pt),
+      pt = sum_{i in V} (y_i / sum_{j in V} y_j) p_i
+
+  averaged over the lists with a valid candidate.
 
   Args: as `softmax_loss`; epsilon weighs the leading polynomial term.
   Returns:
@@ -174,6 +200,14 @@ def _target(labels: Array, where: Array) -> Array:
 def lce_loss(scores: Array, labels: Array, *, where: Optional[Array] = None,
              reduce_fn: ReduceFn = jnp.mean) -> Array:
   """Localized contrastive estimation: softmax over the target and the negatives.
+
+  Definition (Gao et al. 2021, "Rethink Training of BERT Rerankers in Multi-Stage
+  Retrieval Pipeline"), with t the list's first candidate of highest label and
+  N = {i in V : y_i <= 0} its negatives:
+
+      loss = -log( exp(s_t) / sum_{j in {t} + N} exp(s_j) )
+
+  averaged over the lists. Other positives (y_i > 0, i != t) leave the softmax.
 
   The lists come from a first-stage window (see t5dual.data.lists); this is
   rax's softmax on a one-hot target with the other positives left out.
@@ -212,6 +246,14 @@ def teacher_rank_pairwise_loss(scores: Array, labels: Array, *, teacher_scores: 
                                reduce_fn: ReduceFn = jnp.mean) -> Array:
   """RankNet on the pairs the teacher orders, through rank-derived graded labels.
 
+  Definition, with teacher scores t (Pezzuti et al. 2025, lightning-ir's
+  `use_ranks_as_qrels`):
+
+      r_i = 1 + |{j in V : t_j > t_i}|      (ties share the best rank)
+      g_i = |V| - r_i + 1
+      loss = pairwise_logistic_loss(s, g)
+           = mean over pairs (i, j) in V with g_i > g_j of log(1 + exp(-(s_i - s_j)))
+
   Args:
     scores: [B, L] student scores.
     labels: [B, L] relevance labels (unused: the teacher's order replaces them).
@@ -237,6 +279,13 @@ def kl_distillation_loss(scores: Array, labels: Array, *, teacher_scores: Array,
                          reduce_fn: ReduceFn = jnp.mean) -> Array:
   """KL(softmax(teacher / T) || softmax(student / T)) per list.
 
+  Definition, with teacher scores t (Hinton et al. 2015, knowledge distillation):
+
+      q_i = softmax(t / T)_i,  p_i = softmax(s / T)_i   over V
+      loss = sum_{i in V} q_i (log q_i - log p_i)
+
+  averaged over the lists with a valid candidate.
+
   Args:
     scores: [B, L] student scores.
     labels: [B, L] relevance labels (unused).
@@ -259,6 +308,12 @@ def kl_distillation_loss(scores: Array, labels: Array, *, teacher_scores: Array,
 def margin_mse_loss(scores: Array, labels: Array, *, teacher_scores: Array,
                     where: Optional[Array] = None, reduce_fn: ReduceFn = jnp.mean) -> Array:
   """Margin-MSE between student and teacher margins of (target, negative) pairs.
+
+  Definition (Hofstaetter et al. 2020, "Improving Efficient Neural Ranking Models
+  with Cross-Architecture Knowledge Distillation"), with teacher scores t, target
+  k the list's first candidate of highest label, negatives N = {n in V : y_n <= 0}:
+
+      loss = mean over n in N, n != k (and lists) of ((s_k - s_n) - (t_k - t_n))^2
 
   Args:
     scores: [B, L] student scores.

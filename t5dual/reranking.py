@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from t5dual import cli, distributed, encoding, model_api, partitioning, rerankers
+from t5dual import cli, distributed, encoding, fileio, model_api, partitioning, rerankers
 from t5dual.data.sources import Run
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,8 @@ def _sha256_file(path: str) -> str:
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-def _write_atomic(path: str, write) -> None:
-  """`write(tmp)`, fsync, rename: `path` is absent or complete, even after kill -9."""
-  tmp = f'{path}.tmp{jax.process_index()}'
-  write(tmp)
-  with open(tmp, 'rb') as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _write_json(path: str, obj) -> None:
-  def write(tmp):
-    with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=1)
-  _write_atomic(path, write)
+  fileio.write_json(path, obj, indent=1, tmp_suffix=f'.tmp{jax.process_index()}')
 
 
 def _chunk_files(work_dir: str, index: int) -> tuple[str, str]:
@@ -131,10 +119,8 @@ def _load_chunk(work_dir: str, index: int, size: int) -> Optional[np.ndarray]:
 
 def _save_chunk(work_dir: str, index: int, scores: np.ndarray) -> None:
   data, record = _chunk_files(work_dir, index)
-  def write(tmp):
-    with open(tmp, 'wb') as f:
-      np.save(f, scores)
-  _write_atomic(data, write)
+  with fileio.atomic_write(data, 'wb', tmp_suffix=f'.tmp{jax.process_index()}') as f:
+    np.save(f, scores)
   # The record last: a chunk counts as done only once its data is complete.
   _write_json(record, {'count': len(scores), 'sha256': _sha256_file(data)})
 
@@ -337,11 +323,12 @@ def load_reranker(model_dir: str, step: Optional[int] = None, dtype: Optional[st
   """
   from t5dual import checkpoints
   model_dir = require_reranker(model_dir, command)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      model_dir, step, partitioner)
+  restored = checkpoints.restore_for_inference(model_dir, step, partitioner)
+  model = restored.model
   if dtype is not None:
     model = model.with_t5(dtype=dtype)
-  return model, params, step, tokenizer, lengths.get('inputs', model.input_length)
+  return (model, restored.params, restored.step, restored.tokenizer,
+          restored.feature_lengths.get('inputs', model.input_length))
 
 
 def _first(ids) -> str:

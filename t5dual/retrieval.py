@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5dual import cli, partitioning
+from t5dual import cli, fileio, partitioning
 from t5dual.data import sources
 from t5dual.data.sources import Run
 from t5dual.encoding import round_up
@@ -209,6 +209,9 @@ def in_score_order(run: Run) -> Run:
 def write_trec_run(path: str, run: Run, tag: str = 't5dual') -> None:
   """`qid Q0 docid rank score tag` lines, written atomically.
 
+  Every process of a multi-host run may write the same run: each writes its own
+  temporary (named by process index) and renames it, so no wrapper is needed.
+
   Each query's lines are in score order (`ranked`: descending, equal scores in
   the run's order) with ranks 1, 2, ..., so the line order, the rank column and
   the scores tell the same ranking, whatever order the run's dicts are in.
@@ -216,12 +219,11 @@ def write_trec_run(path: str, run: Run, tag: str = 't5dual') -> None:
   if not tag or any(c.isspace() for c in tag):
     raise cli.ConfigError(f'run tag must be one word, got {tag!r}')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  with fileio.atomic_write(path, encoding='utf-8',
+                           tmp_suffix=f'.tmp{jax.process_index()}') as f:
     for qid, docs in run.items():
       for rank, (doc_id, score) in enumerate(ranked(docs), 1):
         f.write(f'{qid} Q0 {doc_id} {rank} {float(score):.9g} {tag}\n')
-  os.replace(tmp, path)
 
 
 def read_trec_run(path: str) -> Run:

@@ -31,27 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from t5dual import checkpoints, cli, gradients, model_api, partitioning, preemption, prefetch
+from t5dual import checkpoints, cli, fileio, gradients, model_api, partitioning, preemption, prefetch
 
 log = logging.getLogger(__name__)
 
 
-class ParameterError(cli.ConfigError):
-  """A bad value of the parameter `param` of `owner` (a function or class gin may configure).
-
-  gin_utils.call_configured turns it into a message naming the gin binding or
-  macro that set the value.
-  """
-
-  def __init__(self, owner: Callable, param: str, message: str):
-    self.owner, self.param, self.message = owner, param, message
-    module = owner.__module__.removeprefix('t5dual.')
-    super().__init__(f'{module}.{owner.__qualname__}.{param}: {message}')
+# ParameterError lives in cli beside the other user errors; this name stays for
+# the modules that import it from here.
+ParameterError = cli.ParameterError
 
 
 def check_positive_int(owner: Callable, param: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ParameterError(owner, param, f'must be a positive integer, got {value!r}')
+  cli.check_int(owner, param, value, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +75,7 @@ class TrainerConfig:
     for name in ('total_steps', 'log_every', 'save_every', 'keep_checkpoints',
                  'num_microbatches'):
       check_positive_int(TrainerConfig, name, getattr(self, name))
-    if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 0:
-      raise ParameterError(TrainerConfig, 'prefetch',
-                           f'must be a non-negative integer, got {self.prefetch!r}')
+    cli.check_int(TrainerConfig, 'prefetch', self.prefetch, minimum=0)
     if self.grad_strategy not in gradients.STRATEGIES:
       raise ParameterError(TrainerConfig, 'grad_strategy',
                            f'must be one of {gradients.STRATEGIES}, got {self.grad_strategy!r}')
@@ -296,10 +285,8 @@ class _MetricsWriter:
         else:
           dropped += 1
     if dropped:
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
+      with fileio.atomic_write(self.path) as f:
         f.writelines(kept)
-      os.replace(tmp, self.path)
       log.info('dropped %d lines past step %d from %s', dropped, step, self.path)
 
   def write(self, step: int, metrics: dict) -> None:

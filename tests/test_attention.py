@@ -1,6 +1,6 @@
-"""Attention kernels (t5dual/t5.py ATTENTION_FNS): the relative position bias, the padding and
-causality reach every kernel apart, so cuDNN's fused attention can take them. Each kernel
-against a float64 NumPy reference, and whole models across kernels.
+"""Attention kernels (t5dual/attention.py ATTENTION_FNS): the relative position bias, the
+padding and causality reach every kernel apart, so cuDNN's fused attention can take them.
+Each kernel against a float64 NumPy reference, and whole models across kernels.
 
 cuDNN itself needs a GPU; on CPU its exact call (`seq_length_attention`: padding as key
 lengths, the bias broadcast over the batch) runs through jax's XLA implementation."""
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from t5dual import cli, models, rerankers, t5
+from t5dual import attention as attention_lib
 import tolerances  # tests/helpers
 import cli_output  # tests/helpers
 
@@ -47,10 +48,10 @@ def numpy_attention(q, k, v, bias, kv_mask, causal):
 
 
 KERNELS = {
-    'xla': t5.xla_attention,
-    'jax_nn': t5.jax_nn_attention,
-    'seq_lengths': functools.partial(t5.seq_length_attention, implementation='xla'),
-    'cudnn': t5.cudnn_attention,  # float32 inputs: its XLA fallback
+    'xla': attention_lib.xla_attention,
+    'jax_nn': attention_lib.jax_nn_attention,
+    'seq_lengths': functools.partial(attention_lib.seq_length_attention, implementation='xla'),
+    'cudnn': attention_lib.cudnn_attention,  # float32 inputs: its XLA fallback
 }
 
 
@@ -88,14 +89,15 @@ def test_kernel_gradients_agree():
 def test_cudnn_takes_only_the_shapes_it_supports():
   x = lambda length, dtype=jnp.bfloat16, d=64: jnp.zeros((2, length, 4, d), dtype)
   bias = jnp.zeros((1, 4, 64, 64), jnp.bfloat16)
-  assert t5.cudnn_shapes_ok(x(64), x(64), bias)
-  assert not t5.cudnn_shapes_ok(x(64, jnp.float32), x(64, jnp.float32), bias)
-  assert not t5.cudnn_shapes_ok(x(64, d=12), x(64, d=12), bias)    # head_dim % 8
-  assert not t5.cudnn_shapes_ok(x(64, d=256), x(64, d=256), bias)  # head_dim > 128
-  assert not t5.cudnn_shapes_ok(x(1), x(1), bias)                  # odd length, training
-  assert not t5.cudnn_shapes_ok(x(1), x(64), None)                 # ... with no bias too
-  assert t5.cudnn_shapes_ok(x(1), x(64), None, training=False)     # inference: any length
-  assert t5.cudnn_shapes_ok(x(1), x(1), bias, training=False)
+  cudnn_shapes_ok = attention_lib.cudnn_shapes_ok
+  assert cudnn_shapes_ok(x(64), x(64), bias)
+  assert not cudnn_shapes_ok(x(64, jnp.float32), x(64, jnp.float32), bias)
+  assert not cudnn_shapes_ok(x(64, d=12), x(64, d=12), bias)    # head_dim % 8
+  assert not cudnn_shapes_ok(x(64, d=256), x(64, d=256), bias)  # head_dim > 128
+  assert not cudnn_shapes_ok(x(1), x(1), bias)                  # odd length, training
+  assert not cudnn_shapes_ok(x(1), x(64), None)                 # ... with no bias too
+  assert cudnn_shapes_ok(x(1), x(64), None, training=False)     # inference: any length
+  assert cudnn_shapes_ok(x(1), x(1), bias, training=False)
 
 
 # ----------------------------------------------------------------- cuDNN routing vs jax's checks
@@ -141,8 +143,8 @@ def _cudnn_calls(monkeypatch):
   def record(q, k, v, bias=None, kv_mask=None, causal=False, training=True):
     spec = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
     calls.add((spec(q), spec(k), spec(bias), kv_mask is not None, causal, training))
-    return t5.jax_nn_attention(q, k, v, bias, kv_mask, causal)
-  monkeypatch.setitem(t5.ATTENTION_FNS, 'cudnn', record)
+    return attention_lib.jax_nn_attention(q, k, v, bias, kv_mask, causal)
+  monkeypatch.setitem(attention_lib.ATTENTION_FNS, 'cudnn', record)
   return calls
 
 
@@ -182,7 +184,7 @@ def test_cudnn_routing_agrees_with_jax_checks(monkeypatch, jax_cudnn_checks, len
   assert (1, lengths[1], True) in shapes and (1, lengths[1], False) in shapes, shapes
   assert (1, 1, True) in shapes, shapes
   for q, k, bias, has_mask, causal, training in sorted(calls, key=str):
-    ours = t5.cudnn_shapes_ok(q, k, bias, training)
+    ours = attention_lib.cudnn_shapes_ok(q, k, bias, training)
     for capability in ((8, 0), (9, 0)):
       theirs = jax_cudnn_checks(q, k, bias, has_mask, causal, training, capability)
       assert ours == (theirs is True), (q.shape, k.shape, training, capability, theirs)
@@ -194,7 +196,7 @@ def test_cudnn_routing_is_never_wider_than_jax(jax_cudnn_checks):
                               for d in (12, 64, 128, 256) for t in (False, True)]:
     q = jax.ShapeDtypeStruct((2, lq, 4, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((2, lk, 4, d), jnp.bfloat16)
-    if t5.cudnn_shapes_ok(q, k, None, training):
+    if attention_lib.cudnn_shapes_ok(q, k, None, training):
       for capability in ((8, 0), (9, 0)):
         assert jax_cudnn_checks(q, k, None, True, False, training, capability) is True
 
@@ -202,7 +204,7 @@ def test_cudnn_routing_is_never_wider_than_jax(jax_cudnn_checks):
 def test_rankt5_encdec_train_step_traces_with_cudnn(monkeypatch, jax_cudnn_checks):
   """W3 (RankT5-EncDec, 512 tokens) with the real 'cudnn' kernel: jax's checks run on every
   attention of the train step (before: NotImplementedError, Q 1, KV 512)."""
-  monkeypatch.setattr(t5, 'cudnn_unavailable', lambda: None)  # a Hopper GPU, as far as jax asks
+  monkeypatch.setattr(attention_lib, 'cudnn_unavailable', lambda: None)  # a Hopper GPU, as far as jax asks
   cfg = t5.t5_config('tiny', head_dim=64, dtype='bfloat16', attention='cudnn')
   model = rerankers.RerankerModel(rerankers.RerankerConfig(t5=cfg, scorer='encdec',
                                                            input_length=512))
@@ -216,7 +218,7 @@ def test_rankt5_encdec_train_step_traces_with_cudnn(monkeypatch, jax_cudnn_check
 
 def test_cudnn_without_cudnn_is_one_line():
   """attention='cudnn' where JAX has no cuDNN (this CPU): a ConfigError naming the setting."""
-  assert t5.cudnn_unavailable() == "JAX's backend is 'cpu', not a CUDA GPU"
+  assert attention_lib.cudnn_unavailable() == "JAX's backend is 'cpu', not a CUDA GPU"
   model = models.DualEncoderModel(models.DualEncoderConfig(
       t5=t5.t5_config('tiny', vocab_size=50, dtype='bfloat16', attention='cudnn'),
       projection_dim=12))
@@ -246,7 +248,7 @@ def test_unknown_or_unsupported_attention_is_named(config, message):
 @pytest.fixture
 def seq_lengths_attention(monkeypatch):
   """'seq_lengths': cuDNN's call with XLA underneath, selectable in T5Config."""
-  monkeypatch.setitem(t5.ATTENTION_FNS, 'seq_lengths', KERNELS['seq_lengths'])
+  monkeypatch.setitem(attention_lib.ATTENTION_FNS, 'seq_lengths', KERNELS['seq_lengths'])
   return 'seq_lengths'
 
 

@@ -99,6 +99,6 @@ def test_training_starts_from_hf_checkpoint(tmp_path, demo_beir):
                 trainer.TrainerConfig(total_steps=2, progress_bar=False, tensorboard=False),
                 zero, checkpoints.model_description(model, spm, batcher.feature_lengths),
                 initial, batch_spec=batcher.batch_spec())
-  _, params, step, _, _ = checkpoints.restore_for_inference(model_dir)
-  assert step == 2
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), initial)
+  restored = checkpoints.restore_for_inference(model_dir)
+  assert restored.step == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), initial)

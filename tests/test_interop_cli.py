@@ -54,10 +54,9 @@ def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
   assert '  projection_layer/kernel -> projection_layer/kernel [8, 6]' in out
   assert 'skipped 1 checkpoint entries:\n  state/step\n' in out
   assert 'initialised 0 parameters' in out
-  model, restored, step, tokenizer, lengths = checkpoints.restore_for_inference(
-      str(tmp_path / 'sde'))
-  assert model.config == config and tokenizer.path == spm
-  _assert_params_equal(restored, params)
+  restored = checkpoints.restore_for_inference(str(tmp_path / 'sde'))
+  assert restored.model.config == config and restored.tokenizer.path == spm
+  _assert_params_equal(restored.params, params)
 
   # Out to T5X, Hugging Face and sentence-transformers, and back in.
   assert convert.main(['t5dual-to-t5x', str(tmp_path / 'sde'), str(tmp_path / 't5x_out')]) == 0
@@ -66,16 +65,16 @@ def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
   assert 'projection.safetensors: linear.weight [6, 8]' in capsys.readouterr().out
   assert convert.main(['hf-to-t5dual', str(tmp_path / 'hf'), str(tmp_path / 'from_hf'),
                        '--like', str(tmp_path / 'sde')]) == 0
-  _assert_params_equal(checkpoints.restore_for_inference(str(tmp_path / 'from_hf'))[1], params)
+  _assert_params_equal(checkpoints.restore_for_inference(str(tmp_path / 'from_hf')).params,
+                       params)
   assert convert.main(['t5dual-to-st', str(tmp_path / 'sde'), str(tmp_path / 'st')]) == 0
   assert '2_Dense/model.safetensors: linear.weight [6, 8]' in capsys.readouterr().out
   assert convert.main(['st-to-t5dual', str(tmp_path / 'st'), str(tmp_path / 'from_st'),
                        '--dtype', 'float32']) == 0
-  model, from_st, _, tokenizer, lengths = checkpoints.restore_for_inference(
-      str(tmp_path / 'from_st'))
-  assert model.config == config and lengths['targets'] == 256
-  assert tokenizer.path == str(tmp_path / 'from_st/spiece.model')  # copied from the folder
-  _assert_params_equal(from_st, params)
+  from_st = checkpoints.restore_for_inference(str(tmp_path / 'from_st'))
+  assert from_st.model.config == config and from_st.feature_lengths['targets'] == 256
+  assert from_st.tokenizer.path == str(tmp_path / 'from_st/spiece.model')  # copied
+  _assert_params_equal(from_st.params, params)
 
 
 def test_shape_mismatch_is_an_error_naming_the_parameter(tmp_path, convert, spm):
@@ -179,7 +178,8 @@ def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, conv
                          scanned, spm, lengths)
   convert.save_model_dir(str(tmp_path / 'unrolled'), models.DualEncoderModel(unrolled_cfg),
                          params, spm, lengths)
-  assert 'layers' in checkpoints.restore_for_inference(str(tmp_path / 'scanned'))[1]['encoder']
+  assert 'layers' in checkpoints.restore_for_inference(
+      str(tmp_path / 'scanned')).params['encoder']
 
   # Out: the same T5X tree and the same Hugging Face files as the unrolled model.
   assert convert.main(['t5dual-to-t5x', str(tmp_path / 'scanned'), str(tmp_path / 't5x')]) == 0
@@ -197,9 +197,9 @@ def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, conv
   # In: into a scanned model (--like, and as a training run's initial checkpoint).
   assert convert.main(['hf-to-t5dual', str(tmp_path / 'hf_unrolled'), str(tmp_path / 'back'),
                        '--like', str(tmp_path / 'scanned')]) == 0
-  model, back = checkpoints.restore_for_inference(str(tmp_path / 'back'))[:2]
-  assert model.config == scanned_cfg
-  _assert_params_equal(back, scanned)
+  back = checkpoints.restore_for_inference(str(tmp_path / 'back'))
+  assert back.model.config == scanned_cfg
+  _assert_params_equal(back.params, scanned)
   scanned_model = models.DualEncoderModel(scanned_cfg)
   for source in ('hf_unrolled', 'unrolled'):
     _assert_params_equal(load_initial_params(str(tmp_path / source), scanned_model), scanned)

@@ -180,10 +180,11 @@ def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
 def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_data):
   model_dir, _ = chain
   data, _ = demo_data
-  first, params1, step1, tokenizer, _ = checkpoints.restore_for_inference(
-      _stage_dir(model_dir, 1))
-  second, params2, step2, _, lengths = checkpoints.restore_for_inference(
-      _stage_dir(model_dir, 2))
+  stage1 = checkpoints.restore_for_inference(_stage_dir(model_dir, 1))
+  stage2 = checkpoints.restore_for_inference(_stage_dir(model_dir, 2))
+  first, params1, step1, tokenizer = stage1.model, stage1.params, stage1.step, stage1.tokenizer
+  second, params2, step2, lengths = (stage2.model, stage2.params, stage2.step,
+                                     stage2.feature_lengths)
   assert (first.kind, second.kind) == ('reranker', 'reranker')
   assert (step1, step2) == tuple(STEPS.values())
   assert first.loss.__name__ == 'lce_loss'

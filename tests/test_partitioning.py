@@ -134,10 +134,10 @@ def test_two_processes_write_their_own_export_shards(two_processes, data_dir):
   assert [s['process_index'] for s in manifest['shards']] == [0, 1, 0, 1]
   # The checkpoint the two processes wrote, read and encoded here by one process.
   ids, texts = sources.read_beir_corpus(data_dir)
-  model, params, _, tokenizer, lengths = checkpoints.restore_for_inference(
-      two_processes['model_dir'])
-  want = encoding.encode_texts(encoding.make_encode_fn(model, params, 'document'), tokenizer,
-                               texts, lengths['targets'], 8)
+  restored = checkpoints.restore_for_inference(two_processes['model_dir'])
+  want = encoding.encode_texts(
+      encoding.make_encode_fn(restored.model, restored.params, 'document'), restored.tokenizer,
+      texts, restored.feature_lengths['targets'], 8)
   got = export.open_embeddings(two_processes['export_dir'])
   assert got.ids == list(ids)
   # The same parameters and batches; only the split of a batch over devices differs (2

@@ -120,8 +120,8 @@ def _losses(model_dir):
 
 
 def _final_params(model_dir):
-  _, params, step, _, _ = checkpoints.restore_for_inference(model_dir)
-  return step, jax.device_get(params)
+  restored = checkpoints.restore_for_inference(model_dir)
+  return restored.step, jax.device_get(restored.params)
 
 
 def _assert_same_training(got_dir, want_dir):

@@ -73,15 +73,15 @@ def test_training_improves_reranking_over_the_initial_model(trained):
     return evaluation.evaluate(run, qrels, ['nDCG@10'])['nDCG@10']
 
   initial = ndcg(model.init_params(jax.random.PRNGKey(0)))
-  restored, params, step, _, lengths = checkpoints.restore_for_inference(trained['model_dir'])
-  assert step == 120 and lengths == {'inputs': LENGTH}
-  after = ndcg(params)
+  restored = checkpoints.restore_for_inference(trained['model_dir'])
+  assert restored.step == 120 and restored.feature_lengths == {'inputs': LENGTH}
+  after = ndcg(restored.params)
   random_order = evaluation.evaluate(first, qrels, ['nDCG@10'])['nDCG@10']
   assert after > max(initial, random_order) + 0.1, (initial, random_order, after)
 
 
 def test_reloads_by_kind(trained):
-  model, _, _, _, _ = checkpoints.restore_for_inference(trained['model_dir'])
+  model = checkpoints.restore_for_inference(trained['model_dir']).model
   assert isinstance(model, rerankers.RerankerModel)
   assert model.config == trained['model'].config
   assert model.loss is ranking_losses.softmax_loss
@@ -109,12 +109,13 @@ def test_rerank_cli_writes_the_models_own_scores(trained):
   assert sorted((q, d) for q, docs in written.items() for d in docs[:10]) == sorted(pairs)
   assert all(docs[10:] == list(first[q])[10:] for q, docs in written.items())
   # The same pairs scored directly, one fixed-shape batch, no length buckets.
-  model, params, _, tok, _ = checkpoints.restore_for_inference(trained['model_dir'])
+  restored = checkpoints.restore_for_inference(trained['model_dir'])
   queries = sources.read_beir_queries(trained['folder'])
   docs = dict(zip(*sources.read_beir_corpus(trained['folder'])))
-  ids = rerankers.encode_pairs(tok, [queries[q] for q, _ in pairs], [docs[d] for _, d in pairs],
-                               model.config.template, LENGTH)
-  direct = np.asarray(jax.jit(model.score)(params, ids))
+  ids = rerankers.encode_pairs(restored.tokenizer, [queries[q] for q, _ in pairs],
+                               [docs[d] for _, d in pairs], restored.model.config.template,
+                               LENGTH)
+  direct = np.asarray(jax.jit(restored.model.score)(restored.params, ids))
   got = np.array([reranked[q][d] for q, d in pairs])
   # Two float32 programs (bucketed widths vs full width): 2 encoder and 2 decoder layers
   # (4 + 6 stages) and the head, reductions up to the MLP width 128.

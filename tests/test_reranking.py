@@ -56,11 +56,12 @@ def collection(tmp_path_factory, demo_beir):
 
 def _direct_scores(model_dir, folder, pairs):
   """The reranker's scores of `pairs`, one fixed-shape call, no buckets or chunks."""
-  model, params, _, tok, _ = checkpoints.restore_for_inference(model_dir)
+  restored = checkpoints.restore_for_inference(model_dir)
+  model, params = restored.model, restored.params
   queries = sources.read_beir_queries(folder)
   docs = dict(zip(*sources.read_beir_corpus(folder)))
-  ids = rerankers.encode_pairs(tok, [queries[q] for q, _ in pairs], [docs[d] for _, d in pairs],
-                               model.config.template, LENGTH)
+  ids = rerankers.encode_pairs(restored.tokenizer, [queries[q] for q, _ in pairs],
+                               [docs[d] for _, d in pairs], model.config.template, LENGTH)
   return np.asarray(jax.jit(model.score)(params, ids))
 
 

@@ -150,12 +150,13 @@ def test_train_resume_and_export(dataset, counted, demo_collection, tmp_path, mo
   texts = [records.records[i]['positive'].decode() for i in range(len(records))]
 
   from t5dual import checkpoints
-  restored, params, step, tok, _ = checkpoints.restore_for_inference(run_dir)
+  restored = checkpoints.restore_for_inference(run_dir)
   options = export.ExportOptions(max_length=LENGTHS['targets'], side='document',
                                  batch_size=16, shard_size=50, dtype='float32', progress=False)
-  export.export_embeddings(encoding.make_encode_fn(restored, params, 'document'), tok, ids,
-                           texts, str(tmp_path / 'in_memory'), options,
-                           model_info=checkpoints.read_model_json(run_dir), step=step)
+  export.export_embeddings(
+      encoding.make_encode_fn(restored.model, restored.params, 'document'), restored.tokenizer,
+      ids, texts, str(tmp_path / 'in_memory'), options,
+      model_info=checkpoints.read_model_json(run_dir), step=restored.step)
 
   monkeypatch.setenv('TFDS_DATA_DIR', str(dataset['root'] / 'tfrecord'))
   _export_script().main(flags + [f'--out_dir={tmp_path / "whole"}'])

@@ -299,8 +299,7 @@ def test_a_damaged_checkpoint_is_named_with_the_steps_that_exist(demo_data, tmp_
   assert '\n' not in str(e.value)
   with pytest.raises(checkpoints.DamagedCheckpointError, match=expected):
     _run(model_dir, demo_data, 6)
-  _, _, step, _, _ = checkpoints.restore_for_inference(model_dir, 2)
-  assert step == 2
+  assert checkpoints.restore_for_inference(model_dir, 2).step == 2
 
 
 # --------------------------------------------------------------------------- scripts/train.py
@@ -454,9 +453,9 @@ def test_any_registered_kind_trains_and_reloads(demo_data, tmp_path, monkeypatch
   assert logged[-1]['mse'] < 0.1 * logged[0]['mse']
   bar = capsys.readouterr().err
   assert 'mse=' in bar and 'p1=' not in bar and 'p_at_1' not in bar
-  restored, params, step, _, _ = checkpoints.restore_for_inference(model_dir)
-  assert type(restored) is _ToyRegression and restored.dim == 3 and step == 40
-  assert params['w'].shape == (3,)
+  restored = checkpoints.restore_for_inference(model_dir)
+  assert type(restored.model) is _ToyRegression and restored.model.dim == 3
+  assert restored.step == 40 and restored.params['w'].shape == (3,)
   # model.json of a kind nobody registered: one clear error naming the file.
   path = os.path.join(model_dir, 'model.json')
   with open(path) as f:

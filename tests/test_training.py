@@ -139,8 +139,8 @@ def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
 
 def _all_params(model_dir):
   import jax
-  _, params, step, _, _ = checkpoints.restore_for_inference(model_dir)
-  return step, [np.asarray(x) for x in jax.tree.leaves(params)]
+  restored = checkpoints.restore_for_inference(model_dir)
+  return restored.step, [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
 @pytest.mark.slow

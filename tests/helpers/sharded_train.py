@@ -44,11 +44,13 @@ def export_documents(data_dir: str, model_dir: str, export_dir: str):
   from t5dual import checkpoints, encoding, export
   from t5dual.data import sources
   ids, texts = sources.read_beir_corpus(data_dir)
-  model, params, step, tokenizer, lengths = checkpoints.restore_for_inference(model_dir)
-  options = export.ExportOptions(max_length=lengths['targets'], side='document', batch_size=8,
-                                 shard_size=EXPORT_SHARD_SIZE, dtype='float32', progress=False)
-  return export.export_embeddings(encoding.make_encode_fn(model, params, 'document'),
-                                  tokenizer, ids, texts, export_dir, options, step=step)
+  restored = checkpoints.restore_for_inference(model_dir)
+  options = export.ExportOptions(max_length=restored.feature_lengths['targets'],
+                                 side='document', batch_size=8, shard_size=EXPORT_SHARD_SIZE,
+                                 dtype='float32', progress=False)
+  return export.export_embeddings(
+      encoding.make_encode_fn(restored.model, restored.params, 'document'), restored.tokenizer,
+      ids, texts, export_dir, options, step=restored.step)
 
 
 def check_gather():

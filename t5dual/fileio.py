@@ -1,0 +1,71 @@
+"""Atomic file writes: a path is either absent, its old content, or complete.
+
+Everything t5dual writes that a later run reads (model.json, exports and their
+records, runs, scores kept for resume, the multistage record) goes through
+`atomic_write` or `atomic_path`: the content goes to a temporary file beside
+the target, is fsynced, and `os.replace`d onto the target only once it is
+complete, so a kill -9 or a crash mid-write never leaves a truncated file under
+the real name. On an exception the temporary is removed and the old file, if
+any, is untouched; after a kill the temporary stays (the next write of the same
+path overwrites it).
+
+The temporary is `path + tmp_suffix`. Where several processes may write the
+same path (every host of a multi-host run writing the same run file), pass a
+per-process suffix such as f'.tmp{jax.process_index()}', so no process renames
+a file another is still writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import IO, Any, Iterator, Optional
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, tmp_suffix: str = '.tmp') -> Iterator[str]:
+  """Yields a temporary path beside `path` for the caller (or a library such as
+  np.save or pyarrow) to write; on success fsyncs it and renames it onto `path`,
+  on an exception removes it."""
+  tmp = path + tmp_suffix
+  try:
+    yield tmp
+    with open(tmp, 'rb') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'w', *, tmp_suffix: str = '.tmp',
+                 encoding: Optional[str] = None, newline: Optional[str] = None
+                 ) -> Iterator[IO]:
+  """`open(path, mode)` whose content appears under `path` only when the block ends
+  without an exception (see `atomic_path`). `mode` is 'w' or 'wb'."""
+  if mode not in ('w', 'wb'):
+    raise ValueError(f"atomic_write writes a whole file: mode 'w' or 'wb', got {mode!r}")
+  with atomic_path(path, tmp_suffix) as tmp:
+    with open(tmp, mode, encoding=encoding, newline=newline) as f:
+      yield f
+
+
+def write_json(path: str, obj: Any, *, indent: int = 2, sort_keys: bool = False,
+               tmp_suffix: str = '.tmp') -> None:
+  """`obj` as JSON with a final newline, atomically."""
+  with atomic_write(path, tmp_suffix=tmp_suffix) as f:
+    json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+    f.write('\n')
+
+
+def atomic_symlink(target: str, link: str) -> None:
+  """Points `link` at `target`, replacing an existing link in one rename, so readers
+  of `link` see the old target or the new one, never no link."""
+  tmp = link + '.tmp'
+  if os.path.lexists(tmp):
+    os.remove(tmp)
+  os.symlink(target, tmp)
+  os.replace(tmp, link)

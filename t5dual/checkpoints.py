@@ -358,3 +358,51 @@ def restore_params(model_dir: str, step: Optional[int] = None, partitioner=None,
   finally:
     manager.close()
   return model, params, step
+
+
+# --------------------------------------------------------------------------- chains
+
+# A multi-stage chain's directory (multistage.py): its record of stages, and the link
+# to its final model, which stands for the chain wherever a model directory is read.
+CHAIN_RECORD = 'stages.json'
+CHAIN_FINAL = 'final'
+
+
+def resolve_model_dir(model_dir: str) -> str:
+  """`model_dir`, or for a chain's MODEL_DIR (stages.json, no model.json) its final
+  model MODEL_DIR/final, with a log line saying so.
+
+  Raises cli.UserError for a chain whose last stage is not complete, naming the
+  stage directories that hold a trained model.
+  """
+  if (os.path.exists(os.path.join(model_dir, MODEL_JSON)) or
+      not os.path.exists(os.path.join(model_dir, CHAIN_RECORD))):
+    return model_dir
+  final = os.path.join(model_dir, CHAIN_FINAL)
+  if os.path.exists(os.path.join(final, MODEL_JSON)):
+    target = os.readlink(final) if os.path.islink(final) else CHAIN_FINAL
+    log.info('%s is a chain of stages: using its final model %s (-> %s)', model_dir, final,
+             target)
+    return final
+  record = read_chain_record(model_dir)
+  trained = [os.path.join(model_dir, e['dir']) for e in record['stages']
+             if e.get('status') in ('trained', 'complete')]
+  raise cli.UserError(f'{model_dir} is a chain of stages whose last stage is not complete '
+                      f'(no {final} yet); ' + (
+                          f'give a stage directory: {", ".join(trained)}' if trained else
+                          'no stage is trained yet'))
+
+
+def read_chain_record(model_dir: str) -> dict:
+  """A chain's record of stages (multistage.py); an empty one when it has none yet."""
+  path = os.path.join(model_dir, CHAIN_RECORD)
+  if not os.path.exists(path):
+    return {'final_model_dir': None, 'stages': []}
+  with open(path) as f:
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ModelDirError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
+  if not isinstance(record, dict) or not isinstance(record.get('stages'), list):
+    raise ModelDirError(f'{path}: not a record of stages (no "stages" list)')
+  return record

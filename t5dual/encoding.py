@@ -22,7 +22,7 @@ import numpy as np
 
 from t5dual import partitioning
 from t5dual.sides import Side
-from t5dual.t5 import EOS_ID, PAD_ID
+from t5dual.vocab import EOS_ID, PAD_ID
 
 # numpy int32 ids [B, L] -> numpy [B, ...]; may carry `batch_multiple`, what B must divide by.
 BatchFn = Callable[[np.ndarray], np.ndarray]

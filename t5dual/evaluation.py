@@ -180,8 +180,8 @@ def require_dual_encoder(model_dir: str, command: str) -> str:
   Anything else is a one-line cli.UserError saying what it holds and which
   command takes it, before anything is read or written.
   """
-  from t5dual import checkpoints, model_api, multistage
-  model_dir = multistage.resolve_model_dir(model_dir)
+  from t5dual import checkpoints, model_api
+  model_dir = checkpoints.resolve_model_dir(model_dir)
   model_api.require(checkpoints.read_model(model_dir), model_api.Encoder, model_dir, command)
   return model_dir
 

@@ -25,7 +25,6 @@ exactly one vector per id.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -52,9 +51,7 @@ class ExportError(sources.DataError):
 
 # --------------------------------------------------------------------------- files
 
-def _sha256_file(path: str) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
+_sha256_file = fileio.sha256_file
 
 
 def shard_names(index: int, num_shards: int) -> dict[str, str]:
@@ -68,11 +65,7 @@ def _write_json(path: str, obj: dict, tmp_suffix: str = '.tmp') -> None:
 
 
 def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ExportError(f'{path}: not valid JSON ({e.msg})') from None
+  return fileio.read_json(path, ExportError)
 
 
 def _import_pyarrow():

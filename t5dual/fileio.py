@@ -18,6 +18,7 @@ a file another is still writing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from typing import IO, Any, Iterator, Optional
@@ -59,6 +60,22 @@ def write_json(path: str, obj: Any, *, indent: int = 2, sort_keys: bool = False,
   with atomic_write(path, tmp_suffix=tmp_suffix) as f:
     json.dump(obj, f, indent=indent, sort_keys=sort_keys)
     f.write('\n')
+
+
+def read_json(path: str, error: type = ValueError) -> Any:
+  """The JSON value in `path`; a file that is not valid JSON raises `error` (a one-line
+  cli.UserError subclass where a user's file is read) naming the file."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise error(f'{path}: not valid JSON ({e.msg})') from None
+
+
+def sha256_file(path: str) -> str:
+  """Hex sha256 of the file's bytes (read in blocks)."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def atomic_symlink(target: str, link: str) -> None:

@@ -80,9 +80,9 @@ from t5dual.cli import ParameterError
 
 log = logging.getLogger(__name__)
 
-RECORD = 'stages.json'
+RECORD = checkpoints.CHAIN_RECORD
 STAGES_DIR = 'stages'
-FINAL = 'final'
+FINAL = checkpoints.CHAIN_FINAL
 TEACHER_FILE = 'teacher.trec'
 # Teacher scores are kept in chunks of this many pairs while they are computed.
 TEACHER_CHUNK_PAIRS = 4096
@@ -426,30 +426,7 @@ def training_candidates(folder: str, split: str, task, batch_size: Optional[int]
     out[plain.query_ids[i]] = [plain.doc_ids[r] for r in dict.fromkeys(docs)]
   return out, len(rows), len(plain)
 
-
-def resolve_model_dir(model_dir: str) -> str:
-  """`model_dir`, or for a chain's MODEL_DIR (stages.json, no model.json) its final
-  model MODEL_DIR/final, with a log line saying so.
-
-  Raises cli.UserError for a chain whose last stage is not complete, naming the
-  stage directories that hold a trained model.
-  """
-  if (os.path.exists(os.path.join(model_dir, checkpoints.MODEL_JSON)) or
-      not os.path.exists(os.path.join(model_dir, RECORD))):
-    return model_dir
-  final = os.path.join(model_dir, FINAL)
-  if os.path.exists(os.path.join(final, checkpoints.MODEL_JSON)):
-    target = os.readlink(final) if os.path.islink(final) else FINAL
-    log.info('%s is a chain of stages: using its final model %s (-> %s)', model_dir, final,
-             target)
-    return final
-  record = _read_record(model_dir)
-  trained = [os.path.join(model_dir, e['dir']) for e in record['stages']
-             if e.get('status') in ('trained', 'complete')]
-  raise cli.UserError(f'{model_dir} is a chain of stages whose last stage is not complete '
-                      f'(no {final} yet); ' + (
-                          f'give a stage directory: {", ".join(trained)}' if trained else
-                          'no stage is trained yet'))
+_read_record = checkpoints.read_chain_record
 
 
 # --------------------------------------------------------------------------- evaluations
@@ -507,20 +484,6 @@ def retrieval_evaluation(model_dir: str, beir: str, split: str = 'test',
 
 
 # --------------------------------------------------------------------------- the record
-
-def _read_record(model_dir: str) -> dict:
-  path = os.path.join(model_dir, RECORD)
-  if not os.path.exists(path):
-    return {'final_model_dir': None, 'stages': []}
-  with open(path) as f:
-    try:
-      record = json.load(f)
-    except json.JSONDecodeError as e:
-      raise checkpoints.ModelDirError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
-  if not isinstance(record, dict) or not isinstance(record.get('stages'), list):
-    raise checkpoints.ModelDirError(f'{path}: not a record of stages (no "stages" list)')
-  return record
-
 
 def _write_record(model_dir: str, record: dict) -> None:
   if jax.process_index() != 0:

@@ -304,8 +304,8 @@ def require_reranker(model_dir: str, command: str) -> str:
   """`model_dir` (a chain's MODEL_DIR: its final model) if its model scores pairs
   (model_api.Scorer); else a one-line cli.UserError saying what it holds and which
   command takes it, read from model.json alone."""
-  from t5dual import checkpoints, multistage
-  model_dir = multistage.resolve_model_dir(model_dir)
+  from t5dual import checkpoints
+  model_dir = checkpoints.resolve_model_dir(model_dir)
   model_api.require(checkpoints.read_model(model_dir), model_api.Scorer, model_dir, command)
   return model_dir
 

@@ -53,11 +53,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from t5dual.attention import ATTENTION_FNS, check_config as check_attention_config
 from t5dual.attention import xla_attention
+from t5dual.vocab import EOS_ID, PAD_ID  # noqa: F401 (t5.EOS_ID: the vocabulary's ids)
 
 Array = jax.Array
 
-PAD_ID = 0
-EOS_ID = 1
 # T5 starts decoding from the padding id.
 DECODER_START_ID = PAD_ID
 

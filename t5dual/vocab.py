@@ -14,7 +14,11 @@ from typing import Sequence
 import numpy as np
 
 from t5dual import cli
-from t5dual.t5 import EOS_ID, PAD_ID
+
+# The ids every T5 vocabulary gives padding and end of sequence (t5.py's modules mask
+# PAD_ID and end inputs with EOS_ID; T5 decodes from PAD_ID).
+PAD_ID = 0
+EOS_ID = 1
 
 
 class Tokenizer:

@@ -56,7 +56,6 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
 import shutil
 import string
 import time
@@ -64,9 +63,9 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from t5dual import cli, export
+from t5dual import cli, fileio
 from t5dual.data import sources
-from t5dual.t5 import EOS_ID
+from t5dual.vocab import EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +83,20 @@ class StoreError(sources.DataError):
 
 # --------------------------------------------------------------------------- files
 
-_sha256_file, _write_json, _read_json = export._sha256_file, export._write_json, export._read_json
+_sha256_file = fileio.sha256_file
+
+
+def _write_json(path: str, obj: dict) -> None:
+  fileio.write_json(path, obj, indent=1, sort_keys=True)
+
+
+def _read_json(path: str) -> dict:
+  return fileio.read_json(path, StoreError)
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  export._write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+  with fileio.atomic_write(path, 'wb') as f:
+    f.write(data)
 
 
 def _file_record(path: str, dtype: Optional[str] = None) -> dict:

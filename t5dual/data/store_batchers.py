@@ -22,7 +22,7 @@ from t5dual import cli
 from t5dual.data import lists as lists_lib
 from t5dual.data import pipeline
 from t5dual.data import store as store_lib
-from t5dual.t5 import EOS_ID
+from t5dual.vocab import EOS_ID
 
 
 class StorePairBatcher:

@@ -30,13 +30,13 @@ from typing import Any, Optional, Protocol, Union, runtime_checkable
 import numpy as np
 
 from t5dual import model_api
+from t5dual.cli import ParameterError
 from t5dual.data import lists as lists_lib
 from t5dual.data import pipeline, sources
 
 
 
 def _check_int(owner: type, key: str, value: Any) -> None:
-  from t5dual.trainer import ParameterError
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ParameterError(owner, key, f'must be an integer, got {value!r}')
 
@@ -55,7 +55,6 @@ class PairTask:
   kind = 'pairs'
 
   def __post_init__(self):
-    from t5dual.trainer import ParameterError
     _check_int(PairTask, 'num_negatives', self.num_negatives)
     if self.num_negatives < 0:
       raise ParameterError(PairTask, 'num_negatives',
@@ -105,7 +104,6 @@ class ListTask:
   kind = 'lists'
 
   def __post_init__(self):
-    from t5dual.trainer import ParameterError
     for key in ('list_size', 'num_positives', 'min_rank', 'max_rank'):
       _check_int(ListTask, key, getattr(self, key))
     low, high = lists_lib.MIN_LIST_SIZE, lists_lib.MAX_LIST_SIZE
@@ -125,7 +123,6 @@ class ListTask:
   def check_paths(self) -> None:
     """Refuses, before anything is read or written, first-stage or teacher files that
     do not exist (trainer.ParameterError naming the key)."""
-    from t5dual.trainer import ParameterError
     for key in ('first_stage_run', 'teacher'):
       path = getattr(self, key)
       if path is not None and '://' not in path and not os.path.isfile(path):

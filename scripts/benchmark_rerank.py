@@ -27,7 +27,7 @@ configs/runs/medquad_cpu.gin unless --de_dir names one) and its runs, the test-q
 sample, and each trained reranker (keyed by its training settings). Rerankers train
 with scripts/train.py's gin path (gin/models/<scorer>.gin + configs/runs/finetune.gin +
 configs/runs/rerank.gin). Each reranker scores the union of the two first stages'
-top-k of the sampled queries once (t5dual.reranking.rerank); both reranked runs and
+top-k of the sampled queries once (t5dual.rerank_runs.rerank); both reranked runs and
 the first stages on the same sample are evaluated with pytrec_eval (ir_measures).
 """
 
@@ -287,15 +287,15 @@ def train_stage(args, model_dir: str, row: Row, steps: int, lr: float,
 
 def rerank_row(args, model_dir: str, firsts: dict, queries, documents, qrels) -> dict:
   """Scores the union of the first stages' top-k once; metrics of each reranked run."""
-  from t5dual import reranking
-  model, params, _, tokenizer, length = reranking.load_reranker(model_dir)
+  from t5dual import rerank_runs
+  model, params, _, tokenizer, length = rerank_runs.load_reranker(model_dir)
   union = {}
   for run in firsts.values():
-    for q, d in reranking.top_k_pairs(run, args.top_k):
+    for q, d in rerank_runs.top_k_pairs(run, args.top_k):
       union.setdefault(q, {})[d] = 0.0
   pairs = sum(len(d) for d in union.values())
   t0 = time.time()
-  scores = reranking.rerank(reranking.make_score_fn(model, params), tokenizer, queries,
+  scores = rerank_runs.rerank(rerank_runs.make_score_fn(model, params), tokenizer, queries,
                             documents, union, args.top_k * len(firsts), length,
                             model.template, args.rerank_batch, progress=False)
   seconds = time.time() - t0

@@ -37,8 +37,8 @@ MODES = ('model-parallel 8', 'replicated', 'host, then placed')
 
 
 def _model(size):
-  from t5dual import models, t5
-  return models.DualEncoderModel(models.DualEncoderConfig(t5=t5.t5_config(size,
+  from t5dual import dual_encoders, t5
+  return dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=t5.t5_config(size,
                                                                           dtype='float32')))
 
 

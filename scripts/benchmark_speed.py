@@ -157,7 +157,7 @@ def _train_step_row(a, model, task, batch_np, lengths, name, unit, per_step, gra
 def run_one(a):
   """One workload in this process; returns its row (a dict)."""
   import numpy as np
-  from t5dual import models, planning, rerankers, t5
+  from t5dual import dual_encoders, planning, rerankers, t5
   from t5dual.data import tasks
   rng = np.random.default_rng(0)
   ids = lambda *shape: rng.integers(2, 32000, size=shape).astype(np.int32)
@@ -170,7 +170,7 @@ def run_one(a):
   settings = dict(size=a.size, dtype=a.dtype, remat=a.remat, attention=a.attention,
                   dropout=dropout)
   if name in ('W1', 'W4'):
-    model = models.DualEncoderModel(models.DualEncoderConfig(t5=cfg))
+    model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=cfg))
     batch = {'inputs': ids(a.batch, a.q_len), 'targets': ids(a.batch, a.d_len),
              'query_ids': np.arange(a.batch, dtype=np.int32),
              'doc_ids': np.arange(a.batch, dtype=np.int32)}
@@ -213,9 +213,9 @@ def _encode_row(a, cfg, ids):
   """W2: fixed-length batches. W2b: a real corpus through the export's bucketing."""
   import jax
   import numpy as np
-  from t5dual import encoding, models, planning
+  from t5dual import dual_encoders, encoding, planning
   from t5dual.sides import Side
-  model = models.DualEncoderModel(models.DualEncoderConfig(t5=cfg))
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=cfg))
   params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
   encode = encoding.make_encode_fn(model, params, Side.DOCUMENT)
   per_token = lambda length: planning.encoder_flops_per_token(cfg, length)

@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from t5dual import checkpoints, cli, interop, layer_layout, model_api, models  # noqa: E402
+from t5dual import checkpoints, cli, interop, layer_layout, model_api, dual_encoders  # noqa: E402
 from t5dual import rerankers  # noqa: E402
 from t5dual.data import pipeline  # noqa: E402
 from t5dual.interop import hf, mapping, t5x, trees  # noqa: E402
@@ -241,7 +241,7 @@ def _import(args, load_dual_encoder, found_vocab=None):
   params, config, report = load(args.checkpoint, **target)
   if scanned:
     params, config = layer_layout.unrolled_to_scan(params), cfg
-  model = rerankers.RerankerModel(config) if args.scorer else models.DualEncoderModel(config)
+  model = rerankers.RerankerModel(config) if args.scorer else dual_encoders.DualEncoderModel(config)
   _finish_import(args, params, model, report, vocab)
 
 
@@ -264,7 +264,7 @@ def st_to_t5dual(args):
   folder = st.read_folder(args.checkpoint)
   if folder.max_seq_length and args.doc_length == pipeline.DEFAULT_FEATURE_LENGTHS['targets']:
     args.doc_length = folder.max_seq_length
-  _finish_import(args, params, models.DualEncoderModel(config), report,
+  _finish_import(args, params, dual_encoders.DualEncoderModel(config), report,
                  _vocab(args, st.find_vocab(args.checkpoint)))
 
 
@@ -363,7 +363,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser(name, help=f'{what} -> t5dual model directory')
     q.add_argument('checkpoint', help=what)
     q.add_argument('output', help='new t5dual model directory')
-    q.add_argument('--architecture', default='sde', choices=models.ARCHITECTURES,
+    q.add_argument('--architecture', default='sde', choices=dual_encoders.ARCHITECTURES,
                    help='t5dual architecture; a single-tower checkpoint fills both ADE towers')
     q.add_argument('--like', help='take the model config from this t5dual model dir instead')
     q.add_argument('--vocab', help='SentencePiece model for model.json')

@@ -12,7 +12,7 @@
    (configs/demo_rerank.gin), started from the dual encoder's encoder, on lists
    (t5dual/data/lists.py) whose negatives both first stages found for the
    training queries;
-5. reranks each first stage's top-20 (t5dual/reranking.py) and prints nDCG@10,
+5. reranks each first stage's top-20 (t5dual/rerank_runs.py) and prints nDCG@10,
    MRR@10 and R@100 of every stage.
 
 Everything is generated locally (data and vocabulary); nothing is downloaded.
@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gin  # noqa: E402
 import jax  # noqa: E402
 
-from t5dual import (bm25, cli, distributed, evaluation, gin_utils, models,  # noqa: E402
-                    reranking, rerankers, retrieval, train_lib, vocab)
+from t5dual import (bm25, cli, distributed, evaluation, gin_utils, dual_encoders,  # noqa: E402
+                    rerank_runs, rerankers, retrieval, train_lib, vocab)
 from t5dual.data import demo, sources  # noqa: E402
 
 DUAL_ENCODER_GIN = ['gin/models/sde.gin', 'gin/sizes/tiny.gin', 'configs/runs/finetune.gin',
@@ -117,13 +117,13 @@ def _rerank(rr_dir, data_dir, first_stage_path, out):
   rest of the run after them in its own order; writes `out` and returns the run."""
   qrels = evaluation.load_qrels(data_dir, 'test')
   first = {q: d for q, d in retrieval.read_trec_run(first_stage_path).items() if q in qrels}
-  model, params, _, tokenizer, length = reranking.load_reranker(rr_dir)
+  model, params, _, tokenizer, length = rerank_runs.load_reranker(rr_dir)
   doc_ids, doc_texts = sources.read_beir_corpus(data_dir)
-  reranked = reranking.rerank(reranking.make_score_fn(model, params), tokenizer,
+  reranked = rerank_runs.rerank(rerank_runs.make_score_fn(model, params), tokenizer,
                               sources.read_beir_queries(data_dir), dict(zip(doc_ids, doc_texts)),
                               first, TOP_K, length, model.template, progress=False)
   # The tail ranks below the lowest reranker score, in first-stage order.
-  run = reranking.append_tail(reranked, first)
+  run = rerank_runs.append_tail(reranked, first)
   retrieval.write_trec_run(out, run, tag=f't5dual-{model.config.scorer}')
   return run
 
@@ -197,7 +197,7 @@ def main(argv):
   # ---------------------------------------------------------- first stage 2: dual encoder
   configure_dual_encoder()
   # The untrained model: the configured model with the run's initial seed.
-  de_model = gin.get_configurable(models.DualEncoderModel)()
+  de_model = gin.get_configurable(dual_encoders.DualEncoderModel)()
   lengths = gin.query_parameter('%TASK_FEATURE_LENGTHS')
   rows['SDE dual encoder, untrained'] = evaluation.evaluate_beir(
       de_model, de_model.init_params(jax.random.PRNGKey(0)), vocab.Tokenizer(spm_path),

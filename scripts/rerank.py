@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from t5dual import cli, distributed, evaluation, reranking  # noqa: E402
+from t5dual import cli, distributed, evaluation, rerank_runs  # noqa: E402
 from t5dual.data import sources  # noqa: E402
 
 log = logging.getLogger('rerank')
@@ -59,7 +59,7 @@ def main(argv) -> int:
                            'qrels/test.tsv; else no evaluation)')
   parser.add_argument('--run', required=True, help='first-stage TREC run')
   parser.add_argument('--top_k', type=int, default=100)
-  parser.add_argument('--tail', choices=reranking.TAILS, default='append',
+  parser.add_argument('--tail', choices=rerank_runs.TAILS, default='append',
                       help="append: the first stage's documents below the reranked top-k, in "
                            'its order (measures deeper than top-k compare the same documents); '
                            'drop: the top-k alone, deeper measures left out')
@@ -79,7 +79,7 @@ def main(argv) -> int:
   measures = [m.strip() for m in args.measures.split(',') if m.strip()]
   evaluation.parse_measures(measures)  # a typo fails before any work
   split = _split(args)
-  summary = reranking.rerank_beir(
+  summary = rerank_runs.rerank_beir(
       args.model_dir, args.beir, split, args.run, args.out, top_k=args.top_k,
       step=args.step, dtype=args.dtype, batch_size=args.batch_size,
       input_length=args.input_length, measures=measures, progress=not args.no_progress,

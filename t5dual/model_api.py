@@ -2,7 +2,7 @@
 
 The trainer (trainer.py), the gin entry point (train_lib.py) and the model
 directories (checkpoints.py) know a model only through `Model`, as T5X's
-trainer knows only `BaseModel`. Dual encoders (models.DualEncoderModel)
+trainer knows only `BaseModel`. Dual encoders (dual_encoders.DualEncoderModel)
 implement it now; rerankers implement the same contract, so one trainer,
 one `scripts/train.py` and one restore path serve both.
 
@@ -297,7 +297,7 @@ _REGISTRY: dict[str, type] = {}
 # Modules that register the built-in kinds, imported on first use, so that
 # reading a model directory works without importing every model family first.
 BUILTIN_KINDS = {
-    'dual_encoder': 't5dual.models',
+    'dual_encoder': 't5dual.dual_encoders',
     'reranker': 't5dual.rerankers',
 }
 

@@ -322,7 +322,7 @@ def _train_stage(model_dir, index, stage, previous, run_config, where) -> dict:
 
 def _evaluate(stage: Stage, directory: str, where: str) -> Optional[dict]:
   # By every process of a multi-host run: the evaluations split their work over the
-  # processes and gather it (reranking.rerank, export), so one process alone would wait
+  # processes and gather it (rerank_runs.rerank, export), so one process alone would wait
   # for the others forever; process 0 writes the runs and the record.
   if stage.evaluate is None:
     return None
@@ -350,17 +350,17 @@ def with_previous_stage_teacher(task, source: str, previous_dir: str, teacher_pa
   the reranker in `previous_dir` into `teacher_path`, written atomically. An
   existing file is reused, so a resumed stage trains against the same teacher;
   an interrupted scoring resumes from its finished chunks
-  (`reranking.score_pairs`, in `teacher_path`.partial/).
+  (`rerank_runs.score_pairs`, in `teacher_path`.partial/).
   """
   if os.path.exists(teacher_path):
     log.info('teacher scores of %s: reusing %s', previous_dir, teacher_path)
   else:
-    from t5dual import reranking, retrieval
+    from t5dual import rerank_runs, retrieval
     from t5dual.data import sources, tasks
     folder, split = tasks.beir_source(source)
     candidates, visited, total = training_candidates(folder, split, task, batch_size,
                                                      train_steps, seed)
-    teacher, params, step, tokenizer, length = reranking.load_reranker(
+    teacher, params, step, tokenizer, length = rerank_runs.load_reranker(
         previous_dir, command='teacher scoring for the next stage')
     pairs = [(q, d) for q, docs in candidates.items() for d in docs]
     if visited < total:
@@ -373,8 +373,8 @@ def with_previous_stage_teacher(task, source: str, previous_dir: str, teacher_pa
              cli.plural(len(pairs), 'candidate'), which, task.min_rank, task.max_rank)
     doc_ids, doc_texts = sources.read_beir_corpus(folder)
     work_dir = teacher_path + '.partial'
-    scores = reranking.score_pairs(
-        reranking.make_score_fn(teacher, params), tokenizer, sources.read_beir_queries(folder),
+    scores = rerank_runs.score_pairs(
+        rerank_runs.make_score_fn(teacher, params), tokenizer, sources.read_beir_queries(folder),
         dict(zip(doc_ids, doc_texts)), pairs, length, teacher.template,
         progress=False, chunk_pairs=TEACHER_CHUNK_PAIRS, work_dir=work_dir,
         fingerprint={'teacher': os.path.basename(os.path.normpath(previous_dir)),
@@ -444,7 +444,7 @@ def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
       deepest measure (at least top_k; 1000 for a measure without cutoff), written
       once to model_dir/eval/bm25-<folder>-<split>-top<depth>.trec, so that
       R@100 is recall at 100 whatever top_k is.
-    tail: as in `reranking.rerank_beir`: 'append' puts the first stage's
+    tail: as in `rerank_runs.rerank_beir`: 'append' puts the first stage's
       documents below the reranked top_k (measures deeper than top_k compare
       the same documents), 'drop' leaves the deeper measures out.
   Returns:
@@ -452,7 +452,7 @@ def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
     (run path), 'run' (reranked run path), 'metrics': {'first stage': {...},
     'reranked': {...}}}.
   """
-  from t5dual import evaluation, reranking
+  from t5dual import evaluation, rerank_runs
   name = os.path.basename(os.path.normpath(beir))
   eval_dir = os.path.join(model_dir, 'eval')
   if run is None:
@@ -464,7 +464,7 @@ def rerank_evaluation(model_dir: str, beir: str, split: str = 'test',
       # Every process writes the same run (write_trec_run's temporaries are per process).
       retrieval.write_trec_run(run, bm25.beir_run(beir, split, k=depth), tag='bm25')
   out = os.path.join(eval_dir, f'rerank-{name}-{split}-top{top_k}.trec')
-  result = reranking.rerank_beir(model_dir, beir, split, run, out, top_k=top_k,
+  result = rerank_runs.rerank_beir(model_dir, beir, split, run, out, top_k=top_k,
                                  measures=measures, batch_size=batch_size, progress=False,
                                  tail=tail)
   return {'beir': beir, 'split': split, 'top_k': top_k, 'tail': tail,

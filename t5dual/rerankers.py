@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import rax
 
-from t5dual import model_api, models, ranking_losses, t5
+from t5dual import dual_encoders, model_api, ranking_losses, t5
 from t5dual.vocab import Tokenizer
 
 Array = jax.Array
@@ -185,7 +185,7 @@ class EncoderScorer(nn.Module):
     if self.config.pooling == 'first':
       pooled = hidden[:, 0].astype(jnp.float32)
     else:
-      pooled = models.mean_pool(hidden, mask)
+      pooled = dual_encoders.mean_pool(hidden, mask)
     return self.score_dense(pooled)
 
   def __call__(self, ids: Array, deterministic: bool = True) -> Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5dual import cli, models, rerankers, t5
+from t5dual import cli, dual_encoders, rerankers, t5
 from t5dual import attention as attention_lib
 import tolerances  # tests/helpers
 import cli_output  # tests/helpers
@@ -155,7 +155,7 @@ def _trace_models(lengths):
   cfg = t5.t5_config('tiny', head_dim=64, dtype='bfloat16', attention='cudnn')
   rng = jax.random.PRNGKey(0)
   q_len, d_len = lengths
-  dual = models.DualEncoderModel(models.DualEncoderConfig(t5=cfg, projection_dim=16))
+  dual = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=cfg, projection_dim=16))
   batch = {'inputs': jnp.ones((4, q_len), jnp.int32), 'targets': jnp.ones((4, d_len), jnp.int32),
            'query_ids': jnp.arange(4), 'doc_ids': jnp.arange(4)}
   traced = [(dual, batch)]
@@ -219,7 +219,7 @@ def test_rankt5_encdec_train_step_traces_with_cudnn(monkeypatch, jax_cudnn_check
 def test_cudnn_without_cudnn_is_one_line():
   """attention='cudnn' where JAX has no cuDNN (this CPU): a ConfigError naming the setting."""
   assert attention_lib.cudnn_unavailable() == "JAX's backend is 'cpu', not a CUDA GPU"
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('tiny', vocab_size=50, dtype='bfloat16', attention='cudnn'),
       projection_dim=12))
   with pytest.raises(cli.ConfigError) as raised:
@@ -267,7 +267,7 @@ def test_dual_encoder_embeddings_and_gradients_match_xla(seq_lengths_attention, 
   ids = _ids(2)  # with an all-padding row
   out = []
   for name in ('xla', attention):
-    model = models.DualEncoderModel(models.DualEncoderConfig(
+    model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
         t5=t5.t5_config('tiny', vocab_size=50, dtype='float32', attention=name),
         projection_dim=12))
     params = model.init_params(jax.random.PRNGKey(0))

@@ -13,7 +13,7 @@ import pytest
 
 import jax
 
-from t5dual import corpus, encoding, export, models, t5, vocab
+from t5dual import corpus, dual_encoders, encoding, export, t5, vocab
 from t5dual.data import sources
 from t5dual.sides import Side
 
@@ -35,7 +35,7 @@ def setup(tmp_path_factory, demo_beir):
   # Short, medium and long documents, so that the length buckets 8, 16, 32 are all used.
   texts = [' '.join(t.split()[:2]) if i % 3 == 0 else t if i % 3 == 1 else f'{t} {t} {t}'
            for i, t in enumerate(texts)]
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('tiny', dtype='float32', vocab_size=tok.vocab_size), projection_dim=16))
   params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
   encode = encoding.make_encode_fn(model, params, 'document')

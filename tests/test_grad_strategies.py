@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from t5dual import gradients, models, rerankers, t5, trainer
+from t5dual import dual_encoders, gradients, rerankers, t5, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, 'helpers'))
@@ -104,7 +104,7 @@ def test_accumulation_equals_the_full_batch_for_a_listwise_reranker(results):
 
 TINY = t5.T5Config(vocab_size=64, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
                    num_layers=1, relative_attention_num_buckets=4, dtype='float32')
-DUAL = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=8))
+DUAL = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=8))
 RERANKER = rerankers.RerankerModel(rerankers.RerankerConfig(t5=TINY, scorer='enc'))
 
 

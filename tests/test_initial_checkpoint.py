@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, models, optim, t5, train_lib, trainer, vocab
+from t5dual import checkpoints, dual_encoders, optim, t5, train_lib, trainer, vocab
 from t5dual.data import pipeline, sources, tasks
 from t5dual.interop import hf, load_initial_params, t5x
 
@@ -43,9 +43,9 @@ def test_every_format_restores_into_a_model_parallel_layout(tmp_path):
 def test_a_checkpoint_of_another_shape_is_one_line_before_anything_is_written(tmp_path):
   small = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, head_dim=4, mlp_dim=32,
                       num_layers=2, relative_attention_num_buckets=8, dtype='float32')
-  wide = models.DualEncoderModel(models.DualEncoderConfig(
+  wide = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5.T5Config(**{**small.__dict__, 'mlp_dim': 48}), projection_dim=8))
-  narrow = models.DualEncoderModel(models.DualEncoderConfig(t5=small, projection_dim=8))
+  narrow = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=small, projection_dim=8))
   ckpt = t5x.write_checkpoint(str(tmp_path / 'checkpoint_1'), jax.tree.map(
       np.asarray, narrow.init_params(jax.random.PRNGKey(0))))
   model_dir = tmp_path / 'run'
@@ -79,9 +79,9 @@ def test_training_starts_from_hf_checkpoint(tmp_path, demo_beir):
   hf_dir = str(tmp_path / 'hf')
   transformers.T5EncoderModel(hf_cfg).save_pretrained(hf_dir)
 
-  config = models.DualEncoderConfig(t5=hf.t5_config_from_hf(hf_cfg, dtype='float32'),
+  config = dual_encoders.DualEncoderConfig(t5=hf.t5_config_from_hf(hf_cfg, dtype='float32'),
                                     architecture='ade_spl', projection_dim=8)
-  model = models.DualEncoderModel(config)
+  model = dual_encoders.DualEncoderModel(config)
   initial = load_initial_params(hf_dir, model)
   flat = {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(initial).items()}
   state = hf.load_state_dict(hf_dir)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, cli, models, t5
+from t5dual import checkpoints, cli, dual_encoders, t5
 from t5dual.interop import t5x, trees
 from t5dual.vocab import train_sentencepiece
 from script_modules import load_script  # tests/helpers
@@ -43,7 +43,7 @@ def _assert_params_equal(a, b):
 @pytest.mark.slow
 @pytest.mark.torch
 def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
-  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   params = _random_params(config)
   t5x.write_checkpoint(str(tmp_path / 'checkpoint_9'), params, step=9)
 
@@ -78,11 +78,11 @@ def test_t5x_to_t5dual_and_back_out(tmp_path, convert, spm, capsys):
 
 
 def test_shape_mismatch_is_an_error_naming_the_parameter(tmp_path, convert, spm):
-  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   t5x.write_checkpoint(str(tmp_path / 'ckpt'), _random_params(config))
   wider = dataclasses.replace(config, projection_dim=10)
   checkpoints.write_model_json(str(tmp_path / 'like'), checkpoints.model_description(
-      models.DualEncoderModel(wider), spm, {'inputs': 8, 'targets': 8}))
+      dual_encoders.DualEncoderModel(wider), spm, {'inputs': 8, 'targets': 8}))
   with pytest.raises(cli.UserError, match=r'shape mismatch for projection_layer/kernel.*\[8, 6\]'):
     convert.main(['t5x-to-t5dual', str(tmp_path / 'ckpt'), str(tmp_path / 'out'),
                   '--vocab', spm, '--like', str(tmp_path / 'like')])
@@ -91,7 +91,7 @@ def test_shape_mismatch_is_an_error_naming_the_parameter(tmp_path, convert, spm)
 
 def test_t5x_encoder_decoder_to_hf(tmp_path, convert, capsys):
   rng = np.random.default_rng(0)
-  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   tree = {k: v for k, v in _random_params(config).items() if k != 'projection_layer'}
   layer = {'pre_self_attention_layer_norm': {'scale': np.ones(8, np.float32)},
            'pre_cross_attention_layer_norm': {'scale': np.ones(8, np.float32)},
@@ -135,8 +135,8 @@ def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, conver
     (source / 'pytorch_model.bin').write_bytes(b'not read without torch')
     argv = [command, str(source), str(tmp_path / 'out'), '--vocab', spm]
   else:
-    config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
-    convert.save_model_dir(str(tmp_path / 'model'), models.DualEncoderModel(config),
+    config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
+    convert.save_model_dir(str(tmp_path / 'model'), dual_encoders.DualEncoderModel(config),
                            _random_params(config), spm,
                            {'inputs': 8, 'targets': 8})
     argv = [command, str(tmp_path / 'model'), str(tmp_path / 'out')]
@@ -168,15 +168,15 @@ def test_missing_torch_extra_is_one_line_saying_what_to_install(tmp_path, conver
 def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, convert, spm):
   from t5dual import layer_layout
   from t5dual.interop import load_initial_params
-  unrolled_cfg = models.DualEncoderConfig(t5=TINY, projection_dim=6)
-  scanned_cfg = models.DualEncoderConfig(t5=dataclasses.replace(TINY, scan_layers=True),
+  unrolled_cfg = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
+  scanned_cfg = dual_encoders.DualEncoderConfig(t5=dataclasses.replace(TINY, scan_layers=True),
                                          projection_dim=6)
   params = _random_params(unrolled_cfg)
   scanned = layer_layout.unrolled_to_scan(params)
   lengths = {'inputs': 16, 'targets': 32}
-  convert.save_model_dir(str(tmp_path / 'scanned'), models.DualEncoderModel(scanned_cfg),
+  convert.save_model_dir(str(tmp_path / 'scanned'), dual_encoders.DualEncoderModel(scanned_cfg),
                          scanned, spm, lengths)
-  convert.save_model_dir(str(tmp_path / 'unrolled'), models.DualEncoderModel(unrolled_cfg),
+  convert.save_model_dir(str(tmp_path / 'unrolled'), dual_encoders.DualEncoderModel(unrolled_cfg),
                          params, spm, lengths)
   assert 'layers' in checkpoints.restore_for_inference(
       str(tmp_path / 'scanned')).params['encoder']
@@ -200,8 +200,8 @@ def test_a_scanned_model_converts_out_and_in_like_an_unrolled_one(tmp_path, conv
   back = checkpoints.restore_for_inference(str(tmp_path / 'back'))
   assert back.model.config == scanned_cfg
   _assert_params_equal(back.params, scanned)
-  scanned_model = models.DualEncoderModel(scanned_cfg)
+  scanned_model = dual_encoders.DualEncoderModel(scanned_cfg)
   for source in ('hf_unrolled', 'unrolled'):
     _assert_params_equal(load_initial_params(str(tmp_path / source), scanned_model), scanned)
   _assert_params_equal(load_initial_params(str(tmp_path / 'scanned'),
-                                           models.DualEncoderModel(unrolled_cfg)), params)
+                                           dual_encoders.DualEncoderModel(unrolled_cfg)), params)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.torch
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from t5dual import models, t5  # noqa: E402
+from t5dual import dual_encoders, t5  # noqa: E402
 from t5dual.sides import Side  # noqa: E402
 from t5dual.interop import hf, t5x, trees  # noqa: E402
 import file_modes  # tests/helpers
@@ -98,7 +98,7 @@ def test_t5_encoder_model_converts_in(tmp_path, proj):
   assert config.t5.relative_attention_max_distance == 20  # from config.json
   assert report.initialised == ['projection_layer/kernel']  # T5 has no projection
   tolerances.assert_close(_t5dual_hidden(params, config.t5, ids), ref_hidden, **HIDDEN)
-  emb = np.asarray(models.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
+  emb = np.asarray(dual_encoders.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
   tolerances.assert_close(
       emb, _pool_project(ref_hidden, ids, params['projection_layer']['kernel']), **EMBEDDING)
 
@@ -180,7 +180,7 @@ def test_unknown_hf_parameters_are_errors():
 
 @pytest.mark.parametrize('architecture', ['sde', 'ade_spl'])
 def test_export_loads_back_in_transformers(tmp_path, architecture):
-  config = models.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
   params = _random_params(config)
   with file_modes.umask(0o027):
     folders = hf.save_t5_encoders(str(tmp_path), params, config)
@@ -189,19 +189,19 @@ def test_export_loads_back_in_transformers(tmp_path, architecture):
   assert folders == ([str(tmp_path)] if architecture == 'sde' else
                      [str(tmp_path / 'query'), str(tmp_path / 'document')])
   ids = _ids(5)
-  dual = models.DualEncoderModel(config)
+  dual = dual_encoders.DualEncoderModel(config)
   for side, folder in zip(sides, folders):
     with open(os.path.join(folder, 'config.json')) as f:
       assert json.load(f)['architectures'] == ['T5EncoderModel']
     hidden = _hf_hidden(folder, ids, torch.float64)  # only t5dual's float32 rounding counts
-    tower = models.tower_params(params, architecture, side)
+    tower = dual_encoders.tower_params(params, architecture, side)
     tolerances.assert_close(_t5dual_hidden(tower, TINY, ids), hidden, **HIDDEN)
     from safetensors.numpy import load_file
     weight = load_file(os.path.join(folder, hf.PROJECTION_FILE))[hf.PROJECTION_KEY]
     tolerances.assert_close(dual.encode(params, jnp.asarray(ids), side.tower),
                             _pool_project(hidden, ids, weight.T), **EMBEDDING)
     # And back into t5dual, exactly.
-    sde = models.DualEncoderConfig(t5=TINY, projection_dim=12)
+    sde = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=12)
     again, _, report = hf.load_dual_encoder(folder, sde)
     assert report.initialised == [] and report.skipped == []
     for k, v in trees.flatten(tower).items():

@@ -154,7 +154,7 @@ def _one_line(excinfo) -> str:
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_convert_cli_hf_to_reranker_dir_and_back_is_exact(tmp_path, convert, spm, variant,
                                                           capsys):
-  from t5dual import reranking
+  from t5dual import rerank_runs
   cfg, model = tiny_hf(variant, seed=4)
   model.save_pretrained(tmp_path / 'in')
   assert convert.main(['hf-to-t5dual', str(tmp_path / 'in'), str(tmp_path / 'rr'),
@@ -162,7 +162,7 @@ def test_convert_cli_hf_to_reranker_dir_and_back_is_exact(tmp_path, convert, spm
                        '--dtype=float32', '--input-length=16']) == 0
   assert 'wrote t5dual encdec reranker model' in capsys.readouterr().out
   # The directory reloads by its kind, as scripts/rerank.py reads it.
-  reranker, params, _, _, length = reranking.load_reranker(str(tmp_path / 'rr'))
+  reranker, params, _, _, length = rerank_runs.load_reranker(str(tmp_path / 'rr'))
   assert length == 16 and reranker.config.scoring_token_id == SCORING
   assert reranker.config.t5 == t5dual_config(cfg)
   _assert_trees_equal(params, t5dual_params(model))
@@ -182,7 +182,7 @@ def test_convert_cli_hf_to_reranker_dir_and_back_is_exact(tmp_path, convert, spm
 
 
 def test_convert_cli_t5x_to_yes_no_reranker_dir(tmp_path, convert, spm):
-  from t5dual import reranking
+  from t5dual import rerank_runs
   from t5dual.vocab import Tokenizer
   cfg, model = tiny_hf('t5.1.1', seed=5)
   t5x.write_checkpoint(str(tmp_path / 'checkpoint_3'), t5dual_params(model), step=3)
@@ -190,7 +190,7 @@ def test_convert_cli_t5x_to_yes_no_reranker_dir(tmp_path, convert, spm):
   assert convert.main(['t5x-to-t5dual', str(tmp_path / 'checkpoint_3'), str(tmp_path / 'rr'),
                        '--scorer=yes_no', f'--answers={",".join(answers)}', f'--vocab={spm}',
                        '--dtype=float32', '--max-distance=20', '--input-length=12']) == 0
-  reranker, params, _, _, _ = reranking.load_reranker(str(tmp_path / 'rr'))
+  reranker, params, _, _, _ = rerank_runs.load_reranker(str(tmp_path / 'rr'))
   yes, no = rerankers.yes_no_token_ids(Tokenizer(spm), *answers)
   assert (reranker.config.yes_token_id, reranker.config.no_token_id) == (yes, no)
   # monoT5's own input format, unless --template says otherwise.

@@ -14,7 +14,7 @@ transformers = pytest.importorskip('transformers')
 pytest.importorskip('sentence_transformers')
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
-from t5dual import models, t5  # noqa: E402
+from t5dual import dual_encoders, t5  # noqa: E402
 from t5dual.sides import Side  # noqa: E402
 from t5dual.interop import sentence_transformers as st  # noqa: E402
 from t5dual.interop import trees  # noqa: E402
@@ -85,7 +85,7 @@ def test_gtr_folder_converts_in(tmp_path, spm):
   length = st.read_folder(str(folder)).max_seq_length
   assert length == 32
   ids = Tokenizer(st.find_vocab(str(folder))).encode(TEXTS, length)
-  ours = np.asarray(models.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
+  ours = np.asarray(dual_encoders.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
   tolerances.assert_close(ours, reference, **EMBEDDING)
 
   # The layout of GTR folders written by sentence-transformers 2.x loads the same.
@@ -119,13 +119,13 @@ def test_gtr_folder_converts_in(tmp_path, spm):
 
 @pytest.mark.parametrize('architecture', ['sde', 'ade'])
 def test_export_encodes_like_t5dual(tmp_path, spm, architecture):
-  config = models.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=12)
   params = _random_params(config, seed=1)
   with file_modes.umask(0o027):
     folders = st.save_sentence_transformers(str(tmp_path / 'out'), params, config, spm,
                                             {Side.QUERY: 24, 'right': 40})  # any side name
   assert file_modes.wrong_modes(str(tmp_path / 'out'), 0o027) == []  # safetensors writes 0600
-  dual = models.DualEncoderModel(config)
+  dual = dual_encoders.DualEncoderModel(config)
   tok = Tokenizer(spm)
   # An SDE's one tower encodes documents too: it keeps the longer length.
   lengths = [40] if architecture == 'sde' else [24, 40]

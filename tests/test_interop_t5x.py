@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from t5dual import models, t5
+from t5dual import dual_encoders, t5
 from t5dual.interop import t5x, trees
 import tolerances  # tests/helpers
 from tree_utils import random_params as _random_params  # tests/helpers
@@ -84,7 +84,7 @@ def test_real_t5x_retrieval_checkpoint_loads_completely(shared_dir):
   for side in ('left_tower', 'right_tower'):
     _assert_trees_equal(ade[side], params)
   ids = _fixture_ids(shared_dir)
-  emb = np.asarray(models.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
+  emb = np.asarray(dual_encoders.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
   assert emb.shape == (3, 768)
   # Normalising sums 768 squares: |norm - 1| <= eps * 768.
   tolerances.assert_close(np.linalg.norm(emb.astype(np.float64), axis=-1), 1.0, magnitude=1.0,
@@ -92,7 +92,7 @@ def test_real_t5x_retrieval_checkpoint_loads_completely(shared_dir):
   # Different texts differ by more than float32 error (as bounded below).
   assert np.abs(emb[0] - emb[1]).max() > tolerances.tolerance(np.abs(emb).max(), depth=5,
                                                               width=768, both_sides=True)
-  ade_model = models.DualEncoderModel(ade_config)
+  ade_model = dual_encoders.DualEncoderModel(ade_config)
   for side in ('left', 'right'):
     # Two float32 programs: 2 layers (4 residual blocks) + head, widest reduction the 768-wide
     # normalisation.
@@ -108,7 +108,7 @@ def test_real_t5x_retrieval_checkpoint_encodes_like_transformers(shared_dir):
   from t5dual.interop import hf
   params, config, _ = t5x.load_dual_encoder(str(shared_dir / FIXTURE), dtype='float32')
   ids = _fixture_ids(shared_dir)
-  emb = np.asarray(models.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
+  emb = np.asarray(dual_encoders.DualEncoderModel(config).encode(params, jnp.asarray(ids)))
 
   hf_cfg = transformers.T5Config(**hf.hf_config_dict(config.t5))
   ref_model = transformers.T5EncoderModel(hf_cfg).eval()
@@ -128,7 +128,7 @@ def test_real_t5x_retrieval_checkpoint_encodes_like_transformers(shared_dir):
 # --------------------------------------------------------------------------- writing and layouts
 
 def test_version3_checkpoint_round_trips(tmp_path):
-  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   params = _random_params(config)
   opt = {'encoder': {'encoder_norm': {'scale': {'v': np.arange(8, dtype=np.float32)}}}}
   written = t5x.write_checkpoint(str(tmp_path / 'run/checkpoint_7'), params, step=7,
@@ -194,7 +194,7 @@ def test_bfloat16_native_in_version3_and_as_uint16_in_version2(tmp_path):
 
 def test_orbax_layout(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
-  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   params = _random_params(config)
   state = {'step': np.int32(5), 'param_states': {'projection_layer': {'kernel': {
       'v': np.ones((8, 6), np.float32)}}}}
@@ -214,7 +214,7 @@ def test_orbax_layout(tmp_path):
 # --------------------------------------------------------------------------- mapping
 
 def test_encoder_decoder_checkpoint_fills_every_architecture(tmp_path):
-  sde_config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  sde_config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   encoder = {k: v for k, v in _random_params(sde_config).items() if k != 'projection_layer'}
   rng = np.random.default_rng(1)
   decoder = {'decoder_norm': {'scale': rng.normal(size=8).astype(np.float32)},
@@ -225,7 +225,7 @@ def test_encoder_decoder_checkpoint_fills_every_architecture(tmp_path):
   _assert_trees_equal(whole['decoder'], decoder)
 
   for arch in ('sde', 'ade', 'ade_spl'):
-    config = models.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=6)
+    config = dual_encoders.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=6)
     init = _random_params(config, seed=5)
     params, _, report = t5x.load_dual_encoder(str(tmp_path / 'checkpoint_1'), config,
                                               init_params=init)
@@ -242,14 +242,14 @@ def test_encoder_decoder_checkpoint_fills_every_architecture(tmp_path):
 
 
 def test_mismatches_are_errors_naming_the_parameter(tmp_path):
-  config = models.DualEncoderConfig(t5=TINY, projection_dim=6)
+  config = dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=6)
   t5x.write_checkpoint(str(tmp_path / 'c'), _random_params(config))
-  wider = models.DualEncoderConfig(t5=t5.T5Config(**{**TINY.__dict__, 'mlp_dim': 16}),
+  wider = dual_encoders.DualEncoderConfig(t5=t5.T5Config(**{**TINY.__dict__, 'mlp_dim': 16}),
                                    projection_dim=6)
   with pytest.raises(ValueError, match=r'encoder/layers_1/mlp/wi_0/kernel .*checkpoint \[8, 12\], '
                      r't5dual model \[8, 16\]'):
     t5x.load_dual_encoder(str(tmp_path / 'c'), wider)
-  shallower = models.DualEncoderConfig(t5=t5.T5Config(**{**TINY.__dict__, 'num_layers': 1}),
+  shallower = dual_encoders.DualEncoderConfig(t5=t5.T5Config(**{**TINY.__dict__, 'num_layers': 1}),
                                        projection_dim=6)
   with pytest.raises(ValueError, match='encoder/layers_1/attention/key/kernel has no counterpart'):
     t5x.load_dual_encoder(str(tmp_path / 'c'), shallower)
@@ -263,12 +263,12 @@ SHARDED_SCRIPT = textwrap.dedent('''
   import os, sys
   import jax, numpy as np
   import orbax.checkpoint as ocp
-  from t5dual import models, partitioning, t5
+  from t5dual import dual_encoders, partitioning, t5
   from t5dual.interop import lazy_arrays, t5x, trees
   assert jax.device_count() == 4
-  cfg = models.DualEncoderConfig(t5=t5.T5Config(vocab_size=64, emb_dim=8, num_heads=2,
+  cfg = dual_encoders.DualEncoderConfig(t5=t5.T5Config(vocab_size=64, emb_dim=8, num_heads=2,
       head_dim=4, mlp_dim=12, num_layers=1, relative_attention_num_buckets=8), projection_dim=6)
-  model = models.DualEncoderModel(cfg)
+  model = dual_encoders.DualEncoderModel(cfg)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
                         jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))

@@ -21,10 +21,10 @@ LAYERS = (
     ('numerics', 1, ('t5', 'attention', 'losses', 'ranking_losses', 'partitioning',
                      'distributed')),
     ('contract', 2, ('model_api', 'gradients', 'layer_layout')),
-    ('models', 3, ('models', 'rerankers')),
+    ('models', 3, ('dual_encoders', 'rerankers')),
     ('data', 3, ('data', 'data.*', 'corpus')),
     ('inference', 4, ('checkpoints', 'encoding', 'export', 'retrieval', 'bm25', 'evaluation',
-                      'hard_negatives', 'diagnostics', 'reranking', 'interop', 'interop.*')),
+                      'hard_negatives', 'diagnostics', 'rerank_runs', 'interop', 'interop.*')),
     ('training', 5, ('trainer', 'train_lib', 'planning', 'multistage')),
 )
 
@@ -100,7 +100,7 @@ def test_the_exceptions_are_still_needed():
 
 @pytest.mark.parametrize('source,expected', [
     ('from t5dual.data import tasks\n', {'t5dual.data.tasks'}),
-    ('from t5dual import models as m\n', {'t5dual.models'}),
+    ('from t5dual import dual_encoders as m\n', {'t5dual.dual_encoders'}),
     ('def f():\n  from t5dual.t5 import EOS_ID\n', {'t5dual.t5'}),
     ('import t5dual.trainer\n', {'t5dual.trainer'}),
     ('from . import x\nimport jax\n', set()),
@@ -119,7 +119,8 @@ def test_a_model_importing_data_is_caught(monkeypatch):
   fake = {'t5dual.data.pipeline'}
   real = imports
   monkeypatch.setitem(globals(), 'imports',
-                      lambda p: real(p) | fake if p == modules['t5dual.models'] else real(p))
-  with pytest.raises(AssertionError, match=r't5dual.models \(models\) imports '
+                      lambda p: real(p) | fake if p == modules['t5dual.dual_encoders']
+                      else real(p))
+  with pytest.raises(AssertionError, match=r't5dual.dual_encoders \(models\) imports '
                                            r't5dual.data.pipeline \(data\)'):
     test_no_module_imports_a_higher_layer_or_a_side_layer()

@@ -11,7 +11,7 @@ torch = pytest.importorskip('torch')
 st_losses = pytest.importorskip('sentence_transformers.sentence_transformer.losses')
 
 from t5dual import losses
-from t5dual.models import l2_normalize
+from t5dual.dual_encoders import l2_normalize
 import tolerances  # tests/helpers
 
 TAU = 0.01

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from t5dual import checkpoints, cli, evaluation, model_api, models, partitioning, ranking_losses
-from t5dual import reranking, rerankers, t5
+from t5dual import checkpoints, cli, dual_encoders, evaluation, model_api, partitioning, ranking_losses
+from t5dual import rerank_runs, rerankers, t5
 import cli_output  # tests/helpers
 from script_modules import load_script  # tests/helpers
 
@@ -26,9 +26,9 @@ LENGTHS = {'inputs': 8, 'targets': 16}
 
 
 def _dual_encoder(architecture='sde'):
-  return models.DualEncoderModel(
-      models.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=6),
-      models.LossConfig(name='pair'))
+  return dual_encoders.DualEncoderModel(
+      dual_encoders.DualEncoderConfig(t5=TINY, architecture=architecture, projection_dim=6),
+      dual_encoders.LossConfig(name='pair'))
 
 
 def _reranker(scorer):
@@ -40,7 +40,7 @@ def _reranker(scorer):
 
 # --------------------------------------------------------------------------- capabilities
 
-@pytest.mark.parametrize('architecture', models.ARCHITECTURES)
+@pytest.mark.parametrize('architecture', dual_encoders.ARCHITECTURES)
 def test_a_dual_encoder_encodes_and_does_not_score(architecture):
   model = _dual_encoder(architecture)
   assert isinstance(model, model_api.Encoder) and not isinstance(model, model_api.Scorer)
@@ -97,12 +97,12 @@ def test_each_command_refuses_a_model_without_its_capability_before_restoring(tm
                      match=f'^{re.escape(encoder_dir)} holds a dual encoder model; rerank.py '
                            r'scores \(query, document\) pairs with a reranker; evaluate it on '
                            f'BEIR: scripts/eval.py run --model_dir={re.escape(encoder_dir)}$'):
-    reranking.load_reranker(encoder_dir)
+    rerank_runs.load_reranker(encoder_dir)
   with pytest.raises(model_api.MissingCapabilityError,
                      match=f'^{re.escape(scorer_dir)} holds a reranker model; export.py encodes'):
     evaluation.require_dual_encoder(scorer_dir, 'export.py')
   assert evaluation.require_dual_encoder(encoder_dir, 'export.py') == encoder_dir
-  assert reranking.require_reranker(scorer_dir, 'rerank.py') == scorer_dir
+  assert rerank_runs.require_reranker(scorer_dir, 'rerank.py') == scorer_dir
   convert = load_script('convert')
   with pytest.raises(cli.UserError, match=f'^{re.escape(scorer_dir)} holds a reranker model; '
                      't5dual-to-st writes the towers of a dual encoder'):
@@ -200,12 +200,12 @@ BRANCH = re.compile(
     r"|(get\(|\[)\s*['\"]kind['\"]"
     r"|isinstance\([^)]*\b(RerankerConfig|DualEncoderConfig|RerankerModel|DualEncoderModel)\b"
     r"|(hasattr|getattr)\([^)]*['\"]t5['\"]")
-OWNERS = {'t5dual/models.py', 't5dual/rerankers.py', 't5dual/model_api.py',
+OWNERS = {'t5dual/dual_encoders.py', 't5dual/rerankers.py', 't5dual/model_api.py',
           't5dual/checkpoints.py'}
 
 
 def test_the_branch_pattern_finds_kind_branches_and_nothing_else():
-  for line in ["if model.kind == 'reranker':", "kind != models.DualEncoderModel.kind",
+  for line in ["if model.kind == 'reranker':", "kind != dual_encoders.DualEncoderModel.kind",
                "if kind == 'dual_encoder':", "desc.get('kind', 'dual_encoder')",
                "isinstance(config, rerankers.RerankerConfig)", "hasattr(cfg, 't5')",
                "getattr(getattr(cfg, 't5', None), 'scan_layers', False)",

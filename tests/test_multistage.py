@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, cli, gin_utils, multistage, reranking
+from t5dual import checkpoints, cli, gin_utils, multistage, rerank_runs
 from t5dual.data import lists as lists_lib
 from t5dual.data import tasks
 from trec_files import assert_in_score_order  # tests/helpers
@@ -460,7 +460,7 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
   reference = str(tmp_path / 'reference.trec')
   multistage.with_previous_stage_teacher(task, f'beir:{data}:train', stage1, reference,
                                          **kwargs)
-  real, calls = reranking.make_score_fn, []
+  real, calls = rerank_runs.make_score_fn, []
 
   def stopping(*args, **kw):
     fn = real(*args, **kw)
@@ -473,14 +473,14 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
     score.batch_multiple = fn.batch_multiple
     return score
   teacher = str(tmp_path / 'teacher.trec')
-  monkeypatch.setattr(reranking, 'make_score_fn', stopping)
+  monkeypatch.setattr(rerank_runs, 'make_score_fn', stopping)
   with pytest.raises(KeyboardInterrupt):
     multistage.with_previous_stage_teacher(task, f'beir:{data}:train', stage1, teacher,
                                            **kwargs)
   assert not os.path.exists(teacher)
   kept = [f for f in os.listdir(teacher + '.partial') if f.endswith('.json')]
   assert 'chunk-000000.json' in kept
-  monkeypatch.setattr(reranking, 'make_score_fn', real)
+  monkeypatch.setattr(rerank_runs, 'make_score_fn', real)
   with caplog.at_level('INFO'):
     taught = multistage.with_previous_stage_teacher(task, f'beir:{data}:train', stage1,
                                                     teacher, **kwargs)
@@ -494,7 +494,7 @@ def test_teacher_scoring_resumes_after_an_interruption(chain, demo_data, tmp_pat
 def test_a_chain_directory_stands_for_its_final_model(chain, tmp_path, caplog):
   model_dir, _ = chain
   with caplog.at_level('INFO'):
-    model, _, step, _, _ = reranking.load_reranker(model_dir)
+    model, _, step, _, _ = rerank_runs.load_reranker(model_dir)
   assert step == STEPS['distill'] and model.loss.__name__ == 'teacher_rank_pairwise_loss'
   assert f'{model_dir} is a chain of stages: using its final model' in caplog.text
   # A chain whose last stage is not complete names the stages that can be used.
@@ -507,7 +507,7 @@ def test_a_chain_directory_stands_for_its_final_model(chain, tmp_path, caplog):
   (partial / multistage.RECORD).write_text(json.dumps(record))
   with pytest.raises(cli.UserError, match=r'is a chain of stages whose last stage is not '
                      r'complete .*give a stage directory: .*stages/1-contrastive$'):
-    reranking.load_reranker(str(partial))
+    rerank_runs.load_reranker(str(partial))
   # eval.py run takes dual encoders: the chain's final reranker is named as such.
   from t5dual import evaluation
   with pytest.raises(cli.UserError, match=r'final holds a reranker model; eval.py run encodes'):

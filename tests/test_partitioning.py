@@ -197,10 +197,10 @@ def test_an_indivisible_axis_names_the_parameter_and_the_sizes_that_work(sharded
 
 
 def test_logical_axis_rules_place_parameters():
-  from t5dual import models, t5
-  cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=256))
+  from t5dual import dual_encoders, t5
+  cfg = dual_encoders.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=256))
   sh = partitioning.Partitioner().param_shardings(
-      models.DualEncoderModel(cfg).logical_axes())
+      dual_encoders.DualEncoderModel(cfg).logical_axes())
   def spec_of(tree, path):
     for p in path:
       tree = tree[p]

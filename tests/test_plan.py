@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import models, optim, partitioning, planning, rerankers, t5
+from t5dual import dual_encoders, optim, partitioning, planning, rerankers, t5
 from t5dual.data import tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def _one_device():
 @pytest.mark.parametrize('remat,microbatches', [('none', 1), ('full', 1), ('none', 4)])
 def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microbatches):
   import dataclasses
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=dataclasses.replace(TINY, remat=remat), architecture='sde', projection_dim=16))
   plan = planning.plan_train_step(
       model, tasks.PairTask(), optim.adafactor(learning_rate=1e-3), _one_device(), 8,
@@ -50,7 +50,7 @@ def test_closed_form_bytes_agree_with_the_compiled_memory_analysis(remat, microb
 def test_grad_cache_holds_one_chunks_activations():
   # Batch 32, 4 chunks of 8: XLA's temporaries shrink with the chunk (the closed form's
   # activations by 4x exactly), the arguments stay the same.
-  model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=16))
   plans = [planning.plan_train_step(model, tasks.PairTask(), optim.adafactor(learning_rate=1e-3),
                                     _one_device(), 32, {'inputs': 16, 'targets': 32},
                                     grad_strategy=strategy, num_microbatches=m)
@@ -67,7 +67,7 @@ def test_model_flops_count_every_matmul_of_the_encoders():
   # q, k, v, o 4 x 16 x 16 and wi_0, wi_1, wo 3 x 16 x 32 multiply-adds, plus QK^T and AV
   # 2 x L x 16; 2 FLOPs each; x3 for forward and backward.
   per_token = lambda length: 2 * 2 * (4 * 16 * 16 + 3 * 16 * 32 + 2 * length * 16)
-  model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=16))
   pairs = tasks.PairTask().batch_spec(8, {'inputs': 16, 'targets': 32})
   assert planning.train_model_flops(model, pairs) == 3 * 8 * (
       16 * per_token(16) + 32 * per_token(32))
@@ -94,8 +94,8 @@ def demo_data(tmp_path_factory, demo_beir):
 
 
 def _dual_encoders():
-  return [(f'{arch}, {n} negatives', models.DualEncoderModel(
-      models.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=16)),
+  return [(f'{arch}, {n} negatives', dual_encoders.DualEncoderModel(
+      dual_encoders.DualEncoderConfig(t5=TINY, architecture=arch, projection_dim=16)),
            tasks.PairTask(num_negatives=n))
           for arch in ('sde', 'ade', 'ade_spl') for n in (0, 3)]
 
@@ -139,7 +139,7 @@ def test_the_planned_batch_is_the_batch_that_trains(demo_data):
 def test_hard_negatives_are_planned():
   # NUM_NEGATIVES=7 encodes 8 documents per query: the planned batch, activations and
   # FLOPs grow with them (and the compiled step sees the same batch).
-  model = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=16))
   lengths = {'inputs': 16, 'targets': 32}
   opt = optim.adafactor(learning_rate=1e-3)
   plain, hard = (planning.plan_train_step(model, tasks.PairTask(num_negatives=n), opt,
@@ -166,10 +166,10 @@ def test_wider_meshes_keep_the_devices_and_split_every_parameter():
   import dataclasses
   eight = partitioning.Partitioner(ici_mesh_shape=(8, 1), devices=tuple(range(8)))
   shapes = lambda ps: [p.mesh_shape for p in ps]
-  two_heads = models.DualEncoderModel(models.DualEncoderConfig(t5=TINY, projection_dim=16))
+  two_heads = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=TINY, projection_dim=16))
   # 2 heads split over at most 2: (2, 4) and (1, 8) are skipped.
   assert shapes(planning.wider_meshes(eight, two_heads, 16)) == [(4, 2)]
-  eight_heads = models.DualEncoderModel(models.DualEncoderConfig(
+  eight_heads = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=dataclasses.replace(TINY, num_heads=8), projection_dim=16))
   assert shapes(planning.wider_meshes(eight, eight_heads, 16)) == [(4, 2), (2, 4)]
   assert shapes(planning.wider_meshes(eight, eight_heads, 16, limit=3)) == [
@@ -234,7 +234,7 @@ def _search(fits_when, hbm=100, batch=16, **kwargs):
   """planning.search over 8 abstract devices with fake memory figures: a candidate needs
   50 bytes if fits_when(candidate) is True, 200 if False; a string is a compile error."""
   import dataclasses
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=dataclasses.replace(TINY, num_heads=8, remat='none'), projection_dim=16))
   eight = partitioning.Partitioner(ici_mesh_shape=(8, 1), devices=tuple(range(8)))
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, evaluation, ranking_losses, reranking, rerankers, retrieval, t5
+from t5dual import checkpoints, evaluation, ranking_losses, rerank_runs, rerankers, retrieval, t5
 from t5dual import train_lib, trainer
 from t5dual.data import sources, tasks
 from t5dual.vocab import Tokenizer
@@ -68,7 +68,7 @@ def test_training_improves_reranking_over_the_initial_model(trained):
   tok = Tokenizer(trained['vocab'])
 
   def ndcg(params):
-    run = reranking.rerank(reranking.make_score_fn(model, params), tok, queries, docs, first,
+    run = rerank_runs.rerank(rerank_runs.make_score_fn(model, params), tok, queries, docs, first,
                            CANDIDATES + 5, LENGTH, model.config.template, progress=False)
     return evaluation.evaluate(run, qrels, ['nDCG@10'])['nDCG@10']
 
@@ -105,7 +105,7 @@ def test_rerank_cli_writes_the_models_own_scores(trained):
   written = assert_in_score_order(out)
   reranked = retrieval.read_trec_run(out)
   first = retrieval.read_trec_run(trained['test_run'])
-  pairs = reranking.top_k_pairs(first, 10)
+  pairs = rerank_runs.top_k_pairs(first, 10)
   assert sorted((q, d) for q, docs in written.items() for d in docs[:10]) == sorted(pairs)
   assert all(docs[10:] == list(first[q])[10:] for q, docs in written.items())
   # The same pairs scored directly, one fixed-shape batch, no length buckets.

@@ -13,7 +13,7 @@ import pytest
 
 import jax
 
-from t5dual import encoding, evaluation, export, models, retrieval, t5, vocab
+from t5dual import dual_encoders, encoding, evaluation, export, retrieval, t5, vocab
 from t5dual.data import sources
 import tolerances  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
@@ -139,7 +139,7 @@ def beir(tmp_path_factory, demo_beir):
   root = tmp_path_factory.mktemp('beir')
   folder, spm = demo_beir(160, 40, 300)
   tok = vocab.Tokenizer(spm)
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('tiny', dtype='float32', vocab_size=tok.vocab_size), projection_dim=16))
   params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
   return dict(root=root, folder=folder, tok=tok, model=model, params=params)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5dual import layer_layout, models, rerankers, t5
+from t5dual import dual_encoders, layer_layout, rerankers, t5
 from t5dual.interop import trees
 import tolerances  # tests/helpers
 
@@ -110,7 +110,7 @@ def test_named_policies_keep_exactly_their_tagged_values(policy, names, encdec_r
 
 
 def _sde(config):
-  return models.DualEncoderModel(models.DualEncoderConfig(t5=config, projection_dim=12))
+  return dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=config, projection_dim=12))
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def _abstract_and_axes(model_fn, config):
 
 
 MODELS = {
-    'ade': lambda c: models.DualEncoderModel(models.DualEncoderConfig(
+    'ade': lambda c: dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
         t5=c, architecture='ade', projection_dim=12)),
     'encdec_reranker': lambda c: rerankers.RerankerModel(rerankers.RerankerConfig(
         t5=dataclasses.replace(c, num_decoder_layers=3), scoring_token_id=7)),
@@ -198,7 +198,7 @@ def _assert_bitwise_equal(got, want):
 
 
 def test_layout_round_trips_are_bitwise_exact():
-  ade = random_params(models.DualEncoderConfig(t5=_config(), architecture='ade',
+  ade = random_params(dual_encoders.DualEncoderConfig(t5=_config(), architecture='ade',
                                                projection_dim=12), seed=5)
   reranker = rerankers.init_params(rerankers.RerankerConfig(
       t5=_config(num_layers=3, num_decoder_layers=2), scoring_token_id=7), jax.random.PRNGKey(5))

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip('tensorflow_datasets')
 pytest.importorskip('array_record')
 
-from t5dual import (cli, corpus, encoding, export, models, t5, train_lib, trainer,  # noqa: E402
+from t5dual import (cli, corpus, encoding, export, dual_encoders, t5, train_lib, trainer,  # noqa: E402
                     vocab)
 from t5dual.data import pipeline, sources, tasks, tfds_source  # noqa: E402
 import tfds_pairs  # noqa: E402  tests/helpers
@@ -123,7 +123,7 @@ def test_train_resume_and_export(dataset, counted, demo_collection, tmp_path, mo
   """train_lib trains on the tfds: source, resumes reading only the new steps' rows, and
   scripts/export.py exports the dataset (read by row, or whole from tfrecord) to the same
   files as an export of the same texts from memory."""
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'), projection_dim=16))
   run_dir, batch_size = str(tmp_path / 'run'), 8
   spm = os.path.join(demo_collection, 'spm.model')

@@ -11,7 +11,7 @@ import gin
 import jax
 import pytest
 
-from t5dual import gin_utils, models, partitioning, t5
+from t5dual import dual_encoders, gin_utils, partitioning, t5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'topologies', '*.gin')))
@@ -38,7 +38,7 @@ def _xxl_shapes():
   Scanned: the same split dimensions as unrolled plus a replicated 'layers' axis, and
   tracing 24 unrolled layers would take seconds for nothing more.
   """
-  model = models.DualEncoderModel(models.DualEncoderConfig(
+  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('xxl', scan_layers=True), architecture='ade_spl'))
   return model.logical_axes(), jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from t5dual import (checkpoints, cli, gin_utils, model_api, models, partitioning, t5, train_lib,
+from t5dual import (checkpoints, cli, gin_utils, model_api, dual_encoders, partitioning, t5, train_lib,
                     trainer)
 from t5dual.data import tasks
 import cli_output  # tests/helpers
@@ -42,9 +42,9 @@ def clean_gin():
 
 
 def _model():
-  cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'),
+  cfg = dual_encoders.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'),
                                  projection_dim=16)
-  return models.DualEncoderModel(cfg)
+  return dual_encoders.DualEncoderModel(cfg)
 
 
 def _run(model_dir, demo_data, steps, **kw):
@@ -70,7 +70,7 @@ def _parse(*bindings):
 def test_bindings_that_are_used_pass(clean_gin):
   gin_utils.check_bindings_used(
       _parse('TRAIN_STEPS = 5', 'trainer.TrainerConfig.save_every = 5',
-             'models.LossConfig.temperature = 0.05'), train_lib.run)
+             'dual_encoders.LossConfig.temperature = 0.05'), train_lib.run)
 
 
 @pytest.mark.parametrize('binding,message', [
@@ -424,14 +424,14 @@ class _ToyBatcher:
 
 
 def test_dual_encoder_implements_the_contract_and_round_trips_by_kind():
-  model = models.DualEncoderModel(
-      models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512), architecture='ade'),
-      models.LossConfig(name='pair'))
+  model = dual_encoders.DualEncoderModel(
+      dual_encoders.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512), architecture='ade'),
+      dual_encoders.LossConfig(name='pair'))
   assert isinstance(model, model_api.Model)
   desc = json.loads(json.dumps(checkpoints.model_description(model, 'spm.model', LENGTHS)))
   assert desc['kind'] == 'dual_encoder'
   again = checkpoints.model_from_description(desc)
-  assert type(again) is models.DualEncoderModel
+  assert type(again) is dual_encoders.DualEncoderModel
   assert (again.config, again.loss) == (model.config, model.loss)
   assert again.metric_names == ('loss', 'loss/query_centric', 'loss/passage_centric',
                                 'p_at_1', 'mrr')

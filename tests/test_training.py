@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from t5dual import checkpoints, models, optim, t5, trainer, vocab
+from t5dual import checkpoints, dual_encoders, optim, t5, trainer, vocab
 from t5dual.data import pipeline, sources, tasks
 import tolerances  # tests/helpers
 
@@ -28,9 +28,9 @@ def _setup(demo_data, arch='sde', loss='samtone', batch_size=32):
   tok = vocab.Tokenizer(spm)
   batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data}:train'), tok,
                                  batch_size, LENGTHS)
-  cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'),
+  cfg = dual_encoders.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=512, dtype='float32'),
                                  architecture=arch, projection_dim=32)
-  return models.DualEncoderModel(cfg, models.LossConfig(name=loss)), batcher
+  return dual_encoders.DualEncoderModel(cfg, dual_encoders.LossConfig(name=loss)), batcher
 
 
 def _logged_steps(model_dir):
@@ -113,10 +113,10 @@ def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
   data, spm = demo_data
   batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data}:train'),
                                  vocab.Tokenizer(spm), 16, LENGTHS)
-  cfg = models.DualEncoderConfig(
+  cfg = dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('tiny', vocab_size=512, dtype='float32', dropout_rate=0.0),
       architecture='sde', projection_dim=32)
-  model = models.DualEncoderModel(cfg, models.LossConfig(name='samtone'))
+  model = dual_encoders.DualEncoderModel(cfg, dual_encoders.LossConfig(name='samtone'))
   desc = checkpoints.model_description(model, spm, LENGTHS)
   full, cached = str(tmp_path / 'full'), str(tmp_path / 'cached')
   _train(model, batcher, full, 4, description=desc, log_every=1, save_every=4)

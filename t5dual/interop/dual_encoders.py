@@ -1,4 +1,4 @@
-"""The interop of dual encoders (models.DualEncoderModel): its `interop_module`.
+"""The interop of dual encoders (dual_encoders.DualEncoderModel): its `interop_module`.
 
 Every model family's interop module offers the same two functions, so that
 initial checkpoints (`interop.load_initial_params`) and `scripts/convert.py

@@ -5,7 +5,7 @@ a T5 encoder-decoder, a t5dual tree, or a Hugging Face model converted by
 `hf.t5x_tree_from_hf`) into a t5dual dual encoder of any architecture; for ADE /
 ADE-SPL a single-tower source goes into both towers. Leaves may be `LazyArray`s:
 each is read once, onto its devices, when its parameter is built. Both the
-source and the target layouts are read from `models.tower_paths`.
+source and the target layouts are read from `dual_encoders.tower_paths`.
 
 `infer_t5_config` recovers a T5Config from the shapes of a tree (checkpoints do
 not record it), and `save_towers` hands each tower of a t5dual model to a
@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import jax
 import numpy as np
 
-from t5dual import models, partitioning, t5
+from t5dual import dual_encoders, partitioning, t5
 from t5dual.interop.lazy_arrays import Sharding, materialize
 from t5dual.interop.trees import flatten, unflatten
 from t5dual.sides import Side
@@ -147,10 +147,10 @@ def source_architecture(flat: Mapping[str, Any]) -> str:
   encoders, T5 encoder-decoders, Hugging Face models) has the SDE layout.
   """
   has = lambda path: any(p.startswith(path + '/') for p in flat)
-  query, document = (models.tower_paths('ade', side) for side in Side)
+  query, document = (dual_encoders.tower_paths('ade', side) for side in Side)
   if has(query['encoder']) and has(document['encoder']):
     return 'ade' if has(query['projection_layer']) else 'ade_spl'
-  if has(models.tower_paths('sde', Side.QUERY)['encoder']):
+  if has(dual_encoders.tower_paths('sde', Side.QUERY)['encoder']):
     return 'sde'
   raise ValueError('checkpoint has no encoder/ (nor left_tower/ and right_tower/); top-level '
                    f'entries: {sorted({p.split("/")[0] for p in flat})}')
@@ -161,8 +161,8 @@ def _prefix_rules(flat: Mapping[str, Any], architecture: str) -> dict[str, str]:
   source = source_architecture(flat)
   rules = {}
   for side in Side:  # the query side first: an SDE target takes the query tower
-    target_paths = models.tower_paths(architecture, side)
-    source_paths = models.tower_paths(source, side)
+    target_paths = dual_encoders.tower_paths(architecture, side)
+    source_paths = dual_encoders.tower_paths(source, side)
     for part, path in target_paths.items():
       rules.setdefault(path + '/', source_paths[part] + '/')
   return rules
@@ -208,11 +208,11 @@ def map_to_dual_encoder(source: Mapping, template: Mapping, architecture: str
 
 
 def dual_encoder_from_tree(
-    source: Mapping, config: Optional[models.DualEncoderConfig] = None, *,
+    source: Mapping, config: Optional[dual_encoders.DualEncoderConfig] = None, *,
     architecture: str = 'sde', t5_config: Optional[t5.T5Config] = None,
     init_params: Optional[Mapping] = None, shardings: ShardingsLike = None,
     param_dtype: np.dtype = np.float32, seed: int = 0, **t5_overrides
-) -> tuple[dict, models.DualEncoderConfig, MappingReport]:
+) -> tuple[dict, dual_encoders.DualEncoderConfig, MappingReport]:
   """t5dual dual-encoder params from a T5X-named tree (LazyArray, numpy or jax leaves).
 
   Args:
@@ -235,7 +235,7 @@ def dual_encoder_from_tree(
   """
   if config is None:
     flat = flatten(source)
-    query = models.tower_paths(source_architecture(flat), Side.QUERY)
+    query = dual_encoders.tower_paths(source_architecture(flat), Side.QUERY)
     encoder = {}  # {token_embedder, encoder} of the source's query tower
     for part in ('token_embedder', 'encoder'):
       prefix = query[part] + '/'
@@ -244,10 +244,10 @@ def dual_encoder_from_tree(
     t5c = dataclasses.replace(t5_config or infer_t5_config(unflatten(encoder)), **t5_overrides)
     projection = flat.get(query['projection_layer'] + '/kernel')
     kwargs = {'projection_dim': projection.shape[1]} if projection is not None else {}
-    config = models.DualEncoderConfig(t5=t5c, architecture=architecture, **kwargs)
+    config = dual_encoders.DualEncoderConfig(t5=t5c, architecture=architecture, **kwargs)
   elif t5_overrides or t5_config is not None:
     raise ValueError('pass either config or t5_config / T5Config overrides, not both')
-  model = models.DualEncoderModel(config)
+  model = dual_encoders.DualEncoderModel(config)
   template = jax.eval_shape(model.init_params, jax.random.PRNGKey(seed))
   assignment, report = map_to_dual_encoder(source, template, config.architecture)
   placed = tree_shardings(shardings, template, model)
@@ -270,7 +270,7 @@ def save_towers(folder: str, params: Mapping, architecture: str,
                 ) -> list[str]:
   """Writes each tower of a t5dual dual encoder with `save_tower(folder, tower, max_length)`.
 
-  A tower is {token_embedder, encoder, projection_layer} (`models.tower_params`).
+  A tower is {token_embedder, encoder, projection_layer} (`dual_encoders.tower_params`).
   An SDE has one, written to `folder`; ADE / ADE-SPL towers go to folder/query
   and folder/document, ADE-SPL's shared projection into both.
 
@@ -283,12 +283,12 @@ def save_towers(folder: str, params: Mapping, architecture: str,
   lengths = {Side.parse(k): v for k, v in (max_lengths or {}).items() if v}
   towers: dict[tuple, list[Side]] = {}  # sides served by each distinct tower
   for side in Side:
-    towers.setdefault(tuple(models.tower_paths(architecture, side).values()), []).append(side)
+    towers.setdefault(tuple(dual_encoders.tower_paths(architecture, side).values()), []).append(side)
   written = []
   for sides in towers.values():
     target = folder if len(towers) == 1 else os.path.join(folder, sides[0].value)
     length = max((lengths[s] for s in sides if s in lengths), default=None)
-    written.append(save_tower(target, models.tower_params(params, architecture, sides[0]),
+    written.append(save_tower(target, dual_encoders.tower_params(params, architecture, sides[0]),
                               length))
   return written
 

@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 import numpy as np
 from safetensors.numpy import load_file
 
-from t5dual import models, t5
+from t5dual import dual_encoders, t5
 from t5dual.interop import hf, mapping
 
 MODULES_JSON = 'modules.json'
@@ -140,7 +140,7 @@ def find_vocab(path: str) -> Optional[str]:
   return None
 
 
-def load_dual_encoder(path: str, config: Optional[models.DualEncoderConfig] = None, *,
+def load_dual_encoder(path: str, config: Optional[dual_encoders.DualEncoderConfig] = None, *,
                       architecture: str = 'sde', **kwargs):
   """t5dual params of a GTR / sentence-T5 folder: (params, config, report).
 
@@ -199,7 +199,7 @@ def save_tower(folder: str, tower: Mapping, t5_config: t5.T5Config, spm_path: st
   return folder
 
 
-def save_sentence_transformers(folder: str, params: Mapping, config: models.DualEncoderConfig,
+def save_sentence_transformers(folder: str, params: Mapping, config: dual_encoders.DualEncoderConfig,
                                spm_path: str, max_lengths: Optional[Mapping] = None) -> list[str]:
   """sentence-transformers folders of a t5dual dual encoder (`save_tower` for each tower).
 

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from t5dual import models
+from t5dual import dual_encoders
 from t5dual.interop import mapping
 from t5dual.interop.lazy_arrays import LazyArray
 from t5dual.interop.msgpack_io import decode_msgpack, dtype_from_name, encode_msgpack
@@ -283,8 +283,8 @@ def write_checkpoint(ckpt_dir: str, params: Mapping, step: int = 0,
 
 # --------------------------------------------------------------------------- into t5dual
 
-def load_dual_encoder(path: str, config: Optional[models.DualEncoderConfig] = None, **kwargs
-                      ) -> tuple[dict, models.DualEncoderConfig, mapping.MappingReport]:
+def load_dual_encoder(path: str, config: Optional[dual_encoders.DualEncoderConfig] = None, **kwargs
+                      ) -> tuple[dict, dual_encoders.DualEncoderConfig, mapping.MappingReport]:
   """t5dual params from a T5X checkpoint; see `mapping.dual_encoder_from_tree` for the arguments.
 
   The optimizer state is never read; the report lists it as skipped.

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5dual import gradients, models, optim, partitioning, ranking_losses, rerankers, t5
+from t5dual import dual_encoders, gradients, optim, partitioning, ranking_losses, rerankers, t5
 from t5dual import trainer
 
 EMBED = 32  # emb_dim: no other dimension of these models has this size
@@ -31,8 +31,8 @@ def t5_config(dropout_rate=0.0):
 
 
 def dual_encoder(architecture, loss, dropout_rate=0.0):
-  return models.DualEncoderModel(
-      models.DualEncoderConfig(t5=t5_config(dropout_rate), architecture=architecture,
+  return dual_encoders.DualEncoderModel(
+      dual_encoders.DualEncoderConfig(t5=t5_config(dropout_rate), architecture=architecture,
                                projection_dim=16), loss)
 
 
@@ -101,7 +101,7 @@ def main():
 
   # GradCache without dropout against the whole batch: query- and document-side SamToNe,
   # hard negatives, duplicate masks; gradients, then the trainer's own step.
-  model = dual_encoder('ade_spl', models.LossConfig('samtone', same_tower_negatives='both'))
+  model = dual_encoder('ade_spl', dual_encoders.LossConfig('samtone', same_tower_negatives='both'))
   batch = contrastive_batch()
   params = jax.device_get(jax.jit(model.init_params)(jax.random.PRNGKey(0)))
   reference = jax.device_get(jax.jit(gradients.full_batch(model))(params, batch, None))
@@ -124,7 +124,7 @@ def main():
                           zip(jax.tree.leaves(new_params), jax.tree.leaves(params)))}
 
   # GradCache with dropout (SDE, PAIR loss) against the same chunks differentiated plainly.
-  model = dual_encoder('sde', models.LossConfig('pair'), dropout_rate=0.1)
+  model = dual_encoder('sde', dual_encoders.LossConfig('pair'), dropout_rate=0.1)
   params = jax.device_get(jax.jit(model.init_params)(jax.random.PRNGKey(1)))
   rng = jax.random.PRNGKey(7)
   reference = jax.device_get(jax.jit(functools.partial(chunked_reference, model))(

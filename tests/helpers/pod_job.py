@@ -77,10 +77,10 @@ def list_batcher(data_dir):
 
 
 def dual_encoder(architecture='sde'):
-  from t5dual import models
-  return models.DualEncoderModel(models.DualEncoderConfig(
+  from t5dual import dual_encoders
+  return dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
       t5=t5_config(), architecture=architecture, projection_dim=16),
-      models.LossConfig('samtone'))
+      dual_encoders.LossConfig('samtone'))
 
 
 def encdec_reranker():
@@ -97,10 +97,10 @@ def initial_params(path, model, layout):
 
 
 def fixture_model(path):
-  from t5dual import models
+  from t5dual import dual_encoders
   from t5dual.interop import t5x
   _, config, _ = t5x.load_dual_encoder(path, dtype='float32')
-  return models.DualEncoderModel(config, models.LossConfig('samtone'))
+  return dual_encoders.DualEncoderModel(config, dual_encoders.LossConfig('samtone'))
 
 
 # name -> (model, batcher, TrainerConfig overrides, initial checkpoint: None, a path (given

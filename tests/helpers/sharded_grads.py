@@ -16,7 +16,7 @@ import sys
 import jax
 import numpy as np
 
-from t5dual import models, optim, partitioning, t5, trainer
+from t5dual import dual_encoders, optim, partitioning, t5, trainer
 
 # (data, model) mesh shapes x (activation, parameter) partitioning dims.
 CASES = [((8, 1), (1, 1)), ((4, 2), (1, 1)), ((2, 4), (1, 1)), ((1, 8), (1, 1)),
@@ -30,7 +30,7 @@ def tiny_model(num_heads=8):
   # Every split dimension divides by 8: vocab 256, heads 8, joined_kv 48, mlp 64, embed 32.
   cfg = t5.T5Config(vocab_size=256, emb_dim=32, num_heads=num_heads, head_dim=6, mlp_dim=64,
                     num_layers=1, relative_attention_num_buckets=8, dtype='float32')
-  return models.DualEncoderModel(models.DualEncoderConfig(t5=cfg, architecture='ade_spl',
+  return dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=cfg, architecture='ade_spl',
                                                           projection_dim=16))
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from t5dual import checkpoints, layer_layout, models, partitioning, rerankers, t5
+from t5dual import checkpoints, dual_encoders, layer_layout, partitioning, rerankers, t5
 from t5dual.interop import hf, load_initial_params, t5x, trees
 
 # Every split dimension divides by the model axis (4): vocab, heads, mlp, embed.
@@ -28,7 +28,7 @@ T5 = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32,
 
 def dual_encoder(architecture='sde', scan=False):
   cfg = dataclasses.replace(T5, scan_layers=scan)
-  return models.DualEncoderModel(models.DualEncoderConfig(t5=cfg, architecture=architecture,
+  return dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(t5=cfg, architecture=architecture,
                                                           projection_dim=8))
 
 

@@ -16,15 +16,15 @@ import numpy as np
 
 
 def run(data_dir: str, model_dir: str, model_parallel: int) -> list:
-  from t5dual import checkpoints, models, optim, partitioning, t5, trainer, vocab
+  from t5dual import checkpoints, dual_encoders, optim, partitioning, t5, trainer, vocab
   from t5dual.data import pipeline, sources
   spm, lengths = os.path.join(data_dir, 'spm.model'), {'inputs': 8, 'targets': 12}
   batcher = pipeline.PairBatcher(sources.load_examples(f'beir:{data_dir}:train'),
                                  vocab.Tokenizer(spm), 16, lengths)
-  cfg = models.DualEncoderConfig(
+  cfg = dual_encoders.DualEncoderConfig(
       t5=t5.t5_config('tiny', vocab_size=256, dtype='float32'), architecture='ade_spl',
       projection_dim=16)
-  model = models.DualEncoderModel(cfg)
+  model = dual_encoders.DualEncoderModel(cfg)
   sched = optim.learning_rate_schedule(1e-2, 4)
   trainer.train(model, batcher, optim.adafactor(sched), model_dir,
                 trainer.TrainerConfig(total_steps=4, log_every=1, save_every=2,

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from t5dual import models
+from t5dual import dual_encoders
 from t5dual.interop import trees
 
 
@@ -14,7 +14,7 @@ def random_params(config, seed=0):
   errors are not amplified from layer to layer (tests/helpers/tolerances.py assumes this);
   layer-norm scales are uniform around 1 and embeddings have standard deviation 0.5.
   """
-  shapes = jax.eval_shape(models.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(dual_encoders.DualEncoderModel(config).init_params, jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
   return trees.unflatten({
       k: (rng.uniform(0.5, 1.5, v.shape) if k.endswith('scale') else

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from t5dual import gin_utils, models, optim, t5
+from t5dual import dual_encoders, gin_utils, optim, t5
 from t5dual.sides import Side
 import tolerances  # tests/helpers
 
@@ -20,9 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _model(arch, **loss):
-  cfg = models.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=50, dtype='float32'),
+  cfg = dual_encoders.DualEncoderConfig(t5=t5.t5_config('tiny', vocab_size=50, dtype='float32'),
                                  architecture=arch, projection_dim=12)
-  return models.DualEncoderModel(cfg, models.LossConfig(**loss))
+  return dual_encoders.DualEncoderModel(cfg, dual_encoders.LossConfig(**loss))
 
 
 def _flat(tree):
@@ -46,7 +46,7 @@ def test_parameter_names_are_t5x():
           'projection_layer/kernel'} <= names
 
 
-@pytest.mark.parametrize('arch', models.ARCHITECTURES)
+@pytest.mark.parametrize('arch', dual_encoders.ARCHITECTURES)
 def test_every_parameter_has_logical_axes(arch):
   model = _model(arch)
   params = _flat(model.init_params(jax.random.PRNGKey(0)))
@@ -57,27 +57,27 @@ def test_every_parameter_has_logical_axes(arch):
     assert all(isinstance(a, str) for a in spec), name
 
 
-@pytest.mark.parametrize('arch', models.ARCHITECTURES)
+@pytest.mark.parametrize('arch', dual_encoders.ARCHITECTURES)
 def test_layout_table_reproduces_the_parameter_tree(arch):
-  """models.tower_paths, which interop reads, against the tree the Flax module builds."""
+  """dual_encoders.tower_paths, which interop reads, against the tree the Flax module builds."""
   params = _model(arch).init_params(jax.random.PRNGKey(0))
   # An SDE's tree is exactly one tower: {token_embedder, encoder, projection_layer}.
   one_tower = sorted(_flat(_model('sde').init_params(jax.random.PRNGKey(0))))
   found = set()
   for side in Side:
-    paths = models.tower_paths(arch, side)
-    assert sorted(paths) == sorted(models.TOWER_PARTS)
-    tower = models.tower_params(params, arch, side)
+    paths = dual_encoders.tower_paths(arch, side)
+    assert sorted(paths) == sorted(dual_encoders.TOWER_PARTS)
+    tower = dual_encoders.tower_params(params, arch, side)
     assert sorted(_flat(tower)) == one_tower
     for part, path in paths.items():
       found |= {f'{path}/{k}' for k in _flat(tower[part])}
   assert found == set(_flat(params))  # every parameter, and nothing else
-  shared = {part for part in models.TOWER_PARTS
-            if models.tower_paths(arch, 'query')[part] == models.tower_paths(arch, 'right')[part]}
-  assert shared == {'sde': set(models.TOWER_PARTS), 'ade': set(),
+  shared = {part for part in dual_encoders.TOWER_PARTS
+            if dual_encoders.tower_paths(arch, 'query')[part] == dual_encoders.tower_paths(arch, 'right')[part]}
+  assert shared == {'sde': set(dual_encoders.TOWER_PARTS), 'ade': set(),
                     'ade_spl': {'projection_layer'}}[arch]
   with pytest.raises(ValueError, match="architecture must be one of"):
-    models.tower_paths('dual', Side.QUERY)
+    dual_encoders.tower_paths('dual', Side.QUERY)
 
 
 @pytest.fixture
@@ -90,13 +90,13 @@ def clean_gin():
 def _gin_model(files, bindings=()):
   gin.clear_config()
   gin_utils.parse_gin(files, list(bindings))
-  return gin.get_configurable(models.DualEncoderModel)()
+  return gin.get_configurable(dual_encoders.DualEncoderModel)()
 
 
 @pytest.mark.usefixtures('clean_gin')
 def test_model_gin_files_share_one_file_and_differ_in_the_architecture(tmp_path, monkeypatch):
   shared = _gin_model(['gin/models/dual_encoder.gin'])
-  for arch in models.ARCHITECTURES:
+  for arch in dual_encoders.ARCHITECTURES:
     text = (REPO / 'gin/models' / f'{arch}.gin').read_text()
     assert "include 'gin/models/dual_encoder.gin'" in text
     model = _gin_model([f'gin/models/{arch}.gin', 'gin/sizes/tiny.gin'])
@@ -173,7 +173,7 @@ def test_mean_pool_against_numpy():
   mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
   want = np.stack([h[i][mask[i]].astype(np.float64).mean(0) for i in range(3)])
   # A sum of at most 5 values, then one division.
-  tolerances.assert_close(models.mean_pool(h, mask), want, magnitude=np.abs(h).max(), depth=2,
+  tolerances.assert_close(dual_encoders.mean_pool(h, mask), want, magnitude=np.abs(h).max(), depth=2,
                           width=5)
 
 
@@ -186,8 +186,8 @@ def _expected_encoder_params(d, heads, kv, ff, layers, vocab=32128, buckets=32):
 
 @pytest.mark.parametrize('size', list(t5.SIZES))
 def test_sizes_build_with_eval_shape(size):
-  cfg = models.DualEncoderConfig(t5=t5.t5_config(size), projection_dim=768)
-  model = models.DualEncoderModel(cfg)
+  cfg = dual_encoders.DualEncoderConfig(t5=t5.t5_config(size), projection_dim=768)
+  model = dual_encoders.DualEncoderModel(cfg)
   shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
   total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
   s = t5.SIZES[size]
@@ -246,9 +246,9 @@ def test_remat_and_attention_variants_match_default(variant):
   batch = {'inputs': ids, 'targets': _ids(seed=4)}
   results = []
   for overrides in ({}, variant):
-    cfg = models.DualEncoderConfig(
+    cfg = dual_encoders.DualEncoderConfig(
         t5=t5.t5_config('tiny', vocab_size=50, dtype='float32', **overrides), projection_dim=12)
-    model = models.DualEncoderModel(cfg)
+    model = dual_encoders.DualEncoderModel(cfg)
     params = model.init_params(jax.random.PRNGKey(0))
     loss, grads = jax.value_and_grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
     results.append((loss, grads))

@@ -1,4 +1,4 @@
-"""Reranking as a user meets it (t5dual/reranking.py, scripts/rerank.py) with a small random
+"""Reranking as a user meets it (t5dual/rerank_runs.py, scripts/rerank.py) with a small random
 reranker: runs written in score order with ranks 1..k, every query of the run that has text
 reranked (judgements only for evaluation, none needed at all), the first stage's tail below
 the reranked head or the deeper measures left out, and scoring that resumes after a kill."""
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5dual import bm25, checkpoints, cli, evaluation, reranking, rerankers, retrieval, t5
+from t5dual import bm25, checkpoints, cli, evaluation, rerank_runs, rerankers, retrieval, t5
 from t5dual.data import sources
 from t5dual.vocab import Tokenizer
 from script_modules import load_script  # tests/helpers
@@ -94,14 +94,14 @@ def test_rerank_returns_each_query_best_first_and_append_tail_keeps_the_rest():
         codes = [ord(c) for c in text][:length - 1] + [1]
         out[i, :len(codes)] = codes
       return out
-  got = reranking.rerank(score, Tok(), ids, docs, first, 3, 40, progress=False)
+  got = rerank_runs.rerank(score, Tok(), ids, docs, first, 3, 40, progress=False)
   assert [list(v) for v in got.values()] == [['d2', 'd1', 'd0'], ['d5', 'd4']]
   assert all(list(v.values()) == sorted(v.values(), reverse=True) for v in got.values())
-  full = reranking.append_tail(got, first)
+  full = rerank_runs.append_tail(got, first)
   assert list(full['q']) == ['d2', 'd1', 'd0', 'd3', 'd4', 'd5']
   assert full['q']['d3'] < min(got['q'].values()) and full['q']['d2'] == got['q']['d2']
   assert list(full['r']) == ['d5', 'd4']
-  assert reranking.measures_within(['nDCG@10', 'R@100', 'AP', 'P@3'], 10) == (
+  assert rerank_runs.measures_within(['nDCG@10', 'R@100', 'AP', 'P@3'], 10) == (
       ['nDCG@10', 'P@3'], ['R@100', 'AP'])
 
 
@@ -136,7 +136,7 @@ def test_rerank_cli_reranks_every_query_with_text_in_score_order(collection, cap
   np.testing.assert_allclose([s for q in written for _, _, s in rows[q][:TOP_K]], direct,
                              rtol=1e-5, atol=1e-5)
   # The table's figures are those of the files, and R@100 counts the same documents.
-  summary = reranking.rerank_beir(collection['model_dir'], collection['folder'], 'test',
+  summary = rerank_runs.rerank_beir(collection['model_dir'], collection['folder'], 'test',
                                   collection['run'], out, top_k=TOP_K, progress=False)
   m = summary['metrics']
   assert m['reranked'] == pytest.approx(evaluation.evaluate(retrieval.read_trec_run(out), qrels))
@@ -147,7 +147,7 @@ def test_rerank_cli_reranks_every_query_with_text_in_score_order(collection, cap
 
 def test_tail_drop_writes_the_head_and_leaves_deeper_measures_out(collection, capsys):
   out = str(collection['work'] / 'head.trec')
-  summary = reranking.rerank_beir(collection['model_dir'], collection['folder'], 'test',
+  summary = rerank_runs.rerank_beir(collection['model_dir'], collection['folder'], 'test',
                                   collection['run'], out, top_k=TOP_K, progress=False,
                                   measures=['nDCG@10', 'R@100', 'AP'], tail='drop')
   assert summary['left_out'] == ['R@100', 'AP']
@@ -217,7 +217,7 @@ def pairs_and_texts(collection):
   queries = sources.read_beir_queries(collection['folder'])
   docs = dict(zip(*sources.read_beir_corpus(collection['folder'])))
   run = retrieval.read_trec_run(collection['run'])
-  pairs = reranking.top_k_pairs({q: d for q, d in run.items() if q in queries}, 6)
+  pairs = rerank_runs.top_k_pairs({q: d for q, d in run.items() if q in queries}, 6)
   return pairs, queries, docs, Tokenizer(collection['vocab'])
 
 
@@ -242,17 +242,17 @@ class _Counting:
 def test_score_pairs_resumes_from_its_finished_chunks(pairs_and_texts, tmp_path, caplog):
   pairs, queries, docs, tok = pairs_and_texts
   common = dict(input_length=LENGTH, batch_size=4, progress=False, chunk_pairs=16)
-  want = reranking.score_pairs(_fake_score, tok, queries, docs, pairs, **common)
+  want = rerank_runs.score_pairs(_fake_score, tok, queries, docs, pairs, **common)
   work = str(tmp_path / 'partial')
   chunks = -(-len(pairs) // 16)
   with pytest.raises(KeyboardInterrupt):  # stopped in chunk 3 (4 calls per chunk)
-    reranking.score_pairs(_Counting(fail_after=10), tok, queries, docs, pairs, work_dir=work,
+    rerank_runs.score_pairs(_Counting(fail_after=10), tok, queries, docs, pairs, work_dir=work,
                           fingerprint={'model': 'a'}, **common)
   assert sorted(f for f in os.listdir(work) if f.endswith('.json')) == [
       'chunk-000000.json', 'chunk-000001.json', 'plan.json']
   again = _Counting()
-  with caplog.at_level('INFO', logger='t5dual.reranking'):
-    got = reranking.score_pairs(again, tok, queries, docs, pairs, work_dir=work,
+  with caplog.at_level('INFO', logger='t5dual.rerank_runs'):
+    got = rerank_runs.score_pairs(again, tok, queries, docs, pairs, work_dir=work,
                                 fingerprint={'model': 'a'}, **common)
   np.testing.assert_array_equal(got, want)
   sizes = [min(16, len(pairs) - 16 * i) for i in range(chunks)]
@@ -265,15 +265,15 @@ def test_score_pairs_resumes_from_its_finished_chunks(pairs_and_texts, tmp_path,
   raw[-1] ^= 0xFF
   open(data, 'wb').write(bytes(raw))
   third = _Counting()
-  np.testing.assert_array_equal(reranking.score_pairs(
+  np.testing.assert_array_equal(rerank_runs.score_pairs(
       third, tok, queries, docs, pairs, work_dir=work, fingerprint={'model': 'a'}, **common),
       want)
   assert third.rows >= len(pairs) - 16
   # Another model (or other pairs) starts afresh.
   caplog.clear()
   fresh = _Counting()
-  with caplog.at_level('WARNING', logger='t5dual.reranking'):
-    reranking.score_pairs(fresh, tok, queries, docs, pairs, work_dir=work,
+  with caplog.at_level('WARNING', logger='t5dual.rerank_runs'):
+    rerank_runs.score_pairs(fresh, tok, queries, docs, pairs, work_dir=work,
                           fingerprint={'model': 'b'}, **common)
   assert fresh.rows >= len(pairs) and 'scoring afresh' in caplog.text
 
@@ -282,14 +282,14 @@ KILLED = textwrap.dedent('''
     import json, sys, time
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from t5dual import reranking
+    from t5dual import rerank_runs
     from t5dual.vocab import Tokenizer
     pairs, queries, docs = json.load(open(sys.argv[3]))
     def slow(batch):
       time.sleep(0.3)
       return (batch.astype(np.float64) * np.arange(1, batch.shape[1] + 1)).sum(1).astype(
           np.float32) / 1000
-    reranking.score_pairs(slow, Tokenizer(sys.argv[2]), queries, docs,
+    rerank_runs.score_pairs(slow, Tokenizer(sys.argv[2]), queries, docs,
                           [tuple(p) for p in pairs], input_length=%d, batch_size=4,
                           progress=False, chunk_pairs=16, work_dir=sys.argv[4],
                           fingerprint={'model': 'a'})
@@ -319,10 +319,10 @@ def test_score_pairs_resumes_after_kill_9(pairs_and_texts, collection, tmp_path)
   done = sorted(f for f in os.listdir(work) if f.startswith('chunk') and f.endswith('.json'))
   assert 2 <= len(done) < -(-len(pairs) // 16), done
   again = _Counting()
-  got = reranking.score_pairs(again, tok, queries, docs, pairs, input_length=LENGTH,
+  got = rerank_runs.score_pairs(again, tok, queries, docs, pairs, input_length=LENGTH,
                               batch_size=4, progress=False, chunk_pairs=16, work_dir=work,
                               fingerprint={'model': 'a'})
-  want = reranking.score_pairs(_fake_score, tok, queries, docs, pairs, input_length=LENGTH,
+  want = rerank_runs.score_pairs(_fake_score, tok, queries, docs, pairs, input_length=LENGTH,
                                batch_size=4, progress=False, chunk_pairs=16)
   np.testing.assert_array_equal(got, want)
   assert again.rows <= 16 * (-(-len(pairs) // 16) - len(done))

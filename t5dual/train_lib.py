@@ -24,7 +24,7 @@ import optax
 
 from t5dual import checkpoints, cli, model_api, optim, partitioning, trainer
 from t5dual.data import pipeline, sources, tasks
-from t5dual.trainer import ParameterError, check_positive_int
+from t5dual.cli import ParameterError, check_int
 from t5dual.vocab import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -247,16 +247,15 @@ def _check_settings(model, batch_size, lengths, train_steps, learning_rate, warm
     raise ParameterError(run, 'task_feature_lengths',
                          f'a {model.name} needs the features {sorted(model.feature_names)}, '
                          f'got {sorted(lengths)}')
-  check_positive_int(run, 'batch_size', batch_size)
-  check_positive_int(run, 'train_steps', train_steps)
+  check_int(run, 'batch_size', batch_size, minimum=1)
+  check_int(run, 'train_steps', train_steps, minimum=1)
   if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
       math.isfinite(learning_rate) and learning_rate > 0):
     raise ParameterError(run, 'learning_rate',
                          f'must be a positive finite number, got {learning_rate!r}')
-  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-    raise ParameterError(run, 'warmup_steps', f'must be an integer >= 0, got {warmup_steps!r}')
+  check_int(run, 'warmup_steps', warmup_steps, minimum=0)
   for feature, length in lengths.items():
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+    if not cli.is_int(length) or length < 2:
       raise ParameterError(run, 'task_feature_lengths',
                            f'{feature!r} must be an integer >= 2 (room for one token and '
                            f'EOS), got {length!r}')

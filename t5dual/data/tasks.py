@@ -27,18 +27,11 @@ import dataclasses
 import os
 from typing import Any, Optional, Protocol, Union, runtime_checkable
 
-import numpy as np
-
 from t5dual import model_api
-from t5dual.cli import ParameterError
+from t5dual.cli import ParameterError, check_int
 from t5dual.data import lists as lists_lib
 from t5dual.data import pipeline, sources
 
-
-
-def _check_int(owner: type, key: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ParameterError(owner, key, f'must be an integer, got {value!r}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +48,11 @@ class PairTask:
   kind = 'pairs'
 
   def __post_init__(self):
-    _check_int(PairTask, 'num_negatives', self.num_negatives)
-    if self.num_negatives < 0:
-      raise ParameterError(PairTask, 'num_negatives',
-                           f'must be an integer >= 0, got {self.num_negatives!r}')
+    check_int(PairTask, 'num_negatives', self.num_negatives, minimum=0)
 
   def make_batcher(self, source: str, tokenizer: Any, batch_size: int, feature_lengths: dict,
                    seed: int = 0, template: Optional[str] = None) -> pipeline.PairBatcher:
-    """Pairs (and hard negatives) of `source`; `input_fn` is unused (each side of a pair
+    """Pairs (and hard negatives) of `source`; `template` is unused (each side of a pair
     is tokenized alone)."""
     return pipeline.make_batcher(source, tokenizer, batch_size, feature_lengths,
                                  self.num_negatives, seed=seed)
@@ -105,7 +95,7 @@ class ListTask:
 
   def __post_init__(self):
     for key in ('list_size', 'num_positives', 'min_rank', 'max_rank'):
-      _check_int(ListTask, key, getattr(self, key))
+      check_int(ListTask, key, getattr(self, key))
     low, high = lists_lib.MIN_LIST_SIZE, lists_lib.MAX_LIST_SIZE
     if not low <= self.list_size <= high:
       raise ParameterError(ListTask, 'list_size', f'must be in [{low}, {high}] (a positive '

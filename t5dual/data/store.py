@@ -65,7 +65,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from t5dual import cli, export
-from t5dual.data import sources
+from t5dual.data import sources, store_runs
 from t5dual.t5 import EOS_ID
 
 log = logging.getLogger(__name__)
@@ -399,9 +399,11 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
     pairs = _prepare_pairs(path, sources.iter_jsonl(path), out_dir, corpus, queries)
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
-    doc_rows = {}
+    doc_ids = store_runs.IdCollector()  # row -> id: arrow arrays, then a hash index
     for doc_id, text in sources.iter_beir_corpus(path):
-      doc_rows[doc_id] = corpus.add(doc_id, text)
+      corpus.add(doc_id, text)
+      doc_ids.add(doc_id)
+    doc_rows = doc_ids.index()
     query_rows, query_texts = {}, {}
     for qid, text in sources.iter_beir_queries(path):
       query_rows[qid] = queries.add(qid, text)
@@ -532,56 +534,6 @@ def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
                        'first_without_negatives': first_without})
 
 
-def _run_groups(path: str, query_rows: dict, doc_rows: dict, skip_to: int = 0,
-                seen: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
-  """(query id, document rows, scores, its last line) per query of a TREC run, by
-  descending score (ties: file order), checked as lists.read_run checks it. A query's
-  lines must be together. Lines up to `skip_to` (queries `seen`) were read before."""
-  from t5dual.data import lists as lists_lib
-  seen_queries: dict[str, int] = dict.fromkeys(seen, 0)
-  qid, rows, scores, first, last = None, [], [], {}, 0
-
-  def group():
-    order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
-    return qid, np.asarray(rows, np.int32)[order], np.asarray(scores, np.float64)[order], last
-
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if lineno <= skip_to:
-        continue
-      entry = lists_lib.parse_run_line(line, path, lineno)
-      if entry is None:
-        continue
-      q, doc_id, value = entry
-      where = f'{path}:{lineno}'
-      if q != qid:
-        if q in seen_queries:
-          raise sources.DataError(f'{where}: query {q!r} again after other queries (first '
-                                  f'on line {seen_queries[q] or "<= " + str(skip_to)}); a '
-                                  'prepared store reads a run one query at a time: sort '
-                                  'the run by query')
-        if q not in query_rows:
-          raise sources.DataError(f'{where}: query id {q!r} is not in queries.jsonl')
-        if qid is not None:
-          yield group()
-        qid, rows, scores, first = q, [], [], {}
-        seen_queries[q] = lineno
-      row = doc_rows.get(doc_id)
-      if row is None:
-        raise sources.DataError(f'{where}: document id {doc_id!r} is not in corpus.jsonl')
-      if row in first:
-        raise sources.DataError(f'{where}: document {doc_id!r} listed twice for query '
-                                f'{q!r} (first on line {first[row]})')
-      first[row] = last = lineno
-      rows.append(row)
-      scores.append(value)
-  if qid is None:
-    if skip_to:
-      return
-    raise sources.DataError(f'{path}: empty run file')
-  yield group()
-
-
 _LIST_DTYPES = {'query_row': 'int32', 'pos_offsets': 'int64', 'pos_rows': 'int32',
                 'pos_labels': 'float32', 'pos_teacher': 'float32', 'neg_start': 'int64',
                 'neg_count': 'int32', 'neg_rows': 'int32', 'neg_scores': 'float32',
@@ -680,13 +632,35 @@ def _remove_run_shards(out_dir: str) -> None:
       os.remove(os.path.join(folder, name))
 
 
+def _sorted_keys(pairs: dict, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
+  """{query row: {doc row: value}} as (sorted int64 keys query_row * num_docs + doc_row,
+  float64 values): 16 bytes a pair, looked up with searchsorted."""
+  keys = np.fromiter((q * num_docs + d for q, docs in pairs.items() for d in docs), np.int64)
+  values = np.fromiter((v for docs in pairs.values() for v in docs.values()), np.float64,
+                       len(keys))
+  order = np.argsort(keys)
+  return keys[order], values[order]
+
+
+def _lookup(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+  """Position of each wanted key in sorted `keys`, -1 where absent."""
+  if not keys.size:
+    return np.full(len(wanted), -1, np.int64)
+  at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+  return np.where(keys[at] == wanted, at, -1)
+
+
 def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size, say,
                 after_shard) -> list[dict]:
   """One pass over the run, cut every max(1, shard_size // 16) queries (a depth-1000 run:
   16M entries a shard at the default) into lists/<array>-0000k.bin: per run query its
   row ('queries') and how many negatives it keeps ('counts'), and those negatives'
   rows, first-stage scores and teacher scores. Shards whose record exists are kept, and
-  the run is read on from the line after them."""
+  the run is read on from the line after them.
+
+  The run is read in vectorised blocks (data/store_runs.py); what a query keeps is
+  decided for a block's queries at once: the rank window, not judged relevant
+  (qrels > 0) for a query with judgements, and, with a teacher, scored by it."""
   folder = os.path.join(out_dir, 'lists')
   os.makedirs(folder, exist_ok=True)
   names = {'neg_rows': np.int32, 'neg_scores': np.float32}
@@ -698,52 +672,76 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
     if record is None:
       break
     shards.append(record)
-  qid_of_row = {r: q for q, r in query_rows.items()} if shards else {}
-  seen = [qid_of_row[r] for k in range(len(shards)) for r in np.fromfile(
-      os.path.join(folder, f'queries-{_shard_tag(k)}.bin'), np.int32).tolist()]
+  seen = np.concatenate([np.zeros(0, np.int32)] + [np.fromfile(
+      os.path.join(folder, f'queries-{_shard_tag(k)}.bin'), np.int32)
+      for k in range(len(shards))])
+  num_docs, num_queries = max(1, len(doc_rows)), len(query_rows)
+  judged = np.zeros(num_queries, bool)
+  judged[[query_rows[q] for q in qrels]] = True
+  relevant, _ = _sorted_keys({query_rows[q]: {r: 1 for r, rel in docs.items() if rel > 0}
+                              for q, docs in qrels.items()}, num_docs)
+  if teacher is not None:
+    teacher_keys, teacher_scores = _sorted_keys(
+        {query_rows[q]: scores for q, scores in teacher.items()}, num_docs)
   per_shard = max(1, shard_size // 16)
-  buffer = {name: [] for name in names}
-  run_rows, counts, last_line = [], [], shards[-1]['last_line'] if shards else 0
+  # Queries read but not yet in a shard: per query its row, kept count and last line,
+  # and the kept negatives' arrays, as lists of per-block arrays.
+  pending = {'queries': [], 'counts': [], 'last_lines': [], **{name: [] for name in names}}
 
-  def flush():
+  def take(queries: int) -> dict:
+    """The first `queries` pending queries and their negatives, removed from pending."""
+    whole = {k: np.concatenate(v) for k, v in pending.items()}
+    entries = int(whole['counts'][:queries].sum())
+    for k, v in whole.items():
+      cut = queries if k in ('queries', 'counts', 'last_lines') else entries
+      pending[k] = [v[cut:]]
+      whole[k] = v[:cut]
+    return whole
+
+  def flush(shard: dict):
     tag = _shard_tag(len(shards))
-    data = {f'queries-{tag}.bin': np.asarray(run_rows, np.int32).tobytes(),
-            f'counts-{tag}.bin': np.asarray(counts, np.int32).tobytes()}
+    last_line = int(shard['last_lines'][-1])
+    data = {f'queries-{tag}.bin': shard['queries'].astype(np.int32).tobytes(),
+            f'counts-{tag}.bin': shard['counts'].astype(np.int32).tobytes()}
     for name, dtype in names.items():
-      data[f'{name}-{tag}.bin'] = np.concatenate(buffer[name]).astype(dtype).tobytes()
-      buffer[name].clear()
-    record = {'queries': len(run_rows), 'last_line': last_line, 'files': {}}
+      data[f'{name}-{tag}.bin'] = shard[name].astype(dtype).tobytes()
+    record = {'queries': len(shard['queries']), 'last_line': last_line, 'files': {}}
     for name, content in data.items():
       _write_atomic(os.path.join(folder, name), content)
       record['files'][name] = {'bytes': len(content),
                                'sha256': hashlib.sha256(content).hexdigest()}
     _write_json(os.path.join(folder, f'shard-{tag}.json'), record)
     shards.append(record)
-    run_rows.clear()
-    counts.clear()
     say(f'lists: run shard {len(shards) - 1} (up to line {last_line})')
     if after_shard is not None:
       after_shard()
 
-  window = slice(options.min_rank - 1, options.max_rank)
-  for qid, rows, scores, last_line in _run_groups(options.run, query_rows, doc_rows,
-                                                  last_line, seen):
-    judged = qrels.get(qid)
-    known = None if teacher is None else teacher.get(qid, {})
-    rows, scores = rows[window], scores[window]
-    keep = np.fromiter((bool(judged) and judged.get(r, 0) <= 0 and
-                        (known is None or r in known) for r in rows.tolist()), bool, len(rows))
-    rows, scores = rows[keep], scores[keep]
-    run_rows.append(query_rows[qid])
-    counts.append(len(rows))
-    buffer['neg_rows'].append(rows)
-    buffer['neg_scores'].append(scores)
-    if known is not None:
-      buffer['neg_teacher'].append(np.asarray([known[r] for r in rows.tolist()], np.float64))
-    if len(run_rows) == per_shard:
-      flush()
-  if run_rows:
-    flush()
+  skip_to = shards[-1]['last_line'] if shards else 0
+  count = 0
+  for groups in store_runs.run_groups(options.run, query_rows, doc_rows, num_queries,
+                                      skip_to, seen.tolist()):
+    sizes = np.diff(groups.offsets)
+    query = np.repeat(groups.query_rows, sizes)
+    rank = np.arange(len(query)) - np.repeat(groups.offsets[:-1], sizes)
+    keys = query * num_docs + groups.doc_rows
+    keep = ((rank >= options.min_rank - 1) & (rank < options.max_rank) & judged[query]
+            & (_lookup(relevant, keys) < 0))
+    if teacher is not None:
+      at = _lookup(teacher_keys, keys)
+      keep &= at >= 0
+      pending['neg_teacher'].append(teacher_scores[at[keep]])
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    pending['queries'].append(groups.query_rows)
+    pending['counts'].append(np.bincount(group[keep], minlength=len(sizes)))
+    pending['last_lines'].append(groups.last_lines)
+    pending['neg_rows'].append(groups.doc_rows[keep])
+    pending['neg_scores'].append(groups.scores[keep])
+    count += len(sizes)
+    while count >= per_shard:
+      flush(take(per_shard))
+      count -= per_shard
+  if count:
+    flush(take(count))
   return shards
 
 

@@ -551,10 +551,11 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
   qrels_file = sources.qrels_path(folder, split)
   qrels = {q: {doc_rows[d]: rel for d, rel in judged.items()}
            for q, judged in lists_lib.read_qrels(qrels_file, query_rows, doc_rows).items()}
+  # (sorted keys query_row * documents + doc_row, scores): 16 bytes a teacher score.
   teacher = None
   if options.teacher:
-    texts = lists_lib.read_teacher(options.teacher, query_rows, doc_rows)
-    teacher = {q: {doc_rows[d]: s for d, s in scores.items()} for q, scores in texts.items()}
+    teacher = store_runs.teacher_scores(options.teacher, query_rows, doc_rows)
+  num_docs = max(1, len(doc_rows))
   dtypes = dict(_LIST_DTYPES)
   if teacher is None:
     del dtypes['pos_teacher'], dtypes['neg_teacher']
@@ -585,8 +586,10 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
     if not positives:
       skipped['no positive'] += 1
       continue
-    known = None if teacher is None else teacher.get(qid, {})
-    if known is not None:
+    known = None
+    if teacher is not None:  # positives -> their teacher scores
+      at = store_runs.lookup(teacher[0], [query_rows[qid] * num_docs + r for r, _ in positives])
+      known = {r: float(teacher[1][i]) for (r, _), i in zip(positives, at.tolist()) if i >= 0}
       positives = [(r, rel) for r, rel in positives if r in known]
       if not positives:
         skipped['no teacher score for a positive'] += 1
@@ -632,24 +635,6 @@ def _remove_run_shards(out_dir: str) -> None:
       os.remove(os.path.join(folder, name))
 
 
-def _sorted_keys(pairs: dict, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
-  """{query row: {doc row: value}} as (sorted int64 keys query_row * num_docs + doc_row,
-  float64 values): 16 bytes a pair, looked up with searchsorted."""
-  keys = np.fromiter((q * num_docs + d for q, docs in pairs.items() for d in docs), np.int64)
-  values = np.fromiter((v for docs in pairs.values() for v in docs.values()), np.float64,
-                       len(keys))
-  order = np.argsort(keys)
-  return keys[order], values[order]
-
-
-def _lookup(keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-  """Position of each wanted key in sorted `keys`, -1 where absent."""
-  if not keys.size:
-    return np.full(len(wanted), -1, np.int64)
-  at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-  return np.where(keys[at] == wanted, at, -1)
-
-
 def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size, say,
                 after_shard) -> list[dict]:
   """One pass over the run, cut every max(1, shard_size // 16) queries (a depth-1000 run:
@@ -678,11 +663,10 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
   num_docs, num_queries = max(1, len(doc_rows)), len(query_rows)
   judged = np.zeros(num_queries, bool)
   judged[[query_rows[q] for q in qrels]] = True
-  relevant, _ = _sorted_keys({query_rows[q]: {r: 1 for r, rel in docs.items() if rel > 0}
-                              for q, docs in qrels.items()}, num_docs)
-  if teacher is not None:
-    teacher_keys, teacher_scores = _sorted_keys(
-        {query_rows[q]: scores for q, scores in teacher.items()}, num_docs)
+  relevant = [(query_rows[q], r) for q, docs in qrels.items() for r, rel in docs.items()
+              if rel > 0]
+  relevant, _ = store_runs.sorted_keys([q for q, _ in relevant], [r for _, r in relevant],
+                                       np.zeros(len(relevant)), num_docs)
   per_shard = max(1, shard_size // 16)
   # Queries read but not yet in a shard: per query its row, kept count and last line,
   # and the kept negatives' arrays, as lists of per-block arrays.
@@ -725,11 +709,11 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
     rank = np.arange(len(query)) - np.repeat(groups.offsets[:-1], sizes)
     keys = query * num_docs + groups.doc_rows
     keep = ((rank >= options.min_rank - 1) & (rank < options.max_rank) & judged[query]
-            & (_lookup(relevant, keys) < 0))
+            & (store_runs.lookup(relevant, keys) < 0))
     if teacher is not None:
-      at = _lookup(teacher_keys, keys)
+      at = store_runs.lookup(teacher[0], keys)
       keep &= at >= 0
-      pending['neg_teacher'].append(teacher_scores[at[keep]])
+      pending['neg_teacher'].append(teacher[1][at[keep]])
     group = np.repeat(np.arange(len(sizes)), sizes)
     pending['queries'].append(groups.query_rows)
     pending['counts'].append(np.bincount(group[keep], minlength=len(sizes)))

@@ -374,3 +374,69 @@ def _groups(qrows, drows, scores, lines, starts, group, first_line) -> Groups:
   first_line[qrows[starts]] = lines[starts]
   return Groups(query_rows=qrows[starts], offsets=offsets, doc_rows=drows[order],
                 scores=scores[order], last_lines=lines[offsets[1:] - 1])
+
+
+# --------------------------------------------------------------------------- teacher
+
+def sorted_keys(query_rows: np.ndarray, doc_rows: np.ndarray, values: np.ndarray,
+                num_docs: int) -> tuple[np.ndarray, np.ndarray]:
+  """(sorted int64 keys query_row * num_docs + doc_row, float64 values in their order):
+  16 bytes a pair, looked up with `lookup`."""
+  keys = np.asarray(query_rows, np.int64) * num_docs + np.asarray(doc_rows, np.int64)
+  order = np.argsort(keys, kind='stable')
+  return keys[order], np.asarray(values, np.float64)[order]
+
+
+def lookup(keys: np.ndarray, wanted) -> np.ndarray:
+  """Position of each wanted key in sorted `keys`, -1 where absent."""
+  wanted = np.asarray(wanted, np.int64)
+  if not keys.size:
+    return np.full(wanted.shape, -1, np.int64)
+  at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+  return np.where(keys[at] == wanted, at, -1)
+
+
+def teacher_scores(path: str, query_rows: dict, doc_index: IdIndex
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """lists.read_teacher's scores as sorted_keys arrays: 16 bytes a scored (query,
+  document), 40 while a TREC teacher is read (a depth-1000 teacher over MS MARCO's
+  503k training queries: 8 GB; keep the teacher to the depth trained on).
+
+  A TREC teacher is read in vectorised blocks; a JSONL one, or a TREC one the fast
+  checks refuse, through lists.read_teacher (its Python dicts, ~150 bytes a score),
+  which names the file and line of the first bad one.
+  """
+  from t5dual.data import lists as lists_lib
+  num_docs = max(1, len(doc_index))
+  if not path.endswith('.jsonl'):
+    qrows, drows, scores = [], [], []
+    ok = True
+    for block, error in read_blocks(path):
+      if error is not None:
+        ok = False
+        break
+      encoded = block.queries.dictionary_encode()
+      unique = np.asarray([query_rows.get(q, -1) for q in encoded.dictionary.to_pylist()],
+                          np.int64)
+      qrows.append(unique[encoded.indices.to_numpy(zero_copy_only=False)]
+                   if len(block.queries) else np.zeros(0, np.int64))
+      drows.append(doc_index.rows(block.docs))
+      scores.append(block.scores)
+      if np.any(qrows[-1] < 0) or np.any(drows[-1] < 0):
+        ok = False
+        break
+    if ok and qrows:
+      keys, values = sorted_keys(np.concatenate(qrows), np.concatenate(drows),
+                                 np.concatenate(scores), num_docs)
+      if keys.size and not np.any(keys[1:] == keys[:-1]):
+        return keys, values
+    del qrows, drows, scores
+  # The reader of record: its error names the line (or it gives the scores of a JSONL).
+  texts = lists_lib.read_teacher(path, query_rows, doc_index)
+  pairs = [(query_rows[q], doc_index[d], s) for q, docs in texts.items()
+           for d, s in docs.items()]
+  del texts
+  if not pairs:
+    return np.zeros(0, np.int64), np.zeros(0, np.float64)
+  q, d, s = zip(*pairs)
+  return sorted_keys(q, d, s, num_docs)

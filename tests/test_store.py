@@ -3,16 +3,18 @@ refused, interrupted prepares continued, reranker inputs assembled from stored i
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pyarrow
 import pytest
 
 from t5dual import cli, rerankers, t5, vocab
-from t5dual.data import lists, pipeline, sources, store, store_batchers
+from t5dual.data import lists, pipeline, sources, store, store_batchers, store_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 20}
@@ -369,3 +371,110 @@ def test_synthetic_msmarco_prepares_and_trains_from_the_store(shared_dir, tmp_pa
                                            list_size=8, input_length=64)
   for step in (0, 7, 10**6):
     _assert_batches_equal(stored.batch(step), memory.batch(step))
+
+
+def _id_lookups(demo_collection):
+  doc_ids, _ = sources.read_beir_corpus(demo_collection)
+  query_rows = {q: i for i, q in enumerate(sources.read_beir_queries(demo_collection))}
+  return doc_ids, query_rows, store_runs.IdIndex(pyarrow.array(doc_ids, pyarrow.string()))
+
+
+def _read_groups(path, query_rows, doc_index, block_bytes):
+  groups = list(store_runs.run_groups(path, query_rows, doc_index, len(query_rows),
+                                      block_bytes=block_bytes))
+  return {name: np.concatenate([getattr(g, name) if name != 'offsets' else np.diff(g.offsets)
+                                for g in groups])
+          for name in ('query_rows', 'offsets', 'doc_rows', 'scores', 'last_lines')}
+
+
+@pytest.mark.parametrize('block_bytes', [1 << 25, 300])
+@pytest.mark.parametrize('layout', ['as written', 'tabs, blank lines, CRLF'])
+def test_fast_run_reader_equals_the_line_by_line_reader(demo_collection, run_files, tmp_path,
+                                                        block_bytes, layout):
+  doc_ids, query_rows, doc_index = _id_lookups(demo_collection)
+  path = run_files[0]
+  if layout != 'as written':  # what only the line-by-line parse reads: those blocks go there
+    lines = open(path).read().splitlines()
+    text = ''.join(line.replace(' ', '\t', 2) + ('\r\n\n' if i % 7 == 0 else '\n')
+                   for i, line in enumerate(lines))
+    path = str(tmp_path / 'run.trec')
+    with open(path, 'w', newline='') as f:
+      f.write(text)
+  got = _read_groups(path, query_rows, doc_index, block_bytes)
+  # lists.read_run: each query's documents by descending score, ties in file order.
+  expected = lists.read_run(path, query_rows, set(doc_ids))
+  last_line = {}
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if line.split():
+        last_line[line.split()[0]] = lineno
+  doc_row = {d: i for i, d in enumerate(doc_ids)}
+  np.testing.assert_array_equal(got['query_rows'], [query_rows[q] for q in expected])
+  np.testing.assert_array_equal(got['offsets'], [len(r) for r in expected.values()])
+  np.testing.assert_array_equal(got['doc_rows'],
+                                [doc_row[d] for r in expected.values() for d, _ in r])
+  np.testing.assert_array_equal(got['scores'], [s for r in expected.values() for _, s in r])
+  np.testing.assert_array_equal(got['last_lines'], [last_line[q] for q in expected])
+
+
+def test_id_index_maps_ids_to_rows(demo_collection):
+  doc_ids, _, index = _id_lookups(demo_collection)
+  wanted = doc_ids[::-3] + ['absent', '', doc_ids[0] + ' ']
+  np.testing.assert_array_equal(index.rows(wanted),
+                                [len(doc_ids) - 1 - 3 * i for i in range(len(doc_ids[::-3]))]
+                                + [-1, -1, -1])
+  assert index[doc_ids[5]] == 5 and doc_ids[7] in index and 'absent' not in index
+
+
+@pytest.mark.parametrize('fault, message', [
+    (lambda q, d: f'{q} Q0 {d} 1 high run', ":{line}: score 'high' is not a number"),
+    (lambda q, d: f'{q} Q0 {d} 1 2.5', ':{line}: expected "qid Q0 docid rank score tag"'),
+    (lambda q, d: f'{q} Q0 no-such-doc 1 2.5 run',
+     ":{line}: document id 'no-such-doc' is not in corpus.jsonl"),
+    (lambda q, d: f'{q} Q0 {d} 1 2.5 run', ':{line}: document .* listed twice for query'),
+])
+def test_bad_run_line_is_named_by_its_line(demo_collection, run_files, tmp_path, tokenizer,
+                                           fault, message):
+  _, query_rows, doc_index = _id_lookups(demo_collection)
+  lines = open(run_files[0]).read().splitlines()
+  bad = 157  # in the middle of a block of 300 bytes, after many blocks
+  q, _, d = lines[bad - 2].split()[:3]  # the line before it: its query, a listed document
+  lines.insert(bad - 1, fault(q, d))
+  path = str(tmp_path / 'run.trec')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  pattern = re.escape(path) + message.format(line=bad)
+  for block_bytes in (300, 1 << 25):
+    with pytest.raises(sources.DataError, match=pattern):
+      _read_groups(path, query_rows, doc_index, block_bytes)
+  with pytest.raises(sources.DataError, match=pattern):  # the same one line from prepare
+    store.prepare(f'beir:{demo_collection}:train', str(tmp_path / 'store'), tokenizer,
+                  max_length=40, shard_size=64, lists=store.ListOptions(path))
+
+
+def test_run_query_lines_apart_are_refused(demo_collection, run_files, tmp_path):
+  _, query_rows, doc_index = _id_lookups(demo_collection)
+  lines = open(run_files[0]).read().splitlines()
+  first_query = lines[0].split()[0]
+  moved = lines.pop(0)
+  later = next(i for i, line in enumerate(lines) if line.split()[0] != first_query) + 40
+  lines.insert(later, moved)
+  path = str(tmp_path / 'run.trec')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  for block_bytes in (300, 1 << 25):
+    with pytest.raises(sources.DataError,
+                       match=re.escape(f'{path}:{later + 1}: query {first_query!r} again after '
+                                       'other queries (first on line 1)')):
+      _read_groups(path, query_rows, doc_index, block_bytes)
+
+
+def test_trec_teacher_scores_equal_the_line_by_line_reader(demo_collection, run_files):
+  doc_ids, query_rows, doc_index = _id_lookups(demo_collection)
+  keys, scores = store_runs.teacher_scores(run_files[0], query_rows, doc_index)
+  expected = lists.read_teacher(run_files[0], query_rows, set(doc_ids))
+  doc_row = {d: i for i, d in enumerate(doc_ids)}
+  pairs = sorted((query_rows[q] * len(doc_ids) + doc_row[d], s)
+                 for q, docs in expected.items() for d, s in docs.items())
+  np.testing.assert_array_equal(keys, [k for k, _ in pairs])
+  np.testing.assert_array_equal(scores, [s for _, s in pairs])

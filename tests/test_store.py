@@ -5,10 +5,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pyarrow
 import pytest
@@ -478,3 +480,56 @@ def test_trec_teacher_scores_equal_the_line_by_line_reader(demo_collection, run_
                  for q, docs in expected.items() for d, s in docs.items())
   np.testing.assert_array_equal(keys, [k for k, _ in pairs])
   np.testing.assert_array_equal(scores, [s for _, s in pairs])
+
+
+def _train_from_store(model, model_dir, source, spm, steps, extra):
+  files = {'sde': ['gin/models/sde.gin'], 'rankt5': ['gin/models/rankt5_encdec.gin']}[model]
+  files += ['gin/sizes/tiny.gin', 'configs/runs/finetune.gin']
+  files += ['configs/runs/rerank.gin'] if model == 'rankt5' else []
+  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
+          *[f'--gin_file={f}' for f in files], f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.MIXTURE_OR_TASK_NAME='store:{source}'", f"--gin.VOCABULARY_PATH='{spm}'",
+          f'--gin.TRAIN_STEPS={steps}', '--gin.VOCAB_SIZE=256', "--gin.ACTIVATION_DTYPE='float32'",
+          '--gin.DROPOUT_RATE=0.0', '--gin.BATCH_SIZE=4', '--gin.trainer.TrainerConfig.save_every=5',
+          '--gin.trainer.TrainerConfig.log_every=1', *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model', ['sde', 'rankt5'])
+def test_training_from_a_store_stopped_and_resumed_ends_as_uninterrupted(
+    model, demo_collection, beir_store, jsonl_store, tmp_path):
+  """scripts/train.py from `store:` (the SDE with hard negatives, the reranker with lists
+  of a run), stopped by SIGTERM and run again, ends with the uninterrupted run's params."""
+  from t5dual import checkpoints
+  spm = os.path.join(demo_collection, 'spm.model')
+  steps = 40
+  if model == 'sde':
+    source, extra = jsonl_store, ['--gin.NUM_NEGATIVES=3',
+                                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 20}"]
+  else:  # the store's list window: ranks [2, 25] of the run
+    source, extra = beir_store, ['--gin.MIN_RANK=2', '--gin.MAX_RANK=25', '--gin.LIST_SIZE=4',
+                                 '--gin.INPUT_LENGTH=32']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+  subprocess.run(_train_from_store(model, straight, source, spm, steps, extra), cwd=REPO,
+                 env=env, check=True, capture_output=True)
+  proc = subprocess.Popen(_train_from_store(model, stopped, source, spm, steps, extra),
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  metrics = os.path.join(stopped, 'metrics.jsonl')
+  while proc.poll() is None and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.02)  # stopped once it trains: a step boundary well before the last
+  proc.send_signal(signal.SIGTERM)
+  err = proc.communicate()[1].decode()
+  assert proc.returncode == 75, err[-2000:]  # preemption.PREEMPTED_EXIT_STATUS
+  stopped_at = checkpoints.checkpoint_manager(stopped).latest_step()
+  assert 0 < stopped_at < steps
+  resumed = subprocess.run(_train_from_store(model, stopped, source, spm, steps, extra),
+                           cwd=REPO, env=env, check=True, capture_output=True)
+  assert f'resuming from {stopped} at step {stopped_at}' in resumed.stderr.decode()
+  _, expected, at = checkpoints.restore_params(straight)
+  _, got, resumed_at = checkpoints.restore_params(stopped)
+  assert at == resumed_at == steps
+  # The same float32 programs on the same batches (a function of the step): the same bits.
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(expected),
+                               jax.tree_util.tree_leaves_with_path(got)):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path))

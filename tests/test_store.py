@@ -489,7 +489,7 @@ def _train_from_store(model, model_dir, source, spm, steps, extra):
   return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
           *[f'--gin_file={f}' for f in files], f"--gin.MODEL_DIR='{model_dir}'",
           f"--gin.MIXTURE_OR_TASK_NAME='store:{source}'", f"--gin.VOCABULARY_PATH='{spm}'",
-          f'--gin.TRAIN_STEPS={steps}', '--gin.VOCAB_SIZE=256', "--gin.ACTIVATION_DTYPE='float32'",
+          f'--gin.TRAIN_STEPS={steps}', "--gin.ACTIVATION_DTYPE='float32'",
           '--gin.DROPOUT_RATE=0.0', '--gin.BATCH_SIZE=4', '--gin.trainer.TrainerConfig.save_every=5',
           '--gin.trainer.TrainerConfig.log_every=1', *extra]
 
@@ -504,15 +504,16 @@ def test_training_from_a_store_stopped_and_resumed_ends_as_uninterrupted(
   spm = os.path.join(demo_collection, 'spm.model')
   steps = 40
   if model == 'sde':
-    source, extra = jsonl_store, ['--gin.NUM_NEGATIVES=3',
+    source, extra = jsonl_store, ['--gin.NUM_NEGATIVES=3', '--gin.VOCAB_SIZE=256',
                                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 20}"]
-  else:  # the store's list window: ranks [2, 25] of the run
-    source, extra = beir_store, ['--gin.MIN_RANK=2', '--gin.MAX_RANK=25', '--gin.LIST_SIZE=4',
+  else:  # the store's list window: ranks [2, 25] of the run; RankT5 scores <extra_id_10>
+    source, extra = beir_store, ['--gin.VOCAB_SIZE=32128', '--gin.MIN_RANK=2', '--gin.MAX_RANK=25', '--gin.LIST_SIZE=4',
                                  '--gin.INPUT_LENGTH=32']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
-  subprocess.run(_train_from_store(model, straight, source, spm, steps, extra), cwd=REPO,
-                 env=env, check=True, capture_output=True)
+  done = subprocess.run(_train_from_store(model, straight, source, spm, steps, extra),
+                        cwd=REPO, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
   proc = subprocess.Popen(_train_from_store(model, stopped, source, spm, steps, extra),
                           cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   metrics = os.path.join(stopped, 'metrics.jsonl')
@@ -524,8 +525,9 @@ def test_training_from_a_store_stopped_and_resumed_ends_as_uninterrupted(
   stopped_at = checkpoints.checkpoint_manager(stopped).latest_step()
   assert 0 < stopped_at < steps
   resumed = subprocess.run(_train_from_store(model, stopped, source, spm, steps, extra),
-                           cwd=REPO, env=env, check=True, capture_output=True)
-  assert f'resuming from {stopped} at step {stopped_at}' in resumed.stderr.decode()
+                           cwd=REPO, env=env, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'resuming from {stopped} at step {stopped_at}' in resumed.stderr
   _, expected, at = checkpoints.restore_params(straight)
   _, got, resumed_at = checkpoints.restore_params(stopped)
   assert at == resumed_at == steps

@@ -535,3 +535,16 @@ def test_training_from_a_store_stopped_and_resumed_ends_as_uninterrupted(
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(expected),
                                jax.tree_util.tree_leaves_with_path(got)):
     np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path))
+
+
+def test_duplicate_document_id_is_named_by_its_lines(demo_collection, tokenizer, tmp_path):
+  folder = tmp_path / 'beir'
+  shutil.copytree(demo_collection, folder)
+  corpus = (folder / 'corpus.jsonl').read_text().splitlines()
+  first_id = json.loads(corpus[0])['_id']
+  corpus[9] = json.dumps(dict(json.loads(corpus[9]), _id=first_id))
+  (folder / 'corpus.jsonl').write_text('\n'.join(corpus) + '\n')
+  with pytest.raises(sources.DataError, match=re.escape(
+      f"corpus.jsonl:10: duplicate _id {first_id!r} (first on line 1)")):
+    store.prepare(f'beir:{folder}:train', str(tmp_path / 'store'), tokenizer, max_length=40,
+                  shard_size=64)

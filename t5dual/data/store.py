@@ -399,11 +399,18 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
     pairs = _prepare_pairs(path, sources.iter_jsonl(path), out_dir, corpus, queries)
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
-    doc_ids = store_runs.IdCollector()  # row -> id: arrow arrays, then a hash index
-    for doc_id, text in sources.iter_beir_corpus(path):
+    # Document ids as arrow arrays, then a hash index (~30 bytes an id, not a dict's
+    # ~120); duplicates are found there, and named by a second, checking read.
+    doc_ids = store_runs.IdCollector()
+    for doc_id, text in sources.iter_beir_corpus(path, check_unique=False):
       corpus.add(doc_id, text)
       doc_ids.add(doc_id)
-    doc_rows = doc_ids.index()
+    try:
+      doc_rows = doc_ids.index()
+    except store_runs.DuplicateIdError:
+      for _ in sources.iter_beir_corpus(path):  # raises the DataError naming both lines
+        pass
+      raise
     query_rows, query_texts = {}, {}
     for qid, text in sources.iter_beir_queries(path):
       query_rows[qid] = queries.add(qid, text)
@@ -713,13 +720,14 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
     if teacher is not None:
       at = store_runs.lookup(teacher[0], keys)
       keep &= at >= 0
-      pending['neg_teacher'].append(teacher[1][at[keep]])
+      pending['neg_teacher'].append(teacher[1][at[keep]].astype(np.float32))
     group = np.repeat(np.arange(len(sizes)), sizes)
     pending['queries'].append(groups.query_rows)
     pending['counts'].append(np.bincount(group[keep], minlength=len(sizes)))
     pending['last_lines'].append(groups.last_lines)
-    pending['neg_rows'].append(groups.doc_rows[keep])
-    pending['neg_scores'].append(groups.scores[keep])
+    # In the shard's dtypes already: a shard's 16M entries at 8 bytes, not 16.
+    pending['neg_rows'].append(groups.doc_rows[keep].astype(np.int32))
+    pending['neg_scores'].append(groups.scores[keep].astype(np.float32))
     count += len(sizes)
     while count >= per_shard:
       flush(take(per_shard))

@@ -63,6 +63,10 @@ def _hash_one(value: str, seed: int) -> int:
   return ((h ^ len(encoded)) * _FNV_PRIME) & _MASK
 
 
+class DuplicateIdError(ValueError):
+  """An IdIndex of ids that are not distinct."""
+
+
 class IdIndex:
   """The rows of distinct string ids: `rows(array)` vectorised, `index[id]` / `id in index`.
 
@@ -77,8 +81,13 @@ class IdIndex:
       hashes = _hash(self.ids, seed)
       order = np.argsort(hashes, kind='stable')
       sorted_hashes = hashes[order]
-      if not np.any(sorted_hashes[1:] == sorted_hashes[:-1]):
+      same = np.nonzero(sorted_hashes[1:] == sorted_hashes[:-1])[0]
+      if not same.size:
         break
+      first, second = order[same], order[same + 1]
+      equal = pa.compute.equal(self.ids.take(pa.array(first)), self.ids.take(pa.array(second)))
+      if np.any(equal.to_numpy(zero_copy_only=False)):
+        raise DuplicateIdError('the same id on two rows')
     else:
       raise RuntimeError('eight hash seeds collide on these ids')  # distinct ids: never
     self.seed, self._hashes, self._rows = seed, sorted_hashes, order.astype(np.int64)

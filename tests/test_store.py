@@ -548,3 +548,26 @@ def test_duplicate_document_id_is_named_by_its_lines(demo_collection, tokenizer,
       f"corpus.jsonl:10: duplicate _id {first_id!r} (first on line 1)")):
     store.prepare(f'beir:{folder}:train', str(tmp_path / 'store'), tokenizer, max_length=40,
                   shard_size=64)
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_tfds_source_prepares_the_jsonl_store(pairs_jsonl, jsonl_store, tokenizer, tmp_path,
+                                              monkeypatch, file_format):
+  """A TFDS dataset of the same examples ('query', 'positive', 'negatives' features) gives
+  the store of the JSONL file, read by row (array_record) or through tf.data."""
+  pytest.importorskip('tensorflow_datasets')
+  import tfds_negatives  # tests/helpers
+  data_dir = str(tmp_path / 'tfds')
+  tfds_negatives.build(pairs_jsonl, data_dir, file_format)
+  monkeypatch.setenv('TFDS_DATA_DIR', data_dir)
+  out = str(tmp_path / 'store')
+  store.prepare(f'tfds:{tfds_negatives.NAME}:1.0.0:train', out, tokenizer, max_length=40,
+                shard_size=100)
+  expected, got = _files(jsonl_store), _files(out)
+  assert set(got) == set(expected)
+  for name in expected:
+    if name not in (store.PLAN, store.MANIFEST):  # they name the store's own inputs
+      assert got[name] == expected[name], name
+  assert json.loads(got[store.PLAN])['tfds']['examples'] == len(open(pairs_jsonl).readlines())
+  with pytest.raises(sources.UnknownSourceError, match='has no split \'test\''):
+    store.prepare(f'tfds:{tfds_negatives.NAME}:test', str(tmp_path / 'other'), tokenizer)

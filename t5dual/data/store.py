@@ -57,6 +57,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import string
 import time
@@ -311,16 +312,78 @@ def parse_source(source: str) -> tuple[str, str, str]:
     return 'beir', folder, split or 'train'
   if kind == 'jsonl':
     return 'jsonl', rest, ''
+  if kind == 'tfds':
+    name, split = tfds_spec(source)
+    return 'tfds', name, split
   if os.path.isdir(source):
     return 'beir', source, 'train'
   if os.path.isfile(source):
     return 'jsonl', source, ''
-  raise sources.UnknownSourceError(f'{source!r}: prepare reads beir:<folder>[:<split>] or '
-                                   'jsonl:<path>')
+  raise sources.UnknownSourceError(f'{source!r}: prepare reads beir:<folder>[:<split>], '
+                                   'jsonl:<path> or tfds:<name>[:<version>][:<split>]')
+
+
+_TFDS_VERSION = re.compile(r'^(\d+(\.\d+)*|\*)$')
+
+
+def tfds_spec(source: str) -> tuple[str, str]:
+  """('name[:version]', split) of 'tfds:<name>[:<version>][:<split>]' (split: train),
+  as the tfds: training source reads it."""
+  parts = source[len('tfds:'):].split(':')
+  if not parts[0]:
+    raise sources.UnknownSourceError(f'{source!r}: give a dataset name, '
+                                     'tfds:<name>[:<version>][:<split>]')
+  if len(parts) > 1 and not _TFDS_VERSION.match(parts[-1]):
+    return ':'.join(parts[:-1]), parts[-1]
+  return ':'.join(parts), 'train'
+
+
+def tfds_records(name: str, split: str) -> tuple[dict, Iterator[tuple[int, dict]]]:
+  """(what identifies the split, its (example number, {"query", "positive",
+  "negatives"?}) records) of a prepared TFDS dataset in $TFDS_DATA_DIR, for prepare's
+  pairs: text features named as the tfds: training source names them ('query',
+  'positive'), and 'negatives' (a sequence of texts) for hard negatives. Read in order,
+  one example at a time: by row where prepared as array_record (no TensorFlow),
+  else through tf.data."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import file_adapters
+  data_dir = os.environ.get('TFDS_DATA_DIR')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError, ValueError, ... by cause
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    raise sources.UnknownSourceError(f'tfds:{name} (data_dir {data_dir or "TFDS default"}): '
+                                     f'{first}') from None
+  if not builder.is_prepared():
+    raise sources.UnknownSourceError(f'tfds:{name} is not prepared in {builder.data_dir}; '
+                                     'prepare it first (tfds build)')
+  if split not in builder.info.splits:
+    raise sources.UnknownSourceError(f'tfds:{name} has no split {split!r} (splits: '
+                                     f'{", ".join(sorted(builder.info.splits))})')
+  identity = {'name': builder.info.full_name, 'split': split,
+              'examples': builder.info.splits[split].num_examples}
+  formats = builder.info.available_file_formats() or {builder.info.file_format}
+  if set(formats) & set(file_adapters.FileFormat.with_random_access()):
+    examples = builder.as_data_source(split=split)
+  else:
+    examples = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+
+  def text(value):
+    return value.decode('utf-8') if isinstance(value, bytes) else value
+
+  def records():
+    for number, example in enumerate(examples, 1):
+      record = {k: text(example[k]) for k in ('query', 'positive') if k in example}
+      if 'negatives' in example:
+        record['negatives'] = [text(v) for v in list(example['negatives'])]
+      yield number, record
+  return identity, records()
 
 
 def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> list[str]:
-  if kind == 'jsonl':
+  if kind == 'tfds':  # the plan names the dataset's version and size instead
+    files = []
+  elif kind == 'jsonl':
     files = [path]
   else:
     files = [os.path.join(path, 'corpus.jsonl'), os.path.join(path, 'queries.jsonl'),
@@ -336,13 +399,13 @@ def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> l
 def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
               shard_size: int = DEFAULT_SHARD_SIZE, lists: Optional[ListOptions] = None) -> dict:
   kind, path, split = parse_source(source)
-  if kind == 'jsonl' and lists is not None:
+  if kind in ('jsonl', 'tfds') and lists is not None:
     raise cli.ConfigError('training lists come from a BEIR folder (its qrels) and a run, '
                           'not from a JSONL pair file')
   if max_length < 1 or shard_size < 1:
     raise cli.ConfigError(f'max_length and shard_size must be positive, got {max_length}, '
                           f'{shard_size}')
-  return {'format': FORMAT, 'kind': kind, 'split': split,
+  plan = {'format': FORMAT, 'kind': kind, 'split': split,
           'inputs': [fingerprint(f) for f in _inputs(kind, path, split, lists)],
           'tokenizer': {'path': tokenizer.path, 'sha256': tokenizer.sha256(),
                         'vocab_size': tokenizer.vocab_size},
@@ -350,6 +413,9 @@ def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
           'lists': None if lists is None else dict(
               dataclasses.asdict(lists), run=os.path.abspath(lists.run),
               teacher=lists.teacher and os.path.abspath(lists.teacher))}
+  if kind == 'tfds':
+    plan['tfds'] = tfds_records(path, split)[0]
+  return plan
 
 
 def _check_plan(out_dir: str, plan: dict) -> None:
@@ -395,8 +461,11 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
 
   kind, path, split = parse_source(source)
   corpus, queries = table('corpus'), table('queries')
-  if kind == 'jsonl':
-    pairs = _prepare_pairs(path, sources.iter_jsonl(path), out_dir, corpus, queries)
+  if kind in ('jsonl', 'tfds'):
+    records = (sources.iter_jsonl(path) if kind == 'jsonl' else
+               tfds_records(path, split)[1])
+    name = path if kind == 'jsonl' else f'tfds:{path}:{split} example'
+    pairs = _prepare_pairs(name, records, out_dir, corpus, queries)
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
     # Document ids as arrow arrays, then a hash index (~30 bytes an id, not a dict's

@@ -42,11 +42,20 @@ Opening checks every file's size (and with verify=True its sha256), the tokenize
 the inputs where they are still present: a damaged or stale store is one line naming the
 file.
 
-What prepare holds in memory: the ids of documents and queries (id -> row), the qrels,
-per pair a few integers (JSONL: a 12-byte digest per distinct text), a few integers per
-query of the run, the teacher's scores when given (lists.read_teacher); never texts
-beyond one shard, never more of the run than one shard (read one query at a time: each
-query's lines must be together, as TREC runs are written).
+What prepare holds in memory (figures for MS MARCO: 8.8M passages, 503k training
+queries, a depth-1000 run of 503M lines): one shard of texts and their token ids as
+Python lists (2^18 rows: most of the 1.1 GiB peak measured at 1/10 scale, BENCHMARKS.md),
+the documents' ids as an arrow array with a hash index (data/store_runs.py, ~30 bytes an
+id: 0.3 GB, 0.7 GB peak while 8.8M are indexed), the queries' id -> row dict and the qrels
+(~0.1 GB), per pair a few integers (JSONL: a 12-byte digest per distinct text), one block
+of the run (~1M lines, ~0.1 GB) and the negatives of one shard of it (8 bytes an entry
+kept: <= 16M entries), and with a teacher 16 bytes per teacher score (a TREC teacher: 40
+while it is read; a JSONL one is read through lists.read_teacher's dicts, ~150 bytes a
+score): keep the teacher to the depth trained on. Never texts beyond one shard, never
+more of the run than one shard. The run is parsed in vectorised blocks
+(store_runs.run_groups: 1 us a line at 1/10 scale, ~3 us at 8.8M documents, where a
+document id's lookup costs ~2.4 us); each query's lines must be together, as TREC
+runs are written.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ import re
 import shutil
 import string
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 

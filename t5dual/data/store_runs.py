@@ -151,24 +151,20 @@ class IdCollector:
 
 @dataclasses.dataclass
 class Block:
-  """Lines [first_line, end_line) of a run, from byte `end_byte` on the next block: the
-  entries' query and document ids, scores and line numbers, in file order."""
+  """Whole lines of a run: their entries' query and document ids, scores and line
+  numbers, in file order."""
   queries: pa.Array
   docs: pa.Array
   scores: np.ndarray
   lines: np.ndarray
-  end_line: int
-  end_byte: int
-  text: bytes = dataclasses.field(repr=False, default=b'')
-  first_line: int = 0
 
 
 def _text_blocks(path: str, start_byte: int, start_line: int, block_bytes: int
-                 ) -> Iterator[tuple[bytes, int, int, int]]:
-  """(text of whole lines, its first line, the line after it, the byte after it)."""
+                 ) -> Iterator[tuple[bytes, int, int]]:
+  """(text of whole lines, its first line, the line after it)."""
   with open(path, 'rb') as f:
     f.seek(start_byte)
-    rest, line, byte = b'', start_line, start_byte
+    rest, line = b'', start_line
     while True:
       chunk = f.read(block_bytes)
       text = rest + chunk
@@ -181,8 +177,7 @@ def _text_blocks(path: str, start_byte: int, start_line: int, block_bytes: int
       elif not text:
         return
       lines = text.count(b'\n') + (not text.endswith(b'\n'))
-      byte += len(text)
-      yield text, line + 1, line + lines + 1, byte
+      yield text, line + 1, line + lines + 1
       line += lines
       if not chunk:
         return
@@ -237,13 +232,13 @@ def read_blocks(path: str, start_byte: int = 0, start_line: int = 0,
   With each block the DataError of its first malformed line (None: none); the entries
   are those before it.
   """
-  for text, first, end, byte in _text_blocks(path, start_byte, start_line, block_bytes):
+  for text, first, end in _text_blocks(path, start_byte, start_line, block_bytes):
     fast = _fast_columns(text)
     if fast is not None and len(fast[0]) == end - first:  # no blank lines: row i is line i
-      yield Block(*fast, np.arange(first, end, dtype=np.int64), end - 1, byte, text, first), None
+      yield Block(*fast, np.arange(first, end, dtype=np.int64)), None
       continue
     queries, docs, scores, lines, error = _slow_columns(text, path, first)
-    yield Block(queries, docs, scores, lines, end - 1, byte, text, first), error
+    yield Block(queries, docs, scores, lines), error
 
 
 # --------------------------------------------------------------------------- query groups
@@ -260,11 +255,10 @@ class Groups:
   last_lines: np.ndarray
 
 
-def _first_error_slowly(path, query_index, qrows, drows, qids, dids, lines, first_line,
-                        carry_query, skip_to):
-  """The DataError of lists.read_run's order of checks at the first bad entry (a block
-  the vectorised checks refused); None if every entry is right."""
-  qid, first = carry_query, {}
+def _first_error_slowly(path, qrows, drows, qids, dids, lines, first_line, skip_to):
+  """Raises the DataError of lists.read_run's order of checks at the first bad entry of
+  a block the vectorised checks refused (the entries from the block's first query on)."""
+  qid, first = None, {}
   qids, dids = qids.to_pylist(), dids.to_pylist()
   for i in range(len(qids)):
     q, doc_id, lineno = qids[i], dids[i], int(lines[i])
@@ -280,14 +274,13 @@ def _first_error_slowly(path, query_index, qrows, drows, qids, dids, lines, firs
       if row < 0:
         raise sources.DataError(f'{where}: query id {q!r} is not in queries.jsonl')
       qid, first = q, {}
-      first_line[row] = lineno  # restored by the caller's copy: only for this scan
+      first_line[row] = lineno  # the caller's copy: only for this scan
     if drows[i] < 0:
       raise sources.DataError(f'{where}: document id {doc_id!r} is not in corpus.jsonl')
     if drows[i] in first:
       raise sources.DataError(f'{where}: document {doc_id!r} listed twice for query '
                               f'{q!r} (first on line {first[drows[i]]})')
     first[drows[i]] = lineno
-  return None
 
 
 def _byte_of_line(path: str, line: int) -> int:
@@ -355,8 +348,7 @@ def run_groups(path: str, query_rows: dict, doc_index: IdIndex, num_queries: int
           and not np.any((group[by_doc][1:] == group[by_doc][:-1])
                          & (drows[by_doc][1:] == drows[by_doc][:-1])))
     if not ok:
-      _first_error_slowly(path, query_rows, qrows, drows, qids, dids, lines,
-                          first_line.copy(), None, skip_to)
+      _first_error_slowly(path, qrows, drows, qids, dids, lines, first_line.copy(), skip_to)
       raise RuntimeError(f'{path}: lines {lines[0]}..{lines[-1]} refused by the vectorised '
                          'checks but not line by line')  # an internal inconsistency
     if error is not None:

@@ -490,8 +490,9 @@ def _train_from_store(model, model_dir, source, spm, steps, extra):
           *[f'--gin_file={f}' for f in files], f"--gin.MODEL_DIR='{model_dir}'",
           f"--gin.MIXTURE_OR_TASK_NAME='store:{source}'", f"--gin.VOCABULARY_PATH='{spm}'",
           f'--gin.TRAIN_STEPS={steps}', "--gin.ACTIVATION_DTYPE='float32'",
-          '--gin.DROPOUT_RATE=0.0', '--gin.BATCH_SIZE=4', '--gin.trainer.TrainerConfig.save_every=5',
-          '--gin.trainer.TrainerConfig.log_every=1', *extra]
+          '--gin.DROPOUT_RATE=0.0', '--gin.BATCH_SIZE=4',
+          '--gin.trainer.TrainerConfig.save_every=5', '--gin.trainer.TrainerConfig.log_every=1',
+          *extra]
 
 
 @pytest.mark.slow
@@ -507,7 +508,8 @@ def test_training_from_a_store_stopped_and_resumed_ends_as_uninterrupted(
     source, extra = jsonl_store, ['--gin.NUM_NEGATIVES=3', '--gin.VOCAB_SIZE=256',
                                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 20}"]
   else:  # the store's list window: ranks [2, 25] of the run; RankT5 scores <extra_id_10>
-    source, extra = beir_store, ['--gin.VOCAB_SIZE=32128', '--gin.MIN_RANK=2', '--gin.MAX_RANK=25', '--gin.LIST_SIZE=4',
+    source, extra = beir_store, ['--gin.VOCAB_SIZE=32128', '--gin.MIN_RANK=2',
+                                 '--gin.MAX_RANK=25', '--gin.LIST_SIZE=4',
                                  '--gin.INPUT_LENGTH=32']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')

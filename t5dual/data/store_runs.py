@@ -345,12 +345,11 @@ def run_groups(path: str, query_rows: dict, doc_index: IdIndex, num_queries: int
     starts = np.concatenate([[0], np.nonzero(qrows[1:] != qrows[:-1])[0] + 1])
     group_rows = qrows[starts]
     group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
-    by_doc = np.lexsort((drows, group))
+    pairs = np.sort(group * (len(doc_index) + 1) + drows)  # (query, document) once each
     ok = (np.all(group_rows >= 0) and np.all(drows >= 0)
           and len(np.unique(group_rows)) == len(group_rows)
           and not np.any(first_line[group_rows] != 0)
-          and not np.any((group[by_doc][1:] == group[by_doc][:-1])
-                         & (drows[by_doc][1:] == drows[by_doc][:-1])))
+          and not np.any(pairs[1:] == pairs[:-1]))
     if not ok:
       _first_error_slowly(path, qrows, drows, qids, dids, lines, first_line.copy(), skip_to)
       raise RuntimeError(f'{path}: lines {lines[0]}..{lines[-1]} refused by the vectorised '
@@ -374,7 +373,11 @@ def run_groups(path: str, query_rows: dict, doc_index: IdIndex, num_queries: int
 
 
 def _groups(qrows, drows, scores, lines, starts, group, first_line) -> Groups:
-  order = np.lexsort((-scores, group))  # stable: ties in file order
+  ranked = (scores[1:] <= scores[:-1]) | (group[1:] != group[:-1])
+  if np.all(ranked):  # as runs are written, best first: the stable sort's order
+    order = np.arange(len(scores))
+  else:
+    order = np.lexsort((-scores, group))  # stable: ties in file order
   offsets = np.append(starts, len(qrows)).astype(np.int64)
   first_line[qrows[starts]] = lines[starts]
   return Groups(query_rows=qrows[starts], offsets=offsets, doc_rows=drows[order],

@@ -1,9 +1,9 @@
 """A prepared store: training data tokenized once, read by index from memory-mapped files.
 
 `prepare(...)` turns a BEIR folder (its training pairs and, with a first-stage run,
-reranker training lists, optionally with teacher scores) or a JSONL pair file (with
-hard negatives) into a directory that any number of hosts read without loading it
-whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
+reranker training lists, optionally with teacher scores), a JSONL pair file (with
+hard negatives) or a TFDS dataset of such pairs (`tfds_records`) into a directory that
+any number of hosts read without loading it whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
 and produce exactly the batches of pipeline.PairBatcher / lists.ListBatcher.
 
 Why raw arrays and not ArrayRecord (+ Grain): on 1M rows of ~80 ids (BENCHMARKS.md,

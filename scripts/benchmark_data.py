@@ -158,6 +158,9 @@ def main(argv):
   p.add_argument('--skip_in_memory', action='store_true',
                  help="only the store (today's in-memory runs need ~500 bytes a run entry)")
   p.add_argument('--formats', action='store_true', help='also compare storage formats')
+  p.add_argument('--reuse_data', action='store_true',
+                 help='keep a collection already generated at --scale in work_dir/data '
+                 '(its generation time is then the one recorded in synthetic.json)')
   p.add_argument('--out', default=os.path.join(REPO, 'BENCHMARKS.md'))
   args = p.parse_args(argv)
   work = args.work_dir
@@ -168,9 +171,18 @@ def main(argv):
   py = sys.executable
   rows = []
   load_start = os.getloadavg()[0]
-  gen = measured([py, 'scripts/make_synthetic_msmarco.py', f'--out_dir={data}',
-                  f'--scale={args.scale}'])
-  with open(os.path.join(data, 'synthetic.json')) as f:
+  info_path = os.path.join(data, 'synthetic.json')
+  reuse = False
+  if args.reuse_data and os.path.exists(info_path):
+    with open(info_path) as f:
+      reuse = json.load(f)['scale'] == args.scale
+  if reuse:
+    with open(info_path) as f:
+      gen = {'seconds': json.load(f)['seconds']}
+  else:
+    gen = measured([py, 'scripts/make_synthetic_msmarco.py', f'--out_dir={data}',
+                    f'--scale={args.scale}'])
+  with open(info_path) as f:
     info = json.load(f)
   print(f'generated in {gen["seconds"]:.0f} s: {json.dumps(info)}', flush=True)
   run = os.path.join(data, 'run.trec')

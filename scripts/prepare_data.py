@@ -11,7 +11,9 @@
 Sources: beir:<folder>[:<split>] (the split's positive pairs; with --run, reranker
 training lists from that first-stage TREC run over the split's queries, in the
 window [--min_rank, --max_rank], with --teacher scores for distillation) or
-jsonl:<path> ({"query", "positive", "negatives"?} lines: pairs with hard negatives).
+jsonl:<path> ({"query", "positive", "negatives"?} lines: pairs with hard negatives)
+or tfds:<name>[:<version>][:<split>] (a prepared TFDS dataset in $TFDS_DATA_DIR whose
+examples have those features: 'query', 'positive' texts, 'negatives' a sequence of texts).
 Train from it with MIXTURE_OR_TASK_NAME='store:<out_dir>' (the reranker's MIN_RANK /
 MAX_RANK / TEACHER must be those prepared). Run the same command again to continue an
 interrupted prepare; --verify checks every file's checksum of a prepared store.
@@ -35,7 +37,8 @@ def main(argv):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split('\n\n', 1)[1])
-  p.add_argument('--source', required=True, help='beir:<folder>[:<split>] or jsonl:<path>')
+  p.add_argument('--source', required=True,
+                 help='beir:<folder>[:<split>], jsonl:<path> or tfds:<name>[:<version>][:<split>]')
   p.add_argument('--vocabulary', required=True, help='SentencePiece model (VOCABULARY_PATH)')
   p.add_argument('--out_dir', required=True)
   p.add_argument('--max_length', type=int, default=store.DEFAULT_MAX_LENGTH,

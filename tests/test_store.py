@@ -1,18 +1,23 @@
 """The prepared store: batches equal to the in-memory batchers', damaged or stale stores
 refused, interrupted prepares continued, reranker inputs assembled from stored ids."""
 
+import functools
 import json
 import os
+import re
 import shutil
-import functools
+import signal
 import subprocess
 import sys
+import time
 
+import jax
 import numpy as np
+import pyarrow
 import pytest
 
 from t5dual import cli, rerankers, t5, vocab
-from t5dual.data import lists, pipeline, sources, store, store_batchers, tasks
+from t5dual.data import lists, pipeline, sources, store, store_batchers, store_runs, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 20}
@@ -376,3 +381,203 @@ def test_synthetic_msmarco_prepares_and_trains_from_the_store(shared_dir, tmp_pa
                                            list_size=8, input_length=64)
   for step in (0, 7, 10**6):
     _assert_batches_equal(stored.batch(step), memory.batch(step))
+
+
+def _id_lookups(demo_collection):
+  doc_ids, _ = sources.read_beir_corpus(demo_collection)
+  query_rows = {q: i for i, q in enumerate(sources.read_beir_queries(demo_collection))}
+  return doc_ids, query_rows, store_runs.IdIndex(pyarrow.array(doc_ids, pyarrow.string()))
+
+
+def _read_groups(path, query_rows, doc_index, block_bytes):
+  groups = list(store_runs.run_groups(path, query_rows, doc_index, len(query_rows),
+                                      block_bytes=block_bytes))
+  return {name: np.concatenate([getattr(g, name) if name != 'offsets' else np.diff(g.offsets)
+                                for g in groups])
+          for name in ('query_rows', 'offsets', 'doc_rows', 'scores', 'last_lines')}
+
+
+@pytest.mark.parametrize('block_bytes', [1 << 25, 300])
+@pytest.mark.parametrize('layout', ['as written', 'tabs, blank lines, CRLF'])
+def test_fast_run_reader_equals_the_line_by_line_reader(demo_collection, run_files, tmp_path,
+                                                        block_bytes, layout):
+  doc_ids, query_rows, doc_index = _id_lookups(demo_collection)
+  path = run_files[0]
+  if layout != 'as written':  # what only the line-by-line parse reads: those blocks go there
+    lines = open(path).read().splitlines()
+    text = ''.join(line.replace(' ', '\t', 2) + ('\r\n\n' if i % 7 == 0 else '\n')
+                   for i, line in enumerate(lines))
+    path = str(tmp_path / 'run.trec')
+    with open(path, 'w', newline='') as f:
+      f.write(text)
+  got = _read_groups(path, query_rows, doc_index, block_bytes)
+  # lists.read_run: each query's documents by descending score, ties in file order.
+  expected = lists.read_run(path, query_rows, set(doc_ids))
+  last_line = {}
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if line.split():
+        last_line[line.split()[0]] = lineno
+  doc_row = {d: i for i, d in enumerate(doc_ids)}
+  np.testing.assert_array_equal(got['query_rows'], [query_rows[q] for q in expected])
+  np.testing.assert_array_equal(got['offsets'], [len(r) for r in expected.values()])
+  np.testing.assert_array_equal(got['doc_rows'],
+                                [doc_row[d] for r in expected.values() for d, _ in r])
+  np.testing.assert_array_equal(got['scores'], [s for r in expected.values() for _, s in r])
+  np.testing.assert_array_equal(got['last_lines'], [last_line[q] for q in expected])
+
+
+def test_id_index_maps_ids_to_rows(demo_collection):
+  doc_ids, _, index = _id_lookups(demo_collection)
+  wanted = doc_ids[::-3] + ['absent', '', doc_ids[0] + ' ']
+  np.testing.assert_array_equal(index.rows(wanted),
+                                [len(doc_ids) - 1 - 3 * i for i in range(len(doc_ids[::-3]))]
+                                + [-1, -1, -1])
+  assert index[doc_ids[5]] == 5 and doc_ids[7] in index and 'absent' not in index
+
+
+@pytest.mark.parametrize('fault, message', [
+    (lambda q, d: f'{q} Q0 {d} 1 high run', ":{line}: score 'high' is not a number"),
+    (lambda q, d: f'{q} Q0 {d} 1 2.5', ':{line}: expected "qid Q0 docid rank score tag"'),
+    (lambda q, d: f'{q} Q0 no-such-doc 1 2.5 run',
+     ":{line}: document id 'no-such-doc' is not in corpus.jsonl"),
+    (lambda q, d: f'{q} Q0 {d} 1 2.5 run', ':{line}: document .* listed twice for query'),
+])
+def test_bad_run_line_is_named_by_its_line(demo_collection, run_files, tmp_path, tokenizer,
+                                           fault, message):
+  _, query_rows, doc_index = _id_lookups(demo_collection)
+  lines = open(run_files[0]).read().splitlines()
+  bad = 157  # in the middle of a block of 300 bytes, after many blocks
+  q, _, d = lines[bad - 2].split()[:3]  # the line before it: its query, a listed document
+  lines.insert(bad - 1, fault(q, d))
+  path = str(tmp_path / 'run.trec')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  pattern = re.escape(path) + message.format(line=bad)
+  for block_bytes in (300, 1 << 25):
+    with pytest.raises(sources.DataError, match=pattern):
+      _read_groups(path, query_rows, doc_index, block_bytes)
+  with pytest.raises(sources.DataError, match=pattern):  # the same one line from prepare
+    store.prepare(f'beir:{demo_collection}:train', str(tmp_path / 'store'), tokenizer,
+                  max_length=40, shard_size=64, lists=store.ListOptions(path))
+
+
+def test_run_query_lines_apart_are_refused(demo_collection, run_files, tmp_path):
+  _, query_rows, doc_index = _id_lookups(demo_collection)
+  lines = open(run_files[0]).read().splitlines()
+  first_query = lines[0].split()[0]
+  moved = lines.pop(0)
+  later = next(i for i, line in enumerate(lines) if line.split()[0] != first_query) + 40
+  lines.insert(later, moved)
+  path = str(tmp_path / 'run.trec')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  for block_bytes in (300, 1 << 25):
+    with pytest.raises(sources.DataError,
+                       match=re.escape(f'{path}:{later + 1}: query {first_query!r} again after '
+                                       'other queries (first on line 1)')):
+      _read_groups(path, query_rows, doc_index, block_bytes)
+
+
+def test_trec_teacher_scores_equal_the_line_by_line_reader(demo_collection, run_files):
+  doc_ids, query_rows, doc_index = _id_lookups(demo_collection)
+  keys, scores = store_runs.teacher_scores(run_files[0], query_rows, doc_index)
+  expected = lists.read_teacher(run_files[0], query_rows, set(doc_ids))
+  doc_row = {d: i for i, d in enumerate(doc_ids)}
+  pairs = sorted((query_rows[q] * len(doc_ids) + doc_row[d], s)
+                 for q, docs in expected.items() for d, s in docs.items())
+  np.testing.assert_array_equal(keys, [k for k, _ in pairs])
+  np.testing.assert_array_equal(scores, [s for _, s in pairs])
+
+
+def _train_from_store(model, model_dir, source, spm, steps, extra):
+  files = {'sde': ['gin/models/sde.gin'], 'rankt5': ['gin/models/rankt5_encdec.gin']}[model]
+  files += ['gin/sizes/tiny.gin', 'configs/runs/finetune.gin']
+  files += ['configs/runs/rerank.gin'] if model == 'rankt5' else []
+  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
+          *[f'--gin_file={f}' for f in files], f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.MIXTURE_OR_TASK_NAME='store:{source}'", f"--gin.VOCABULARY_PATH='{spm}'",
+          f'--gin.TRAIN_STEPS={steps}', "--gin.ACTIVATION_DTYPE='float32'",
+          '--gin.DROPOUT_RATE=0.0', '--gin.BATCH_SIZE=4',
+          '--gin.trainer.TrainerConfig.save_every=5', '--gin.trainer.TrainerConfig.log_every=1',
+          *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model', ['sde', 'rankt5'])
+def test_training_from_a_store_stopped_and_resumed_ends_as_uninterrupted(
+    model, demo_collection, beir_store, jsonl_store, tmp_path):
+  """scripts/train.py from `store:` (the SDE with hard negatives, the reranker with lists
+  of a run), stopped by SIGTERM and run again, ends with the uninterrupted run's params."""
+  from t5dual import checkpoints
+  spm = os.path.join(demo_collection, 'spm.model')
+  steps = 40
+  if model == 'sde':
+    source, extra = jsonl_store, ['--gin.NUM_NEGATIVES=3', '--gin.VOCAB_SIZE=256',
+                                  "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 20}"]
+  else:  # the store's list window: ranks [2, 25] of the run; RankT5 scores <extra_id_10>
+    source, extra = beir_store, ['--gin.VOCAB_SIZE=32128', '--gin.MIN_RANK=2',
+                                 '--gin.MAX_RANK=25', '--gin.LIST_SIZE=4',
+                                 '--gin.INPUT_LENGTH=32']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+  done = subprocess.run(_train_from_store(model, straight, source, spm, steps, extra),
+                        cwd=REPO, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr[-2000:]
+  proc = subprocess.Popen(_train_from_store(model, stopped, source, spm, steps, extra),
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  metrics = os.path.join(stopped, 'metrics.jsonl')
+  while proc.poll() is None and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    time.sleep(0.02)  # stopped once it trains: a step boundary well before the last
+  proc.send_signal(signal.SIGTERM)
+  err = proc.communicate()[1].decode()
+  assert proc.returncode == 75, err[-2000:]  # preemption.PREEMPTED_EXIT_STATUS
+  stopped_at = checkpoints.checkpoint_manager(stopped).latest_step()
+  assert 0 < stopped_at < steps
+  resumed = subprocess.run(_train_from_store(model, stopped, source, spm, steps, extra),
+                           cwd=REPO, env=env, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'resuming from {stopped} at step {stopped_at}' in resumed.stderr
+  _, expected, at = checkpoints.restore_params(straight)
+  _, got, resumed_at = checkpoints.restore_params(stopped)
+  assert at == resumed_at == steps
+  # The same float32 programs on the same batches (a function of the step): the same bits.
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(expected),
+                               jax.tree_util.tree_leaves_with_path(got)):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(path))
+
+
+def test_duplicate_document_id_is_named_by_its_lines(demo_collection, tokenizer, tmp_path):
+  folder = tmp_path / 'beir'
+  shutil.copytree(demo_collection, folder)
+  corpus = (folder / 'corpus.jsonl').read_text().splitlines()
+  first_id = json.loads(corpus[0])['_id']
+  corpus[9] = json.dumps(dict(json.loads(corpus[9]), _id=first_id))
+  (folder / 'corpus.jsonl').write_text('\n'.join(corpus) + '\n')
+  with pytest.raises(sources.DataError, match=re.escape(
+      f"corpus.jsonl:10: duplicate _id {first_id!r} (first on line 1)")):
+    store.prepare(f'beir:{folder}:train', str(tmp_path / 'store'), tokenizer, max_length=40,
+                  shard_size=64)
+
+
+@pytest.mark.parametrize('file_format', ['array_record', 'tfrecord'])
+def test_tfds_source_prepares_the_jsonl_store(pairs_jsonl, jsonl_store, tokenizer, tmp_path,
+                                              monkeypatch, file_format):
+  """A TFDS dataset of the same examples ('query', 'positive', 'negatives' features) gives
+  the store of the JSONL file, read by row (array_record) or through tf.data."""
+  pytest.importorskip('tensorflow_datasets')
+  import tfds_negatives  # tests/helpers
+  data_dir = str(tmp_path / 'tfds')
+  tfds_negatives.build(pairs_jsonl, data_dir, file_format)
+  monkeypatch.setenv('TFDS_DATA_DIR', data_dir)
+  out = str(tmp_path / 'store')
+  store.prepare(f'tfds:{tfds_negatives.NAME}:1.0.0:train', out, tokenizer, max_length=40,
+                shard_size=100)
+  expected, got = _files(jsonl_store), _files(out)
+  assert set(got) == set(expected)
+  for name in expected:
+    if name not in (store.PLAN, store.MANIFEST):  # they name the store's own inputs
+      assert got[name] == expected[name], name
+  assert json.loads(got[store.PLAN])['tfds']['examples'] == len(open(pairs_jsonl).readlines())
+  with pytest.raises(sources.UnknownSourceError, match='has no split \'test\''):
+    store.prepare(f'tfds:{tfds_negatives.NAME}:test', str(tmp_path / 'other'), tokenizer)

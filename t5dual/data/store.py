@@ -1,9 +1,9 @@
 """A prepared store: training data tokenized once, read by index from memory-mapped files.
 
 `prepare(...)` turns a BEIR folder (its training pairs and, with a first-stage run,
-reranker training lists, optionally with teacher scores) or a JSONL pair file (with
-hard negatives) into a directory that any number of hosts read without loading it
-whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
+reranker training lists, optionally with teacher scores), a JSONL pair file (with
+hard negatives) or a TFDS dataset of such pairs (`tfds_records`) into a directory that
+any number of hosts read without loading it whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
 and produce exactly the batches of pipeline.PairBatcher / lists.ListBatcher.
 
 Why raw arrays and not ArrayRecord (+ Grain): on 1M rows of ~80 ids (BENCHMARKS.md,
@@ -42,11 +42,20 @@ Opening checks every file's size (and with verify=True its sha256), the tokenize
 the inputs where they are still present: a damaged or stale store is one line naming the
 file.
 
-What prepare holds in memory: the ids of documents and queries (id -> row), the qrels,
-per pair a few integers (JSONL: a 12-byte digest per distinct text), a few integers per
-query of the run, the teacher's scores when given (lists.read_teacher); never texts
-beyond one shard, never more of the run than one shard (read one query at a time: each
-query's lines must be together, as TREC runs are written).
+What prepare holds in memory (figures for MS MARCO: 8.8M passages, 503k training
+queries, a depth-1000 run of 503M lines): one shard of texts and their token ids as
+Python lists (2^18 rows: most of the 1.1 GiB peak measured at 1/10 scale, BENCHMARKS.md),
+the documents' ids as an arrow array with a hash index (data/store_runs.py, ~30 bytes an
+id: 0.3 GB, 0.7 GB peak while 8.8M are indexed), the queries' id -> row dict and the qrels
+(~0.1 GB), per pair a few integers (JSONL: a 12-byte digest per distinct text), one block
+of the run (~1M lines, ~0.1 GB) and the negatives of one shard of it (8 bytes an entry
+kept: <= 16M entries), and with a teacher 16 bytes per teacher score (a TREC teacher: 40
+while it is read; a JSONL one is read through lists.read_teacher's dicts, ~150 bytes a
+score): keep the teacher to the depth trained on. Never texts beyond one shard, never
+more of the run than one shard. The run is parsed in vectorised blocks
+(store_runs.run_groups: 0.5 us a line at 1/10 scale, the Python pass it replaced 2.3);
+each query's lines must be together, as TREC
+runs are written.
 """
 
 from __future__ import annotations
@@ -56,15 +65,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import string
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from t5dual import cli, fileio
-from t5dual.data import sources
+from t5dual.data import sources, store_runs
 from t5dual.vocab import EOS_ID
 
 log = logging.getLogger(__name__)
@@ -319,16 +329,78 @@ def parse_source(source: str) -> tuple[str, str, str]:
     return 'beir', folder, split or 'train'
   if kind == 'jsonl':
     return 'jsonl', rest, ''
+  if kind == 'tfds':
+    name, split = tfds_spec(source)
+    return 'tfds', name, split
   if os.path.isdir(source):
     return 'beir', source, 'train'
   if os.path.isfile(source):
     return 'jsonl', source, ''
-  raise sources.UnknownSourceError(f'{source!r}: prepare reads beir:<folder>[:<split>] or '
-                                   'jsonl:<path>')
+  raise sources.UnknownSourceError(f'{source!r}: prepare reads beir:<folder>[:<split>], '
+                                   'jsonl:<path> or tfds:<name>[:<version>][:<split>]')
+
+
+_TFDS_VERSION = re.compile(r'^(\d+(\.\d+)*|\*)$')
+
+
+def tfds_spec(source: str) -> tuple[str, str]:
+  """('name[:version]', split) of 'tfds:<name>[:<version>][:<split>]' (split: train),
+  as the tfds: training source reads it."""
+  parts = source[len('tfds:'):].split(':')
+  if not parts[0]:
+    raise sources.UnknownSourceError(f'{source!r}: give a dataset name, '
+                                     'tfds:<name>[:<version>][:<split>]')
+  if len(parts) > 1 and not _TFDS_VERSION.match(parts[-1]):
+    return ':'.join(parts[:-1]), parts[-1]
+  return ':'.join(parts), 'train'
+
+
+def tfds_records(name: str, split: str) -> tuple[dict, Iterator[tuple[int, dict]]]:
+  """(what identifies the split, its (example number, {"query", "positive",
+  "negatives"?}) records) of a prepared TFDS dataset in $TFDS_DATA_DIR, for prepare's
+  pairs: text features named as the tfds: training source names them ('query',
+  'positive'), and 'negatives' (a sequence of texts) for hard negatives. Read in order,
+  one example at a time: by row where prepared as array_record (no TensorFlow),
+  else through tf.data."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import file_adapters
+  data_dir = os.environ.get('TFDS_DATA_DIR')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError, ValueError, ... by cause
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    raise sources.UnknownSourceError(f'tfds:{name} (data_dir {data_dir or "TFDS default"}): '
+                                     f'{first}') from None
+  if not builder.is_prepared():
+    raise sources.UnknownSourceError(f'tfds:{name} is not prepared in {builder.data_dir}; '
+                                     'prepare it first (tfds build)')
+  if split not in builder.info.splits:
+    raise sources.UnknownSourceError(f'tfds:{name} has no split {split!r} (splits: '
+                                     f'{", ".join(sorted(builder.info.splits))})')
+  identity = {'name': builder.info.full_name, 'split': split,
+              'examples': builder.info.splits[split].num_examples}
+  formats = builder.info.available_file_formats() or {builder.info.file_format}
+  if set(formats) & set(file_adapters.FileFormat.with_random_access()):
+    examples = builder.as_data_source(split=split)
+  else:
+    examples = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+
+  def text(value):
+    return value.decode('utf-8') if isinstance(value, bytes) else value
+
+  def records():
+    for number, example in enumerate(examples, 1):
+      record = {k: text(example[k]) for k in ('query', 'positive') if k in example}
+      if 'negatives' in example:
+        record['negatives'] = [text(v) for v in list(example['negatives'])]
+      yield number, record
+  return identity, records()
 
 
 def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> list[str]:
-  if kind == 'jsonl':
+  if kind == 'tfds':  # the plan names the dataset's version and size instead
+    files = []
+  elif kind == 'jsonl':
     files = [path]
   else:
     files = [os.path.join(path, 'corpus.jsonl'), os.path.join(path, 'queries.jsonl'),
@@ -344,13 +416,13 @@ def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> l
 def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
               shard_size: int = DEFAULT_SHARD_SIZE, lists: Optional[ListOptions] = None) -> dict:
   kind, path, split = parse_source(source)
-  if kind == 'jsonl' and lists is not None:
+  if kind in ('jsonl', 'tfds') and lists is not None:
     raise cli.ConfigError('training lists come from a BEIR folder (its qrels) and a run, '
                           'not from a JSONL pair file')
   if max_length < 1 or shard_size < 1:
     raise cli.ConfigError(f'max_length and shard_size must be positive, got {max_length}, '
                           f'{shard_size}')
-  return {'format': FORMAT, 'kind': kind, 'split': split,
+  plan = {'format': FORMAT, 'kind': kind, 'split': split,
           'inputs': [fingerprint(f) for f in _inputs(kind, path, split, lists)],
           'tokenizer': {'path': tokenizer.path, 'sha256': tokenizer.sha256(),
                         'vocab_size': tokenizer.vocab_size},
@@ -358,6 +430,9 @@ def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
           'lists': None if lists is None else dict(
               dataclasses.asdict(lists), run=os.path.abspath(lists.run),
               teacher=lists.teacher and os.path.abspath(lists.teacher))}
+  if kind == 'tfds':
+    plan['tfds'] = tfds_records(path, split)[0]
+  return plan
 
 
 def _check_plan(out_dir: str, plan: dict) -> None:
@@ -403,13 +478,25 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
 
   kind, path, split = parse_source(source)
   corpus, queries = table('corpus'), table('queries')
-  if kind == 'jsonl':
-    pairs = _prepare_pairs(path, sources.iter_jsonl(path), out_dir, corpus, queries)
+  if kind in ('jsonl', 'tfds'):
+    records = (sources.iter_jsonl(path) if kind == 'jsonl' else
+               tfds_records(path, split)[1])
+    name = path if kind == 'jsonl' else f'tfds:{path}:{split} example'
+    pairs = _prepare_pairs(name, records, out_dir, corpus, queries)
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
-    doc_rows = {}
-    for doc_id, text in sources.iter_beir_corpus(path):
-      doc_rows[doc_id] = corpus.add(doc_id, text)
+    # Document ids as arrow arrays, then a hash index (~30 bytes an id, not a dict's
+    # ~120); duplicates are found there, and named by a second, checking read.
+    doc_ids = store_runs.IdCollector()
+    for doc_id, text in sources.iter_beir_corpus(path, check_unique=False):
+      corpus.add(doc_id, text)
+      doc_ids.add(doc_id)
+    try:
+      doc_rows = doc_ids.index()
+    except store_runs.DuplicateIdError:
+      for _ in sources.iter_beir_corpus(path):  # raises the DataError naming both lines
+        pass
+      raise
     query_rows, query_texts = {}, {}
     for qid, text in sources.iter_beir_queries(path):
       query_rows[qid] = queries.add(qid, text)
@@ -540,56 +627,6 @@ def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
                        'first_without_negatives': first_without})
 
 
-def _run_groups(path: str, query_rows: dict, doc_rows: dict, skip_to: int = 0,
-                seen: Iterable[str] = ()) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
-  """(query id, document rows, scores, its last line) per query of a TREC run, by
-  descending score (ties: file order), checked as lists.read_run checks it. A query's
-  lines must be together. Lines up to `skip_to` (queries `seen`) were read before."""
-  from t5dual.data import lists as lists_lib
-  seen_queries: dict[str, int] = dict.fromkeys(seen, 0)
-  qid, rows, scores, first, last = None, [], [], {}, 0
-
-  def group():
-    order = np.argsort(-np.asarray(scores, np.float64), kind='stable')
-    return qid, np.asarray(rows, np.int32)[order], np.asarray(scores, np.float64)[order], last
-
-  with open(path, encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if lineno <= skip_to:
-        continue
-      entry = lists_lib.parse_run_line(line, path, lineno)
-      if entry is None:
-        continue
-      q, doc_id, value = entry
-      where = f'{path}:{lineno}'
-      if q != qid:
-        if q in seen_queries:
-          raise sources.DataError(f'{where}: query {q!r} again after other queries (first '
-                                  f'on line {seen_queries[q] or "<= " + str(skip_to)}); a '
-                                  'prepared store reads a run one query at a time: sort '
-                                  'the run by query')
-        if q not in query_rows:
-          raise sources.DataError(f'{where}: query id {q!r} is not in queries.jsonl')
-        if qid is not None:
-          yield group()
-        qid, rows, scores, first = q, [], [], {}
-        seen_queries[q] = lineno
-      row = doc_rows.get(doc_id)
-      if row is None:
-        raise sources.DataError(f'{where}: document id {doc_id!r} is not in corpus.jsonl')
-      if row in first:
-        raise sources.DataError(f'{where}: document {doc_id!r} listed twice for query '
-                                f'{q!r} (first on line {first[row]})')
-      first[row] = last = lineno
-      rows.append(row)
-      scores.append(value)
-  if qid is None:
-    if skip_to:
-      return
-    raise sources.DataError(f'{path}: empty run file')
-  yield group()
-
-
 _LIST_DTYPES = {'query_row': 'int32', 'pos_offsets': 'int64', 'pos_rows': 'int32',
                 'pos_labels': 'float32', 'pos_teacher': 'float32', 'neg_start': 'int64',
                 'neg_count': 'int32', 'neg_rows': 'int32', 'neg_scores': 'float32',
@@ -607,10 +644,11 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
   qrels_file = sources.qrels_path(folder, split)
   qrels = {q: {doc_rows[d]: rel for d, rel in judged.items()}
            for q, judged in lists_lib.read_qrels(qrels_file, query_rows, doc_rows).items()}
+  # (sorted keys query_row * documents + doc_row, scores): 16 bytes a teacher score.
   teacher = None
   if options.teacher:
-    texts = lists_lib.read_teacher(options.teacher, query_rows, doc_rows)
-    teacher = {q: {doc_rows[d]: s for d, s in scores.items()} for q, scores in texts.items()}
+    teacher = store_runs.teacher_scores(options.teacher, query_rows, doc_rows)
+  num_docs = max(1, len(doc_rows))
   dtypes = dict(_LIST_DTYPES)
   if teacher is None:
     del dtypes['pos_teacher'], dtypes['neg_teacher']
@@ -641,8 +679,10 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
     if not positives:
       skipped['no positive'] += 1
       continue
-    known = None if teacher is None else teacher.get(qid, {})
-    if known is not None:
+    known = None
+    if teacher is not None:  # positives -> their teacher scores
+      at = store_runs.lookup(teacher[0], [query_rows[qid] * num_docs + r for r, _ in positives])
+      known = {r: float(teacher[1][i]) for (r, _), i in zip(positives, at.tolist()) if i >= 0}
       positives = [(r, rel) for r, rel in positives if r in known]
       if not positives:
         skipped['no teacher score for a positive'] += 1
@@ -694,7 +734,11 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
   16M entries a shard at the default) into lists/<array>-0000k.bin: per run query its
   row ('queries') and how many negatives it keeps ('counts'), and those negatives'
   rows, first-stage scores and teacher scores. Shards whose record exists are kept, and
-  the run is read on from the line after them."""
+  the run is read on from the line after them.
+
+  The run is read in vectorised blocks (data/store_runs.py); what a query keeps is
+  decided for a block's queries at once: the rank window, not judged relevant
+  (qrels > 0) for a query with judgements, and, with a teacher, scored by it."""
   folder = os.path.join(out_dir, 'lists')
   os.makedirs(folder, exist_ok=True)
   names = {'neg_rows': np.int32, 'neg_scores': np.float32}
@@ -706,52 +750,76 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
     if record is None:
       break
     shards.append(record)
-  qid_of_row = {r: q for q, r in query_rows.items()} if shards else {}
-  seen = [qid_of_row[r] for k in range(len(shards)) for r in np.fromfile(
-      os.path.join(folder, f'queries-{_shard_tag(k)}.bin'), np.int32).tolist()]
+  seen = np.concatenate([np.zeros(0, np.int32)] + [np.fromfile(
+      os.path.join(folder, f'queries-{_shard_tag(k)}.bin'), np.int32)
+      for k in range(len(shards))])
+  num_docs, num_queries = max(1, len(doc_rows)), len(query_rows)
+  judged = np.zeros(num_queries, bool)
+  judged[[query_rows[q] for q in qrels]] = True
+  relevant = [(query_rows[q], r) for q, docs in qrels.items() for r, rel in docs.items()
+              if rel > 0]
+  relevant, _ = store_runs.sorted_keys([q for q, _ in relevant], [r for _, r in relevant],
+                                       np.zeros(len(relevant)), num_docs)
   per_shard = max(1, shard_size // 16)
-  buffer = {name: [] for name in names}
-  run_rows, counts, last_line = [], [], shards[-1]['last_line'] if shards else 0
+  # Queries read but not yet in a shard: per query its row, kept count and last line,
+  # and the kept negatives' arrays, as lists of per-block arrays.
+  pending = {'queries': [], 'counts': [], 'last_lines': [], **{name: [] for name in names}}
 
-  def flush():
+  def take(queries: int) -> dict:
+    """The first `queries` pending queries and their negatives, removed from pending."""
+    whole = {k: np.concatenate(v) for k, v in pending.items()}
+    entries = int(whole['counts'][:queries].sum())
+    for k, v in whole.items():
+      cut = queries if k in ('queries', 'counts', 'last_lines') else entries
+      pending[k] = [v[cut:]]
+      whole[k] = v[:cut]
+    return whole
+
+  def flush(shard: dict):
     tag = _shard_tag(len(shards))
-    data = {f'queries-{tag}.bin': np.asarray(run_rows, np.int32).tobytes(),
-            f'counts-{tag}.bin': np.asarray(counts, np.int32).tobytes()}
+    last_line = int(shard['last_lines'][-1])
+    data = {f'queries-{tag}.bin': shard['queries'].astype(np.int32).tobytes(),
+            f'counts-{tag}.bin': shard['counts'].astype(np.int32).tobytes()}
     for name, dtype in names.items():
-      data[f'{name}-{tag}.bin'] = np.concatenate(buffer[name]).astype(dtype).tobytes()
-      buffer[name].clear()
-    record = {'queries': len(run_rows), 'last_line': last_line, 'files': {}}
+      data[f'{name}-{tag}.bin'] = shard[name].astype(dtype).tobytes()
+    record = {'queries': len(shard['queries']), 'last_line': last_line, 'files': {}}
     for name, content in data.items():
       _write_atomic(os.path.join(folder, name), content)
       record['files'][name] = {'bytes': len(content),
                                'sha256': hashlib.sha256(content).hexdigest()}
     _write_json(os.path.join(folder, f'shard-{tag}.json'), record)
     shards.append(record)
-    run_rows.clear()
-    counts.clear()
     say(f'lists: run shard {len(shards) - 1} (up to line {last_line})')
     if after_shard is not None:
       after_shard()
 
-  window = slice(options.min_rank - 1, options.max_rank)
-  for qid, rows, scores, last_line in _run_groups(options.run, query_rows, doc_rows,
-                                                  last_line, seen):
-    judged = qrels.get(qid)
-    known = None if teacher is None else teacher.get(qid, {})
-    rows, scores = rows[window], scores[window]
-    keep = np.fromiter((bool(judged) and judged.get(r, 0) <= 0 and
-                        (known is None or r in known) for r in rows.tolist()), bool, len(rows))
-    rows, scores = rows[keep], scores[keep]
-    run_rows.append(query_rows[qid])
-    counts.append(len(rows))
-    buffer['neg_rows'].append(rows)
-    buffer['neg_scores'].append(scores)
-    if known is not None:
-      buffer['neg_teacher'].append(np.asarray([known[r] for r in rows.tolist()], np.float64))
-    if len(run_rows) == per_shard:
-      flush()
-  if run_rows:
-    flush()
+  skip_to = shards[-1]['last_line'] if shards else 0
+  count = 0
+  for groups in store_runs.run_groups(options.run, query_rows, doc_rows, num_queries,
+                                      skip_to, seen.tolist()):
+    sizes = np.diff(groups.offsets)
+    query = np.repeat(groups.query_rows, sizes)
+    rank = np.arange(len(query)) - np.repeat(groups.offsets[:-1], sizes)
+    keys = query * num_docs + groups.doc_rows
+    keep = ((rank >= options.min_rank - 1) & (rank < options.max_rank) & judged[query]
+            & (store_runs.lookup(relevant, keys) < 0))
+    if teacher is not None:
+      at = store_runs.lookup(teacher[0], keys)
+      keep &= at >= 0
+      pending['neg_teacher'].append(teacher[1][at[keep]].astype(np.float32))
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    pending['queries'].append(groups.query_rows)
+    pending['counts'].append(np.bincount(group[keep], minlength=len(sizes)))
+    pending['last_lines'].append(groups.last_lines)
+    # In the shard's dtypes already: a shard's 16M entries at 8 bytes, not 16.
+    pending['neg_rows'].append(groups.doc_rows[keep].astype(np.int32))
+    pending['neg_scores'].append(groups.scores[keep].astype(np.float32))
+    count += len(sizes)
+    while count >= per_shard:
+      flush(take(per_shard))
+      count -= per_shard
+  if count:
+    flush(take(count))
   return shards
 
 

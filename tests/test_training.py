@@ -16,6 +16,8 @@ import tolerances  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
+# Every test here trains (in process or in a subprocess) for more than a handful of steps.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +59,6 @@ def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
                        description, batch_spec=batcher.batch_spec())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('arch,loss', [('sde', 'samtone'), ('ade_spl', 'pair')])
 def test_training_lowers_loss_and_raises_p_at_1(demo_data, tmp_path, arch, loss):
   model, batcher = _setup(demo_data, arch, loss)
@@ -85,7 +86,6 @@ class _InterruptingBatcher:
     return self.batcher.batch_spec()
 
 
-@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -106,7 +106,6 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
                             width=128, both_sides=True, err_msg=f'step {step}')
 
 
-@pytest.mark.slow
 def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
   """GradCache through the trainer: the same losses and parameters as the whole batch at once
   (without dropout, whose masks would differ), step after step."""
@@ -143,7 +142,6 @@ def _all_params(model_dir):
   return restored.step, [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
-@pytest.mark.slow
 def test_exploding_learning_rate_saves_nothing_past_the_last_good_step(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   desc = checkpoints.model_description(model, demo_data[1], LENGTHS)
@@ -169,19 +167,6 @@ def test_exploding_learning_rate_saves_nothing_past_the_last_good_step(demo_data
     np.testing.assert_array_equal(a, b)
 
 
-def test_batches_are_a_pure_function_of_the_step(demo_data):
-  _, b1 = _setup(demo_data)
-  _, b2 = _setup(demo_data)
-  for step in (5, 0, 40):
-    x, y = b1.batch(step), b2.batch(step)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
-  # Two hosts' slices make up the global batch.
-  full = b1.batch(3)
-  halves = [b1.batch(3, i, 2) for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate([h['inputs'] for h in halves]), full['inputs'])
-
-
 def _train_cmd(model_dir, data, spm, steps):
   return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
           '--gin_file=gin/models/sde.gin', '--gin_file=gin/sizes/tiny.gin',
@@ -193,7 +178,6 @@ def _train_cmd(model_dir, data, spm, steps):
           '--gin.trainer.TrainerConfig.log_every=1']
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   data, spm = demo_data
@@ -234,7 +218,6 @@ def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   assert f'TRAIN_STEPS = {total}' in second
 
 
-@pytest.mark.slow
 def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
   pytest.importorskip('t5dual.data.seqio_tasks', reason='seqio extra not installed')
   from t5dual import train_lib

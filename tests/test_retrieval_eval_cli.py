@@ -54,6 +54,7 @@ def test_exact_search_spreads_queries_over_devices():
   assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_eval_script_chains_export_retrieve_evaluate(beir, tmp_path):
   model_dir, out = str(tmp_path / 'model'), str(tmp_path / 'eval')
   write_model_dir(beir, model_dir)
@@ -133,6 +134,7 @@ def _collection_like_cranfield(source, folder):
   return corpus[5]['_id']
 
 
+@pytest.mark.slow
 def test_eval_run_on_a_collection_with_empty_documents(beir, tmp_path, caplog):
   """Empty and title-only documents are encoded, with one warning; neither an unjudged
   query nor a missing document stops the run, and training warns about the same

@@ -64,7 +64,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from t5dual import cli, export
+from t5dual import cli, export, fileio
 from t5dual.data import sources
 from t5dual.t5 import EOS_ID
 
@@ -88,7 +88,8 @@ _sha256_file, _write_json, _read_json = export._sha256_file, export._write_json,
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  export._write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+  with fileio.atomic_path(path) as tmp:
+    pathlib.Path(tmp).write_bytes(data)
 
 
 def _file_record(path: str, dtype: Optional[str] = None) -> dict:

@@ -14,7 +14,7 @@ pytest.importorskip('array_record')
 
 from t5dual import (cli, corpus, encoding, export, models, t5, train_lib, trainer,  # noqa: E402
                     vocab)
-from t5dual.data import pipeline, sources, tfds_source  # noqa: E402
+from t5dual.data import pipeline, sources, tasks, tfds_source  # noqa: E402
 import tfds_pairs  # noqa: E402  tests/helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -119,6 +119,7 @@ def _export_script():
   return module
 
 
+@pytest.mark.slow
 def test_train_resume_and_export(dataset, counted, demo_collection, tmp_path, monkeypatch):
   """train_lib trains on the tfds: source, resumes reading only the new steps' rows, and
   scripts/export.py exports the dataset (read by row, or whole from tfrecord) to the same
@@ -130,9 +131,9 @@ def test_train_resume_and_export(dataset, counted, demo_collection, tmp_path, mo
   config = trainer.TrainerConfig(log_every=1, save_every=2, progress_bar=False,
                                  tensorboard=False)
   for steps in (2, 4):
-    result = train_lib.run(run_dir, model, SOURCE, spm, batch_size=batch_size,
-                           task_feature_lengths=LENGTHS, train_steps=steps,
-                           trainer_config=config)
+    result = train_lib.run(run_dir, model, SOURCE, spm, task=tasks.PairTask(),
+                           batch_size=batch_size, task_feature_lengths=LENGTHS,
+                           train_steps=steps, trainer_config=config)
     assert result['step'] == steps and np.isfinite(result['loss'])
   first, second = counted
   assert len(first.read) == 2 * batch_size and len(second.read) == 2 * batch_size

@@ -18,6 +18,7 @@ import pytest
 from t5dual import checkpoints, cli, multistage, reranking
 from t5dual.data import lists as lists_lib
 from t5dual.data import tasks
+from metrics_log import metrics_by_step  # tests/helpers
 from rerank_chain import BATCH_SIZE, CHAIN_FILES, DEMO_DATA, MAX_RANK, STEPS  # tests/helpers
 import rerank_chain  # tests/helpers
 from trec_files import assert_in_score_order  # tests/helpers
@@ -69,17 +70,6 @@ def _stage_dir(model_dir, i):
   return os.path.join(model_dir, 'stages', f'{i}-{list(STEPS)[i - 1]}')
 
 
-def _metrics(directory):
-  """metrics.jsonl by step; a step logged twice is an error."""
-  by_step = {}
-  with open(os.path.join(directory, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      assert rec['step'] not in by_step, f'step {rec["step"]} logged twice'
-      by_step[rec['step']] = rec
-  return by_step
-
-
 def _read_run(path):
   run = {}
   with open(path) as f:
@@ -123,7 +113,7 @@ def test_the_chain_records_each_stage_and_its_evaluation(chain, demo_data):
   assert not os.path.exists(os.path.join(model_dir, 'checkpoints'))
   qrels = _test_qrels(data)
   for i, stage in enumerate(stages, 1):
-    assert stage['train_metrics'] == _metrics(_stage_dir(model_dir, i))[stage['step']]
+    assert stage['train_metrics'] == metrics_by_step(_stage_dir(model_dir, i))[stage['step']]
     evaluation = stage['evaluation']
     assert evaluation['step'] == stage['step'] and evaluation['split'] == 'test'
     # The recorded nDCG@10 of the first stage (BM25) and of the reranked run are those
@@ -188,7 +178,7 @@ def test_each_stage_reloads_by_kind_and_stage_2_starts_from_stage_1(chain, demo_
 
   from_stage_1, scores = loss_and_scores(params1)
   from_stage_2, _ = loss_and_scores(params2)
-  logged = _metrics(_stage_dir(model_dir, 2))[1]['loss']
+  logged = metrics_by_step(_stage_dir(model_dir, 2))[1]['loss']
   # float32 losses of a 2-layer model computed by two compilations: ~1e-6 relative.
   assert logged == pytest.approx(float(from_stage_1), rel=1e-4)
   # Other parameters (stage 2's final ones) give another loss: the check can fail.
@@ -277,7 +267,7 @@ def test_kill_9_in_stage_2_then_the_rerun_resumes_stage_2(chain, demo_data, env,
   # starting point, same data after the resume. (Same executables on one machine: the
   # values agree to float32 rounding; any other data or parameters would differ by far more.)
   for i in (1, 2):
-    got, want = _metrics(_stage_dir(model_dir, i)), _metrics(_stage_dir(reference, i))
+    got, want = metrics_by_step(_stage_dir(model_dir, i)), metrics_by_step(_stage_dir(reference, i))
     assert sorted(got) == sorted(want) == list(range(1, list(STEPS.values())[i - 1] + 1))
     np.testing.assert_allclose([got[s]['loss'] for s in sorted(got)],
                                [want[s]['loss'] for s in sorted(want)], rtol=1e-6)

@@ -13,6 +13,7 @@ import pytest
 from t5dual import checkpoints, models, optim, t5, trainer, vocab
 from t5dual.data import pipeline, sources, tasks
 import tolerances  # tests/helpers
+from metrics_log import metrics_by_step  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
@@ -40,17 +41,6 @@ def _logged_steps(model_dir):
     return [json.loads(line)['step'] for line in f]
 
 
-def _metrics(model_dir):
-  """Logged metrics by step; a step logged twice is an error."""
-  by_step = {}
-  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      assert rec['step'] not in by_step, f'step {rec["step"]} logged twice'
-      by_step[rec['step']] = rec
-  return by_step
-
-
 def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
   sched = optim.learning_rate_schedule(lr, steps)
   config = trainer.TrainerConfig(total_steps=steps, progress_bar=False, tensorboard=False,
@@ -63,7 +53,7 @@ def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
 def test_training_lowers_loss_and_raises_p_at_1(demo_data, tmp_path, arch, loss):
   model, batcher = _setup(demo_data, arch, loss)
   _train(model, batcher, str(tmp_path), 150, log_every=25, save_every=1000)
-  m = _metrics(str(tmp_path))
+  m = metrics_by_step(str(tmp_path))
   first, last = m[25], m[150]
   assert last['loss'] < 0.5 * first['loss']
   assert last['p_at_1'] > first['p_at_1'] + 0.3
@@ -97,7 +87,7 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   _train(model, batcher, resumed, 12, log_every=1, save_every=4)
   # The resumed run dropped the lines of steps 5..7 before logging them again.
   assert _logged_steps(straight) == _logged_steps(resumed) == list(range(1, 13))
-  a, b = _metrics(straight), _metrics(resumed)
+  a, b = metrics_by_step(straight), metrics_by_step(resumed)
   for step in a:
     # Two float32 runs: logits up to 1 / temperature = 100 through 2 layers (4 residual blocks),
     # head and loss (widest reduction the 128-wide MLP); each of the 12 steps adds a rounding to
@@ -121,7 +111,7 @@ def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
   _train(model, batcher, full, 4, description=desc, log_every=1, save_every=4)
   _train(model, batcher, cached, 4, description=desc, log_every=1, save_every=4,
          grad_strategy='grad_cache', num_microbatches=4)
-  a, b = _metrics(full), _metrics(cached)
+  a, b = metrics_by_step(full), metrics_by_step(cached)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for step in a:
     # As for resuming: two float32 runs, logits up to 100 through 2 layers, head and loss.
@@ -233,4 +223,4 @@ def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
       trainer_config=trainer.TrainerConfig(log_every=1, progress_bar=False,
                                            tensorboard=False))
   assert result['step'] == 3 and np.isfinite(result['loss'])
-  assert sorted(_metrics(str(tmp_path / 'run'))) == [1, 2, 3]
+  assert sorted(metrics_by_step(str(tmp_path / 'run'))) == [1, 2, 3]

@@ -47,8 +47,9 @@ print(f'Python {sys.version.split()[0]}:', ', '.join(f'{k} {v}' for k, v in got.
 EOF
 
 if [ $# -eq 0 ]; then
-  set -- tests/test_gpu_host_imports.py tests/test_attention.py tests/test_benchmark_speed.py \
-    tests/test_export.py tests/test_launchers.py tests/test_accelerator.py
+  set -- tests/test_gpu_host_imports.py tests/test_attention.py \
+    tests/test_attention_xla_parity.py tests/test_benchmark_speed.py tests/test_export.py \
+    tests/test_export_processes.py tests/test_launchers.py tests/test_accelerator.py
 fi
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONWARNINGS=ignore JAX_PLATFORMS=cpu
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

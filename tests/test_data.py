@@ -11,8 +11,13 @@ from t5dual.data import pipeline, sources
 
 
 @pytest.fixture(scope='module')
-def spm(demo_beir):
-  return demo_beir(200, 40, 300)[1]
+def demo_data(demo_beir):
+  return demo_beir(200, 40, 300)
+
+
+@pytest.fixture(scope='module')
+def spm(demo_data):
+  return demo_data[1]
 
 
 def _write(path, lines):
@@ -196,6 +201,22 @@ def test_each_epoch_visits_every_example_once(spm, tmp_path):
   assert list(epoch) != list(np.concatenate([b.example_indices(s) for s in range(3, 6)]))
 
 
+def test_batches_are_a_pure_function_of_the_step(demo_data):
+  data, spm = demo_data
+  batchers = [pipeline.PairBatcher(sources.load_examples(f'beir:{data}:train'),
+                                   vocab.Tokenizer(spm), 32, {'inputs': 12, 'targets': 16})
+              for _ in range(2)]
+  b1, b2 = batchers
+  for step in (5, 0, 40):
+    x, y = b1.batch(step), b2.batch(step)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  # Two hosts' slices make up the global batch.
+  full = b1.batch(3)
+  halves = [b1.batch(3, i, 2) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([h['inputs'] for h in halves]), full['inputs'])
+
+
 @pytest.mark.slow
 def test_seqio_task_matches_numpy_path(tmp_path, spm):
   seqio_tasks = pytest.importorskip('t5dual.data.seqio_tasks',
@@ -213,6 +234,7 @@ def test_seqio_task_matches_numpy_path(tmp_path, spm):
   assert len(set(got['doc_ids'].tolist())) == 8
 
 
+@pytest.mark.slow
 def test_seqio_resume_past_the_skip_limit_is_one_line(tmp_path, spm):
   """A seqio run resumes by re-reading the examples before its step: the same batches up to
   max_skipped_examples, then a one-line ConfigError pointing at the store."""

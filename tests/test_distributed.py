@@ -1,6 +1,6 @@
 """t5dual.distributed: where a multi-host job's layout comes from, and a peer that never joins
 ending in one line instead of a hang. (Two processes that do join and train as one are in
-test_partitioning.py.)"""
+test_partitioning_processes.py.)"""
 
 import os
 import socket

@@ -1,46 +1,26 @@
-"""Sharded, bucketed, resumable embedding export (t5dual/export.py, encoding.py, corpus.py)."""
+"""Sharded, bucketed, resumable embedding export (t5dual/export.py, encoding.py, corpus.py), in
+process; the exports killed or drawn in a subprocess are in test_export_processes.py."""
 
 import hashlib
 import json
 import pathlib
-import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import jax
 
-from t5dual import corpus, dual_encoders, encoding, export, t5, vocab
+from t5dual import corpus, export, t5
 from t5dual.data import sources
 from t5dual.sides import Side
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tests' / 'helpers'))  # also when imported outside pytest
-import tolerances  # noqa: E402
-
-OPTIONS = dict(max_length=32, side='document', batch_size=8, shard_size=40, buckets=(8, 16, 32),
-               progress=False)
+from tiny_export import OPTIONS, collection_and_model, files, numpy_encoder  # tests/helpers
+import tolerances  # tests/helpers
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory, demo_beir):
-  """A generated BEIR folder (120 docs), its vocabulary and a tiny random SDE model."""
-  root = tmp_path_factory.mktemp('export')
-  folder, spm = demo_beir(120, 40, 300)
-  tok = vocab.Tokenizer(spm)
-  ids, texts = sources.read_beir_corpus(folder)
-  # Short, medium and long documents, so that the length buckets 8, 16, 32 are all used.
-  texts = [' '.join(t.split()[:2]) if i % 3 == 0 else t if i % 3 == 1 else f'{t} {t} {t}'
-           for i, t in enumerate(texts)]
-  model = dual_encoders.DualEncoderModel(dual_encoders.DualEncoderConfig(
-      t5=t5.t5_config('tiny', dtype='float32', vocab_size=tok.vocab_size), projection_dim=16))
-  params = jax.jit(model.init_params)(jax.random.PRNGKey(0))
-  encode = encoding.make_encode_fn(model, params, 'document')
-  return dict(root=root, tok=tok, ids=ids, texts=texts, model=model, params=params,
-              encode=encode)
+  return collection_and_model(demo_beir, tmp_path_factory.mktemp('export'))
 
 
 class CountingEncoder:
@@ -54,21 +34,6 @@ class CountingEncoder:
       raise KeyboardInterrupt('injected interruption')
     self.shapes.append(ids.shape)
     return self.encode(ids)
-
-
-def numpy_encoder(vocab_size, dim=8):
-  """A deterministic NumPy 'model': mean of fixed random token vectors, normalised."""
-  table = np.random.default_rng(0).normal(size=(vocab_size, dim)).astype(np.float32)
-
-  def encode(ids):
-    mask = (ids != 0)[..., None]
-    pooled = (table[ids] * mask).sum(1) / np.maximum(mask.sum(1), 1)
-    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-  return encode
-
-
-def files(folder):
-  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(folder).iterdir())}
 
 
 @pytest.mark.slow
@@ -163,52 +128,6 @@ def test_interrupted_export_resumes_to_identical_files(setup, tmp_path):
   assert files(tmp_path / 'resumed') == files(tmp_path / 'whole')
 
 
-KILLED_EXPORT = textwrap.dedent('''
-    import json, os, signal, sys
-    sys.path.insert(0, {test_dir!r})
-    from test_export import numpy_encoder
-    from t5dual import export, vocab
-    tok = vocab.Tokenizer({spm!r})
-    ids, texts = json.load(open({corpus!r}))
-    real_replace, npy_renames = os.replace, []
-    def replace(src, dst):
-      if dst.endswith('.npy'):
-        npy_renames.append(dst)
-        if len(npy_renames) == 3:  # the third shard's vectors are written, not yet renamed
-          os.kill(os.getpid(), signal.SIGKILL)
-      real_replace(src, dst)
-    os.replace = replace
-    export.export_embeddings(numpy_encoder(tok.vocab_size), tok, ids, texts, {out!r},
-                             export.ExportOptions(**{options!r}))
-''')
-
-
-@pytest.mark.multiprocess
-def test_killed_process_resumes_to_identical_files(setup, tmp_path):
-  options = dict(OPTIONS, shard_size=25, dtype='float32', parquet=True)
-  corpus = tmp_path / 'corpus.json'
-  corpus.write_text(json.dumps([setup['ids'], setup['texts']]))
-  script = KILLED_EXPORT.format(test_dir=str(REPO / 'tests'), spm=setup['tok'].path,
-                                corpus=str(corpus), out=str(tmp_path / 'killed'),
-                                options=options)
-  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == -signal.SIGKILL, proc.stderr
-  killed = tmp_path / 'killed'
-  assert sorted(p.name for p in killed.glob('shard-*.json')) == [
-      'shard-00000-of-00005.json', 'shard-00001-of-00005.json']
-  assert (killed / 'embeddings-00002-of-00005.npy.tmp').exists()
-  assert not (killed / 'manifest.json').exists()
-
-  encode = numpy_encoder(setup['tok'].vocab_size)
-  args = (setup['tok'], setup['ids'], setup['texts'])
-  opts = export.ExportOptions(**options)
-  export.export_embeddings(encode, *args, str(tmp_path / 'whole'), opts)
-  manifest = export.export_embeddings(encode, *args, str(killed), opts)
-  assert manifest['count'] == 120 and len(manifest['shards']) == 5
-  assert files(killed) == files(tmp_path / 'whole')
-
-
 def test_processes_write_their_own_shards(setup, tmp_path):
   encode = numpy_encoder(setup['tok'].vocab_size)
   opts = export.ExportOptions(**dict(OPTIONS, shard_size=25))
@@ -271,32 +190,6 @@ def test_empty_texts_are_encoded_with_one_warning(setup, tmp_path, caplog):
   np.testing.assert_array_equal(vectors[[1, 3]], [eos_only, eos_only])
   np.testing.assert_array_equal(vectors[0],
                                 encode(tok.encode(['some words'], 32))[0].astype(np.float32))
-
-
-@pytest.mark.multiprocess
-def test_progress_reaches_100_percent_once(setup, tmp_path):
-  """tqdm's close() redraws the bar: the last batch must not draw 100% as well."""
-  script = textwrap.dedent(f'''
-      import sys
-      sys.path.insert(0, {str(REPO / 'tests')!r})
-      from test_export import numpy_encoder
-      from t5dual import export, vocab
-      tok = vocab.Tokenizer({setup['tok'].path!r})
-      texts = ['alpha beta', 'gamma', 'delta epsilon zeta']
-      ids = [str(i) for i in range(len(texts))]
-      for out in ('one', 'one', 'two'):  # one batch; then resumed with nothing to do; then 3
-        options = dict(max_length=16, side='query', batch_size=8 if out == 'one' else 1,
-                       shard_size=2)
-        export.export_embeddings(numpy_encoder(tok.vocab_size), tok, ids, texts,
-                                 {str(tmp_path)!r} + '/' + out, export.ExportOptions(**options))
-  ''')
-  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr
-  lines = proc.stderr.replace('\r', '\n').splitlines()
-  full = [l for l in lines if '100%' in l]
-  assert len(full) == 2, lines  # one per export that encoded something
-  assert all('3/3' in l and l.startswith('query embeddings (process 0)') for l in full)
 
 
 def test_jsonl_and_tf_dataset_readers(tmp_path):

@@ -110,6 +110,7 @@ def test_each_command_refuses_a_model_without_its_capability_before_restoring(tm
   assert not (tmp_path / 'st').exists()
 
 
+@pytest.mark.multiprocess
 def test_rerank_script_on_a_dual_encoder_is_one_line(demo_collection, tmp_path):
   """scripts/rerank.py reads its data first (a bad run is reported before a missing model),
   then refuses a dual encoder in one line without restoring it."""

@@ -289,6 +289,7 @@ def test_interrupted_prepare_continues_to_the_same_store(demo_collection, run_fi
             == json.loads(expected[store.MANIFEST])['files'])
 
 
+@pytest.mark.multiprocess
 def test_prepare_killed_with_sigkill_continues(pairs_jsonl, jsonl_store, tokenizer, tmp_path):
   out = str(tmp_path / 'store')
   script = (f'import os, sys; sys.path.insert(0, {REPO!r})\n'
@@ -348,6 +349,7 @@ def test_joined_pieces_equal_the_filled_template(which, tokenizer, shared_dir):
       np.testing.assert_array_equal(got, want, err_msg=template)
 
 
+@pytest.mark.multiprocess
 def test_synthetic_msmarco_prepares_and_trains_from_the_store(shared_dir, tmp_path):
   """The benchmark's generator at a tiny scale, its two stores, batches equal to memory."""
   data = str(tmp_path / 'msmarco')

@@ -119,6 +119,7 @@ def _export_script():
   return module
 
 
+@pytest.mark.slow
 def test_train_resume_and_export(dataset, counted, demo_collection, tmp_path, monkeypatch):
   """train_lib trains on the tfds: source, resumes reading only the new steps' rows, and
   scripts/export.py exports the dataset (read by row, or whole from tfrecord) to the same

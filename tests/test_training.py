@@ -13,9 +13,12 @@ import pytest
 from t5dual import checkpoints, dual_encoders, optim, t5, trainer, vocab
 from t5dual.data import pipeline, sources, tasks
 import tolerances  # tests/helpers
+from metrics_log import metrics_by_step  # tests/helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {'inputs': 12, 'targets': 16}
+# Every test here trains (in process or in a subprocess) for more than a handful of steps.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -38,17 +41,6 @@ def _logged_steps(model_dir):
     return [json.loads(line)['step'] for line in f]
 
 
-def _metrics(model_dir):
-  """Logged metrics by step; a step logged twice is an error."""
-  by_step = {}
-  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      assert rec['step'] not in by_step, f'step {rec["step"]} logged twice'
-      by_step[rec['step']] = rec
-  return by_step
-
-
 def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
   sched = optim.learning_rate_schedule(lr, steps)
   config = trainer.TrainerConfig(total_steps=steps, progress_bar=False, tensorboard=False,
@@ -57,12 +49,11 @@ def _train(model, batcher, model_dir, steps, lr=1e-2, description=None, **cfg):
                        description, batch_spec=batcher.batch_spec())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('arch,loss', [('sde', 'samtone'), ('ade_spl', 'pair')])
 def test_training_lowers_loss_and_raises_p_at_1(demo_data, tmp_path, arch, loss):
   model, batcher = _setup(demo_data, arch, loss)
   _train(model, batcher, str(tmp_path), 150, log_every=25, save_every=1000)
-  m = _metrics(str(tmp_path))
+  m = metrics_by_step(str(tmp_path))
   first, last = m[25], m[150]
   assert last['loss'] < 0.5 * first['loss']
   assert last['p_at_1'] > first['p_at_1'] + 0.3
@@ -85,7 +76,6 @@ class _InterruptingBatcher:
     return self.batcher.batch_spec()
 
 
-@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
@@ -97,7 +87,7 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
   _train(model, batcher, resumed, 12, log_every=1, save_every=4)
   # The resumed run dropped the lines of steps 5..7 before logging them again.
   assert _logged_steps(straight) == _logged_steps(resumed) == list(range(1, 13))
-  a, b = _metrics(straight), _metrics(resumed)
+  a, b = metrics_by_step(straight), metrics_by_step(resumed)
   for step in a:
     # Two float32 runs: logits up to 1 / temperature = 100 through 2 layers (4 residual blocks),
     # head and loss (widest reduction the 128-wide MLP); each of the 12 steps adds a rounding to
@@ -106,7 +96,6 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
                             width=128, both_sides=True, err_msg=f'step {step}')
 
 
-@pytest.mark.slow
 def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
   """GradCache through the trainer: the same losses and parameters as the whole batch at once
   (without dropout, whose masks would differ), step after step."""
@@ -122,7 +111,7 @@ def test_grad_cache_trains_as_the_full_batch(demo_data, tmp_path):
   _train(model, batcher, full, 4, description=desc, log_every=1, save_every=4)
   _train(model, batcher, cached, 4, description=desc, log_every=1, save_every=4,
          grad_strategy='grad_cache', num_microbatches=4)
-  a, b = _metrics(full), _metrics(cached)
+  a, b = metrics_by_step(full), metrics_by_step(cached)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for step in a:
     # As for resuming: two float32 runs, logits up to 100 through 2 layers, head and loss.
@@ -143,7 +132,6 @@ def _all_params(model_dir):
   return restored.step, [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
-@pytest.mark.slow
 def test_exploding_learning_rate_saves_nothing_past_the_last_good_step(demo_data, tmp_path):
   model, batcher = _setup(demo_data, batch_size=16)
   desc = checkpoints.model_description(model, demo_data[1], LENGTHS)
@@ -169,19 +157,6 @@ def test_exploding_learning_rate_saves_nothing_past_the_last_good_step(demo_data
     np.testing.assert_array_equal(a, b)
 
 
-def test_batches_are_a_pure_function_of_the_step(demo_data):
-  _, b1 = _setup(demo_data)
-  _, b2 = _setup(demo_data)
-  for step in (5, 0, 40):
-    x, y = b1.batch(step), b2.batch(step)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
-  # Two hosts' slices make up the global batch.
-  full = b1.batch(3)
-  halves = [b1.batch(3, i, 2) for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate([h['inputs'] for h in halves]), full['inputs'])
-
-
 def _train_cmd(model_dir, data, spm, steps):
   return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'),
           '--gin_file=gin/models/sde.gin', '--gin_file=gin/sizes/tiny.gin',
@@ -193,7 +168,6 @@ def _train_cmd(model_dir, data, spm, steps):
           '--gin.trainer.TrainerConfig.log_every=1']
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   data, spm = demo_data
@@ -234,7 +208,6 @@ def test_gin_train_script_survives_kill_9(demo_data, tmp_path):
   assert f'TRAIN_STEPS = {total}' in second
 
 
-@pytest.mark.slow
 def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
   pytest.importorskip('t5dual.data.seqio_tasks', reason='seqio extra not installed')
   from t5dual import train_lib
@@ -250,4 +223,4 @@ def test_train_lib_on_a_seqio_task_module(demo_data, tmp_path, monkeypatch):
       trainer_config=trainer.TrainerConfig(log_every=1, progress_bar=False,
                                            tensorboard=False))
   assert result['step'] == 3 and np.isfinite(result['loss'])
-  assert sorted(_metrics(str(tmp_path / 'run'))) == [1, 2, 3]
+  assert sorted(metrics_by_step(str(tmp_path / 'run'))) == [1, 2, 3]

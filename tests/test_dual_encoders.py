@@ -133,6 +133,7 @@ def test_ade_towers_are_independent():
   assert gap > tolerances.tolerance(1.0, depth=5, width=128, both_sides=True)
 
 
+@pytest.mark.slow
 def test_ade_spl_shares_exactly_the_projection():
   model = _model('ade_spl')
   params = model.init_params(jax.random.PRNGKey(0))

@@ -86,6 +86,7 @@ def _t5dual_hidden(tower, config, ids):
 # --------------------------------------------------------------------------- in
 
 @pytest.mark.parametrize('proj', ['gated-gelu', 'relu'])
+@pytest.mark.slow
 def test_t5_encoder_model_converts_in(tmp_path, proj):
   model = _randomise_norms(transformers.T5EncoderModel(_hf_config(proj)), seed=1)
   model.save_pretrained(tmp_path)
@@ -108,6 +109,7 @@ def test_t5_encoder_model_converts_in(tmp_path, proj):
     np.testing.assert_array_equal(trees.flatten(same)[k], v)
 
 
+@pytest.mark.slow
 def test_t5_for_conditional_generation_encoder_converts_in(tmp_path):
   model = _randomise_norms(transformers.T5ForConditionalGeneration(
       _hf_config('gated-gelu', untied=True)), seed=2)

@@ -152,6 +152,7 @@ def _one_line(excinfo) -> str:
 
 
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
+@pytest.mark.slow
 def test_convert_cli_hf_to_reranker_dir_and_back_is_exact(tmp_path, convert, spm, variant,
                                                           capsys):
   from t5dual import rerank_runs

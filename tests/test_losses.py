@@ -52,6 +52,7 @@ def _torch_ce(rows):
   return torch.stack([torch.logsumexp(r, 0) - r[0] for r in rows]).mean()
 
 
+@pytest.mark.slow
 def test_query_side_samtone_matches_sentence_transformers():
   rng = np.random.default_rng(0)
   q, d = _emb(rng, 16, 32), _emb(rng, 16, 32)
@@ -66,6 +67,7 @@ def test_query_side_samtone_matches_sentence_transformers():
   tolerances.assert_close(od, gd, **_gradient_error(gd, width=32))
 
 
+@pytest.mark.slow
 def test_plain_softmax_with_hard_negatives_matches_sentence_transformers():
   rng = np.random.default_rng(1)
   q, d, n = _emb(rng, 8, 16), _emb(rng, 8, 16), _emb(rng, 8, 3, 16)

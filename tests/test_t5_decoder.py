@@ -60,6 +60,7 @@ def test_selected_vocab_ids_are_columns_of_the_full_logits(variant):
                              atol=float32_tolerance(full))
 
 
+@pytest.mark.slow
 def test_later_decoder_inputs_do_not_change_earlier_logits():
   cfg, model = tiny_hf('t5.1.1', seed=2)
   ids = padded_ids(np.random.default_rng(2), 2, 10, cfg.vocab_size)
@@ -70,6 +71,7 @@ def test_later_decoder_inputs_do_not_change_earlier_logits():
   assert np.abs(a[:, 2:] - b[:, 2:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_attention_kernels_agree():
   cfg, model = tiny_hf('t5.1.1', seed=3)
   ids = padded_ids(np.random.default_rng(3), 3, 12, cfg.vocab_size)

@@ -322,14 +322,14 @@ class ListOptions:
 
 
 def parse_source(source: str) -> tuple[str, str, str]:
-  """(kind, path, split) of 'beir:<folder>[:<split>]', 'jsonl:<path>' or a bare path."""
-  kind, _, rest = source.partition(':')
-  if kind == 'beir':
+  """(source_kind, path, split) of 'beir:<folder>[:<split>]', 'jsonl:<path>' or a bare path."""
+  source_kind, _, rest = source.partition(':')
+  if source_kind == 'beir':
     folder, _, split = rest.partition(':')
     return 'beir', folder, split or 'train'
-  if kind == 'jsonl':
+  if source_kind == 'jsonl':
     return 'jsonl', rest, ''
-  if kind == 'tfds':
+  if source_kind == 'tfds':
     name, split = tfds_spec(source)
     return 'tfds', name, split
   if os.path.isdir(source):
@@ -397,10 +397,10 @@ def tfds_records(name: str, split: str) -> tuple[dict, Iterator[tuple[int, dict]
   return identity, records()
 
 
-def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> list[str]:
-  if kind == 'tfds':  # the plan names the dataset's version and size instead
+def _inputs(source_kind: str, path: str, split: str, lists: Optional[ListOptions]) -> list[str]:
+  if source_kind == 'tfds':  # the plan names the dataset's version and size instead
     files = []
-  elif kind == 'jsonl':
+  elif source_kind == 'jsonl':
     files = [path]
   else:
     files = [os.path.join(path, 'corpus.jsonl'), os.path.join(path, 'queries.jsonl'),
@@ -415,22 +415,22 @@ def _inputs(kind: str, path: str, split: str, lists: Optional[ListOptions]) -> l
 
 def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
               shard_size: int = DEFAULT_SHARD_SIZE, lists: Optional[ListOptions] = None) -> dict:
-  kind, path, split = parse_source(source)
-  if kind in ('jsonl', 'tfds') and lists is not None:
+  source_kind, path, split = parse_source(source)
+  if source_kind in ('jsonl', 'tfds') and lists is not None:
     raise cli.ConfigError('training lists come from a BEIR folder (its qrels) and a run, '
                           'not from a JSONL pair file')
   if max_length < 1 or shard_size < 1:
     raise cli.ConfigError(f'max_length and shard_size must be positive, got {max_length}, '
                           f'{shard_size}')
-  plan = {'format': FORMAT, 'kind': kind, 'split': split,
-          'inputs': [fingerprint(f) for f in _inputs(kind, path, split, lists)],
+  plan = {'format': FORMAT, 'kind': source_kind, 'split': split,
+          'inputs': [fingerprint(f) for f in _inputs(source_kind, path, split, lists)],
           'tokenizer': {'path': tokenizer.path, 'sha256': tokenizer.sha256(),
                         'vocab_size': tokenizer.vocab_size},
           'max_length': max_length, 'shard_size': shard_size,
           'lists': None if lists is None else dict(
               dataclasses.asdict(lists), run=os.path.abspath(lists.run),
               teacher=lists.teacher and os.path.abspath(lists.teacher))}
-  if kind == 'tfds':
+  if source_kind == 'tfds':
     plan['tfds'] = tfds_records(path, split)[0]
   return plan
 
@@ -476,12 +476,12 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
       writer._flush = flush_then_hook
     return writer
 
-  kind, path, split = parse_source(source)
+  source_kind, path, split = parse_source(source)
   corpus, queries = table('corpus'), table('queries')
-  if kind in ('jsonl', 'tfds'):
-    records = (sources.iter_jsonl(path) if kind == 'jsonl' else
+  if source_kind in ('jsonl', 'tfds'):
+    records = (sources.iter_jsonl(path) if source_kind == 'jsonl' else
                tfds_records(path, split)[1])
-    name = path if kind == 'jsonl' else f'tfds:{path}:{split} example'
+    name = path if source_kind == 'jsonl' else f'tfds:{path}:{split} example'
     pairs = _prepare_pairs(name, records, out_dir, corpus, queries)
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:

@@ -25,7 +25,6 @@ exactly one vector per id.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Iterator, Optional, Sequence, Union
@@ -165,16 +164,11 @@ def make_plan(ids: Sequence[str], texts: Union[Sequence[str], corpus.Corpus],
 
 def _check_plan(out_dir: str, plan: dict, process_index: int) -> None:
   """Writes plan.json, or checks that the one there is the same (processes may race)."""
-  path = os.path.join(out_dir, PLAN)
-  if os.path.exists(path):
-    old = _read_json(path)
-    if old != json.loads(json.dumps(plan)):
-      diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-      raise ExportError(f'{out_dir} holds a different export (differs in: {", ".join(diff)}); '
-                        'use a new directory or delete it')
-  else:
-    os.makedirs(out_dir, exist_ok=True)
-    _write_json(path, plan, tmp_suffix=f'.tmp{process_index}')
+  diff = fileio.write_or_compare_json(os.path.join(out_dir, PLAN), plan, error=ExportError,
+                                      tmp_suffix=f'.tmp{process_index}')
+  if diff:
+    raise ExportError(f'{out_dir} holds a different export (differs in: {", ".join(diff)}); '
+                      'use a new directory or delete it')
 
 
 def export_embeddings(encode_fn: encoding.EncodeFn, tokenizer, ids: Sequence[str],

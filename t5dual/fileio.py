@@ -72,6 +72,21 @@ def read_json(path: str, error: type = ValueError) -> Any:
     raise error(f'{path}: not valid JSON ({e.msg})') from None
 
 
+def write_or_compare_json(path: str, obj: Any, *, error: type = ValueError,
+                          tmp_suffix: str = '.tmp') -> list[str]:
+  """Writes `obj` (a dict) as JSON at `path` (its folder made) unless a file is there,
+  and returns the top-level keys in which that file differs from `obj` (none: the same
+  plan). How an export or a store checks that a directory is being resumed for the
+  same work (several processes may race to write the same plan). A file there that is
+  not JSON raises `error` (read_json)."""
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    write_json(path, obj, indent=1, sort_keys=True, tmp_suffix=tmp_suffix)
+    return []
+  old, new = read_json(path, error), json.loads(json.dumps(obj))
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def sha256_file(path: str) -> str:
   """Hex sha256 of the file's bytes (read in blocks)."""
   with open(path, 'rb') as f:

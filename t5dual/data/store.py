@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -436,16 +435,10 @@ def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
 
 
 def _check_plan(out_dir: str, plan: dict) -> None:
-  path = os.path.join(out_dir, PLAN)
-  if os.path.exists(path):
-    old = _read_json(path)
-    if old != json.loads(json.dumps(plan)):
-      diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-      raise StoreError(f'{out_dir} holds a store prepared from something else (differs in: '
-                       f'{", ".join(diff)}); use a new directory or delete it')
-  else:
-    os.makedirs(out_dir, exist_ok=True)
-    _write_json(path, plan)
+  diff = fileio.write_or_compare_json(os.path.join(out_dir, PLAN), plan, error=StoreError)
+  if diff:
+    raise StoreError(f'{out_dir} holds a store prepared from something else (differs in: '
+                     f'{", ".join(diff)}); use a new directory or delete it')
 
 
 def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_MAX_LENGTH,

@@ -90,6 +90,7 @@ def test_the_planned_batch_is_the_batch_that_trains(demo_data):
   assert with_negatives['negative_targets'].shape == (6, 3, 12)
 
 
+@pytest.mark.slow
 def test_wider_meshes_keep_the_devices_and_split_every_parameter():
   import dataclasses
   eight = partitioning.Partitioner(ici_mesh_shape=(8, 1), devices=tuple(range(8)))

@@ -103,6 +103,7 @@ def beir(tmp_path_factory, demo_beir):
   return beir_with_random_sde(demo_beir, tmp_path_factory.mktemp('beir'))
 
 
+@pytest.mark.slow
 def test_export_retrieve_evaluate_matches_brute_force(beir, tmp_path):
   folder, tok, model, params = beir['folder'], beir['tok'], beir['model'], beir['params']
   doc_ids, doc_texts = sources.read_beir_corpus(folder)

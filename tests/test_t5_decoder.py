@@ -24,6 +24,7 @@ from t5dual.interop import trees  # noqa: E402
 
 
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
+@pytest.mark.slow
 def test_decoder_logits_match_transformers_over_many_steps(variant):
   cfg, model = tiny_hf(variant)
   rng = np.random.default_rng(0)

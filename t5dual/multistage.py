@@ -193,7 +193,7 @@ def _check_untrained_stages(model_dir: str, stages: Sequence[Stage],
                             checked: Optional[list] = None) -> tuple[dict, list]:
   """(the record, which stages are trained), after checking the settings of the others
   (unless `checked`, the stages trained when they were last checked, is the same)."""
-  record = _read_record(model_dir)
+  record = checkpoints.read_chain_record(model_dir)
   _check_record(model_dir, record, stages)
   entries = record['stages']
   done = [_is_trained(model_dir, e) for e in entries] + [False] * (len(stages) - len(entries))
@@ -425,8 +425,6 @@ def training_candidates(folder: str, split: str, task, batch_size: Optional[int]
     docs = [r for r, _ in plain.positives[i]] + list(plain.negatives[i])
     out[plain.query_ids[i]] = [plain.doc_ids[r] for r in dict.fromkeys(docs)]
   return out, len(rows), len(plain)
-
-_read_record = checkpoints.read_chain_record
 
 
 # --------------------------------------------------------------------------- evaluations

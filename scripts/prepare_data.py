@@ -13,7 +13,11 @@ training lists from that first-stage TREC run over the split's queries, in the
 window [--min_rank, --max_rank], with --teacher scores for distillation) or
 jsonl:<path> ({"query", "positive", "negatives"?} lines: pairs with hard negatives)
 or tfds:<name>[:<version>][:<split>] (a prepared TFDS dataset in $TFDS_DATA_DIR whose
-examples have those features: 'query', 'positive' texts, 'negatives' a sequence of texts).
+examples have those features: 'query', 'positive' texts, 'negatives' a sequence of texts)
+or seqio:<task>[:<split>] (a pair task's output, 'inputs' the query's and 'targets' the
+document's token ids, every preprocessor run; --module imports what registers it, as
+MIXTURE_OR_TASK_MODULE does for training: a store is how a seqio run resumes without
+re-reading).
 Train from it with MIXTURE_OR_TASK_NAME='store:<out_dir>' (the reranker's MIN_RANK /
 MAX_RANK / TEACHER must be those prepared). Run the same command again to continue an
 interrupted prepare; --verify checks every file's checksum of a prepared store.
@@ -21,6 +25,7 @@ See t5dual/data/store.py for the layout.
 """
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -38,7 +43,11 @@ def main(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__.split('\n\n', 1)[1])
   p.add_argument('--source', required=True,
-                 help='beir:<folder>[:<split>], jsonl:<path> or tfds:<name>[:<version>][:<split>]')
+                 help='beir:<folder>[:<split>], jsonl:<path>, tfds:<name>[:<version>][:<split>] '
+                 'or seqio:<task>[:<split>]')
+  p.add_argument('--module', action='append', default=[],
+                 help='a Python module to import first (one that registers seqio tasks); '
+                 'repeatable')
   p.add_argument('--vocabulary', required=True, help='SentencePiece model (VOCABULARY_PATH)')
   p.add_argument('--out_dir', required=True)
   p.add_argument('--max_length', type=int, default=store.DEFAULT_MAX_LENGTH,
@@ -56,6 +65,11 @@ def main(argv):
   args = p.parse_args(argv)
   if args.teacher and not args.run:
     raise cli.ConfigError('--teacher scores the candidates of a --run; give the run too')
+  for module in args.module:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise cli.ConfigError(f'--module {module}: {e}') from None
   tokenizer = vocab.Tokenizer(args.vocabulary)
   lists = None
   if args.run:

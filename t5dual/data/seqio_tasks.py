@@ -15,7 +15,7 @@ NumPy path's (`vocab.Tokenizer`) for the same vocabulary.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import seqio
@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from t5dual import cli
 from t5dual.data import sources
+from t5dual.vocab import EOS_ID
 
 
 def vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
@@ -118,8 +119,10 @@ class SeqioBatcher:
       raise cli.ConfigError(
           f'seqio task {self.task.name!r}: resuming at step {start} would re-read and skip '
           f'{skipped:,} examples (limit seqio_tasks.MAX_SKIPPED_EXAMPLES = '
-          f'{self.max_skipped_examples:,}); prepare the task into the store '
-          '(scripts/prepare_data.py) and train from it, which resumes without re-reading')
+          f'{self.max_skipped_examples:,}); prepare the task into a store '
+          f'(scripts/prepare_data.py --source=seqio:{self.task.name} --module=<the module '
+          "that registers it>) and train from 'store:<its directory>', which resumes "
+          'without re-reading')
     ds = self.task.get_dataset(
         self.lengths, split='train', shuffle=self.shuffle, seed=self.seed, num_epochs=None,
         shard_info=seqio.ShardInfo(shard_index, num_shards), use_cached=False)
@@ -139,3 +142,55 @@ class SeqioBatcher:
       self._iter = self._dataset(step, shard_index, num_shards)
     self._next = step + 1
     return {k: np.asarray(v, np.int32) for k, v in next(self._iter).items()}
+
+
+def pair_records(task_name: str, split: str, tokenizer) -> tuple[dict, Iterator[tuple[int, dict]]]:
+  """(what identifies the task's split, its (example number, {'query': ids, 'positive':
+  ids}) records) for the prepared store (scripts/prepare_data.py --source=seqio:<task>).
+
+  The records are the task's own output, in order (no shuffle, one epoch, no cache):
+  every preprocessor runs, 'inputs' is the query's token ids and 'targets' the
+  document's, without the EOS that `append_eos_after_trim` adds (the store appends it at
+  read time). A store prepared from the task is read by row, so a run trained from it
+  resumes at any step without re-reading what came before (`SeqioBatcher` re-reads).
+  The task's vocabulary must be `tokenizer`'s (the store records that checksum).
+  """
+  from t5dual.data import store
+  try:
+    task = seqio.get_mixture_or_task(task_name)
+  except ValueError as e:
+    raise sources.UnknownSourceError(
+        f'seqio:{task_name}: {(str(e).splitlines() or ["not registered"])[0]} (registered '
+        'in the module given with --module?)') from None
+  if split not in task.splits:
+    raise sources.UnknownSourceError(f'seqio:{task_name} has no split {split!r} (splits: '
+                                     f'{", ".join(sorted(task.splits))})')
+  features = task.output_features
+  missing = [k for k in ('inputs', 'targets') if k not in features]
+  if missing:
+    raise sources.UnknownSourceError(
+        f'seqio:{task_name}: no output feature {missing[0]!r}; a pair task gives the query as '
+        "'inputs' and the document as 'targets' (register_pair_task)")
+  for key in ('inputs', 'targets'):
+    path = getattr(features[key].vocabulary, 'sentencepiece_model_file', None)
+    from t5dual import vocab as vocab_lib
+    if path is None or vocab_lib.Tokenizer(path).sha256() != tokenizer.sha256():
+      raise store.StoreError(f'seqio:{task_name}: its {key!r} vocabulary ({path}) is not '
+                             f'{tokenizer.path} (their checksums differ); prepare with the '
+                             "task's vocabulary")
+  try:
+    examples = task.num_input_examples(split)
+  except (ValueError, NotImplementedError, KeyError):
+    examples = None
+  identity = {'task': task_name, 'split': split, 'input_examples': examples}
+
+  def ids(value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value, np.int64)
+    return value[:-1] if value.size and value[-1] == EOS_ID else value
+
+  def records():
+    ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, use_cached=False,
+                          try_in_mem_cache=False)
+    for number, example in enumerate(ds.as_numpy_iterator(), 1):
+      yield number, {'query': ids(example['inputs']), 'positive': ids(example['targets'])}
+  return identity, records()

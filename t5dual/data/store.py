@@ -2,9 +2,11 @@
 
 `prepare(...)` turns a BEIR folder (its training pairs and, with a first-stage run,
 reranker training lists, optionally with teacher scores), a JSONL pair file (with
-hard negatives) or a TFDS dataset of such pairs (`tfds_records`) into a directory that
-any number of hosts read without loading it whole; `Store(path)` opens it. The batchers over it are in data/store_batchers.py
-and produce exactly the batches of pipeline.PairBatcher / lists.ListBatcher.
+hard negatives), a TFDS dataset of such pairs (`tfds_records`) or a seqio pair task's
+output (`seqio_tasks.pair_records`: its token ids, every preprocessor run) into a
+directory that any number of hosts read without loading it whole; `Store(path)` opens
+it. The batchers over it are in data/store_batchers.py and produce exactly the batches
+of pipeline.PairBatcher / lists.ListBatcher.
 
 Why raw arrays and not ArrayRecord (+ Grain): on 1M rows of ~80 ids (BENCHMARKS.md,
 "Training data: prepared store vs in memory"), they write 30x faster, are 27% smaller
@@ -178,8 +180,8 @@ class _TableWriter:
     self._texts: list[str] = []
     os.makedirs(folder, exist_ok=True)
 
-  def add(self, row_id: str, text: str) -> int:
-    """Appends a row; returns its row number."""
+  def add(self, row_id: str, text) -> int:
+    """Appends a row (a text, or its token ids without EOS); returns its row number."""
     self._ids.append(row_id)
     self._texts.append(text)
     self.rows += 1
@@ -197,7 +199,10 @@ class _TableWriter:
         raise StoreError(f'{record_path}: {record.get("rows")} rows, but the input now gives '
                          f'{len(self._ids)} for this shard; prepare into a new directory')
     else:
-      ids = self.tokenizer.encode_ids(self._texts, self.max_length)
+      encoded = iter(self.tokenizer.encode_ids(
+          [t for t in self._texts if isinstance(t, str)], self.max_length))
+      ids = [next(encoded) if isinstance(t, str) else t[:self.max_length]
+             for t in self._texts]
       lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
       offsets = np.zeros(len(ids) + 1, np.int64)
       np.cumsum(lengths, out=offsets[1:])
@@ -321,7 +326,8 @@ class ListOptions:
 
 
 def parse_source(source: str) -> tuple[str, str, str]:
-  """(source_kind, path, split) of 'beir:<folder>[:<split>]', 'jsonl:<path>' or a bare path."""
+  """(source_kind, path, split) of 'beir:<folder>[:<split>]', 'jsonl:<path>',
+  'tfds:<name>[:<version>][:<split>]', 'seqio:<task>[:<split>]' or a bare path."""
   source_kind, _, rest = source.partition(':')
   if source_kind == 'beir':
     folder, _, split = rest.partition(':')
@@ -331,12 +337,19 @@ def parse_source(source: str) -> tuple[str, str, str]:
   if source_kind == 'tfds':
     name, split = tfds_spec(source)
     return 'tfds', name, split
+  if source_kind == 'seqio':
+    name, _, split = rest.partition(':')
+    if not name:
+      raise sources.UnknownSourceError(f'{source!r}: give a task name, '
+                                       'seqio:<task>[:<split>]')
+    return 'seqio', name, split or 'train'
   if os.path.isdir(source):
     return 'beir', source, 'train'
   if os.path.isfile(source):
     return 'jsonl', source, ''
   raise sources.UnknownSourceError(f'{source!r}: prepare reads beir:<folder>[:<split>], '
-                                   'jsonl:<path> or tfds:<name>[:<version>][:<split>]')
+                                   'jsonl:<path>, tfds:<name>[:<version>][:<split>] or '
+                                   'seqio:<task>[:<split>]')
 
 
 _TFDS_VERSION = re.compile(r'^(\d+(\.\d+)*|\*)$')
@@ -397,7 +410,7 @@ def tfds_records(name: str, split: str) -> tuple[dict, Iterator[tuple[int, dict]
 
 
 def _inputs(source_kind: str, path: str, split: str, lists: Optional[ListOptions]) -> list[str]:
-  if source_kind == 'tfds':  # the plan names the dataset's version and size instead
+  if source_kind in ('tfds', 'seqio'):  # the plan names the dataset or task instead
     files = []
   elif source_kind == 'jsonl':
     files = [path]
@@ -415,9 +428,9 @@ def _inputs(source_kind: str, path: str, split: str, lists: Optional[ListOptions
 def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
               shard_size: int = DEFAULT_SHARD_SIZE, lists: Optional[ListOptions] = None) -> dict:
   source_kind, path, split = parse_source(source)
-  if source_kind in ('jsonl', 'tfds') and lists is not None:
+  if source_kind != 'beir' and lists is not None:
     raise cli.ConfigError('training lists come from a BEIR folder (its qrels) and a run, '
-                          'not from a JSONL pair file')
+                          f'not from a {source_kind} pair source')
   if max_length < 1 or shard_size < 1:
     raise cli.ConfigError(f'max_length and shard_size must be positive, got {max_length}, '
                           f'{shard_size}')
@@ -431,7 +444,18 @@ def make_plan(source: str, tokenizer, max_length: int = DEFAULT_MAX_LENGTH,
               teacher=lists.teacher and os.path.abspath(lists.teacher))}
   if source_kind == 'tfds':
     plan['tfds'] = tfds_records(path, split)[0]
+  if source_kind == 'seqio':
+    plan['seqio'] = _seqio_records(path, split, tokenizer)[0]
   return plan
+
+
+def _seqio_records(task_name: str, split: str, tokenizer):
+  try:
+    from t5dual.data import seqio_tasks
+  except ImportError as e:
+    raise cli.ConfigError(f'seqio:{task_name} needs the seqio extra (pip install -e '
+                          f'.[seqio]): {e}') from None
+  return seqio_tasks.pair_records(task_name, split, tokenizer)
 
 
 def _check_plan(out_dir: str, plan: dict) -> None:
@@ -471,11 +495,15 @@ def prepare(source: str, out_dir: str, tokenizer, *, max_length: int = DEFAULT_M
 
   source_kind, path, split = parse_source(source)
   corpus, queries = table('corpus'), table('queries')
-  if source_kind in ('jsonl', 'tfds'):
-    records = (sources.iter_jsonl(path) if source_kind == 'jsonl' else
-               tfds_records(path, split)[1])
-    name = path if source_kind == 'jsonl' else f'tfds:{path}:{split} example'
-    pairs = _prepare_pairs(name, records, out_dir, corpus, queries)
+  if source_kind in ('jsonl', 'tfds', 'seqio'):
+    if source_kind == 'jsonl':
+      name, records = path, sources.iter_jsonl(path)
+    elif source_kind == 'tfds':
+      name, records = f'tfds:{path}:{split} example', tfds_records(path, split)[1]
+    else:
+      name, records = f'seqio:{path}:{split} example', _seqio_records(path, split, tokenizer)[1]
+    pairs = _prepare_pairs(name, records, out_dir, corpus, queries,
+                           tokenized=source_kind == 'seqio')
     meta = {'corpus': corpus.close(), 'queries': queries.close()}
   else:
     # Document ids as arrow arrays, then a hash index (~30 bytes an id, not a dict's
@@ -573,11 +601,14 @@ def _prepare_beir_pairs(folder, split, out_dir, doc_rows, query_rows, query_text
 
 
 def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
-                   corpus: _TableWriter, queries: _TableWriter) -> dict:
+                   corpus: _TableWriter, queries: _TableWriter, tokenized: bool = False
+                   ) -> dict:
   """Pairs of sources.jsonl_pairs from (line, {"query", "positive", "negatives"?}) records
   (a JSONL file's, or any source's turned into such records, e.g. TFDS): the corpus is the
   distinct document texts (positives and negatives, ids by text as jsonl_pairs gives
-  them), the queries the distinct query texts. `path` names the source in errors."""
+  them), the queries the distinct query texts. `path` names the source in errors.
+  tokenized: the records hold token ids (arrays, no EOS) instead of texts (a seqio
+  task's output); rows are then the distinct id sequences."""
   done = _part_done(out_dir, 'pairs')
   arrays = None if done is not None else _Arrays(os.path.join(out_dir, 'pairs'), _PAIR_DTYPES)
   q_rows, d_rows = {}, {}
@@ -586,14 +617,18 @@ def _prepare_pairs(path: str, records: Iterator[tuple[int, dict]], out_dir: str,
   without, first_without = 0, -1
 
   def row(rows, writer, text):
-    key = hashlib.blake2b(text.encode(), digest_size=12).digest()
+    key = hashlib.blake2b(text.tobytes() if tokenized else text.encode(),
+                          digest_size=12).digest()
     if key not in rows:
       rows[key] = writer.add(str(len(rows)), text)
     return rows[key]
 
   for lineno, rec in records:
-    query = sources._field(rec, 'query', path, lineno, allow_empty=True).strip()
-    positive = sources._field(rec, 'positive', path, lineno, allow_empty=True).strip()
+    if tokenized:
+      query, positive = rec['query'], rec['positive']
+    else:
+      query = sources._field(rec, 'query', path, lineno, allow_empty=True).strip()
+      positive = sources._field(rec, 'positive', path, lineno, allow_empty=True).strip()
     negatives = rec.get('negatives', [])
     if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
       raise sources.DataError(f'{path}:{lineno}: "negatives" must be a list of strings')

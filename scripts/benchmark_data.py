@@ -19,6 +19,7 @@ format (raw memory-mapped arrays vs ArrayRecord, when array_record is installed)
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,20 +37,45 @@ BEGIN, END = '<!-- benchmark_data: begin -->', '<!-- benchmark_data: end -->'
 T5_VOCAB = os.path.join(os.path.dirname(REPO), 'shared', 'vocab', 't5_spiece.model')
 
 
-def measured(cmd: list[str], env: dict = None) -> dict:
-  """Runs `cmd`; its wall time, peak resident memory (its own, from wait4) and output."""
+def _resident_gib(pid: int) -> float:
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return 0.0
+
+
+def measured(cmd: list[str], env: dict = None, cap_gib: float = None) -> dict:
+  """Runs `cmd`; its wall time, peak resident memory (its own, from wait4) and output.
+
+  cap_gib: the process is killed once its resident memory passes this (polled every
+  0.2 s), and the result says so ('capped': True) instead of raising: what a source
+  that holds everything in memory does on this machine."""
   start = time.perf_counter()
+  capped = False
   with tempfile.TemporaryFile() as out:
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=REPO, **(env or {})))
-    _, status, usage = os.wait4(proc.pid, 0)
+    while True:
+      pid, status, usage = os.wait4(proc.pid, 0 if cap_gib is None or capped else os.WNOHANG)
+      if pid:
+        break
+      if _resident_gib(proc.pid) > cap_gib:
+        proc.kill()
+        capped = True
+      else:
+        time.sleep(0.2)
     seconds = time.perf_counter() - start
     out.seek(0)
     text = out.read().decode(errors='replace')
   code = os.waitstatus_to_exitcode(status)
-  if code:
+  if code and not capped:
     raise RuntimeError(f'{" ".join(cmd)} failed ({code}):\n{text[-3000:]}')
-  return {'seconds': seconds, 'peak_gib': usage.ru_maxrss / 2**20, 'output': text}
+  return {'seconds': seconds, 'peak_gib': usage.ru_maxrss / 2**20, 'output': text,
+          'capped': capped}
 
 
 def train_command(model: str, model_dir: str, source: str, vocabulary: str, steps: int,
@@ -157,6 +183,11 @@ def main(argv):
   p.add_argument('--steps', type=int, default=1)
   p.add_argument('--skip_in_memory', action='store_true',
                  help="only the store (today's in-memory runs need ~500 bytes a run entry)")
+  p.add_argument('--memory_cap_gib', type=float, default=20.0,
+                 help='an in-memory job is stopped once its resident memory passes this, '
+                 'and reported so')
+  p.add_argument('--teacher_depth', type=int, default=100,
+                 help="teacher-scored candidates per query in the generated collection")
   p.add_argument('--formats', action='store_true', help='also compare storage formats')
   p.add_argument('--reuse_data', action='store_true',
                  help='keep a collection already generated at --scale in work_dir/data '
@@ -181,7 +212,7 @@ def main(argv):
       gen = {'seconds': json.load(f)['seconds']}
   else:
     gen = measured([py, 'scripts/make_synthetic_msmarco.py', f'--out_dir={data}',
-                    f'--scale={args.scale}'])
+                    f'--scale={args.scale}', f'--teacher_depth={args.teacher_depth}'])
   with open(info_path) as f:
     info = json.load(f)
   print(f'generated in {gen["seconds"]:.0f} s: {json.dumps(info)}', flush=True)
@@ -213,11 +244,20 @@ def main(argv):
              ('RankT5-EncDec, depth-1000 run', 'rankt5', f'beir:{data}',
               rankt5 + [f"--gin.FIRST_STAGE_RUN='{run}'"], 'lists')]
   for name, model, source, extra, kind in jobs:
-    label = 'store' if source.startswith('store:') else source.split(':')[0] + ' (in memory)'
+    in_store = source.startswith('store:')
+    label = 'store' if in_store else source.split(':')[0] + ' (in memory)'
     model_dir = os.path.join(runs, f'{model}-{label.split()[0]}')
-    train = measured(train_command(model, model_dir, source, args.vocabulary, args.steps, extra))
-    far_source = source if kind == 'pairs' or source.startswith('store:') else data
-    far = measured([py, '-c', FAR_STEP, kind, far_source, args.vocabulary, run])
+    cap = None if in_store else args.memory_cap_gib
+    train = measured(train_command(model, model_dir, source, args.vocabulary, args.steps, extra),
+                     cap_gib=cap)
+    if train['capped']:
+      rows.append(f'| {name}: {label} | stopped after {train["seconds"]:.0f} s, before step '
+                  f'{args.steps} | > {cap:g} GiB (the cap) | holds the whole source in memory '
+                  '|')
+      print(rows[-1], flush=True)
+      continue
+    far_source = source if kind == 'pairs' or in_store else data
+    far = measured([py, '-c', FAR_STEP, kind, far_source, args.vocabulary, run], cap_gib=cap)
     times = json.loads(far['output'].strip().splitlines()[-1])
     rows.append(f'| {name}: {label} | {train["seconds"]:.0f} s to step {args.steps} | '
                 f'{train["peak_gib"]:.2f} GiB | step 10^6 from nothing: {far["seconds"]:.1f} s '
@@ -238,18 +278,29 @@ def main(argv):
               '', '| format | write | size | random batch read |', '|---|---|---|---|',
               *format_comparison(work)]
   print('\n'.join(table))
-  write_section(args.out, table)
+  write_section(args.out, table, args.scale)
 
 
-def write_section(path: str, table: list[str]) -> None:
-  """Replaces the text between the markers in `path` (appended the first time)."""
+SECTION = '## Training data: prepared store vs in memory'
+
+
+def write_section(path: str, table: list[str], scale: float) -> None:
+  """Replaces the table of `scale` in `path`'s data section (added the first time; tables
+  of other scales stay, largest scale first)."""
   with open(path) as f:
     text = f.read()
-  body = '\n'.join([BEGIN, *table, END])
-  if BEGIN in text and END in text:
-    text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+  begin, end = BEGIN.replace(':', f' scale={scale:g}:'), END.replace(':', f' scale={scale:g}:')
+  body = '\n'.join([begin, *table, end])
+  if begin in text and end in text:
+    text = text[:text.index(begin)] + body + text[text.index(end) + len(end):]
+  elif SECTION in text:  # a new scale: after the section's heading and introduction
+    tables = [m.start() for m in re.finditer(r'<!-- benchmark_data scale=([0-9.e-]+): begin -->',
+                                             text) if float(m.group(1)) < scale]
+    at = tables[0] if tables else text.index('\n## ', text.index(SECTION) + 1) \
+        if '\n## ' in text[text.index(SECTION) + 1:] else len(text)
+    text = text[:at].rstrip('\n') + '\n\n' + body + '\n\n' + text[at:].lstrip('\n')
   else:
-    text = text.rstrip('\n') + '\n\n## Training data: prepared store vs in memory\n\n' + body + '\n'
+    text = text.rstrip('\n') + '\n\n' + SECTION + '\n\n' + body + '\n'
   with open(path, 'w') as f:
     f.write(text)
 

@@ -8,9 +8,11 @@ On a v4-128 with model-parallel 8 every data shard spans two hosts; so here:
   - 2 processes x 2 devices as 2 (data, within a process) x 2 (model, across processes),
     for the T5X fixture, whose 2 heads do not split 4 ways.
 Each trains dual encoders (full batch, GradCache), a RankT5-EncDec reranker (microbatch
-accumulation) and models started from initial checkpoints (a t5dual directory, a Hugging
+accumulation), both again from a prepared store (data/store.py, each process reading its
+shard's rows), and models started from initial checkpoints (a t5dual directory, a Hugging
 Face folder, the T5X fixture), and is compared with one process over as many devices: the
-losses to the float32 error of the step, the final parameters likewise. Then the jobs are
+losses to the float32 error of the step, the final parameters likewise; the store's runs
+equal the in-memory ones bit for bit. Then the jobs are
 interrupted: kill -9 of one process, SIGTERM to one process of two and to a single process;
 run again, each resumes exactly.
 
@@ -51,7 +53,8 @@ PARAM_ERROR = dict(magnitude=1, depth=4, width=64, both_sides=True)
 MP4 = {'num_partitions': 4}
 MESH_2x4_2D = {'ici_mesh_shape': [2, 4], 'parameter_partitioning_dims': 2}
 MODEL_ACROSS = {'ici_mesh_shape': [2, 1], 'dcn_mesh_shape': [1, 2]}
-SCENARIOS = ['sde', 'ade_spl_gradcache', 'encdec_accumulate', 'from_t5dual_dir', 'from_hf']
+SCENARIOS = ['sde', 'ade_spl_gradcache', 'encdec_accumulate', 'from_t5dual_dir', 'from_hf',
+             'sde_store', 'encdec_store']
 FIXTURE = 'fixtures/t5x_retrieval_de_t5_tiny/checkpoint_1000'
 
 
@@ -153,16 +156,17 @@ def data_dir(demo_collection):
 
 
 @pytest.fixture(scope='module')
-def initial_checkpoints(tmp_path_factory):
-  """POD_JOB_* variables naming the initial checkpoints: a Hugging Face folder of pod_job's
-  shape (written with transformers), and the T5X fixture when ../shared is there."""
+def initial_checkpoints(data_dir, tmp_path_factory):
+  """POD_JOB_* variables naming the initial checkpoints (a Hugging Face folder of pod_job's
+  shape, written with transformers) and the prepared store of the demo's pairs and lists."""
   transformers = pytest.importorskip('transformers')
   import torch
   torch.manual_seed(0)
   hf_dir = str(tmp_path_factory.mktemp('hf') / 'encoder')
   transformers.T5EncoderModel(transformers.T5Config(**pod_job.hf_config_kwargs())
                               ).save_pretrained(hf_dir)
-  return {'POD_JOB_FROM_HF': hf_dir}
+  return {'POD_JOB_FROM_HF': hf_dir,
+          'POD_JOB_STORE': pod_job.prepare_store(data_dir, str(tmp_path_factory.mktemp('store')))}
 
 
 @pytest.fixture(scope='module')
@@ -193,6 +197,21 @@ def test_data_shards_spanning_processes_with_2d_partitioning(data_shards_across_
   out, outs = data_shards_across_processes
   assert _layouts(outs) == {0: (0, 2), 1: (0, 2), 2: (1, 2), 3: (1, 2)}
   _assert_same_training(out / 'pod' / scenario, out / 'one' / scenario)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('layout', ['model_axis_across_processes', 'data_shards_across_processes'])
+def test_the_store_trains_as_its_in_memory_source_in_a_pod(request, layout):
+  """Every process reads its data shard's rows from the memory-mapped store: the same
+  batches as the in-memory batchers, so the same losses and parameters, bit for bit."""
+  out, _ = request.getfixturevalue(layout)
+  for stored, in_memory in (('sde_store', 'sde'), ('encdec_store', 'encdec_accumulate')):
+    assert _losses(out / 'pod' / stored) == _losses(out / 'pod' / in_memory)
+    (got_step, got), (want_step, want) = (_final_params(out / 'pod' / stored),
+                                          _final_params(out / 'pod' / in_memory))
+    assert got_step == want_step == 4
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      assert (g == w).all(), stored
 
 
 def test_t5x_fixture_with_the_model_axis_across_processes(data_dir, shared_dir, tmp_path):

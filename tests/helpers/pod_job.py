@@ -60,20 +60,54 @@ def pair_batcher(data_dir):
                               {'inputs': 8, 'targets': 12})
 
 
+def first_stage_run(data_dir):
+  """A fixed pseudo-random depth-20 'run' over the demo corpus: {query: [(doc, score)]}."""
+  from t5dual.data import sources
+  doc_ids, _ = sources.read_beir_corpus(data_dir)
+  qrels = sources.read_qrels(data_dir, 'train')
+  rng = np.random.default_rng(0)
+  return {q: [(doc_ids[i], -float(r)) for r, i in enumerate(rng.permutation(len(doc_ids))[:20])]
+          for q in qrels}
+
+
 def list_batcher(data_dir):
-  """Lists of 4 from a fixed pseudo-random first-stage 'run' over the demo corpus."""
+  """Lists of 4 from first_stage_run."""
   from t5dual import vocab
   from t5dual.data import lists, sources
   doc_ids, documents = sources.read_beir_corpus(data_dir)
   queries = sources.read_beir_queries(data_dir)
   qrels = sources.read_qrels(data_dir, 'train')
-  rng = np.random.default_rng(0)
-  run = {q: [(doc_ids[i], -float(r)) for r, i in enumerate(rng.permutation(len(doc_ids))[:20])]
-         for q in qrels}
   training = lists.build_lists({q: queries[q] for q in qrels}, list(doc_ids), list(documents),
-                               qrels, run)
+                               qrels, first_stage_run(data_dir))
   return lists.ListBatcher(training, vocab.Tokenizer(os.path.join(data_dir, 'spm.model')), 8,
                            list_size=4, input_length=48)
+
+
+def prepare_store(data_dir, out_dir):
+  """The prepared store (data/store.py) of pair_batcher's pairs and list_batcher's lists,
+  for the *_store scenarios (given to the job in POD_JOB_STORE); made once, beforehand."""
+  from t5dual import vocab
+  from t5dual.data import store
+  run_path = os.path.join(out_dir, 'run.trec')
+  with open(run_path, 'w') as f:
+    for q, ranked in first_stage_run(data_dir).items():
+      f.writelines(f'{q} Q0 {d} {r} {s} pod\n' for r, (d, s) in enumerate(ranked, 1))
+  folder = os.path.join(out_dir, 'store')
+  store.prepare(f'beir:{data_dir}:train', folder,
+                vocab.Tokenizer(os.path.join(data_dir, 'spm.model')), max_length=47,
+                shard_size=64, lists=store.ListOptions(run_path, max_rank=100))
+  return folder
+
+
+def store_batcher(data_dir, lists):
+  """pair_batcher's or list_batcher's batches, read from POD_JOB_STORE."""
+  from t5dual import vocab
+  from t5dual.data import store, store_batchers
+  tokenizer = vocab.Tokenizer(os.path.join(data_dir, 'spm.model'))
+  prepared = store.Store(os.environ['POD_JOB_STORE'], tokenizer)
+  if lists:
+    return store_batchers.StoreListBatcher(prepared, tokenizer, 8, list_size=4, input_length=48)
+  return store_batchers.StorePairBatcher(prepared, BATCH, {'inputs': 8, 'targets': 12})
 
 
 def dual_encoder(architecture='sde'):
@@ -113,6 +147,9 @@ def scenarios(data_dir, out_dir):
                                     dict(grad_strategy='grad_cache', num_microbatches=2), None),
       'encdec_accumulate': lambda: (encdec_reranker(), list_batcher(data_dir),
                                     dict(grad_strategy='accumulate', num_microbatches=2), None),
+      'sde_store': lambda: (dual_encoder(), store_batcher(data_dir, lists=False), {}, None),
+      'encdec_store': lambda: (encdec_reranker(), store_batcher(data_dir, lists=True),
+                               dict(grad_strategy='accumulate', num_microbatches=2), None),
       'from_t5dual_dir': lambda: (dual_encoder(), pair_batcher(data_dir), {},
                                   os.path.join(out_dir, 'sde')),
       'from_hf': lambda: (dual_encoder(), pair_batcher(data_dir), {}, env('from_hf')),

@@ -481,15 +481,166 @@ def test_run_query_lines_apart_are_refused(demo_collection, run_files, tmp_path)
       _read_groups(path, query_rows, doc_index, block_bytes)
 
 
-def test_trec_teacher_scores_equal_the_line_by_line_reader(demo_collection, run_files):
+@pytest.mark.parametrize('teacher_format', ['trec', 'jsonl'])
+def test_teacher_on_disk_equals_the_line_by_line_reader(demo_collection, run_files, tmp_path,
+                                                        monkeypatch, teacher_format):
+  """Every (query, document) of the collection looked up in the teacher's files: its
+  score where lists.read_teacher has one (float32, as the store keeps it), else absent."""
   doc_ids, query_rows, doc_index = _id_lookups(demo_collection)
-  keys, scores = store_runs.teacher_scores(run_files[0], query_rows, doc_index)
-  expected = lists.read_teacher(run_files[0], query_rows, set(doc_ids))
+  path = run_files[0]
+  if teacher_format == 'jsonl':  # in chunks of ~100 scores; a document given twice
+    records = [json.loads(line) for line in open(run_files[1])]
+    first = records[0]
+    doubled = json.dumps(first)[:-2] + f', {json.dumps(next(iter(first["scores"])))}: 7.5}}}}'
+    path = str(tmp_path / 'teacher.jsonl')
+    with open(path, 'w') as f:
+      f.write('\n'.join([doubled] + [json.dumps(r) for r in records[1:]]) + '\n')
+    monkeypatch.setattr(store_runs, 'TEACHER_CHUNK', 100)
+  folder = str(tmp_path / 'lists')
+  os.makedirs(folder)
+  files = store_runs.write_teacher(path, folder, query_rows, doc_index)
+  assert sorted(os.listdir(folder)) == sorted(files)  # no temporary left
+  for name, record in files.items():
+    assert record == store._file_record(os.path.join(folder, name))
+  expected = lists.read_teacher(path, query_rows, set(doc_ids))
+  if teacher_format == 'jsonl':  # JSON's rule for a repeated key: the last value
+    assert expected[first['query_id']][next(iter(first['scores']))] == 7.5
+  want = np.full((len(query_rows), len(doc_ids)), np.nan, np.float32)
   doc_row = {d: i for i, d in enumerate(doc_ids)}
-  pairs = sorted((query_rows[q] * len(doc_ids) + doc_row[d], s)
-                 for q, docs in expected.items() for d, s in docs.items())
-  np.testing.assert_array_equal(keys, [k for k, _ in pairs])
-  np.testing.assert_array_equal(scores, [s for _, s in pairs])
+  for q, docs in expected.items():
+    for d, score in docs.items():
+      want[query_rows[q], doc_row[d]] = score
+  queries, docs = np.divmod(np.arange(want.size)[::-1], len(doc_ids))  # any order
+  found, scores = store_runs.TeacherScores(folder).lookup(queries, docs)
+  np.testing.assert_array_equal(found, ~np.isnan(want[queries, docs]))
+  np.testing.assert_array_equal(scores, np.nan_to_num(want[queries, docs], nan=0.0))
+  assert found.sum() == sum(map(len, expected.values()))
+
+
+def _teacher_options(run_files, teacher):
+  return store.ListOptions(run_files[0], max_rank=30, teacher=teacher)
+
+
+def _prepare_teacher_store(demo_collection, tokenizer, out, options, **kwargs):
+  """The teacher_store fixture's prepare, with other list options."""
+  return store.prepare(f'beir:{demo_collection}', out, tokenizer, max_length=40,
+                       shard_size=50, lists=options, **kwargs)
+
+
+def test_trec_and_jsonl_teachers_of_the_same_scores_prepare_the_same_store(
+    demo_collection, run_files, teacher_store, tokenizer, tmp_path):
+  records = [json.loads(line) for line in open(run_files[1])]
+  trec = str(tmp_path / 'teacher.trec')
+  with open(trec, 'w') as f:  # repr: the float64 the JSON holds, exactly
+    for record in records:
+      for rank, (d, score) in enumerate(record['scores'].items(), 1):
+        f.write(f'{record["query_id"]} Q0 {d} {rank} {score!r} teacher\n')
+  out = str(tmp_path / 'store')
+  manifest = _prepare_teacher_store(demo_collection, tokenizer, out,
+                                    _teacher_options(run_files, trec))
+  expected = json.loads(open(os.path.join(teacher_store, store.MANIFEST)).read())
+  assert manifest['counts']['lists']['teacher']
+  assert manifest['files'] == expected['files']  # every file's bytes and sha256
+  assert set(_files(out)) == set(_files(teacher_store))  # the teacher's files removed
+
+
+def _bad_teacher_records(records, doc_ids):
+  """(line 6 of a teacher built from `records`, its error's pattern)."""
+  q = records[5]['query_id']
+  d = next(iter(records[5]['scores']))
+  return [
+      ('{"query_id": "no-such-query", "scores": {}}',
+       r":6: \"query_id\" 'no-such-query' is not in queries.jsonl"),
+      (json.dumps({'query_id': records[0]['query_id'], 'scores': {}}),
+       f":6: query '{records[0]['query_id']}' again \\(first on line 1\\)"),
+      (json.dumps({'query_id': q}), ':6: give exactly one of'),
+      (json.dumps({'query_id': q, 'scores': {d: float('inf')}}), ':6: "scores" must map'),
+      (json.dumps({'query_id': q, 'ranking': [d, doc_ids[0], d]}), ':6: "ranking" must be'),
+      (json.dumps({'query_id': q, 'scores': {d: 1, 'no-such-doc': 2}}),
+       ":6: document id 'no-such-doc' is not in corpus.jsonl"),
+      ('{"query_id": ', ':6: not valid JSON'),
+  ]
+
+
+@pytest.mark.parametrize('chunk', [1, 1 << 18])
+@pytest.mark.parametrize('case', range(7))
+def test_bad_jsonl_teacher_is_named_by_its_line(demo_collection, run_files, tokenizer, tmp_path,
+                                                monkeypatch, chunk, case):
+  """prepare's error is lists.read_teacher's, word for word, checked a chunk at a time."""
+  doc_ids, query_rows, _ = _id_lookups(demo_collection)
+  monkeypatch.setattr(store_runs, 'TEACHER_CHUNK', chunk)
+  records = [json.loads(line) for line in open(run_files[1])]
+  bad, message = _bad_teacher_records(records, doc_ids)[case]
+  lines = [json.dumps(r) for r in records]
+  path = str(tmp_path / 'teacher.jsonl')
+  for unknown_before in (False, True):
+    if unknown_before:  # an unknown document on line 2 comes first, whatever line 6 holds
+      lines[1] = json.dumps(dict(records[1], scores={'no-such-doc': 1.0}))
+      message = ":2: document id 'no-such-doc' is not in corpus.jsonl"
+    with open(path, 'w') as f:
+      f.write('\n'.join(lines[:5] + [bad] + lines[6:]) + '\n')
+    with pytest.raises(sources.DataError) as expected:
+      lists.read_teacher(path, query_rows, set(doc_ids))
+    with pytest.raises(sources.DataError, match=re.escape(path) + message) as got:
+      _prepare_teacher_store(demo_collection, tokenizer, str(tmp_path / f'{unknown_before}'),
+                             _teacher_options(run_files, path))
+    assert _one_line(got) == str(expected.value)
+
+
+def test_bad_trec_teacher_is_named_by_its_line(demo_collection, run_files, tokenizer, tmp_path):
+  """A query's lines apart (read_teacher accepts them; a store reads the teacher one query
+  at a time, as the run) and a document twice for a query (read_teacher's error)."""
+  doc_ids, query_rows, _ = _id_lookups(demo_collection)
+  lines = open(run_files[0]).read().splitlines()
+  first_query = lines[0].split()[0]
+  apart = lines[1:41] + lines[:1] + lines[41:]
+  twice = lines[:30] + [lines[3]] + lines[30:]
+  path = str(tmp_path / 'teacher.trec')
+  for teacher, message in [
+      (apart, re.escape(f'{path}:41: query {first_query!r} again after other queries (first '
+                        'on line 1)')),
+      (twice, re.escape(f'{path}:31: document {lines[3].split()[2]!r} listed twice for query '
+                        f'{lines[3].split()[0]!r} (first on line 4)'))]:
+    with open(path, 'w') as f:
+      f.write('\n'.join(teacher) + '\n')
+    with pytest.raises(sources.DataError, match=message) as got:
+      _prepare_teacher_store(demo_collection, tokenizer, str(tmp_path / f'{len(teacher)}'),
+                             _teacher_options(run_files, path))
+    _one_line(got)
+    if teacher is twice:
+      with pytest.raises(sources.DataError, match=message):
+        lists.read_teacher(path, query_rows, set(doc_ids))
+
+
+def test_interrupted_teacher_prepare_continues_to_the_same_store(
+    demo_collection, run_files, teacher_store, tokenizer, tmp_path):
+  """Stopped after two shards of the run: the teacher's complete files are used again;
+  incomplete ones (one cut short, a temporary left) are read from the teacher again."""
+  options = _teacher_options(run_files, run_files[1])
+  expected = _files(teacher_store)
+  for damage in (False, True):
+    out = str(tmp_path / f'stopped-{damage}')
+    lists_dir = os.path.join(out, 'lists')
+
+    def interrupt():
+      if os.path.exists(os.path.join(lists_dir, 'shard-00001.json')):
+        raise _Interrupt
+    with pytest.raises(_Interrupt):
+      _prepare_teacher_store(demo_collection, tokenizer, out, options, _after_shard=interrupt)
+    assert os.path.exists(os.path.join(lists_dir, 'teacher.json'))
+    if damage:
+      docs = os.path.join(lists_dir, 'teacher-docs.bin')
+      os.truncate(docs, os.path.getsize(docs) - 4)
+      open(os.path.join(lists_dir, 'teacher-scores.bin.tmp'), 'wb').write(b'partial')
+    messages = []
+    _prepare_teacher_store(demo_collection, tokenizer, out, options, progress=messages.append)
+    assert any(m.startswith('lists: teacher ') for m in messages) == damage
+    assert not any(m.startswith('lists: run shard 1 ') for m in messages)
+    got = _files(out)
+    assert set(got) == set(expected)
+    for name in expected:
+      if name not in (store.PLAN, store.MANIFEST):  # they name the store's own inputs
+        assert got[name] == expected[name], name
 
 
 def _train_from_store(model, model_dir, source, spm, steps, extra):

@@ -121,27 +121,8 @@ def read_teacher(path: str, query_ids: Container[str], doc_ids: Container[str]
   first_line: dict[str, int] = {}
   for lineno, record in sources.iter_jsonl(path):
     where = f'{path}:{lineno}'
-    qid = record.get('query_id')
-    if not isinstance(qid, str) or qid not in query_ids:
-      raise sources.DataError(f'{where}: "query_id" {qid!r} is not in queries.jsonl')
-    if qid in first_line:
-      raise sources.DataError(f'{where}: query {qid!r} again (first on line {first_line[qid]})')
+    qid, scores = teacher_record(record, where, query_ids, first_line.get)
     first_line[qid] = lineno
-    if ('scores' in record) == ('ranking' in record):
-      raise sources.DataError(f'{where}: give exactly one of "scores" (an object) or '
-                              '"ranking" (a list of document ids, best first)')
-    if 'ranking' in record:
-      ranking = record['ranking']
-      if not isinstance(ranking, list) or len(set(map(str, ranking))) != len(ranking):
-        raise sources.DataError(f'{where}: "ranking" must be a list of distinct document ids')
-      scores = {str(d): -float(rank) for rank, d in enumerate(ranking, 1)}
-    else:
-      scores = record['scores']
-      if not isinstance(scores, dict) or not all(
-          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-          for v in scores.values()):
-        raise sources.DataError(f'{where}: "scores" must map document ids to finite numbers')
-      scores = {d: float(v) for d, v in scores.items()}
     unknown = [d for d in scores if d not in doc_ids]
     if unknown:
       raise sources.DataError(f'{where}: document id {unknown[0]!r} is not in corpus.jsonl')
@@ -149,6 +130,35 @@ def read_teacher(path: str, query_ids: Container[str], doc_ids: Container[str]
   if not teacher:
     raise sources.DataError(f'{path}: no teacher scores')
   return teacher
+
+
+def teacher_record(record: dict, where: str, query_ids: Container[str],
+                   first_line: Callable[[str], Optional[int]]) -> tuple[str, dict[str, float]]:
+  """(query id, {document id: score}) of a JSONL teacher's record at `where` (file:line),
+  checked in this order: a known query, not seen before (`first_line(query id)`: the
+  line it was first on, None if new), exactly one of "scores" / "ranking", distinct ids
+  or finite numbers. Its document ids are the caller's to check (read_teacher one by
+  one, the prepared store's reader vectorised), after these checks."""
+  qid = record.get('query_id')
+  if not isinstance(qid, str) or qid not in query_ids:
+    raise sources.DataError(f'{where}: "query_id" {qid!r} is not in queries.jsonl')
+  first = first_line(qid)
+  if first is not None:
+    raise sources.DataError(f'{where}: query {qid!r} again (first on line {first})')
+  if ('scores' in record) == ('ranking' in record):
+    raise sources.DataError(f'{where}: give exactly one of "scores" (an object) or '
+                            '"ranking" (a list of document ids, best first)')
+  if 'ranking' in record:
+    ranking = record['ranking']
+    if not isinstance(ranking, list) or len(set(map(str, ranking))) != len(ranking):
+      raise sources.DataError(f'{where}: "ranking" must be a list of distinct document ids')
+    return qid, {str(d): -float(rank) for rank, d in enumerate(ranking, 1)}
+  scores = record['scores']
+  if not isinstance(scores, dict) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+      for v in scores.values()):
+    raise sources.DataError(f'{where}: "scores" must map document ids to finite numbers')
+  return qid, {d: float(v) for d, v in scores.items()}
 
 
 @dataclasses.dataclass

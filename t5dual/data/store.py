@@ -32,6 +32,9 @@ Layout (every array a raw little-endian file; dtype and length in the manifest):
                                  documents without a teacher score left out
   lists/<array>-0000k.bin        while preparing: shard k of the pass over the run
                                  (removed once the lists are complete)
+  lists/teacher-*.bin            while preparing, with a teacher: its scores, per query
+                                 by document row (teacher.json written last; removed
+                                 once the lists are complete)
   <part>/done.json               the part (pairs, lists) is complete
   manifest.json                  written last: plan, counts, every file's bytes and sha256
 
@@ -51,13 +54,14 @@ the documents' ids as an arrow array with a hash index (data/store_runs.py, ~30 
 id: 0.3 GB, 0.7 GB peak while 8.8M are indexed), the queries' id -> row dict and the qrels
 (~0.1 GB), per pair a few integers (JSONL: a 12-byte digest per distinct text), one block
 of the run (~1M lines, ~0.1 GB) and the negatives of one shard of it (8 bytes an entry
-kept: <= 16M entries), and with a teacher 16 bytes per teacher score (a TREC teacher: 40
-while it is read; a JSONL one is read through lists.read_teacher's dicts, ~150 bytes a
-score): keep the teacher to the depth trained on. Never texts beyond one shard, never
-more of the run than one shard. The run is parsed in vectorised blocks
-(store_runs.run_groups: 0.5 us a line at 1/10 scale, the Python pass it replaced 2.3);
-each query's lines must be together, as TREC
-runs are written.
+kept: <= 16M entries), and with a teacher 12 bytes a query (20 while it is read: 10 MB)
+and one block of it (TREC: ~1M lines; JSONL: store_runs.TEACHER_CHUNK scores, ~30 MB):
+its scores go to lists/teacher-*.bin in one pass (8 bytes a score on disk, 4 GB for a
+depth-1000 teacher; removed with the run's shards) and are looked up there. Never texts
+beyond one shard, never more of the run or the teacher than one shard or block. The run
+is parsed in vectorised blocks (store_runs.run_groups: 0.5 us a line at 1/10 scale, the
+Python pass it replaced 2.3); each query's lines must be together (in the run and in a
+TREC teacher), as TREC runs are written.
 """
 
 from __future__ import annotations
@@ -672,11 +676,9 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
   qrels_file = sources.qrels_path(folder, split)
   qrels = {q: {doc_rows[d]: rel for d, rel in judged.items()}
            for q, judged in lists_lib.read_qrels(qrels_file, query_rows, doc_rows).items()}
-  # (sorted keys query_row * documents + doc_row, scores): 16 bytes a teacher score.
   teacher = None
   if options.teacher:
-    teacher = store_runs.teacher_scores(options.teacher, query_rows, doc_rows)
-  num_docs = max(1, len(doc_rows))
+    teacher = _teacher_scores(out_dir, options.teacher, query_rows, doc_rows, say)
   dtypes = dict(_LIST_DTYPES)
   if teacher is None:
     del dtypes['pos_teacher'], dtypes['neg_teacher']
@@ -701,16 +703,24 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
   skipped = {'no positive': len(set(run_rows.tolist()) - judged_rows),  # run-only queries
              'no negative in the rank window': 0, 'no teacher score for a positive': 0}
   pos_offsets, count = [0], 0
+  def positives_of(qid):
+    return [(r, float(rel)) for r, rel in qrels[qid].items() if rel >= options.min_relevance]
+  if teacher is not None:  # every positive's teacher score in one lookup, in the loop's order
+    wanted = np.asarray([(query_rows[qid], r) for qid in qrels for r, _ in positives_of(qid)],
+                        np.int64).reshape(-1, 2)
+    found, values = teacher.lookup(wanted[:, 0], wanted[:, 1])
+    visited = 0
   for qid in qrels:
-    judged = qrels.get(qid, {})
-    positives = [(r, float(rel)) for r, rel in judged.items() if rel >= options.min_relevance]
+    positives = positives_of(qid)
     if not positives:
       skipped['no positive'] += 1
       continue
     known = None
     if teacher is not None:  # positives -> their teacher scores
-      at = store_runs.lookup(teacher[0], [query_rows[qid] * num_docs + r for r, _ in positives])
-      known = {r: float(teacher[1][i]) for (r, _), i in zip(positives, at.tolist()) if i >= 0}
+      seen = slice(visited, visited + len(positives))
+      visited += len(positives)
+      known = {r: float(v) for (r, _), f, v in zip(positives, found[seen].tolist(),
+                                                   values[seen].tolist()) if f}
       positives = [(r, rel) for r, rel in positives if r in known]
       if not positives:
         skipped['no teacher score for a positive'] += 1
@@ -746,14 +756,32 @@ def _prepare_lists(folder, split, out_dir, doc_rows, query_rows, options: ListOp
 
 
 _RUN_SHARD_FILES = ('queries', 'counts', 'neg_rows', 'neg_scores', 'neg_teacher', 'shard')
+_TEACHER_RECORD = 'teacher.json'
 
 
 def _remove_run_shards(out_dir: str) -> None:
-  """The run's shards, once their contents are in the lists' files (done.json)."""
+  """The run's shards and the teacher's files, once the lists are complete (done.json)."""
   folder = os.path.join(out_dir, 'lists')
   for name in os.listdir(folder):
-    if name.split('-')[0] in _RUN_SHARD_FILES and name.split('-')[-1][:5].isdigit():
+    if ((name.split('-')[0] in _RUN_SHARD_FILES and name.split('-')[-1][:5].isdigit())
+        or name.split('.')[0] in store_runs.TEACHER_FILES
+        or name.startswith(_TEACHER_RECORD)):
       os.remove(os.path.join(folder, name))
+
+
+def _teacher_scores(out_dir, path, query_rows, doc_rows, say) -> store_runs.TeacherScores:
+  """The teacher's scores on disk in lists/teacher-*.bin (store_runs.write_teacher),
+  kept until the lists are complete. A resumed prepare reuses them where their record
+  lists/teacher.json (written last) says they are complete, else reads the teacher
+  again: that pass is one read of its file, short beside the run's."""
+  folder = os.path.join(out_dir, 'lists')
+  os.makedirs(folder, exist_ok=True)
+  record_path = os.path.join(folder, _TEACHER_RECORD)
+  if _complete_record(record_path) is None:
+    files = store_runs.write_teacher(path, folder, query_rows, doc_rows)
+    _write_json(record_path, {'files': files})
+    say(f'lists: teacher {path} ({files["teacher-docs.bin"]["bytes"] // 4} scores)')
+  return store_runs.TeacherScores(folder)
 
 
 def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_size, say,
@@ -832,9 +860,9 @@ def _run_shards(out_dir, options, query_rows, doc_rows, qrels, teacher, shard_si
     keep = ((rank >= options.min_rank - 1) & (rank < options.max_rank) & judged[query]
             & (store_runs.lookup(relevant, keys) < 0))
     if teacher is not None:
-      at = store_runs.lookup(teacher[0], keys)
-      keep &= at >= 0
-      pending['neg_teacher'].append(teacher[1][at[keep]].astype(np.float32))
+      found, values = teacher.lookup(query, groups.doc_rows)
+      keep &= found
+      pending['neg_teacher'].append(values[keep])
     group = np.repeat(np.arange(len(sizes)), sizes)
     pending['queries'].append(groups.query_rows)
     pending['counts'].append(np.bincount(group[keep], minlength=len(sizes)))

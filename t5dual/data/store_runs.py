@@ -9,11 +9,17 @@ does not accept (a malformed line, tabs or repeated spaces between fields, an un
 id, a query's lines apart) sends that block alone through the line-by-line checks of
 the Python reader, so every error is the one-line DataError it gives, naming the file
 and line, and a run that parses differently (tabs) gives the same arrays.
+
+A teacher's scores (a TREC run read the same way, or JSONL) go to files on disk in one
+pass, per query its documents' rows ascending, and are looked up there by a vectorised
+binary search: memory holds 12 bytes a query, never a byte a score.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -21,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.csv as pa_csv
 
+from t5dual import fileio
 from t5dual.data import sources
 
 BLOCK_BYTES = 1 << 25  # ~1M run lines: ~100 MB of columns while a block is read
@@ -384,7 +391,7 @@ def _groups(qrows, drows, scores, lines, starts, group, first_line) -> Groups:
                 scores=scores[order], last_lines=lines[offsets[1:] - 1])
 
 
-# --------------------------------------------------------------------------- teacher
+# --------------------------------------------------------------------------- sorted keys
 
 def sorted_keys(query_rows: np.ndarray, doc_rows: np.ndarray, values: np.ndarray,
                 num_docs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -404,47 +411,150 @@ def lookup(keys: np.ndarray, wanted) -> np.ndarray:
   return np.where(keys[at] == wanted, at, -1)
 
 
-def teacher_scores(path: str, query_rows: dict, doc_index: IdIndex
-                   ) -> tuple[np.ndarray, np.ndarray]:
-  """lists.read_teacher's scores as sorted_keys arrays: 16 bytes a scored (query,
-  document), 40 while a TREC teacher is read (a depth-1000 teacher over MS MARCO's
-  503k training queries: 8 GB; keep the teacher to the depth trained on).
+# --------------------------------------------------------------------------- teacher
 
-  A TREC teacher is read in vectorised blocks; a JSONL one, or a TREC one the fast
-  checks refuse, through lists.read_teacher (its Python dicts, ~150 bytes a score),
-  which names the file and line of the first bad one.
+# A teacher's scores in the store being prepared, while its lists are made: per query row
+# its documents' rows ascending and their scores, and (start, count) into them.
+TEACHER_FILES = {'teacher-docs': np.int32, 'teacher-scores': np.float32,
+                 'teacher-starts': np.int64, 'teacher-counts': np.int32}
+TEACHER_CHUNK = 1 << 18  # JSONL teacher scores checked and written at a time (~30 MB of ids)
+
+
+def write_teacher(path: str, folder: str, query_rows: dict, doc_index: IdIndex) -> dict:
+  """One pass over a teacher (a TREC run, or JSONL: data/lists.py) into TEACHER_FILES in
+  `folder`, each written atomically; returns their records {file: {bytes, sha256}}.
+
+  Checked as lists.read_teacher checks it, with its one-line errors naming the file and
+  line, except that a TREC teacher's query must have its lines together (run_groups, as
+  the run). Memory: one block (TREC, ~1M lines) or TEACHER_CHUNK scores (JSONL) and 20
+  bytes a query, never the teacher's scores. Scores are stored as float32, the dtype of
+  the store's teacher arrays: the same one rounding of the float64 read.
   """
   from t5dual.data import lists as lists_lib
-  num_docs = max(1, len(doc_index))
-  if not path.endswith('.jsonl'):
-    qrows, drows, scores = [], [], []
-    ok = True
-    for block, error in read_blocks(path):
-      if error is not None:
-        ok = False
+  num_queries = len(query_rows)
+  starts = np.zeros(num_queries, np.int64)
+  counts = np.zeros(num_queries, np.int32)
+  names = {name: os.path.join(folder, name + '.bin') for name in TEACHER_FILES}
+  digests = {name: hashlib.sha256() for name in TEACHER_FILES}
+  written = 0
+  with fileio.atomic_write(names['teacher-docs'], 'wb') as docs_file, \
+       fileio.atomic_write(names['teacher-scores'], 'wb') as scores_file:
+
+    def append(query, sizes, doc_rows, scores):
+      """Queries `query` [g] with `sizes` [g] scores each: doc_rows, scores in that order."""
+      nonlocal written
+      group = np.repeat(np.arange(len(sizes)), sizes)
+      order = np.lexsort((doc_rows, group))  # each query's documents ascending
+      for name, f, values in (('teacher-docs', docs_file, doc_rows),
+                              ('teacher-scores', scores_file, scores)):
+        data = np.asarray(values[order], TEACHER_FILES[name]).tobytes()
+        f.write(data)
+        digests[name].update(data)
+      starts[query] = written + np.cumsum(sizes) - sizes
+      counts[query] = sizes
+      written += len(order)
+
+    if not path.endswith('.jsonl'):
+      for groups in run_groups(path, query_rows, doc_index, num_queries):
+        append(groups.query_rows, np.diff(groups.offsets), groups.doc_rows, groups.scores)
+    else:
+      _jsonl_teacher(path, query_rows, doc_index, append, lists_lib.teacher_record)
+  for name, values in (('teacher-starts', starts), ('teacher-counts', counts)):
+    data = values.tobytes()
+    with fileio.atomic_write(names[name], 'wb') as f:
+      f.write(data)
+    digests[name].update(data)
+  return {name + '.bin': {'bytes': os.path.getsize(names[name]),
+                          'sha256': digests[name].hexdigest()} for name in TEACHER_FILES}
+
+
+def _jsonl_teacher(path, query_rows, doc_index, append, teacher_record) -> None:
+  """A JSONL teacher's records into `append`, TEACHER_CHUNK scores at a time: each record
+  checked by lists.teacher_record, a chunk's document ids looked up at once. An error
+  found in a record comes after any unknown document of the records before it, as
+  read_teacher reads them one by one."""
+  seen = np.zeros(len(query_rows), np.int64)  # per query row: its line, 0 if not yet
+  chunk: list[tuple[int, int, list, list]] = []  # (query row, line, doc ids, scores)
+  size, records = 0, 0
+
+  def flush():
+    if not chunk:
+      return
+    ids = pa.array([d for _, _, docs, _ in chunk for d in docs], pa.string())
+    doc_rows = doc_index.rows(ids)
+    sizes = np.asarray([len(docs) for _, _, docs, _ in chunk], np.int64)
+    unknown = np.nonzero(doc_rows < 0)[0]
+    if unknown.size:
+      line = chunk[int(np.searchsorted(np.cumsum(sizes), unknown[0], side='right'))][1]
+      raise sources.DataError(f'{path}:{line}: document id {ids[int(unknown[0])].as_py()!r} '
+                              'is not in corpus.jsonl')
+    scores = np.fromiter((s for _, _, _, values in chunk for s in values), np.float64,
+                         len(doc_rows))
+    append(np.asarray([row for row, _, _, _ in chunk], np.int64), sizes, doc_rows, scores)
+    chunk.clear()
+
+  try:
+    for lineno, record in sources.iter_jsonl(path):
+      qid, scores = teacher_record(record, f'{path}:{lineno}', query_rows,
+                                   lambda q: int(seen[query_rows[q]]) or None)
+      row = query_rows[qid]
+      seen[row] = lineno
+      chunk.append((row, lineno, list(scores), list(scores.values())))
+      size, records = size + len(scores), records + 1
+      if size >= TEACHER_CHUNK:
+        flush()
+        size = 0
+  except sources.DataError:
+    flush()  # an unknown document on an earlier line is the first error
+    raise
+  flush()
+  if not records:
+    raise sources.DataError(f'{path}: no teacher scores')
+
+
+class TeacherScores:
+  """The scores write_teacher wrote, looked up by (query row, document row).
+
+  In memory: each query's (start, count), 12 bytes a query. The documents' rows and
+  scores stay on disk, mapped for one lookup at a time, so that the pages a lookup
+  touches leave the process with it (a mapping kept open would count every page ever
+  read in its resident memory).
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    self.starts = np.fromfile(os.path.join(folder, 'teacher-starts.bin'), np.int64)
+    self.counts = np.fromfile(os.path.join(folder, 'teacher-counts.bin'), np.int32)
+    self.size = os.path.getsize(os.path.join(folder, 'teacher-docs.bin')) // 4
+
+  def lookup(self, query_rows, doc_rows) -> tuple[np.ndarray, np.ndarray]:
+    """(bool found [n], float32 scores [n], 0 where absent) of n (query row, document
+    row) pairs: a binary search in each query's segment of ascending document rows, all
+    pairs at once (~11 gathers for a depth-1000 teacher)."""
+    query_rows = np.asarray(query_rows, np.int64)
+    doc_rows = np.asarray(doc_rows, np.int64)
+    if not self.size or not len(query_rows):
+      return np.zeros(len(query_rows), bool), np.zeros(len(query_rows), np.float32)
+    docs = np.memmap(os.path.join(self.folder, 'teacher-docs.bin'), np.int32, 'r')
+    lo = self.starts[query_rows]
+    end = lo + self.counts[query_rows]
+    hi = end.copy()
+    last = self.size - 1
+    while True:
+      active = np.nonzero(lo < hi)[0]
+      if not active.size:
         break
-      encoded = block.queries.dictionary_encode()
-      unique = np.asarray([query_rows.get(q, -1) for q in encoded.dictionary.to_pylist()],
-                          np.int64)
-      qrows.append(unique[encoded.indices.to_numpy(zero_copy_only=False)]
-                   if len(block.queries) else np.zeros(0, np.int64))
-      drows.append(doc_index.rows(block.docs))
-      scores.append(block.scores)
-      if np.any(qrows[-1] < 0) or np.any(drows[-1] < 0):
-        ok = False
-        break
-    if ok and qrows:
-      keys, values = sorted_keys(np.concatenate(qrows), np.concatenate(drows),
-                                 np.concatenate(scores), num_docs)
-      if keys.size and not np.any(keys[1:] == keys[:-1]):
-        return keys, values
-    del qrows, drows, scores
-  # The reader of record: its error names the line (or it gives the scores of a JSONL).
-  texts = lists_lib.read_teacher(path, query_rows, doc_index)
-  pairs = [(query_rows[q], doc_index[d], s) for q, docs in texts.items()
-           for d, s in docs.items()]
-  del texts
-  if not pairs:
-    return np.zeros(0, np.int64), np.zeros(0, np.float64)
-  q, d, s = zip(*pairs)
-  return sorted_keys(q, d, s, num_docs)
+      mid = (lo[active] + hi[active]) >> 1
+      less = np.asarray(docs[mid]) < doc_rows[active]
+      lo[active] = np.where(less, mid + 1, lo[active])
+      hi[active] = np.where(less, hi[active], mid)
+    at = np.minimum(lo, last)
+    found = (lo < end) & (np.asarray(docs[at]) == doc_rows)
+    del docs
+    scores = np.zeros(len(query_rows), np.float32)
+    where = np.nonzero(found)[0]
+    if where.size:
+      mapped = np.memmap(os.path.join(self.folder, 'teacher-scores.bin'), np.float32, 'r')
+      scores[where] = np.asarray(mapped[at[where]])
+      del mapped
+    return found, scores

@@ -4,15 +4,17 @@
   python scripts/benchmark_data.py --scale=0.01 --work_dir=/tmp/bench-data
 
 Generates a synthetic MS MARCO-shaped collection (scripts/make_synthetic_msmarco.py)
-at --scale, prepares two stores (scripts/prepare_data.py: the BEIR folder with its
-depth-1000 run for reranker lists, the JSONL pairs with 30 hard negatives), then runs,
+at --scale, prepares three stores (scripts/prepare_data.py: the BEIR folder with its
+depth-1000 run for reranker lists, the JSONL pairs with 30 hard negatives, the run's
+top --teacher_depth with a teacher's scores for distillation), then runs,
 each in its own process (peak host memory: the process's maximum resident set, from
 wait4), scripts/train.py for --steps steps of
   - a tiny SDE dual encoder with 30 hard negatives: jsonl:negatives.jsonl vs store:
   - a tiny RankT5-EncDec on the depth-1000 run: beir: + FIRST_STAGE_RUN vs store:
 and, without a model, the time to build each batcher and produce the batch of step
-1,000,000 (what a resumed run waits for). Prints a table and writes it into
-BENCHMARKS.md between the data-benchmark markers. --formats also measures the choice of
+1,000,000 (what a resumed run waits for). An in-memory job is stopped once it holds
+more than --memory_cap_gib (and reported so). Prints a table and writes it into
+BENCHMARKS.md between the markers of its scale (other scales' tables stay). --formats also measures the choice of
 format (raw memory-mapped arrays vs ArrayRecord, when array_record is installed).
 """
 
@@ -196,7 +198,8 @@ def main(argv):
   args = p.parse_args(argv)
   work = args.work_dir
   data, runs = os.path.join(work, 'data'), os.path.join(work, 'runs')
-  stores = {'lists': os.path.join(work, 'store-lists'), 'pairs': os.path.join(work, 'store-pairs')}
+  stores = {'lists': os.path.join(work, 'store-lists'), 'pairs': os.path.join(work, 'store-pairs'),
+            'teacher': os.path.join(work, 'store-teacher')}
   for path in [runs, *stores.values()]:
     shutil.rmtree(path, ignore_errors=True)
   py = sys.executable
@@ -224,10 +227,17 @@ def main(argv):
                          f'--run={run}', '--max_rank=1000', '--max_length=127']),
       'pairs': measured([py, 'scripts/prepare_data.py', f'--source=jsonl:{negatives}',
                          f'--vocabulary={args.vocabulary}', f'--out_dir={stores["pairs"]}',
-                         '--max_length=127'])}
+                         '--max_length=127']),
+      # Distillation lists: the run's candidates the teacher scored (its depth).
+      'teacher': measured([py, 'scripts/prepare_data.py', f'--source=beir:{data}',
+                           f'--vocabulary={args.vocabulary}', f'--out_dir={stores["teacher"]}',
+                           f'--run={run}', f'--teacher={os.path.join(data, "teacher.trec")}',
+                           f'--max_rank={info["teacher_depth"]}', '--max_length=127'])}
   from t5dual.data import store
   for key, what in (('lists', 'BEIR + depth-1000 run -> store (lists)'),
-                    ('pairs', 'JSONL, 30 negatives -> store (pairs)')):
+                    ('pairs', 'JSONL, 30 negatives -> store (pairs)'),
+                    ('teacher', f'BEIR + run + teacher scores of its top {info["teacher_depth"]} '
+                     '-> store (distillation lists)')):
     size = store.size_bytes(stores[key]) / 2**20
     rows.append(f'| prepare: {what} | {prep[key]["seconds"]:.0f} s | '
                 f'{prep[key]["peak_gib"]:.2f} GiB | store {size:.0f} MiB |')
@@ -252,8 +262,8 @@ def main(argv):
                      cap_gib=cap)
     if train['capped']:
       rows.append(f'| {name}: {label} | stopped after {train["seconds"]:.0f} s, before step '
-                  f'{args.steps} | > {cap:g} GiB (the cap) | holds the whole source in memory '
-                  '|')
+                  f'{args.steps} | > {cap:g} GiB (the cap) | killed when its resident memory '
+                  'passed the cap |')
       print(rows[-1], flush=True)
       continue
     far_source = source if kind == 'pairs' or in_store else data
@@ -268,7 +278,8 @@ def main(argv):
            f'{info["queries"]} training queries, depth-{info["depth"]} run = '
            f'{info["queries"] * info["depth"]} entries, {info["negatives"]} hard negatives; '
            f'generated in {gen["seconds"]:.0f} s), tiny models, T5 vocabulary, '
-           f'`python scripts/benchmark_data.py --scale={args.scale}`; each row its own '
+           f'`python scripts/benchmark_data.py --scale={args.scale}`, '
+           f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; each row its own '
            f'process, peak = its maximum resident set; load average {load_start:.1f} at the '
            f'start, {os.getloadavg()[0]:.1f} at the end (other jobs share the cores: times '
            'are upper bounds):', '',

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -263,3 +264,20 @@ def test_bad_qrels_and_settings(collection, tokenizer, tmp_path):
       _batcher(collection, tokenizer, list_size=size)
   with pytest.raises(ValueError, match='num_positives'):
     _batcher(collection, tokenizer, list_size=4, num_positives=4)
+
+
+def test_a_run_too_large_for_memory_is_pointed_at_the_store(collection, caplog, monkeypatch):
+  """Past LARGE_RUN_GIB of estimated host memory, one warning gives the prepare command
+  for the same lists; below it, nothing."""
+  run = str(collection / 'run.trec')
+  with caplog.at_level(logging.WARNING, logger='t5dual.data.lists'):
+    _lists(collection, min_rank=2, max_rank=20)
+  assert not [r for r in caplog.records if 'prepare it once' in r.getMessage()]
+  monkeypatch.setattr(lists, 'LARGE_RUN_GIB', os.path.getsize(run) * 12 / 2**30)
+  with caplog.at_level(logging.WARNING, logger='t5dual.data.lists'):
+    _lists(collection, min_rank=2, max_rank=20)
+  message, = [r.getMessage() for r in caplog.records if 'prepare it once' in r.getMessage()]
+  assert message.startswith(f'{run}: reading this run into memory takes ~0 GiB on every host')
+  assert (f'scripts/prepare_data.py --source=beir:{collection}:train --run={run} '
+          '--min_rank=2 --max_rank=20 --vocabulary=') in message
+  assert "MIXTURE_OR_TASK_NAME='store:<dir>'" in message

@@ -258,3 +258,15 @@ def test_seqio_resume_past_the_skip_limit_is_one_line(tmp_path, spm):
     make().batch(4)
   assert '\n' not in str(e.value)
   assert make().batch(0)['inputs'].shape == (4, 6)
+
+
+def test_large_jsonl_pairs_are_pointed_at_the_store(tmp_path, caplog, monkeypatch):
+  path = _write(tmp_path / 'p.jsonl', [json.dumps({'query': 'q', 'positive': 'p'})])
+  with caplog.at_level(logging.WARNING, logger='t5dual.data.sources'):
+    sources.jsonl_pairs(path)
+    assert not caplog.records
+    monkeypatch.setattr(sources, 'LARGE_SOURCE_GIB', 0.0)
+    sources.jsonl_pairs(path)
+  message, = [r.getMessage() for r in caplog.records]
+  assert message.startswith(f'{path}: reading this into memory takes ~0 GiB on every host')
+  assert f'scripts/prepare_data.py --source=jsonl:{path} --vocabulary=' in message

@@ -267,17 +267,17 @@ def test_bad_qrels_and_settings(collection, tokenizer, tmp_path):
 
 
 def test_a_run_too_large_for_memory_is_pointed_at_the_store(collection, caplog, monkeypatch):
-  """Past LARGE_RUN_GIB of estimated host memory, one warning gives the prepare command
-  for the same lists; below it, nothing."""
+  """Past sources.LARGE_SOURCE_GIB of estimated host memory, one warning gives the
+  prepare command for the same lists; below it, nothing."""
   run = str(collection / 'run.trec')
   with caplog.at_level(logging.WARNING, logger='t5dual.data.lists'):
     _lists(collection, min_rank=2, max_rank=20)
   assert not [r for r in caplog.records if 'prepare it once' in r.getMessage()]
-  monkeypatch.setattr(lists, 'LARGE_RUN_GIB', os.path.getsize(run) * 12 / 2**30)
+  monkeypatch.setattr(sources, 'LARGE_SOURCE_GIB', os.path.getsize(run) * 12 / 2**30)
   with caplog.at_level(logging.WARNING, logger='t5dual.data.lists'):
     _lists(collection, min_rank=2, max_rank=20)
   message, = [r.getMessage() for r in caplog.records if 'prepare it once' in r.getMessage()]
-  assert message.startswith(f'{run}: reading this run into memory takes ~0 GiB on every host')
+  assert message.startswith(f'{run}: reading this into memory takes ~0 GiB on every host')
   assert (f'scripts/prepare_data.py --source=beir:{collection}:train --run={run} '
           '--min_rank=2 --max_rank=20 --vocabulary=') in message
   assert "MIXTURE_OR_TASK_NAME='store:<dir>'" in message

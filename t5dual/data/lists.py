@@ -251,24 +251,8 @@ def read_qrels(path: str, query_ids: Container[str], doc_ids: Container[str]
 
 
 # Host memory of a TREC run read into lists, per byte of the file: ~470 bytes an entry of
-# ~36 bytes (BENCHMARKS.md, "Training data": 2.2 GiB for 5M entries). Past LARGE_RUN_GIB a
-# run is better prepared into a store, which holds none of it in memory.
+# ~36 bytes (BENCHMARKS.md, "Training data": 2.2 GiB for 5M entries).
 RUN_MEMORY_PER_BYTE = 13
-LARGE_RUN_GIB = 4.0
-
-
-def warn_if_large(run: str, beir: str, split: str, min_rank: int, max_rank: int,
-                  teacher: Optional[str]) -> None:
-  """A warning, with the command that prepares the store instead, for a run file whose
-  lists would take more than LARGE_RUN_GIB of host memory (on every host)."""
-  estimate = os.path.getsize(run) * RUN_MEMORY_PER_BYTE / 2**30
-  if estimate > LARGE_RUN_GIB:
-    log.warning(
-        '%s: reading this run into memory takes ~%.0f GiB on every host; prepare it once '
-        'into a store, which reads by index from disk: scripts/prepare_data.py '
-        '--source=beir:%s:%s --run=%s --min_rank=%d --max_rank=%d%s --vocabulary=... '
-        "--out_dir=<dir>, then MIXTURE_OR_TASK_NAME='store:<dir>'", run, estimate, beir,
-        split, run, min_rank, max_rank, f' --teacher={teacher}' if teacher else '')
 
 
 def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, float]]', *,
@@ -287,7 +271,10 @@ def load_lists(beir: str, split: str, run: 'str | Mapping[str, Mapping[str, floa
   qrels = read_qrels(qrels_file, queries, known_docs)
   if isinstance(run, str):
     run_name = run
-    warn_if_large(run, beir, split, min_rank, max_rank, teacher_path)
+    sources.warn_if_large(
+        run, RUN_MEMORY_PER_BYTE, f'--source=beir:{beir}:{split} --run={run} '
+        f'--min_rank={min_rank} --max_rank={max_rank}'
+        + (f' --teacher={teacher_path}' if teacher_path else ''))
     run = read_run(run, queries, known_docs)
   else:
     run_name = 'first-stage run'

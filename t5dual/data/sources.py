@@ -310,11 +310,31 @@ def beir_pairs(folder: str, split: str = 'train', min_score: int = 1) -> PairExa
   return out
 
 
+# Past this estimate of host memory, an in-memory source is pointed at the prepared store
+# (data/store.py), which reads by index from disk whatever the size.
+LARGE_SOURCE_GIB = 4.0
+# Host memory of JSONL pairs held in memory per byte of the file: ~1.2 (BENCHMARKS.md,
+# "Training data": 6.7 GiB over JAX's own for 5.6 GB with 30 negatives a pair).
+JSONL_MEMORY_PER_BYTE = 1.2
+
+
+def warn_if_large(path: str, memory_per_byte: float, prepare_args: str) -> None:
+  """One warning, with the command that prepares the same data into a store, for a file
+  whose in-memory form would take more than LARGE_SOURCE_GIB on every host."""
+  estimate = os.path.getsize(path) * memory_per_byte / 2**30
+  if estimate > LARGE_SOURCE_GIB:
+    log.warning('%s: reading this into memory takes ~%.0f GiB on every host; prepare it once '
+                'into a store, which reads by index from disk: scripts/prepare_data.py %s '
+                "--vocabulary=... --out_dir=<dir>, then MIXTURE_OR_TASK_NAME='store:<dir>'",
+                path, estimate, prepare_args)
+
+
 def jsonl_pairs(path: str) -> PairExamples:
   """Pairs from {"query", "positive", "negatives"?} lines; ids by identical text.
 
   Texts may be empty (one warning), as in BEIR training data.
   """
+  warn_if_large(path, JSONL_MEMORY_PER_BYTE, f'--source=jsonl:{path}')
   out = PairExamples([], [], [], [], [], [])
   q_intern, d_intern = _Interner(), _Interner()
   empty = []

@@ -278,7 +278,7 @@ def main(argv):
            f'{info["queries"]} training queries, depth-{info["depth"]} run = '
            f'{info["queries"] * info["depth"]} entries, {info["negatives"]} hard negatives; '
            f'generated in {gen["seconds"]:.0f} s), tiny models, T5 vocabulary, '
-           f'`python scripts/benchmark_data.py --scale={args.scale}`, '
+           f'`python scripts/benchmark_data.py {" ".join(argv)}`, '
            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}; each row its own '
            f'process, peak = its maximum resident set; load average {load_start:.1f} at the '
            f'start, {os.getloadavg()[0]:.1f} at the end (other jobs share the cores: times '

@@ -186,8 +186,13 @@ def test_a_far_step_equals_the_in_memory_batch(demo_collection, beir_store, json
 
 
 def test_store_must_match_the_configuration(beir_store, jsonl_store, tokenizer, run_files):
-  with pytest.raises(cli.ConfigError, match='max_length'):
+  with pytest.raises(cli.ConfigError, match=re.escape(
+      "TASK_FEATURE_LENGTHS['targets'] is 42, but the store ") + '.* holds at most 40 ids per '
+      r'text \(max_length\); prepare it with --max_length 41 or more'):
     pipeline.make_batcher(f'store:{jsonl_store}', tokenizer, 8, {'inputs': 12, 'targets': 42})
+  with pytest.raises(cli.ConfigError, match=re.escape(
+      "INPUT_LENGTH (TASK_FEATURE_LENGTHS['inputs']) is 64, but the store")):
+    _reranker(min_rank=2, max_rank=25)(f'store:{beir_store}', tokenizer, 4, {'inputs': 64})
   with pytest.raises(cli.ConfigError, match='MAX_RANK is 100'):
     _reranker(min_rank=2)(f'store:{beir_store}', tokenizer, 4, {'inputs': 30})
   with pytest.raises(cli.ConfigError, match='have no negatives'):

@@ -107,7 +107,7 @@ class StoreListBatcher:
       raise ValueError(f'num_positives must be in [1, list_size), got {num_positives}')
     if input_length < 2:
       raise ValueError(f'input_length must be >= 2 (a token and EOS), got {input_length}')
-    store.check_length(input_length, "TASK_FEATURE_LENGTHS['inputs']")
+    store.check_length(input_length, "INPUT_LENGTH (TASK_FEATURE_LENGTHS['inputs'])")
     self.store, self.batch_size, self.list_size = store, batch_size, list_size
     self.input_length, self.num_positives, self.seed = input_length, num_positives, seed
     literals, self._fields = store_lib.template_pieces(template)

@@ -357,6 +357,11 @@ def with_previous_stage_teacher(task, source: str, previous_dir: str, teacher_pa
   else:
     from t5dual import rerank_runs, retrieval
     from t5dual.data import sources, tasks
+    if source.startswith('store:'):  # the candidates are scored from their texts
+      raise sources.DataError(
+          f'{source}: a stage taught by the previous one scores its training candidates '
+          "from their texts; give it the BEIR folder and run ('beir:<folder>[:<split>]' "
+          'with FIRST_STAGE_RUN), not a prepared store')
     folder, split = tasks.beir_source(source)
     candidates, visited, total = training_candidates(folder, split, task, batch_size,
                                                      train_steps, seed)

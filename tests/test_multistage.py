@@ -156,3 +156,14 @@ def _bm25(data):
   return bm25.beir_run(data, 'train', k=MAX_RANK)
 
 
+
+
+def test_a_taught_stage_from_a_store_is_one_line(tmp_path):
+  """Teacher scoring reads the candidates' texts, which a store does not keep."""
+  from t5dual.data import sources
+  with pytest.raises(sources.DataError, match=r"^store:/nowhere: a stage taught by the "
+                     r"previous one scores .*not a prepared store$") as e:
+    multistage.with_previous_stage_teacher(tasks.ListTask(), 'store:/nowhere',
+                                           str(tmp_path / 'stage1'),
+                                           str(tmp_path / 'teacher.trec'))
+  assert '\n' not in str(e.value)

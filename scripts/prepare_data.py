@@ -19,7 +19,8 @@ document's token ids, every preprocessor run; --module imports what registers it
 MIXTURE_OR_TASK_MODULE does for training: a store is how a seqio run resumes without
 re-reading).
 Train from it with MIXTURE_OR_TASK_NAME='store:<out_dir>' (the reranker's MIN_RANK /
-MAX_RANK / TEACHER must be those prepared). Run the same command again to continue an
+MAX_RANK / TEACHER must be those prepared, and INPUT_LENGTH / TASK_FEATURE_LENGTHS at
+most --max_length + 1). Run the same command again to continue an
 interrupted prepare; --verify checks every file's checksum of a prepared store.
 See t5dual/data/store.py for the layout.
 """

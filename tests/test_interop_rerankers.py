@@ -30,6 +30,7 @@ def _assert_trees_equal(got, want):
     np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)
 
 
+@pytest.mark.slow  # 11-17 s in the full record (tests/DURATIONS.md)
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_hf_folder_to_reranker_to_hf_folder(tmp_path, variant):
   cfg, model = tiny_hf(variant)
@@ -84,6 +85,7 @@ def test_t5x_checkpoint_loads_whole_into_a_yes_no_reranker(tmp_path):
   np.testing.assert_allclose(scores, want, rtol=0, atol=2 * float32_tolerance(ref))
 
 
+@pytest.mark.slow  # 11-17 s in the full record (tests/DURATIONS.md)
 def test_enc_reranker_takes_the_encoder_and_initialises_its_head(tmp_path):
   cfg, model = tiny_hf('t5.1.0', seed=2)
   model.save_pretrained(tmp_path / 'in')
@@ -207,6 +209,7 @@ def test_convert_cli_t5x_to_yes_no_reranker_dir(tmp_path, convert, spm):
   _assert_trees_equal(t5x.load_tree(str(tmp_path / 't5x_out')), t5dual_params(model))
 
 
+@pytest.mark.slow  # 11-17 s in the full record (tests/DURATIONS.md)
 def test_convert_cli_reranker_errors_are_one_line(tmp_path, convert, spm):
   from t5dual import cli
   cfg, model = tiny_hf('t5.1.1', seed=6)

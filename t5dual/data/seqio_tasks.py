@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from t5dual import cli
 from t5dual.data import sources
-from t5dual.vocab import EOS_ID
+from t5dual.vocab import EOS_ID, Tokenizer
 
 
 def vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
@@ -171,13 +171,16 @@ def pair_records(task_name: str, split: str, tokenizer) -> tuple[dict, Iterator[
     raise sources.UnknownSourceError(
         f'seqio:{task_name}: no output feature {missing[0]!r}; a pair task gives the query as '
         "'inputs' and the document as 'targets' (register_pair_task)")
+  checked = set()  # both features usually name one file: load it once
   for key in ('inputs', 'targets'):
     path = getattr(features[key].vocabulary, 'sentencepiece_model_file', None)
-    from t5dual import vocab as vocab_lib
-    if path is None or vocab_lib.Tokenizer(path).sha256() != tokenizer.sha256():
+    if path in checked:
+      continue
+    if path is None or Tokenizer(path).sha256() != tokenizer.sha256():
       raise store.StoreError(f'seqio:{task_name}: its {key!r} vocabulary ({path}) is not '
                              f'{tokenizer.path} (their checksums differ); prepare with the '
                              "task's vocabulary")
+    checked.add(path)
   try:
     examples = task.num_input_examples(split)
   except (ValueError, NotImplementedError, KeyError):
